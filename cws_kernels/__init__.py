@@ -1,0 +1,26 @@
+"""Fused, memory-bound weight-arithmetic ops: Triton kernels on GPUs, a fast PyTorch path on CPUs.
+
+- lincomb: out = Σ cᵢ·xᵢ in fp32, nearest or stochastic rounding, in place allowed.
+- gram: ⟨vᵢ, vⱼ⟩ for K combinations of N inputs in one pass (dot, sqnorm, cosine on top).
+- lowrank: ⟨B₁A₁, B₂A₂⟩, ⟨BA, D⟩ without forming BA, and W += α·B·A in place.
+"""
+
+from ._dispatch import use_cpu_impl
+from .gram import cosine, cosine_from_gram, dot, gram, sqnorm
+from .lincomb import lincomb
+from .lowrank import add_lowrank_, lowrank_block_rows, lowrank_dense_inner, lowrank_inner
+
+__all__ = [
+    "lincomb",
+    "gram",
+    "dot",
+    "sqnorm",
+    "cosine",
+    "cosine_from_gram",
+    "lowrank_inner",
+    "lowrank_dense_inner",
+    "add_lowrank_",
+    "lowrank_block_rows",
+    "use_cpu_impl",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""lincomb: out = Σ cᵢ·xᵢ over 1..8 same-shape tensors, fp32 math, each input read once.
+
+θ += α·w in place is `lincomb([theta, w], [1.0, alpha], out=theta)`.
+"""
+
+import struct
+from collections.abc import Sequence
+
+import torch
+
+from . import cpu
+from ._dispatch import backend_for, cpu_impl
+from .rounding import fold_seed
+
+MAX_INPUTS = 8
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def to_fp32(c: float) -> float:
+    """The fp32 value nearest to c (coefficients are applied in fp32)."""
+    return struct.unpack("f", struct.pack("f", float(c)))[0]
+
+
+def _check_alias(inputs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    """`out` may be an input exactly (same memory, same layout), never a partial overlap."""
+    if out.numel() == 0:
+        return
+    o_lo = out.data_ptr()
+    o_hi = o_lo + out.element_size() * (sum((s - 1) * st for s, st in zip(out.shape, out.stride())) + 1)
+    for i, x in enumerate(inputs):
+        if x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            continue
+        same = x.data_ptr() == out.data_ptr() and x.stride() == out.stride() and x.dtype == out.dtype
+        x_lo = x.data_ptr()
+        x_hi = x_lo + x.element_size() * (sum((s - 1) * st for s, st in zip(x.shape, x.stride())) + 1)
+        if not same and x_lo < o_hi and o_lo < x_hi:
+            raise ValueError(f"lincomb: out overlaps inputs[{i}] without being it; use a separate out")
+
+
+def lincomb(
+    inputs: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    *,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    rounding: str = "nearest",
+    seed: int | None = None,
+    offset: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Σ cᵢ·xᵢ computed in fp32 and stored once in `out` (or a new tensor of `out_dtype`).
+
+    inputs: 1..8 tensors of one shape, any of fp32/bf16/fp16 (mixed allowed); coeffs: floats,
+    rounded to fp32. rounding: "nearest" (bit-identical to torch's fp32 math + `.to`) or
+    "stochastic" (unbiased, from `seed`; `offset` is the global index of element 0, so row slices
+    of one tensor reproduce the whole tensor's bits). `out` may be one of the inputs (in place).
+    """
+    inputs = list(inputs)
+    coeffs = [to_fp32(c) for c in coeffs]
+    if not 1 <= len(inputs) <= MAX_INPUTS:
+        raise ValueError(f"lincomb takes 1 to {MAX_INPUTS} inputs, got {len(inputs)}")
+    if len(coeffs) != len(inputs):
+        raise ValueError(f"lincomb: {len(inputs)} inputs but {len(coeffs)} coefficients")
+    shape = inputs[0].shape
+    for i, x in enumerate(inputs):
+        if x.shape != shape:
+            raise ValueError(f"lincomb: inputs[{i}] has shape {tuple(x.shape)}, inputs[0] has {tuple(shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"lincomb: inputs[{i}] is {x.dtype}; expected one of fp32, bf16, fp16")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"lincomb: rounding={rounding!r}, expected 'nearest' or 'stochastic'")
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("lincomb: rounding='stochastic' needs a seed (reproducibility is part of the contract)")
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype or inputs[0].dtype, device=inputs[0].device)
+    elif out.shape != shape:
+        raise ValueError(f"lincomb: out has shape {tuple(out.shape)}, inputs have {tuple(shape)}")
+    elif out_dtype is not None and out.dtype != out_dtype:
+        raise ValueError(f"lincomb: out is {out.dtype} but out_dtype={out_dtype}")
+    if out.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lincomb: out dtype {out.dtype}; expected one of fp32, bf16, fp16")
+    _check_alias(inputs, out)
+    if out.numel() == 0:
+        return out
+    key = fold_seed(seed or 0)
+    if backend_for([*inputs, out], backend) == "triton":
+        from .triton_lincomb import lincomb_triton
+
+        lincomb_triton(inputs, coeffs, out, rounding, key, offset)
+        return out
+    flat = all(t.is_contiguous() for t in [*inputs, out])
+    if flat and out.numel() >= cpu.BLOCK and cpu_impl(out.numel()) == "compiled":
+        cpu.lincomb_compiled(inputs, coeffs, out, rounding, key, offset)
+    else:
+        cpu.lincomb_eager(inputs, coeffs, out, rounding, key, offset)
+    return out

@@ -1,0 +1,82 @@
+"""Low-rank (LoRA factor) forms: inner products without forming B·A, and W += α·B·A in place.
+
+A LoRA delta is scale·B·A with B (out, r) and A (r, in). Inner products use the trace identity
+⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ⊙ (A₁A₂ᵀ): O((out+in)·r₁·r₂) work instead of O(out·in·r), in fp64.
+The rank-r matmuls run on the factors' device (cuBLAS on GPUs); the update reuses `lincomb`.
+"""
+
+import torch
+
+from .lincomb import FLOAT_DTYPES, lincomb
+
+ROWS_CHUNK_ELEMS = 1 << 20  # W += α·B·A works on row blocks of ~1M elements (4 MiB of fp32)
+
+
+def lowrank_block_rows(shape) -> int:
+    """Rows per block in which `add_lowrank_` forms B·A; a function of W's shape only.
+
+    A matmul's bits depend on its shape, so callers that update W in row slices (the streaming
+    engine) cut slices at multiples of this to get the same bits for any memory budget.
+    """
+    return max(1, ROWS_CHUNK_ELEMS // max(shape[1], 1))
+
+
+def _check_factors(B: torch.Tensor, A: torch.Tensor, name: str) -> None:
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"{name}: need B (out, r) and A (r, in), got B {tuple(B.shape)} and A {tuple(A.shape)}")
+
+
+def lowrank_inner(B1, A1, B2, A2, scale1: float = 1.0, scale2: float = 1.0) -> float:
+    """⟨s₁·B₁A₁, s₂·B₂A₂⟩ (Frobenius) in fp64 from the factors; B (out, r), A (r, in)."""
+    _check_factors(B1, A1, "lowrank_inner")
+    _check_factors(B2, A2, "lowrank_inner")
+    if B1.shape[0] != B2.shape[0] or A1.shape[1] != A2.shape[1]:
+        raise ValueError(
+            f"lowrank_inner: deltas of shape {(B1.shape[0], A1.shape[1])} and {(B2.shape[0], A2.shape[1])} differ"
+        )
+    bb = B1.double().T @ B2.double()  # (r1, r2)
+    aa = A1.double() @ A2.double().T  # (r1, r2)
+    return float((bb * aa).sum()) * scale1 * scale2
+
+
+def lowrank_dense_inner(B, A, D, scale: float = 1.0) -> float:
+    """⟨s·B·A, D⟩ in fp64 without forming B·A; D (out, in) of any float dtype, read once by rows."""
+    _check_factors(B, A, "lowrank_dense_inner")
+    if D.shape != (B.shape[0], A.shape[1]):
+        raise ValueError(f"lowrank_dense_inner: D is {tuple(D.shape)}, B·A is {(B.shape[0], A.shape[1])}")
+    rows = max(1, ROWS_CHUNK_ELEMS // max(D.shape[1], 1))
+    Bd = B.double()
+    acc = torch.zeros(A.shape, dtype=torch.float64, device=A.device)  # (r, in): Bᵀ·D
+    for s in range(0, D.shape[0], rows):
+        acc += Bd[s : s + rows].T @ D[s : s + rows].double()
+    return float((acc * A.double()).sum()) * scale
+
+
+def add_lowrank_(
+    W: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    alpha: float,
+    *,
+    rounding: str = "nearest",
+    seed: int | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """W += α·B·A in place: B·A formed in fp32 one row block at a time, added in fp32, stored once.
+
+    W (out, in) fp32/bf16/fp16; B (out, r), A (r, in). Rounding as in `lincomb`; `offset` is W's
+    first element's index in a larger tensor. Row slices starting at multiples of
+    `lowrank_block_rows` reproduce the whole tensor's bits.
+    """
+    _check_factors(B, A, "add_lowrank_")
+    if W.shape != (B.shape[0], A.shape[1]):
+        raise ValueError(f"add_lowrank_: W is {tuple(W.shape)}, B·A is {(B.shape[0], A.shape[1])}")
+    if W.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"add_lowrank_: W is {W.dtype}; expected one of fp32, bf16, fp16")
+    rows = lowrank_block_rows(W.shape)
+    Af = A.float()
+    for s in range(0, W.shape[0], rows):
+        block = W[s : s + rows]
+        delta = B[s : s + rows].float() @ Af  # (rows, in) fp32
+        lincomb([block, delta], [1.0, alpha], out=block, rounding=rounding, seed=seed, offset=offset + s * W.shape[1])
+    return W

@@ -1,0 +1,159 @@
+"""The safetensors on-disk format: dtype names, header parsing and header building.
+
+Layout: 8-byte little-endian u64 N, N bytes of UTF-8 JSON, then the data buffer. JSON
+offsets are relative to the data start (8 + N); `TensorInfo` holds absolute offsets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from cws.errors import CheckpointError
+
+MAX_HEADER_BYTES = 100 * 2**20
+
+_DTYPE_ATTRS = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in _DTYPE_ATTRS.items() if hasattr(torch, attr)
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: bytes [start, end) of `path` (absolute offsets), row-major."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    path: str
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Length of dim 0; a 0-d tensor counts as one row."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one dim-0 row (the whole tensor when 0-d)."""
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header.
+
+    Returns ({name: TensorInfo} ordered by offset, `__metadata__` or {}).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte prefix)")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: not a safetensors file (header length {n} is absurd for {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: JSON is not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
+    infos = [_parse_entry(path, name, entry, 8 + n, size) for name, entry in header.items()]
+    infos.sort(key=lambda i: (i.start, i.end))
+    _check_overlaps(path, infos)
+    return {i.name: i for i in infos}, metadata
+
+
+def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    if dtype is None:
+        raise CheckpointError(f"{where}: unknown dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: bad shape {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        raise CheckpointError(f"{where}: bad data_offsets {offsets!r}")
+    begin, end = offsets
+    expected = math.prod(shape) * dtype.itemsize
+    if begin < 0 or end - begin != expected:
+        raise CheckpointError(
+            f"{where}: data_offsets {offsets} do not match shape {shape} x {dtype.itemsize} bytes = {expected}"
+        )
+    if data_start + end > size:
+        raise CheckpointError(
+            f"{where}: file truncated (tensor ends at byte {data_start + end}, file has {size} bytes)"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+def _check_overlaps(path: str, infos: list[TensorInfo]) -> None:
+    prev = None
+    for info in infos:
+        if info.nbytes == 0:
+            continue
+        if prev is not None and info.start < prev.end:
+            raise CheckpointError(f"{path}: tensors {prev.name!r} and {info.name!r} overlap in the data buffer")
+        if prev is None or info.end > prev.end:
+            prev = info
+
+
+def build_header(
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Header bytes (8-byte length prefix + JSON space-padded to a multiple of 8) for tensors laid
+    out contiguously in the given order, and each tensor's (start, end) relative to the data start."""
+    header: dict[str, object] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map strings to strings")
+        header["__metadata__"] = dict(metadata)
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, dtype, shape in entries:
+        if name in offsets or name == "__metadata__":
+            raise ValueError(f"tensor name {name!r} is duplicated or reserved")
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
+        shape = tuple(int(d) for d in shape)
+        end = pos + math.prod(shape) * dtype.itemsize
+        offsets[name] = (pos, end)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, end]}
+        pos = end
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body, offsets

@@ -1,0 +1,539 @@
+"""cws.io: safetensors header parsing, row-slice reads, checkpoints and the sharded writer."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cws.errors import CheckpointError, CwsError
+from cws.io.checkpoint import Checkpoint
+from cws.io.format import DTYPE_NAMES, DTYPES, TensorInfo, build_header, read_header
+from cws.io.reader import read_into, read_tensor
+from cws.io.writer import ShardedWriter, copy_model_files
+
+SHAPES = [(), (0, 5), (7,), (5, 123), (3, 4, 5)]
+
+
+def _random(shape, dtype, gen):
+    """Random bytes reinterpreted as `dtype` (every bit pattern, NaNs included)."""
+    n = torch.Size(shape).numel() * dtype.itemsize
+    raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+    if dtype == torch.bool:
+        raw = raw & 1
+    return raw.view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
+
+
+def _bytes(t):
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _same(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bytes(a), _bytes(b))
+
+
+@pytest.fixture
+def all_dtypes_file(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"{name}/{i}": _random(s, dt, gen) for name, dt in DTYPES.items() for i, s in enumerate(SHAPES)}
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", "note": "hi"})
+    return path, tensors
+
+
+def _tiny_llama(tmp_path, max_shard_size="20KB"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+    model = LlamaForCausalLM(cfg)
+    src = tmp_path / "llama"
+    model.save_pretrained(src, max_shard_size=max_shard_size)
+    (src / "tokenizer_config.json").write_text("{}")
+    (src / "chat_template.jinja").write_text("{{ messages }}")
+    return model, src
+
+
+# ---------------------------------------------------------------- format
+
+
+def test_dtype_tables_are_inverse():
+    assert {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
+            "U16", "U32", "U64"} <= set(DTYPES)
+    assert DTYPES["BF16"] is torch.bfloat16 and DTYPES["F8_E4M3"] is torch.float8_e4m3fn
+    assert all(DTYPES[DTYPE_NAMES[dt]] is dt for dt in DTYPE_NAMES)
+
+
+def test_read_header_matches_safetensors(all_dtypes_file):
+    path, tensors = all_dtypes_file
+    infos, meta = read_header(path)
+    assert meta == {"format": "pt", "note": "hi"}
+    assert set(infos) == set(tensors)
+    starts = [i.start for i in infos.values()]
+    assert starts == sorted(starts)
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert max(i.end for i in infos.values()) == path.stat().st_size
+    for name, t in tensors.items():
+        info = infos[name]
+        assert (info.name, info.dtype, info.shape, info.path) == (name, t.dtype, tuple(t.shape), str(path))
+        assert info.start >= 8 + n and info.nbytes == t.numel() * t.element_size()
+        assert info.numel == t.numel() and info.rows == (t.shape[0] if t.dim() else 1)
+        assert info.row_bytes * info.rows == info.nbytes or info.rows == 0
+        assert info.is_float == t.dtype.is_floating_point
+
+
+def test_tensor_info_properties():
+    info = TensorInfo("w", torch.bfloat16, (5, 3, 2), "f", 100, 160)
+    assert (info.nbytes, info.numel, info.rows, info.row_bytes, info.is_float) == (60, 30, 5, 12, True)
+    scalar = TensorInfo("s", torch.int32, (), "f", 8, 12)
+    assert (scalar.nbytes, scalar.numel, scalar.rows, scalar.row_bytes, scalar.is_float) == (4, 1, 1, 4, False)
+    empty = TensorInfo("e", torch.float32, (0, 5), "f", 8, 8)
+    assert (empty.nbytes, empty.numel, empty.rows, empty.row_bytes) == (0, 0, 0, 20)
+
+
+def test_build_header_layout():
+    header, offsets = build_header([("a", torch.float16, (3, 2)), ("b", torch.int8, ()), ("c", torch.float32, (0, 4))],
+                                   {"k": "v"})
+    (n,) = struct.unpack("<Q", header[:8])
+    assert len(header) == 8 + n and n % 8 == 0
+    doc = json.loads(header[8:])
+    assert doc["__metadata__"] == {"k": "v"}
+    assert doc["a"] == {"dtype": "F16", "shape": [3, 2], "data_offsets": [0, 12]}
+    assert offsets == {"a": (0, 12), "b": (12, 13), "c": (13, 13)}
+    with pytest.raises(ValueError, match="'a'"):
+        build_header([("a", torch.float32, (1,)), ("a", torch.float32, (1,))])
+
+
+def test_build_header_readable_by_safetensors(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    tensors = {f"t{i}": _random(s, dt, gen) for i, (s, dt) in
+               enumerate([((5, 123), torch.bfloat16), ((), torch.float64), ((0, 5), torch.int16), ((7,), torch.bool)])}
+    header, offsets = build_header([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], {"a": "b"})
+    path = tmp_path / "built.safetensors"
+    path.write_bytes(header + b"".join(bytes(_bytes(t).numpy()) for t in tensors.values()))
+    loaded = load_file(str(path))
+    assert all(_same(loaded[k], t) for k, t in tensors.items())
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"a": "b"}
+    infos, _ = read_header(path)
+    assert {k: (i.start - len(header), i.end - len(header)) for k, i in infos.items()} == offsets
+
+
+# ---------------------------------------------------------------- reader
+
+
+def test_read_tensor_every_dtype_and_shape(all_dtypes_file):
+    path, tensors = all_dtypes_file
+    infos, _ = read_header(path)
+    reference = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        for name, info in infos.items():
+            got = read_tensor(info)
+            assert _same(got, tensors[name]) and _same(got, reference[name]) and _same(got, f.get_tensor(name))
+
+
+def test_read_row_slices_into_reused_buffer(all_dtypes_file):
+    path, tensors = all_dtypes_file
+    infos, _ = read_header(path)
+    buf = torch.empty(4096, dtype=torch.uint8)
+    for name, info in infos.items():
+        t = tensors[name]
+        if t.dim() == 0:
+            continue
+        for lo, hi in [(0, 0), (0, 1), (1, t.shape[0]), (t.shape[0] // 2, t.shape[0])]:
+            if not 0 <= lo <= hi <= t.shape[0]:
+                continue
+            numel = t[lo:hi].numel()
+            out = buf[8:8 + numel * t.element_size()].view(t.dtype)
+            got = read_into(info, out, lo, hi)
+            assert got.data_ptr() == out.data_ptr()
+            assert _same(got, t[lo:hi]) and _same(read_tensor(info, lo, hi), t[lo:hi])
+
+
+def test_read_into_rejects_bad_buffers(all_dtypes_file):
+    path, _ = all_dtypes_file
+    info = read_header(path)[0]["F32/3"]  # shape (5, 123)
+    with pytest.raises(ValueError, match="F32/3"):
+        read_into(info, torch.empty(2, 123, dtype=torch.float16), 0, 2)
+    with pytest.raises(ValueError, match="F32/3"):
+        read_into(info, torch.empty(3, 123), 0, 2)
+    with pytest.raises(ValueError, match="F32/3"):
+        read_into(info, torch.empty(123, 2).t(), 0, 2)
+    with pytest.raises(ValueError, match=r"rows \[4, 6\)"):
+        read_tensor(info, 4, 6)
+
+
+def test_reads_from_threads(all_dtypes_file):
+    path, tensors = all_dtypes_file
+    infos, _ = read_header(path)
+    results = {}
+
+    def work(name):
+        results[name] = read_tensor(infos[name])
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in list(infos)[:8]]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(results) == 8 and all(_same(v, tensors[k]) for k, v in results.items())
+
+
+def test_read_sees_replaced_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.zeros(4)}, str(path))
+    assert torch.equal(read_tensor(read_header(path)[0]["w"]), torch.zeros(4))
+    path.unlink()
+    save_file({"w": torch.ones(4)}, str(path))
+    assert torch.equal(read_tensor(read_header(path)[0]["w"]), torch.ones(4))
+
+
+def test_offsets_beyond_2gib(tmp_path):
+    big = 2**31 + 24
+    header, offsets = build_header([("big", torch.uint8, (big,)), ("tail", torch.float32, (2, 3))])
+    path = tmp_path / "sparse.safetensors"
+    tail = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    with open(path, "wb") as f:  # a sparse file: only the header and the last bytes are real
+        f.write(header)
+        f.seek(len(header) + big - 4)
+        f.write(b"\x01\x02\x03\x04" + bytes(_bytes(tail).numpy()))
+    infos, _ = read_header(path)
+    assert infos["tail"].start == len(header) + offsets["tail"][0] > 2**31
+    assert torch.equal(read_tensor(infos["tail"]), tail)
+    assert torch.equal(read_tensor(infos["tail"], 1, 2), tail[1:])
+    assert read_tensor(infos["big"], big - 6, big).tolist() == [0, 0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- header validation
+
+
+def _raw_file(path, header_obj, data=b"", raw_json=None):
+    body = raw_json if raw_json is not None else json.dumps(header_obj).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data, match", [
+    ({"w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "'w': unknown dtype"),
+    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 12, "'w': data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 12, "'w': file truncated"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "'a' and 'b' overlap"),
+])
+def test_read_header_rejects_bad_entries(tmp_path, header, data, match):
+    path = _raw_file(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=match) as e:
+        read_header(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_read_header_rejects_bad_files(tmp_path):
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="short.safetensors.*shorter than"):
+        read_header(short)
+    absurd = tmp_path / "absurd.safetensors"
+    absurd.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(CheckpointError, match="absurd.safetensors.*header length 1000000000000"):
+        read_header(absurd)
+    corrupt = _raw_file(tmp_path / "corrupt.safetensors", None, raw_json=b'{"w": {"dtype": ')
+    with pytest.raises(CheckpointError, match="corrupt.safetensors: corrupt safetensors header JSON"):
+        read_header(corrupt)
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def test_checkpoint_bare_file_and_single_dir(all_dtypes_file, tmp_path):
+    path, tensors = all_dtypes_file
+    ck = Checkpoint.open(path)
+    assert (ck.path, ck.root, ck.files) == (path, tmp_path, [str(path)])
+    assert ck.metadata == {"format": "pt", "note": "hi"}
+    assert ck.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert len(ck) == len(tensors) and "BF16/3" in ck
+    assert _same(ck.read("BF16/3", 1, 3), tensors["BF16/3"][1:3])
+    out = torch.zeros(30, dtype=torch.float16)
+    assert _same(ck.read_into("F16/4", out[5:25], 2, 3), tensors["F16/4"][2:3])
+    assert _same(out[5:25], tensors["F16/4"][2].reshape(-1)) and not out[:5].any() and not out[25:].any()
+    with pytest.raises(CheckpointError, match="no tensor named 'nope'"):
+        ck.read("nope")
+    assert set(Checkpoint.open(tmp_path).tensors) == set(tensors)  # dir with exactly one .safetensors
+
+
+def test_checkpoint_hf_dirs(tmp_path):
+    model, src = _tiny_llama(tmp_path)
+    sd = model.state_dict()
+    ck = Checkpoint.open(src)
+    assert len(ck.files) > 2 and all(Path(f).parent == src for f in ck.files)
+    assert ck.root == src and ck.metadata.get("format") == "pt"
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(ck.tensors) == set(index)
+    assert all(Path(ck.tensors[k].path).name == v for k, v in index.items())
+    assert all(_same(ck.read(k), sd[k]) for k in ck.tensors)
+    assert Checkpoint.open(src / "model.safetensors.index.json").tensors == ck.tensors
+
+    single = tmp_path / "single"
+    model.save_pretrained(single)
+    ck1 = Checkpoint.open(single)
+    assert ck1.files == [str(single / "model.safetensors")]
+    assert ck1.nbytes == ck.nbytes and all(_same(ck1.read(k), sd[k]) for k in ck1.tensors)
+
+
+def test_checkpoint_adapter_dir_opens_adapter_weights(tmp_path):
+    save_file({"base.lora_A.weight": torch.ones(2, 3)}, str(tmp_path / "adapter_model.safetensors"))
+    save_file({"other": torch.ones(1)}, str(tmp_path / "extra.safetensors"))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    ck = Checkpoint.open(tmp_path)
+    assert list(ck.tensors) == ["base.lora_A.weight"]
+    assert torch.equal(ck.read("base.lora_A.weight"), torch.ones(2, 3))
+
+
+def _sharded(tmp_path):
+    d = tmp_path / "sh"
+    d.mkdir()
+    save_file({"a": torch.ones(2), "b": torch.zeros(3)}, str(d / "s1.safetensors"))
+    save_file({"c": torch.full((2,), 7.0)}, str(d / "s2.safetensors"))
+    weight_map = {"a": "s1.safetensors", "b": "s1.safetensors", "c": "s2.safetensors"}
+    return d, weight_map
+
+
+def _write_index(d, weight_map):
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_checkpoint_manual_index_ok(tmp_path):
+    d, wm = _sharded(tmp_path)
+    _write_index(d, wm)
+    ck = Checkpoint.open(d)
+    assert list(ck.tensors) == ["a", "b", "c"]
+    assert ck.files == [str(d / "s1.safetensors"), str(d / "s2.safetensors")]
+    assert ck.read("c").tolist() == [7.0, 7.0]
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d, wm: wm.update(c="s3.safetensors"), r"shard 's3.safetensors' does not exist"),
+    (lambda d, wm: wm.update(z="s2.safetensors"), r"'z' is listed under s2.safetensors but absent"),
+    (lambda d, wm: wm.pop("b"), r"'b' in s1.safetensors is not listed in the index"),
+    (lambda d, wm: save_file({"c": torch.ones(1), "a": torch.ones(1)}, str(d / "s2.safetensors")),
+     r"'a' is in both s1.safetensors and s2.safetensors"),
+    (lambda d, wm: wm.update(c="../s2.safetensors"), r"must be a file name"),
+])
+def test_checkpoint_index_errors(tmp_path, change, match):
+    d, wm = _sharded(tmp_path)
+    change(d, wm)
+    _write_index(d, wm)
+    with pytest.raises(CheckpointError, match=match) as e:
+        Checkpoint.open(d)
+    assert str(d / "model.safetensors.index.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checkpoint_open_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.*no such file"):
+        Checkpoint.open(tmp_path / "missing")
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    (pk / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: pickle checkpoints are not read for safety"):
+        Checkpoint.open(pk)
+    with pytest.raises(CheckpointError, match="pickle checkpoints"):
+        Checkpoint.open(pk / "pytorch_model.bin")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="empty: no \\*.safetensors"):
+        Checkpoint.open(empty)
+    two = tmp_path / "two"
+    two.mkdir()
+    for n in ("x", "y"):
+        save_file({"w": torch.ones(1)}, str(two / f"{n}.safetensors"))
+    with pytest.raises(CheckpointError, match="two: ambiguous.*x.safetensors, y.safetensors"):
+        Checkpoint.open(two)
+    d, _ = _sharded(tmp_path)
+    (d / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: corrupt index JSON"):
+        Checkpoint.open(d)
+
+
+def test_checkpoint_truncated_and_corrupt_shards(tmp_path):
+    _, src = _tiny_llama(tmp_path)
+    ck = Checkpoint.open(src)
+    last = ck.files[-1]
+    victim = list(read_header(last)[0].values())[-1]
+    os.truncate(last, victim.end - 3)
+    with pytest.raises(CheckpointError, match=f"{Path(last).name}: tensor '{victim.name}': file truncated"):
+        Checkpoint.open(src)
+    with pytest.raises(CheckpointError, match=f"{Path(last).name}: tensor '{victim.name}': file truncated"):
+        ck.read(victim.name)  # truncated after the header check: a short read
+    first = Path(ck.files[0])
+    data = bytearray(first.read_bytes())
+    data[8] = ord("[")
+    first.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{first.name}: corrupt safetensors header JSON"):
+        Checkpoint.open(src)
+
+
+# ---------------------------------------------------------------- writer
+
+
+def _plan(tensors):
+    return [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+
+
+def test_writer_single_file_out_of_order_slices(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"w": _random((9, 5), torch.bfloat16, gen), "s": _random((), torch.float64, gen),
+               "e": _random((0, 4), torch.float32, gen), "b": _random((6,), torch.bool, gen)}
+    out = tmp_path / "out"
+    with ShardedWriter(out, _plan(tensors), metadata={"cws": "1"}) as w:
+        w.write("w", tensors["w"][6:9].contiguous(), 6)
+        w.write("b", tensors["b"])
+        w.write("w", tensors["w"][0:2].contiguous(), 0)
+        w.write("e", tensors["e"])
+        t = threading.Thread(target=w.write, args=("w", tensors["w"][2:6].contiguous(), 2))
+        t.start()
+        t.join()
+        w.write("s", tensors["s"])
+        w.add_json("extra.json", {"x": [1, 2]})
+    assert sorted(os.listdir(out)) == ["extra.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    loaded = load_file(str(out / "model.safetensors"))
+    assert loaded.keys() == tensors.keys() and all(_same(loaded[k], t) for k, t in tensors.items())
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "cws": "1"}
+    assert json.loads((out / "extra.json").read_text()) == {"x": [1, 2]}
+
+
+def test_writer_rejects_bad_writes(tmp_path):
+    plan = [("w", torch.float32, (4, 3)), ("s", torch.float16, ())]
+    with pytest.raises(CheckpointError, match=r"not completely written: 'w' \(24/48 bytes\)$"):
+        with ShardedWriter(tmp_path / "o", plan) as w:
+            with pytest.raises(ValueError, match="'w'"):
+                w.write("w", torch.zeros(4, 3, dtype=torch.float16))
+            with pytest.raises(ValueError, match="'w'"):
+                w.write("w", torch.zeros(3, 4).t())
+            with pytest.raises(ValueError, match="'w'"):
+                w.write("w", torch.zeros(2, 3), 3)
+            with pytest.raises(ValueError, match="'w'"):
+                w.write("w", torch.zeros(2, 4))
+            with pytest.raises(ValueError, match="'zz'"):
+                w.write("zz", torch.zeros(1))
+            w.write("w", torch.zeros(2, 3), 1)
+            with pytest.raises(ValueError, match=r"rows \[2, 3\) were already written"):
+                w.write("w", torch.zeros(1, 3), 2)
+            w.write("s", torch.zeros((), dtype=torch.float16))
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_multi_shard_with_index(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    tensors = {f"layer.{i}": _random((10, 10), torch.float32, gen) for i in range(5)}  # 400 bytes each
+    out = tmp_path / "out"
+    with ShardedWriter(out, _plan(tensors), max_shard_size=900, prefix="steered") as w:
+        for k in reversed(tensors):
+            w.write(k, tensors[k])
+    names = [f"steered-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(os.listdir(out)) == names + ["steered.safetensors.index.json"]
+    index = json.loads((out / "steered.safetensors.index.json").read_text())
+    assert index == {"metadata": {"total_size": 2000},
+                     "weight_map": {"layer.0": names[0], "layer.1": names[0], "layer.2": names[1],
+                                    "layer.3": names[1], "layer.4": names[2]}}
+    assert w.weight_map == index["weight_map"]
+    for name, shard in index["weight_map"].items():
+        assert _same(load_file(str(out / shard))[name], tensors[name])
+    ck = Checkpoint.open(out)
+    assert list(ck.tensors) == list(tensors) and ck.metadata == {"format": "pt"}
+
+
+def test_writer_tiny_llama_roundtrip(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, src = _tiny_llama(tmp_path)
+    ck = Checkpoint.open(src)
+    out = tmp_path / "copy"
+    with ShardedWriter(out, [(k, i.dtype, i.shape) for k, i in ck.tensors.items()], max_shard_size=30_000,
+                       inputs=[str(src)]) as w:
+        copied = copy_model_files(src, w)
+        for name, info in reversed(list(ck.tensors.items())):
+            half = info.rows // 2
+            w.write(name, ck.read(name, half), half)
+            w.write(name, ck.read(name, 0, half), 0)
+    assert copied == ["chat_template.jinja", "config.json", "generation_config.json", "tokenizer_config.json"]
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert (out / "model.safetensors.index.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ref = model.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == ref.keys() and all(_same(got[k], ref[k]) for k in ref)
+
+
+def test_writer_exception_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with ShardedWriter(out, [("w", torch.float32, (2,))]) as w:
+            w.write("w", torch.ones(2))
+            assert len(os.listdir(tmp_path)) == 1 and os.listdir(tmp_path)[0].startswith(".out.tmp-")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_incomplete_tensor_is_error(tmp_path):
+    plan = [("a", torch.float32, (4,)), ("b", torch.int32, ()), ("c", torch.int8, (0,)), ("d", torch.int8, (3, 0))]
+    with pytest.raises(CheckpointError, match=r"not completely written: 'a' \(8/16 bytes\), 'b' \(0/4 bytes\)$"):
+        with ShardedWriter(tmp_path / "out", plan) as w:
+            w.write("a", torch.ones(2), 2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_refuses_existing_and_overlapping_outputs(tmp_path):
+    plan = [("w", torch.float32, (1,))]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(CheckpointError, match=f"{out} exists; pass --overwrite"):
+        ShardedWriter(out, plan)
+    src = tmp_path / "model"
+    src.mkdir()
+    for bad in (src, src / "steered"):
+        with pytest.raises(CheckpointError, match=f"output {bad} overlaps input {src}"):
+            ShardedWriter(bad, plan, overwrite=True, inputs=[str(src)])
+    with pytest.raises(CheckpointError, match="overlaps input"):  # output contains an input file
+        ShardedWriter(tmp_path, plan, overwrite=True, inputs=[str(src / "model.safetensors")])
+    assert sorted(os.listdir(tmp_path)) == ["model", "out"]
+
+    with ShardedWriter(out, plan, overwrite=True, inputs=[str(src)]) as w:
+        w.write("w", torch.ones(1))
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["model", "out"]
+
+
+_FSIZE_SCRIPT = """
+import resource, signal, sys, torch
+from cws.errors import CheckpointError
+from cws.io.writer import ShardedWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    with ShardedWriter(sys.argv[1], [("w", torch.float32, (256, 256))]) as w:
+        w.write("w", torch.ones(256, 256))
+except CheckpointError as e:
+    print(e)
+"""
+
+
+def test_writer_file_size_limit_is_checkpoint_error(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-c", _FSIZE_SCRIPT, str(out)], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    msg = res.stdout.strip()
+    assert msg.startswith(f"cannot write {out / 'model.safetensors'}: File too large"), msg
+    assert os.listdir(tmp_path) == []
+
+
+def test_errors_are_cws_errors():
+    assert issubclass(CheckpointError, CwsError)

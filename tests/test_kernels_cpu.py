@@ -1,0 +1,239 @@
+"""The PyTorch CPU path of every kernel against fp32-formula and fp64 references."""
+
+import pytest
+import torch
+
+import cws_kernels as K
+from cws_kernels.reference import gram_fp64, lincomb_fp64, lincomb_ref, lowrank_dense_fp64
+from kernel_utils import assert_bits_equal, special_values
+
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The compiled path costs one torch.compile per signature (~20 s cold), so it gets a few
+# representative signatures; the eager path gets the full matrix.
+IMPLS = ["eager", "compiled"]
+
+
+def make(n, dtypes, shape=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = shape or (n,)
+    return [torch.randn(shape, generator=g).to(DT[d]) for d in dtypes]
+
+
+@pytest.mark.parametrize("n", [1, 7, 1023, 65537, 3 * 1000003])
+@pytest.mark.parametrize("dtypes", [("bf16",), ("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp16"), ("fp16",) * 8])
+@pytest.mark.parametrize("out", ["bf16", "fp16", "fp32"])
+def test_lincomb_nearest_is_bit_exact(n, dtypes, out):
+    xs = make(n, dtypes)
+    cs = [1.0, -0.3, 0.7, 2.0, -1.0, 0.1, 3.5, -0.25][: len(xs)]
+    with K.use_cpu_impl("eager"):
+        got = K.lincomb(xs, cs, out_dtype=DT[out])
+    assert_bits_equal(got, lincomb_ref(xs, cs, DT[out]), "eager nearest")
+
+
+@pytest.mark.parametrize("dtypes,out", [(("bf16", "bf16", "bf16"), "bf16"), (("fp32", "bf16", "fp16"), "fp32")])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_lincomb_compiled_matches_reference(dtypes, out, rounding):
+    xs = make(65537, dtypes)
+    cs = [1.0, 0.7, -0.3]
+    with K.use_cpu_impl("compiled"):
+        got = K.lincomb(xs, cs, out_dtype=DT[out], rounding=rounding, seed=11, offset=123)
+    want = lincomb_ref(xs, cs, DT[out], rounding=rounding, seed=11, offset=123)
+    assert_bits_equal(got, want, f"compiled {rounding}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lincomb_in_place_and_alias(impl):
+    theta, w = make(70001, ("bf16", "bf16"))
+    want = lincomb_ref([theta, w], [1.0, -2.5], torch.bfloat16)
+    with K.use_cpu_impl(impl):
+        K.lincomb([theta, w], [1.0, -2.5], out=theta)
+    assert_bits_equal(theta, want, "in place on input 0")
+    a, b = make(70001, ("bf16", "bf16"), seed=1)
+    want = lincomb_ref([a, b], [0.5, 1.0], torch.bfloat16)
+    with K.use_cpu_impl(impl):
+        K.lincomb([a, b], [0.5, 1.0], out=b)
+    assert_bits_equal(b, want, "in place on input 1")
+
+
+def test_lincomb_partial_overlap_is_refused():
+    x = torch.randn(100)
+    with pytest.raises(ValueError, match="overlaps"):
+        K.lincomb([x[:50]], [1.0], out=x[10:60])
+
+
+def test_lincomb_non_contiguous_and_nd():
+    a, b = make(0, ("bf16", "fp32"), shape=(300, 517))
+    at, bt = a.T, b.T  # (517, 300), strided
+    out = torch.empty(517, 300, dtype=torch.bfloat16)
+    K.lincomb([at, bt], [1.0, 0.3], out=out)
+    assert_bits_equal(out, lincomb_ref([at, bt], [1.0, 0.3], torch.bfloat16), "transposed inputs")
+    out_t = torch.empty(300, 517, dtype=torch.bfloat16).T  # strided out
+    K.lincomb([at, bt], [1.0, 0.3], out=out_t)
+    assert_bits_equal(out_t, lincomb_ref([at, bt], [1.0, 0.3], torch.bfloat16), "strided out")
+    s = torch.randn(())  # 0-d
+    assert_bits_equal(K.lincomb([s, s], [2.0, 1.0]), lincomb_ref([s, s], [2.0, 1.0], torch.float32), "0-d")
+
+
+def test_lincomb_empty():
+    e = torch.empty(0, 5, dtype=torch.bfloat16)
+    assert K.lincomb([e, e], [1.0, 2.0]).shape == (0, 5)
+    assert K.gram([e], [[1.0]]).tolist() == [[0.0]]
+
+
+@pytest.mark.parametrize("out", ["bf16", "fp16"])
+def test_lincomb_special_values(out):
+    x = special_values(DT[out])
+    got = K.lincomb([x], [1.0], out_dtype=DT[out])
+    assert_bits_equal(got, x.to(DT[out]), "special values (nearest == torch's cast)")
+    two = K.lincomb([x, x], [1.0, -0.5], out_dtype=DT[out])
+    assert_bits_equal(two, lincomb_ref([x, x], [1.0, -0.5], DT[out]), "special values, two inputs")
+    # A known tie: 1 + eps/2 rounds to even (1.0) under RNE; truncation would agree, so also check
+    # 1 + 1.5 eps, which RNE rounds up and truncation rounds down: the check can fail.
+    assert got[-2].item() == 1.0 + 2 * torch.finfo(DT[out]).eps
+    sr = K.lincomb([x], [1.0], out_dtype=DT[out], rounding="stochastic", seed=1)
+    assert torch.isnan(sr[0]) and sr[1] == float("inf") and sr[2] == -float("inf")
+
+
+def test_stochastic_rounding_reproducible_offset_and_unbiased():
+    theta = torch.ones(4096, dtype=torch.bfloat16)
+    w = torch.full((4096,), 1e-3)
+    a = K.lincomb([theta, w], [1.0, 1.0], rounding="stochastic", seed=3)
+    b = K.lincomb([theta, w], [1.0, 1.0], rounding="stochastic", seed=3)
+    assert_bits_equal(a, b, "same seed")
+    assert not torch.equal(a, K.lincomb([theta, w], [1.0, 1.0], rounding="stochastic", seed=4))
+    # Nearest rounding drops the whole update: 1 + 1e-3 is below half a bf16 ulp (2**-8) of 1.
+    assert torch.all(K.lincomb([theta, w], [1.0, 1.0]) == 1.0)
+    # Stochastic keeps it in expectation: the mean over 4096 elements × 16 seeds of a value that
+    # rounds to 1 or 1+2**-7 with p = 0.128 has std 2**-7·sqrt(p(1-p)/65536) ≈ 1.3e-5; allow 5σ.
+    mean = torch.stack([K.lincomb([theta, w], [1.0, 1.0], rounding="stochastic", seed=s).double() for s in range(16)]).mean()
+    assert abs(mean.item() - (1.0 + float(torch.tensor(1e-3)))) < 6.5e-5
+    # Row slices with the right offset draw the whole tensor's bits.
+    x = torch.randn(64, 100)
+    whole = K.lincomb([x], [1.0], out_dtype=torch.float16, rounding="stochastic", seed=9)
+    top = K.lincomb([x[:30]], [1.0], out_dtype=torch.float16, rounding="stochastic", seed=9)
+    rest = K.lincomb([x[30:]], [1.0], out_dtype=torch.float16, rounding="stochastic", seed=9, offset=3000)
+    assert_bits_equal(torch.cat([top, rest]), whole, "sliced stochastic")
+
+
+@pytest.mark.parametrize("out", ["bf16", "fp16"])
+def test_stochastic_rounding_mean_converges(out):
+    # Values spread over many binades (fp16 normals and bf16 all ranges): the mean over 256 seeds
+    # converges to the fp32 value. Per element the std is ≤ ulp/2/sqrt(256) = ulp/32; allow 6σ.
+    x = (torch.rand(2000, dtype=torch.float64) * 8 - 4).exp2().float() * torch.sign(torch.randn(2000))
+    outs = torch.stack([K.lincomb([x], [1.0], out_dtype=DT[out], rounding="stochastic", seed=s).double() for s in range(256)])
+    ulp = (x.abs().double().log2().floor() - {"bf16": 7, "fp16": 10}[out]).exp2()
+    err = (outs.mean(0) - x.double()).abs() / ulp
+    assert err.max() < 6 / 32, err.max()
+    near = x.to(DT[out]).double()
+    assert ((near - x.double()).abs() / ulp).max() > 0.4  # nearest is off by up to half an ulp
+
+
+def test_lincomb_nan_inf_propagate():
+    x = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
+    y = torch.tensor([float("inf"), 1.0, -float("inf"), 1.0])
+    got = K.lincomb([x, y], [1.0, 1.0], out_dtype=torch.bfloat16)
+    assert got[0] == float("inf") and torch.isnan(got[1]) and torch.isnan(got[2]) and got[3] == 3.0
+
+
+def test_lincomb_bad_input():
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match="1 to 8"):
+        K.lincomb([x] * 9, [1.0] * 9)
+    with pytest.raises(ValueError, match="shape"):
+        K.lincomb([x, torch.randn(5)], [1.0, 1.0])
+    with pytest.raises(TypeError, match="int64"):
+        K.lincomb([torch.ones(4, dtype=torch.int64)], [1.0])
+    with pytest.raises(ValueError, match="seed"):
+        K.lincomb([x], [1.0], out_dtype=torch.bfloat16, rounding="stochastic")
+    with pytest.raises(ValueError, match="coefficients"):
+        K.lincomb([x, x], [1.0])
+
+
+def test_lincomb_close_to_fp64():
+    xs = make(100000, ("bf16", "bf16", "bf16"))
+    got = K.lincomb(xs, [1.0, 0.5, -0.5], out_dtype=torch.float32)
+    ref = lincomb_fp64(xs, [1.0, 0.5, -0.5])
+    # fp32 math on bf16 inputs: two products and two sums, each ≤ 2**-24 relative of its size.
+    assert ((got.double() - ref).abs() <= 4 * 2**-24 * (xs[0].double().abs() + xs[1].double().abs())).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gram_accuracy_and_determinism(impl):
+    n = 1_500_007
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(n, generator=g).bfloat16()
+    ft = (base.float() + 0.01 * torch.randn(n, generator=g)).bfloat16()
+    w = (0.01 * torch.randn(n, generator=g) + 0.3 * (ft.float() - base.float())).bfloat16()
+    C = [[-1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    with K.use_cpu_impl(impl):
+        G1 = K.gram([base, ft, w], C)
+        G2 = K.gram([base, ft, w], C)
+    assert torch.equal(G1, G2)  # bit-identical reruns
+    R = gram_fp64([base, ft, w], C)
+    rel = (G1 - R).abs() / R.abs()
+    assert rel.max() < 1e-6, rel  # the issue's bound; fp32 torch.dot misses by ~1e-4..1e-3 here
+    naive = torch.dot(ft.float() - base.float(), w.float()).item()
+    assert abs(naive - R[0, 1].item()) / abs(R[0, 1].item()) > rel.max().item()
+
+
+def test_gram_many_combos_and_helpers():
+    xs = make(40000, ("fp32", "bf16", "fp16", "fp32"))
+    C = [[1, -1, 0, 0], [0, 0, 1, 0], [0.5, 0.5, 0.25, -2], [0, 0, 0, 0]]
+    G = K.gram(xs, C)
+    R = gram_fp64([x.float() for x in xs], torch.tensor(C).float())  # coefficients are exact in fp32
+    scale = R.diagonal().clamp(min=1e-300).sqrt()
+    assert ((G - R).abs() <= 1e-6 * scale[:, None] * scale[None, :]).all()
+    assert G[3].abs().sum() == 0
+    a, b = xs[0], xs[1]
+    assert K.dot(a, b) == pytest.approx(torch.dot(a.double(), b.double()).item(), rel=1e-6)
+    assert K.sqnorm(a) == pytest.approx(a.double().pow(2).sum().item(), rel=1e-7)
+    cos = torch.dot(a.double(), b.double()) / (a.double().norm() * b.double().norm())
+    assert K.cosine(a, b) == pytest.approx(cos.item(), abs=1e-7)
+    assert K.cosine(a, torch.zeros_like(a)) != K.cosine(a, torch.zeros_like(a))  # NaN for a zero vector
+
+
+def test_gram_non_contiguous_and_bad_input():
+    a = torch.randn(300, 517)
+    b = torch.randn(300, 517).bfloat16()
+    G = K.gram([a.T, b.T], [[1, 0], [0, 1]])
+    R = gram_fp64([a, b], [[1, 0], [0, 1]])
+    assert torch.allclose(G, R, rtol=1e-6, atol=1e-6 * R.diagonal().max().item())
+    with pytest.raises(ValueError, match="K×2"):
+        K.gram([a, a], [[1.0, 0.0, 0.0]])
+    with pytest.raises(TypeError):
+        K.gram([torch.ones(3, dtype=torch.int32)], [[1.0]])
+
+
+def test_lowrank_forms_against_dense_fp64():
+    g = torch.Generator().manual_seed(2)
+    B1, A1 = torch.randn(96, 8, generator=g), torch.randn(8, 130, generator=g)
+    B2, A2 = torch.randn(96, 16, generator=g).bfloat16(), torch.randn(16, 130, generator=g).bfloat16()
+    D = torch.randn(96, 130, generator=g).half()
+    d1, d2 = lowrank_dense_fp64(B1, A1, 0.5), lowrank_dense_fp64(B2, A2, 2.0)
+    want = (d1 * d2).sum().item()
+    assert K.lowrank_inner(B1, A1, B2, A2, 0.5, 2.0) == pytest.approx(want, rel=1e-12)
+    assert K.lowrank_dense_inner(B1, A1, D, 0.5) == pytest.approx((d1 * D.double()).sum().item(), rel=1e-12)
+    with pytest.raises(ValueError, match="differ"):
+        K.lowrank_inner(B1, A1, B2[:50], A2)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_add_lowrank_in_place(dtype):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(3000, 700, generator=g).to(DT[dtype])  # several row blocks
+    B, A = torch.randn(3000, 8, generator=g), torch.randn(8, 700, generator=g)
+    # B·A is formed per fixed block of rows (a matmul's bits depend on its shape), so the
+    # reference forms it the same way; the blocks depend only on W's shape, never on slicing.
+    rows = K.lowrank_block_rows(W.shape)
+    BA = torch.cat([B[s : s + rows] @ A for s in range(0, 3000, rows)])
+    want = lincomb_ref([W, BA], [1.0, -0.7], DT[dtype])
+    K.add_lowrank_(W, B, A, -0.7)
+    assert_bits_equal(W, want, "W += α·B·A")
+    # Against the fp64 formula: half an output ulp for the final rounding, plus the fp32 work
+    # (B·A over r=8 terms, the α-multiply and the add), each ≤ 2**-24 of the magnitudes involved.
+    W2 = torch.randn(64, 70, generator=g).to(DT[dtype])
+    ref = W2.double() - 0.7 * lowrank_dense_fp64(B[:64], A[:, :70])
+    size_ba = B[:64].double().abs() @ A[:, :70].double().abs()
+    bound = torch.finfo(DT[dtype]).eps / 2 * ref.abs() + 2**-24 * (W2.double().abs() + 10 * 0.7 * size_ba)
+    K.add_lowrank_(W2, B[:64], A[:, :70], -0.7)
+    assert ((W2.double() - ref).abs() <= bound).all()
