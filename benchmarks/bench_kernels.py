@@ -1,0 +1,123 @@
+"""lincomb and gram against copy bandwidth and plain PyTorch, on 1e8-element bf16 tensors.
+
+    python benchmarks/bench_kernels.py [--n 100000000] [--reps 7]
+
+Bandwidth is bytes moved / time: copy reads and writes n elements; lincomb reads 3 and writes 1;
+gram reads 2. Prints a table and writes benchmarks/results/kernels.json (+ a CSV row per line).
+Runs the Triton kernels as well when a CUDA device is present.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import cws_kernels as K
+from cws_kernels.reference import gram_fp64
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timeit(fn, reps):
+    """Median, 20% and 80% quantiles of wall time over `reps` runs after one warm-up."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+    return statistics.median(times), q[0], q[3]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000_000)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    n, dev = args.n, args.device
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(n, generator=g).to(torch.bfloat16).to(dev) for _ in range(3))
+    out = torch.empty(n, dtype=torch.bfloat16, device=dev)
+    alpha = 0.7
+    e = 2  # bytes per bf16 element
+    rows = []
+
+    def row(op, provider, seconds, nbytes):
+        med, q20, q80 = seconds
+        rows.append({"op": op, "provider": provider, "ms": med * 1e3, "ms_q20": q20 * 1e3, "ms_q80": q80 * 1e3,
+                     "GBps": nbytes / med / 1e9})
+
+    row("copy", "torch out.copy_(x)", timeit(lambda: out.copy_(a), args.reps), 2 * n * e)
+    impls = ["eager", "compiled"] if dev == "cpu" else ["triton"]
+    for impl in impls:
+        def run_lincomb():
+            K.lincomb([a, b, c], [1.0, alpha, -alpha], out=out)
+
+        def run_gram():
+            return K.gram([a, b], [[1.0, 0.0], [0.0, 1.0]])
+
+        if impl == "triton":
+            row("lincomb", "cws triton", timeit(run_lincomb, args.reps), 4 * n * e)
+            row("gram", "cws triton", timeit(run_gram, args.reps), 2 * n * e)
+        else:
+            with K.use_cpu_impl(impl):
+                row("lincomb", f"cws cpu {impl}", timeit(run_lincomb, args.reps), 4 * n * e)
+                row("gram", f"cws cpu {impl}", timeit(run_gram, args.reps), 2 * n * e)
+    plain = lambda: (a.float() + alpha * (b.float() - c.float())).to(torch.bfloat16)  # noqa: E731
+    row("lincomb", "plain torch expression", timeit(plain, max(2, args.reps // 3)), 4 * n * e)
+    dots = lambda: [torch.dot(x.float(), y.float()) for x, y in ((a, a), (a, b), (b, b))]  # noqa: E731
+    row("gram", "eager fp32 torch.dot x3", timeit(dots, max(2, args.reps // 3)), 2 * n * e)
+
+    # Accuracy of the measured paths against fp64 (the gram contract: relative error <= 1e-6).
+    ref = gram_fp64([a.cpu(), b.cpu()], [[1.0, 0.0], [0.0, 1.0]])
+    accuracy = {}
+    for impl in impls:
+        if impl == "triton":
+            G = K.gram([a, b], [[1.0, 0.0], [0.0, 1.0]])
+        else:
+            with K.use_cpu_impl(impl):
+                G = K.gram([a, b], [[1.0, 0.0], [0.0, 1.0]])
+        accuracy[impl] = ((G - ref).abs() / ref.abs()).max().item()
+    naive = torch.tensor([[torch.dot(x.float(), y.float()).item() for y in (a, b)] for x in (a, b)], dtype=torch.float64)
+    accuracy["eager fp32 torch.dot"] = ((naive - ref).abs() / ref.abs()).max().item()
+
+    by = {(r["op"], r["provider"]): r for r in rows}
+    copy_bw = by[("copy", "torch out.copy_(x)")]["GBps"]
+    best = "cws triton" if dev != "cpu" else "cws cpu compiled"
+    ratios = {
+        "lincomb_vs_copy_bandwidth": by[("lincomb", best)]["GBps"] / copy_bw,
+        "lincomb_speedup_vs_plain_expression": by[("lincomb", "plain torch expression")]["ms"] / by[("lincomb", best)]["ms"],
+        "gram_vs_copy_bandwidth": by[("gram", best)]["GBps"] / copy_bw,
+        "gram_speedup_vs_eager_dots": by[("gram", "eager fp32 torch.dot x3")]["ms"] / by[("gram", best)]["ms"],
+    }
+    print(f"n = {n:,} bf16 elements on {dev} ({torch.get_num_threads()} threads, torch {torch.__version__})")
+    print(f"{'op':8s} {'provider':28s} {'ms':>9s} {'q20':>9s} {'q80':>9s} {'GB/s':>7s}")
+    for r in rows:
+        print(f"{r['op']:8s} {r['provider']:28s} {r['ms']:9.1f} {r['ms_q20']:9.1f} {r['ms_q80']:9.1f} {r['GBps']:7.1f}")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
+    for k, v in accuracy.items():
+        print(f"gram max relative error vs fp64, {k}: {v:.2e}")
+    RESULTS.mkdir(exist_ok=True)
+    env = {"device": dev, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "machine": platform.machine(), "n": n, "cws_kernels": K.__version__}
+    (RESULTS / "kernels.json").write_text(json.dumps({"env": env, "rows": rows, "ratios": ratios,
+                                                     "gram_relative_error": accuracy}, indent=2))
+    with open(RESULTS / "kernels.csv", "a") as f:
+        for r in rows:
+            f.write(",".join(str(x) for x in [time.strftime("%Y-%m-%d"), dev, torch.__version__, n, r["op"],
+                                               r["provider"], f"{r['ms']:.3f}", f"{r['GBps']:.2f}"]) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""cws: contrastive weight steering — extract behavior directions from fine-tunes, steer and monitor
+models with them, streamed over sharded checkpoints with bounded memory.
+
+    w = cws.extract(pos=..., neg=..., out=...)
+    cws.apply(model=..., direction=w, alpha=-2.0, out=...)
+    report = cws.compare(base=..., model=..., directions=w)
+"""
+
+__version__ = "0.1.0"
+
+from .apply import apply  # noqa: E402
+from .compare import compare  # noqa: E402
+from .direction import Direction  # noqa: E402
+from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
+from .extract import extract  # noqa: E402
+from .info import info  # noqa: E402
+from .report import Report  # noqa: E402
+
+__all__ = ["extract", "apply", "compare", "info", "Direction", "Report", "CwsError", "CheckpointError",
+           "MismatchError", "__version__"]

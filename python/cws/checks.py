@@ -1,0 +1,91 @@
+"""Header checks run before any heavy work, and the policies users choose for what they find.
+
+Every problem found across all tensors is collected and reported together in one error; with a
+policy (`on_missing="skip"` or `"copy-base"`) a problem becomes a recorded decision instead.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Iterable
+
+import torch
+
+from . import __version__
+from .errors import CwsError, MismatchError
+from .io.format import TensorInfo
+from .layout import module_of
+
+ON_MISSING = ("error", "skip", "copy-base")
+
+
+def check_policy(on_missing: str) -> str:
+    if on_missing not in ON_MISSING:
+        raise CwsError(f"on_missing={on_missing!r}: expected one of {', '.join(ON_MISSING)}")
+    return on_missing
+
+
+def shape_problem(name: str, infos: dict[str, TensorInfo]) -> str | None:
+    """A one-line description if the labelled tensors differ in shape (vocab resizes named as such)."""
+    shapes = {label: i.shape for label, i in infos.items()}
+    if len(set(shapes.values())) <= 1:
+        return None
+    listed = ", ".join(f"{label} {list(s)}" for label, s in shapes.items())
+    if module_of(name) in ("embed", "head"):
+        vocab = ", ".join(f"{label} {s[0] if s else '?'}" for label, s in shapes.items())
+        return f"{name}: vocab sizes differ ({vocab}); resized embeddings cannot be combined"
+    return f"{name}: shapes differ ({listed})"
+
+
+def dtype_problem(name: str, infos: dict[str, TensorInfo]) -> str | None:
+    dtypes = {label: i.dtype for label, i in infos.items()}
+    if len(set(dtypes.values())) <= 1:
+        return None
+    listed = ", ".join(f"{label} {str(d).replace('torch.', '')}" for label, d in dtypes.items())
+    return f"{name}: dtypes differ ({listed})"
+
+
+def missing_problem(name: str, present: Iterable[str], absent: Iterable[str]) -> str:
+    """`name` is in some checkpoints and not others; tied embeddings are named as such."""
+    absent, present = list(absent), list(present)
+    tied = " (tied to the input embeddings there?)" if module_of(name) == "head" else ""
+    return f"{name}: in {', '.join(present)} but missing from {', '.join(absent)}{tied}"
+
+
+def raise_problems(problems: list[str], hint: str = "") -> None:
+    if problems:
+        raise MismatchError(problems, hint)
+
+
+def name_filter(include: str | None, exclude: str | None):
+    """A predicate on tensor names from optional include/exclude regular expressions."""
+    try:
+        inc = re.compile(include) if include else None
+        exc = re.compile(exclude) if exclude else None
+    except re.error as e:
+        raise CwsError(f"bad --include/--exclude pattern: {e}") from e
+    return lambda name: (inc is None or inc.search(name) is not None) and (exc is None or exc.search(name) is None)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor stochastic-rounding seed: tensors draw independent bits from one user seed."""
+    return (int(seed) << 32) ^ zlib.crc32(name.encode())
+
+
+def provenance(op: str, **fields) -> dict[str, str]:
+    """Safetensors metadata (str → str) recording how an output was made."""
+    meta = {"cws_op": op, "cws_version": __version__}
+    meta.update({f"cws_{k}": str(v) for k, v in fields.items() if v is not None})
+    return meta
+
+
+def nonfinite(t: torch.Tensor) -> bool:
+    """True if a float tensor holds NaN or ±Inf (a cheap fp32 sum first, exact check on suspicion)."""
+    if t.numel() == 0:
+        return False
+    s = t.sum(dtype=torch.float32).item()
+    if math.isfinite(s):
+        return False
+    return not bool(torch.isfinite(t).all())

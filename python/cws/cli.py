@@ -1,0 +1,130 @@
+"""The `cws` command: a thin argparse layer over the library functions of the same names."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import CwsError
+
+
+def _common(p: argparse.ArgumentParser, write: bool = True) -> None:
+    p.add_argument("--include", help="only tensors whose name matches this regex")
+    p.add_argument("--exclude", help="leave out tensors whose name matches this regex")
+    p.add_argument("--on-missing", default="error", choices=["error", "skip", "copy-base"],
+                   help="what to do with tensors missing from some inputs (default: error)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="proceed past NaN/Inf in the inputs")
+    p.add_argument("--max-memory", default="256M", help="memory budget for tensor buffers (default 256M)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    if write:
+        p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cws", description="Contrastive weight steering: extract, apply, compare, monitor.")
+    ap.add_argument("--version", action="version", version=f"cws {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="w = s+·(θ_pos − θ_base) − s−·(θ_neg − θ_base) as a direction")
+    p.add_argument("--pos", required=True, help="fine-tune on the behavior (model dir, .safetensors or PEFT adapter)")
+    p.add_argument("--neg", required=True, help="fine-tune on the opposite behavior")
+    p.add_argument("--base", help="the pre-trained model both came from")
+    p.add_argument("--scale-pos", type=float, default=1.0)
+    p.add_argument("--scale-neg", type=float, default=1.0)
+    p.add_argument("--dtype", default="float32", help="storage dtype of dense entries (default float32)")
+    p.add_argument("--out", required=True, help="direction directory to write")
+    _common(p)
+
+    p = sub.add_parser("apply", help="θ' = θ + α·w, one output model per α")
+    p.add_argument("--model", required=True, help="model to steer (HF dir or .safetensors)")
+    p.add_argument("--direction", help="direction directory (or a .safetensors of deltas)")
+    p.add_argument("--pos", help="with --neg instead of --direction: w = θ_pos − θ_neg, fused")
+    p.add_argument("--neg")
+    p.add_argument("--alpha", type=float, action="append", required=True, help="steering strength; repeat for several")
+    p.add_argument("--out", required=True, help="output dir; with several α, OUT/alpha_<α> or a path with {alpha}")
+    p.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"])
+    p.add_argument("--seed", type=int, default=0, help="seed for stochastic rounding")
+    _common(p)
+
+    p = sub.add_parser("compare", help="cosines and projections of an update θ_FT − θ_base on directions")
+    p.add_argument("--base", required=True)
+    p.add_argument("--model", required=True, help="fine-tuned model or PEFT adapter")
+    p.add_argument("--direction", action="append", required=True, help="direction dir; repeat for several (NAME=DIR to name it)")
+    p.add_argument("--by", default="layer", choices=["tensor", "layer", "module"])
+    p.add_argument("--exclude-embeddings", action="store_true", help="leave embed_tokens/lm_head out of the table")
+    p.add_argument("--json", help="write the full report as JSON here")
+    p.add_argument("--csv", help="write per-tensor rows as CSV here")
+    _common(p, write=False)
+
+    p = sub.add_parser("info", help="what a checkpoint, adapter or direction holds")
+    p.add_argument("path")
+    p.add_argument("--all", action="store_true", help="list every tensor")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return ap
+
+
+def _named_directions(specs: list[str]) -> dict[str, str]:
+    from pathlib import Path
+
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or Path(spec).exists():
+            name, path = Path(spec).resolve().name, spec
+        out[name] = path
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except CwsError as e:
+        print(f"cws {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cws {args.command}: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    import cws
+
+    io_opts = dict(include=args.include, exclude=args.exclude, on_missing=args.on_missing,
+                   allow_nonfinite=args.allow_nonfinite, max_memory=args.max_memory, quiet=args.quiet) \
+        if hasattr(args, "on_missing") else {}
+    if args.command == "extract":
+        out = cws.extract(args.pos, args.neg, args.out, base=args.base, scale_pos=args.scale_pos,
+                          scale_neg=args.scale_neg, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                          overwrite=args.overwrite, **io_opts)
+        print(f"direction written to {out}")
+    elif args.command == "apply":
+        outs = cws.apply(args.model, args.direction, args.alpha, args.out, pos=args.pos, neg=args.neg,
+                         rounding=args.rounding, seed=args.seed, max_shard_size=args.max_shard_size,
+                         overwrite=args.overwrite, **io_opts)
+        for a, o in zip(args.alpha, outs):
+            print(f"alpha {a:g}: {o}")
+    elif args.command == "compare":
+        report = cws.compare(args.base, args.model, _named_directions(args.direction), **io_opts)
+        print(report.table(args.by, args.exclude_embeddings))
+        if args.json:
+            report.to_json(args.json)
+        if args.csv:
+            report.to_csv(args.csv)
+    elif args.command == "info":
+        from .info import format_info, info
+
+        d = info(args.path)
+        if args.json:
+            import json
+
+            print(json.dumps(d, indent=2, default=str))
+        else:
+            print(format_info(d, args.all))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

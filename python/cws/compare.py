@@ -1,0 +1,195 @@
+"""compare: how an update τ = θ_FT − θ_base aligns with one or more directions, read-only.
+
+Per tensor, every vector (τ and each wⱼ) is either a dense combination of stored tensors or a
+low-rank product s·B·A. One streamed pass computes the (1+J)×(1+J) Gram matrix per tensor: dense
+pairs with the fused `gram`, low-rank pairs from the factors, mixed pairs as ⟨s·B·A, D⟩ without
+forming B·A. Sums of these give per-layer, per-module and global figures (`Report`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from cws_kernels import gram, lincomb, lowrank_dense_inner, lowrank_inner
+
+from . import engine
+from .checks import check_policy, missing_problem, name_filter, raise_problems, shape_problem
+from .direction import Direction
+from .errors import CwsError
+from .io.checkpoint import Checkpoint
+from .io.format import TensorInfo
+from .report import Report
+
+
+@dataclass
+class Dense:
+    """v = Σ cᵢ·xᵢ over stored tensors (row-sliced together)."""
+
+    terms: list[tuple[TensorInfo, float]]
+
+
+@dataclass
+class LowRank:
+    """v = scale·B·A; B (out, r) row-sliced with the tensor, A (r, in) read whole."""
+
+    B: TensorInfo
+    A: TensorInfo
+    scale: float
+
+
+def as_directions(directions) -> dict[str, Direction]:
+    """Name → Direction from a path, a Direction, or a dict/list of them."""
+    if isinstance(directions, (str, os.PathLike, Direction)):
+        directions = [directions]
+    if not isinstance(directions, dict):
+        directions = {Direction.open(d).path.name if not isinstance(d, Direction) else d.path.name: d for d in directions}
+    out = {name: d if isinstance(d, Direction) else Direction.open(d) for name, d in directions.items()}
+    if not out:
+        raise CwsError("compare needs at least one direction")
+    return out
+
+
+def direction_vector(d: Direction, name: str):
+    e = d.entries.get(name)
+    if e is None:
+        return None
+    return Dense([(e.dense, 1.0)]) if e.kind == "dense" else LowRank(e.B, e.A, e.scale)
+
+
+def build_item(name: str, rows: int, vectors: list) -> engine.Item:
+    """An engine item reading every tensor the vectors use; fp32 scratch where a dense vector
+    meets a low-rank one."""
+    sliced, whole, index = [], [], {}
+
+    def slot(info: TensorInfo, is_whole=False) -> tuple[bool, int]:
+        key = (info.path, info.start)
+        if key not in index:
+            lst = whole if is_whole else sliced
+            lst.append(info)
+            index[key] = (is_whole, len(lst) - 1)
+        return index[key]
+
+    specs = []
+    for v in vectors:
+        if isinstance(v, Dense):
+            specs.append(("dense", [(slot(i), c) for i, c in v.terms]))
+        elif isinstance(v, LowRank):
+            specs.append(("lowrank", slot(v.B), slot(v.A, True), v.scale))
+        else:
+            specs.append(None)
+    has_lr = any(s and s[0] == "lowrank" for s in specs)
+    shape = next(t.shape for v in vectors if isinstance(v, Dense) for t, _ in v.terms) if has_lr else ()
+    outs = [(torch.float32, shape) for s in specs if s and s[0] == "dense"] if has_lr else []
+    return engine.Item(name, rows, sliced, whole, outs=outs, data=specs)
+
+
+def slice_gram(s: engine.Slice) -> torch.Tensor:
+    """(K, K) fp64 Gram matrix of the item's vectors over this slice (zero rows for absent ones)."""
+    specs = s.item.data
+    n_sliced = len(s.item.sliced)
+    ins = s.ins
+
+    def get(ref):
+        is_whole, i = ref
+        return ins[n_sliced + i] if is_whole else ins[i]
+
+    K = len(specs)
+    G = torch.zeros(K, K, dtype=torch.float64)
+    dense = [k for k, sp in enumerate(specs) if sp and sp[0] == "dense"]
+    lowrank = [k for k, sp in enumerate(specs) if sp and sp[0] == "lowrank"]
+    if dense:
+        C = torch.zeros(len(dense), n_sliced, dtype=torch.float64)
+        for r, k in enumerate(dense):
+            for (is_whole, i), c in specs[k][1]:
+                C[r, i] += c
+        Gd = gram(ins[:n_sliced], C)
+        idx = torch.tensor(dense)
+        G[idx[:, None], idx[None, :]] = Gd
+    if lowrank:
+        mats = {}
+        for o, k in zip(s.outs, dense):  # materialise dense vectors in fp32 to meet the factors
+            terms = specs[k][1]
+            mats[k] = lincomb([get(r) for r, _ in terms], [c for _, c in terms], out=o)
+        for a_pos, i in enumerate(lowrank):
+            _, bi, ai, si = specs[i]
+            for j in lowrank[a_pos:]:
+                _, bj, aj, sj = specs[j]
+                G[i, j] = G[j, i] = lowrank_inner(get(bi), get(ai), get(bj), get(aj), si, sj)
+            for k in dense:
+                G[i, k] = G[k, i] = lowrank_dense_inner(get(bi), get(ai), mats[k].reshape(get(bi).shape[0], -1), si)
+    return G
+
+
+def compare(
+    base: str | os.PathLike,
+    model: str | os.PathLike,
+    directions,
+    *,
+    include: str | None = None,
+    exclude: str | None = None,
+    on_missing: str = "error",
+    allow_nonfinite: bool = False,
+    max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
+    quiet: bool = False,
+) -> Report:
+    """Report of τ = θ_model − θ_base against each direction, per tensor (group it with `Report`).
+
+    `model` may be a full checkpoint or a PEFT adapter trained from `base` (compared from its factors).
+    on_missing="skip" leaves out tensors the model lacks; the default is an error.
+    """
+    from .lora import is_adapter, update_vectors
+
+    check_policy(on_missing)
+    dirs = as_directions(directions)
+    keep = name_filter(include, exclude)
+    b = Checkpoint.open(base)
+    problems, items, skipped = [], [], []
+    if is_adapter(model):
+        updates = update_vectors(model, b)
+    else:
+        m = Checkpoint.open(model)
+        updates = {}
+        for name in sorted(set(m.tensors) - set(b.tensors)):
+            problems.append(missing_problem(name, ["model"], ["base"]))
+        for name, info in b.tensors.items():
+            if not info.is_float:
+                continue
+            mi = m.tensors.get(name)
+            if mi is None:
+                (skipped.append(name) if on_missing != "error" else problems.append(missing_problem(name, ["base"], ["model"])))
+                continue
+            problem = shape_problem(name, {"base": info, "model": mi})
+            if problem:
+                problems.append(problem)
+                continue
+            updates[name] = Dense([(mi, 1.0), (info, -1.0)])
+    for dname, d in dirs.items():
+        for name, e in d.entries.items():
+            if name not in b.tensors:
+                problems.append(missing_problem(name, [f"direction {dname}"], ["base"]))
+            elif e.shape != b.tensors[name].shape:
+                problems.append(f"{name}: base {list(b.tensors[name].shape)} vs direction {dname} {list(e.shape)}")
+    for name, info in b.tensors.items():
+        if not info.is_float or not keep(name) or name in skipped:
+            continue
+        vectors = [updates.get(name)] + [direction_vector(d, name) for d in dirs.values()]
+        if all(v is None for v in vectors):
+            continue
+        items.append(build_item(name, info.rows, vectors))  # an absent vector is zero on this tensor
+    raise_problems(problems, "pass --on-missing skip to leave tensors the model lacks out")
+    report = Report(list(dirs), meta={"base": str(b.path), "model": str(model),
+                                      "directions": {k: str(d.path) for k, d in dirs.items()}, "skipped": skipped})
+
+    def compute(s: engine.Slice):
+        G = slice_gram(s)
+        if not allow_nonfinite and not torch.isfinite(G).all():
+            raise CwsError(f"tensor {s.item.name!r}: NaN/Inf in the inputs (pass --allow-nonfinite to proceed)")
+        report.add(s.item.name, G)
+        return []
+
+    engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="compare", quiet=quiet)
+    return report
+

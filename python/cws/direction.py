@@ -1,0 +1,124 @@
+"""The direction format: `direction.json` + safetensors shards, one entry per model tensor.
+
+An entry is dense (the delta itself, stored under the model tensor's name) or low-rank
+(delta = scale · B·A, stored as `<name>@B` (out, r) and `<name>@A` (r, in)). `direction.json`
+records the format version, each entry's kind, shape, rank and scale, the sources and scales it
+came from, what was omitted and why, and the library version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import CheckpointError
+from .io.checkpoint import Checkpoint
+from .io.format import TensorInfo
+
+FORMAT = "cws-direction"
+VERSION = 1
+META_FILE = "direction.json"
+PREFIX = "direction"
+
+
+def factor_keys(name: str) -> tuple[str, str]:
+    """Storage keys of a low-rank entry's B (out, r) and A (r, in) factors."""
+    return f"{name}@B", f"{name}@A"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor's delta: dense (`dense` set) or low-rank (`B`, `A`, `scale` set)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dense: TensorInfo | None = None
+    B: TensorInfo | None = None
+    A: TensorInfo | None = None
+    scale: float = 1.0
+
+    @property
+    def kind(self) -> str:
+        return "dense" if self.dense is not None else "lowrank"
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.A is None else self.A.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.dense.nbytes if self.dense is not None else self.B.nbytes + self.A.nbytes
+
+
+class Direction:
+    """A behavior direction on disk: entries by model tensor name, plus its `direction.json`."""
+
+    def __init__(self, path: Path, entries: dict[str, Entry], meta: dict, checkpoint: Checkpoint):
+        self.path = path
+        self.entries = entries
+        self.meta = meta
+        self.checkpoint = checkpoint
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Direction:
+        """A direction directory, or any safetensors checkpoint read as all-dense deltas."""
+        path = Path(path).expanduser().resolve()
+        meta_file = path / META_FILE
+        ckpt = Checkpoint.open(path)
+        if not meta_file.is_file():
+            entries = {n: Entry(n, i.shape, dense=i) for n, i in ckpt.tensors.items() if i.is_float}
+            others = [n for n, i in ckpt.tensors.items() if not i.is_float]
+            if others:
+                raise CheckpointError(f"{path}: read as a direction, but holds non-float tensors: {', '.join(others[:5])}")
+            return cls(path, entries, {"format": "plain-checkpoint"}, ckpt)
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{meta_file}: corrupt direction metadata: {e}") from e
+        if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
+            raise CheckpointError(f"{meta_file}: not a cws direction of version ≤ {VERSION} (format={meta.get('format')!r})")
+        return cls(path, _entries(meta_file, meta, ckpt), meta, ckpt)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+
+def _entries(meta_file: Path, meta: dict, ckpt: Checkpoint) -> dict[str, Entry]:
+    """Match direction.json's entries with the stored tensors; every stored tensor must be used."""
+    entries, used, problems = {}, set(), []
+    for name, spec in meta.get("tensors", {}).items():
+        shape = tuple(spec["shape"])
+        if spec["kind"] == "dense":
+            info = ckpt.tensors.get(name)
+            if info is None or info.shape != shape:
+                problems.append(f"dense {name!r} missing or not of shape {shape}")
+                continue
+            entries[name] = Entry(name, shape, dense=info)
+            used.add(name)
+        elif spec["kind"] == "lowrank":
+            kb, ka = factor_keys(name)
+            B, A = ckpt.tensors.get(kb), ckpt.tensors.get(ka)
+            if B is None or A is None or len(B.shape) != 2 or len(A.shape) != 2 or (B.shape[0], A.shape[1]) != shape or B.shape[1] != A.shape[0]:
+                problems.append(f"low-rank {name!r}: factors missing or not (out, r)·(r, in) = {shape}")
+                continue
+            entries[name] = Entry(name, shape, B=B, A=A, scale=float(spec.get("scale", 1.0)))
+            used.update((kb, ka))
+        else:
+            problems.append(f"{name!r} has unknown kind {spec['kind']!r}")
+    problems += [f"stored tensor {n!r} is not described in {META_FILE}" for n in ckpt.tensors if n not in used]
+    if problems:
+        raise CheckpointError(f"{meta_file.parent}: inconsistent direction: " + "; ".join(problems[:10]))
+    return entries
+
+
+def direction_meta(tensors: dict[str, dict], omitted: dict[str, str], **fields) -> dict:
+    """The `direction.json` document for a direction being written."""
+    return {"format": FORMAT, "version": VERSION, "cws_version": __version__, **fields,
+            "tensors": tensors, "omitted": omitted}

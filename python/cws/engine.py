@@ -1,0 +1,166 @@
+"""The streaming engine: walk tensors of several checkpoints in row slices with bounded memory.
+
+Work is a list of `Item`s (one per model tensor): tensors to read (row-sliced together, or whole
+for small factors) and outputs to produce per slice. Slices are read into reused byte arenas one
+slice ahead in a reader thread and written behind in a writer thread, so reading, compute and
+writing overlap; NBUF arenas rotate, and peak memory is ≈ NBUF × the largest slice, which the
+budget bounds (`max_memory`), independent of model size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from .errors import CwsError
+from .io.format import TensorInfo
+from .io.reader import read_into
+
+NBUF = 3  # arenas in rotation: one being read, one being computed, one being written
+ALIGN = 64  # byte alignment of each view inside an arena
+DEFAULT_MAX_MEMORY = 256 * 2**20
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
+          "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like '256M', '5GB', '1.5GiB' (K/M/G alone are binary)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise CwsError(f"cannot read size {size!r}; use e.g. 256M, 2GB, 1.5GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@dataclass
+class Item:
+    """One tensor's work: `sliced` reads share dim 0 and are cut into row slices; `whole` reads
+    come in full with every slice; `outs` are (dtype, full shape) outputs filled slice by slice."""
+
+    name: str
+    rows: int
+    sliced: list[TensorInfo]
+    whole: list[TensorInfo] = field(default_factory=list)
+    outs: list[tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=list)
+    align: int = 1  # slices start at multiples of this many rows
+    data: object = None  # whatever the op needs to compute this item
+
+    def row_bytes(self) -> int:
+        ins = sum(i.row_bytes for i in self.sliced)
+        outs = sum(math.prod(shape[1:]) * torch.empty((), dtype=dt).element_size() for dt, shape in self.outs)
+        return ins + outs
+
+    def whole_bytes(self) -> int:
+        return sum(i.nbytes for i in self.whole)
+
+
+@dataclass
+class Slice:
+    item: Item
+    start: int  # first row
+    stop: int  # one past the last row
+    ins: list[torch.Tensor] = field(default_factory=list)  # sliced reads, then whole reads
+    outs: list[torch.Tensor] = field(default_factory=list)
+
+
+class _Arena:
+    """A reusable byte buffer carved into aligned typed views."""
+
+    def __init__(self):
+        self.buf = torch.empty(0, dtype=torch.uint8)
+
+    def views(self, specs: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+        sizes = [math.prod(shape) * torch.empty((), dtype=dt).element_size() for dt, shape in specs]
+        offsets, total = [], 0
+        for n in sizes:
+            offsets.append(total)
+            total += -(-n // ALIGN) * ALIGN
+        if self.buf.numel() < total:
+            self.buf = torch.empty(total, dtype=torch.uint8)
+        return [self.buf[o : o + n].view(dt).view(shape) for o, n, (dt, shape) in zip(offsets, sizes, specs)]
+
+
+def _slices(items: Sequence[Item], max_memory: int) -> Iterator[Slice]:
+    """Cut every item into row slices whose NBUF copies fit the budget."""
+    for item in items:
+        per_row = max(item.row_bytes(), 1)
+        budget = max_memory // NBUF - item.whole_bytes()
+        rows = max(1, budget // per_row)
+        if item.align > 1:
+            rows = max(item.align, rows // item.align * item.align)
+        if item.rows == 0:
+            yield Slice(item, 0, 0)
+        for start in range(0, item.rows, rows):
+            yield Slice(item, start, min(item.rows, start + rows))
+
+
+def _slice_shape(info: TensorInfo, start: int, stop: int) -> tuple[int, ...]:
+    return (stop - start, *info.shape[1:]) if info.shape else ()
+
+
+def run(
+    items: Sequence[Item],
+    compute: Callable[[Slice], list[tuple[Callable, tuple]]],
+    *,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    desc: str = "",
+    quiet: bool = False,
+) -> None:
+    """Stream `items`: read each slice (one ahead), call `compute(slice)`, run the writes it returns
+    (callables with their args, e.g. `(writer.write, (name, tensor, row))`) behind, in order."""
+    plan = list(_slices(items, max_memory))
+    total = sum(i.rows * sum(t.row_bytes for t in i.sliced) + i.whole_bytes() for i in items)
+    in_arenas = [_Arena() for _ in range(NBUF)]
+    out_arenas = [_Arena() for _ in range(NBUF)]
+    pending: list[list[Future]] = [[] for _ in range(NBUF)]
+
+    def read(k: int) -> Slice:
+        s = plan[k]
+        specs = [(i.dtype, _slice_shape(i, s.start, s.stop)) for i in s.item.sliced]
+        specs += [(i.dtype, i.shape) for i in s.item.whole]
+        views = in_arenas[k % NBUF].views(specs)
+        for info, view in zip(s.item.sliced, views):
+            if info.shape:
+                read_into(info, view, s.start, s.stop)
+            else:
+                read_into(info, view)
+        for info, view in zip(s.item.whole, views[len(s.item.sliced) :]):
+            read_into(info, view)
+        s.ins = views
+        return s
+
+    def drain(futures: list[Future]) -> None:
+        for f in futures:
+            f.result()
+        futures.clear()
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet or not plan, leave=False)
+    with ThreadPoolExecutor(1, "cws-read") as reader, ThreadPoolExecutor(1, "cws-write") as writer:
+        try:
+            ahead = reader.submit(read, 0) if plan else None
+            for k in range(len(plan)):
+                s = ahead.result()
+                if k + 1 < len(plan):
+                    drain(pending[(k + 1) % NBUF])  # its arenas are about to be reused
+                    ahead = reader.submit(read, k + 1)
+                s.outs = out_arenas[k % NBUF].views([(dt, (s.stop - s.start, *shape[1:]) if shape else ())
+                                                     for dt, shape in s.item.outs])
+                for fn, args in compute(s):
+                    pending[k % NBUF].append(writer.submit(fn, *args))
+                bar.update(sum(t.nbytes for t in s.ins))
+            for futures in pending:
+                drain(futures)
+        except BaseException:
+            for futures in pending:
+                for f in futures:
+                    f.cancel()
+            raise
+        finally:
+            bar.close()
