@@ -17,3 +17,16 @@ def _seed_everything():
     random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory):
+    """base, pos, neg and ft bf16 checkpoints of one tiny Llama, sharded differently."""
+    from tiny import perturbed, save, tiny_model
+
+    root = tmp_path_factory.mktemp("ckpts")
+    base = tiny_model(0)
+    paths = {"base": save(base, root / "base", "20KB")}
+    for i, (name, shard) in enumerate([("pos", "50KB"), ("neg", "1GB"), ("ft", "30KB")]):
+        paths[name] = save(perturbed(base, seed=100 + i), root / name, shard)
+    return paths
