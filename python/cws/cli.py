@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write per-tensor rows as CSV here")
     _common(p, write=False)
 
+    p = sub.add_parser("export-peft", help="a direction times α as a PEFT LoRA adapter")
+    p.add_argument("direction")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--out", required=True, help="adapter directory to write")
+    p.add_argument("--base", help="base model: lets dense entries (embed/lm_head) go in as modules_to_save weights")
+    p.add_argument("--max-memory", default="256M")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+
     p = sub.add_parser("info", help="what a checkpoint, adapter or direction holds")
     p.add_argument("path")
     p.add_argument("--all", action="store_true", help="list every tensor")
@@ -113,6 +122,17 @@ def _run(args) -> int:
             report.to_json(args.json)
         if args.csv:
             report.to_csv(args.csv)
+    elif args.command == "export-peft":
+        from .export import export_peft
+
+        left_out = export_peft(args.direction, args.out, alpha=args.alpha, base=args.base,
+                               max_memory=args.max_memory, overwrite=args.overwrite, quiet=args.quiet)
+        print(f"adapter written to {args.out}")
+        if left_out:
+            print(f"left out {len(left_out)} tensor(s) PEFT cannot express (listed in cws_left_out.json):",
+                  file=sys.stderr)
+            for name, why in left_out.items():
+                print(f"  {name}: {why}", file=sys.stderr)
     elif args.command == "info":
         from .info import format_info, info
 

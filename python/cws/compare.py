@@ -33,11 +33,12 @@ class Dense:
 
 @dataclass
 class LowRank:
-    """v = scale·B·A; B (out, r) row-sliced with the tensor, A (r, in) read whole."""
+    """v = scale·B·A, or its transpose (PEFT's embedding / fan_in_fan_out layout); factors read whole."""
 
     B: TensorInfo
     A: TensorInfo
     scale: float
+    transposed: bool = False
 
 
 def as_directions(directions) -> dict[str, Direction]:
@@ -77,13 +78,20 @@ def build_item(name: str, rows: int, vectors: list) -> engine.Item:
         if isinstance(v, Dense):
             specs.append(("dense", [(slot(i), c) for i, c in v.terms]))
         elif isinstance(v, LowRank):
-            specs.append(("lowrank", slot(v.B), slot(v.A, True), v.scale))
+            specs.append(("lowrank", slot(v.B, True), slot(v.A, True), v.scale, v.transposed))
         else:
             specs.append(None)
     has_lr = any(s and s[0] == "lowrank" for s in specs)
-    shape = next(t.shape for v in vectors if isinstance(v, Dense) for t, _ in v.terms) if has_lr else ()
+    shape = next((t.shape for v in vectors if isinstance(v, Dense) for t, _ in v.terms), ())
     outs = [(torch.float32, shape) for s in specs if s and s[0] == "dense"] if has_lr else []
     return engine.Item(name, rows, sliced, whole, outs=outs, data=specs)
+
+
+def _rows(B, A, transposed: bool, start: int, stop: int):
+    """Factors (B rows start:stop, A) of the delta's row slice; a transposed delta is Aᵀ·Bᵀ."""
+    if transposed:
+        B, A = A.T, B.T
+    return B[start:stop], A
 
 
 def slice_gram(s: engine.Slice) -> torch.Tensor:
@@ -113,14 +121,40 @@ def slice_gram(s: engine.Slice) -> torch.Tensor:
         for o, k in zip(s.outs, dense):  # materialise dense vectors in fp32 to meet the factors
             terms = specs[k][1]
             mats[k] = lincomb([get(r) for r, _ in terms], [c for _, c in terms], out=o)
+        factors = {i: _rows(get(specs[i][1]), get(specs[i][2]), specs[i][4], s.start, s.stop) for i in lowrank}
         for a_pos, i in enumerate(lowrank):
-            _, bi, ai, si = specs[i]
+            (Bi, Ai), si = factors[i], specs[i][3]
             for j in lowrank[a_pos:]:
-                _, bj, aj, sj = specs[j]
-                G[i, j] = G[j, i] = lowrank_inner(get(bi), get(ai), get(bj), get(aj), si, sj)
+                (Bj, Aj), sj = factors[j], specs[j][3]
+                G[i, j] = G[j, i] = lowrank_inner(Bi, Ai, Bj, Aj, si, sj)
             for k in dense:
-                G[i, k] = G[k, i] = lowrank_dense_inner(get(bi), get(ai), mats[k].reshape(get(bi).shape[0], -1), si)
+                G[i, k] = G[k, i] = lowrank_dense_inner(Bi, Ai, mats[k].reshape(Bi.shape[0], -1), si)
     return G
+
+
+def adapter_update(path, base: Checkpoint, problems: list[str]) -> dict:
+    """The update an adapter makes to `base`, per tensor: low-rank deltas, and full saved tensors
+    minus the base's."""
+    from .lora import Adapter
+
+    ad = Adapter.open(path)
+    updates = {}
+    for name, d in ad.lora.items():
+        info = base.tensors.get(name)
+        if info is None or info.shape != d.shape:
+            problems.append(f"{name}: adapter delta {list(d.shape)} does not fit the base "
+                            f"({list(info.shape) if info else 'missing'})")
+            continue
+        updates[name] = LowRank(d.B, d.A, d.scale, d.transposed)
+    for name, full in ad.full.items():
+        info = base.tensors.get(name)
+        problem = missing_problem(name, ["adapter"], ["base"]) if info is None else \
+            shape_problem(name, {"adapter": full, "base": info})
+        if problem:
+            problems.append(problem)
+            continue
+        updates[name] = Dense([(full, 1.0), (info, -1.0)])
+    return updates
 
 
 def compare(
@@ -140,7 +174,7 @@ def compare(
     `model` may be a full checkpoint or a PEFT adapter trained from `base` (compared from its factors).
     on_missing="skip" leaves out tensors the model lacks; the default is an error.
     """
-    from .lora import is_adapter, update_vectors
+    from .lora import is_adapter
 
     check_policy(on_missing)
     dirs = as_directions(directions)
@@ -148,7 +182,7 @@ def compare(
     b = Checkpoint.open(base)
     problems, items, skipped = [], [], []
     if is_adapter(model):
-        updates = update_vectors(model, b)
+        updates = adapter_update(model, b, problems)
     else:
         m = Checkpoint.open(model)
         updates = {}

@@ -90,9 +90,9 @@ class _Arena:
 def _slices(items: Sequence[Item], max_memory: int) -> Iterator[Slice]:
     """Cut every item into row slices whose NBUF copies fit the budget."""
     for item in items:
-        per_row = max(item.row_bytes(), 1)
+        per_row = item.row_bytes()
         budget = max_memory // NBUF - item.whole_bytes()
-        rows = max(1, budget // per_row)
+        rows = max(1, budget // per_row) if per_row else max(item.rows, 1)  # nothing sliced: one slice
         if item.align > 1:
             rows = max(item.align, rows // item.align * item.align)
         if item.rows == 0:

@@ -13,11 +13,11 @@ import torch
 from . import engine
 from .checks import (check_policy, dtype_problem, missing_problem, name_filter, nonfinite, provenance,
                      raise_problems, shape_problem)
-from .direction import PREFIX, direction_meta
+from .direction import PREFIX, direction_meta, factor_keys
 from .errors import CwsError
 from .io.checkpoint import Checkpoint
 from .io.writer import ShardedWriter
-from cws_kernels import lincomb
+from cws_kernels import add_lowrank_, lincomb
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -55,11 +55,12 @@ def extract(
     on_missing: "error" (default), "skip" (leave such tensors out, recorded in direction.json) or
     "copy-base" (a tensor missing from one side counts as unchanged from the base there).
     """
-    from .lora import is_adapter, extract_lowrank
+    from .lora import is_adapter
 
     if is_adapter(pos) or is_adapter(neg):
         return extract_lowrank(pos, neg, out, base=base, scale_pos=scale_pos, scale_neg=scale_neg, dtype=dtype,
-                               include=include, exclude=exclude, on_missing=on_missing, max_memory=max_memory,
+                               include=include, exclude=exclude, on_missing=on_missing,
+                               allow_nonfinite=allow_nonfinite, max_memory=max_memory,
                                max_shard_size=max_shard_size, overwrite=overwrite, quiet=quiet)
     check_policy(on_missing)
     out_dtype = parse_dtype(dtype)
@@ -134,3 +135,156 @@ def extract(
         writer.add_json("direction.json", meta)
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet)
     return Path(out).resolve()
+
+
+def _side_terms(side, name: str, c: float, base_info):
+    """One side's contribution c·(θ_side − θ_base) to w: (dense terms, low-rank terms)."""
+    from .lora import Adapter
+
+    if isinstance(side, Adapter):
+        if name in side.lora:
+            d = side.lora[name]
+            return [], [(d, c * d.scale)]
+        full = side.full.get(name)
+    else:
+        full = side.tensors.get(name)
+    if full is None:
+        return [], []  # untouched by this side's fine-tune
+    return [(full, c), (base_info, -c)], []
+
+
+def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, dtype="float32", include=None,
+                    exclude=None, on_missing="error", allow_nonfinite=False, max_memory=engine.DEFAULT_MAX_MEMORY,
+                    max_shard_size="5GB", overwrite=False, quiet=False) -> Path:
+    """`extract` where one or both sides are PEFT adapters: LoRA-targeted tensors become exact
+    low-rank entries (B = [s₊·B₊, −s₋·B₋], A = [A₊; A₋], rank r₊ + r₋); saved full tensors
+    (modules_to_save) become dense deltas. An adapter against a full checkpoint gives dense entries."""
+    from .lora import Adapter, is_adapter
+
+    check_policy(on_missing)
+    out_dtype = parse_dtype(dtype)
+    sides = {label: Adapter.open(p) if is_adapter(p) else Checkpoint.open(p) for label, p in (("pos", pos), ("neg", neg))}
+    b = Checkpoint.open(base) if base is not None else None
+    mixed = not all(isinstance(x, Adapter) for x in sides.values())
+    if mixed and b is None:
+        raise CwsError("an adapter against a full checkpoint needs --base (the model the adapter was trained on)")
+    keep = name_filter(include, exclude)
+    coef = {"pos": float(scale_pos), "neg": -float(scale_neg)}
+    names = list(dict.fromkeys(n for x in sides.values() for n in (x.names if isinstance(x, Adapter) else x.tensors)))
+    tensors, omitted, items, lowrank, problems = {}, {}, [], {}, []
+    for side in sides.values():
+        for key, why in getattr(side, "ignored", {}).items():
+            omitted[key] = why
+    for name in names:
+        base_info = b.tensors.get(name) if b is not None else None
+        if not keep(name):
+            omitted[name] = "excluded by --include/--exclude"
+            continue
+        dense, low = [], []
+        for label, side in sides.items():
+            d, lr = _side_terms(side, name, coef[label], base_info)
+            dense += d
+            low += lr
+        if any(not i.is_float for i, _ in dense if i is not None):
+            omitted[name] = "not a float tensor (buffers are not part of a direction)"
+            continue
+        shapes = {tuple(i.shape) for i, _ in dense if i is not None} | {d.shape for d, _ in low}
+        if b is not None and base_info is None:
+            problems.append(missing_problem(name, [k for k in sides], ["base"]))
+            continue
+        if base_info is not None:
+            shapes.add(tuple(base_info.shape))
+        if len(shapes) > 1:
+            problems.append(f"{name}: shapes differ between the inputs ({', '.join(map(str, sorted(shapes)))}); "
+                            f"adapters of different base models?")
+            continue
+        coefs: dict = {}
+        for info, c in dense:
+            coefs[info] = coefs.get(info, 0.0) + c
+        coefs = {i: c for i, c in coefs.items() if c != 0.0}
+        if None in coefs:
+            problems.append(f"{name}: only one side saves the full tensor (modules_to_save); pass --base to subtract")
+            continue
+        shape = shapes.pop()
+        if coefs or mixed:
+            items.append(_dense_item(name, shape, coefs, low, out_dtype))
+            tensors[name] = {"kind": "dense", "shape": list(shape)}
+        elif low:
+            lowrank[name] = low
+            tensors[name] = {"kind": "lowrank", "shape": list(shape), "rank": sum(d.rank for d, _ in low), "scale": 1.0}
+    raise_problems(problems)
+    if not tensors:
+        raise CwsError(f"no tensors to extract between {pos} and {neg}")
+    plan = [(it.name, out_dtype, it.outs[0][1]) for it in items]
+    for name, low in lowrank.items():
+        r, (rows, cols) = sum(d.rank for d, _ in low), low[0][0].shape
+        kb, ka = factor_keys(name)
+        plan += [(kb, out_dtype, (rows, r)), (ka, out_dtype, (r, cols))]
+
+    def compute(s: engine.Slice):
+        n_dense = len(s.item.sliced)
+        acc = s.outs[0]
+        if not allow_nonfinite:
+            for x, info in zip(s.ins, s.item.sliced + s.item.whole):
+                if nonfinite(x):
+                    raise CwsError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to proceed)")
+        if n_dense:
+            lincomb(s.ins[:n_dense], s.item.data[0], out=acc)
+        else:
+            acc.zero_()
+        for k, (c, transposed) in enumerate(s.item.data[1]):
+            B, A = s.ins[n_dense + 2 * k], s.ins[n_dense + 2 * k + 1]
+            if transposed:
+                B, A = A.T, B.T
+            add_lowrank_(acc, B[s.start : s.stop], A, c)
+        result = s.outs[1] if len(s.outs) > 1 else acc
+        if result is not acc:
+            result.copy_(acc)
+        return [(writer.write, (s.item.name, result, s.start))]
+
+    inputs = [str(x.path) for x in sides.values()] + ([str(b.path)] if b is not None else [])
+    meta = direction_meta(tensors, omitted, dtype=str(out_dtype).replace("torch.", ""),
+                          formula="w = scale_pos*(pos - base) - scale_neg*(neg - base)",
+                          sources={k: str(x.path) for k, x in sides.items()} | ({"base": str(b.path)} if b else {}),
+                          scales={"pos": scale_pos, "neg": scale_neg}, on_missing=on_missing)
+    md = provenance("extract", pos=sides["pos"].path, neg=sides["neg"].path, base=base, scale_pos=scale_pos,
+                    scale_neg=scale_neg, lowrank=len(lowrank))
+    with ShardedWriter(out, plan, prefix=PREFIX, metadata=md, overwrite=overwrite, inputs=inputs,
+                       max_shard_size=engine.parse_size(max_shard_size)) as writer:
+        writer.add_json("direction.json", meta)
+        for name, low in lowrank.items():
+            kb, ka = factor_keys(name)
+            B_cat, A_cat = _concat_factors(low)
+            writer.write(kb, B_cat.to(out_dtype).contiguous())
+            writer.write(ka, A_cat.to(out_dtype).contiguous())
+        engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet)
+    return Path(out).resolve()
+
+
+def _concat_factors(low):
+    """B = [c₁·B₁ | c₂·B₂ | …] (out, Σr) in fp32 and A = [A₁; A₂; …] (Σr, in): Σ cᵢ·BᵢAᵢ exactly."""
+    import torch
+
+    from .io.reader import read_tensor
+
+    Bs, As = [], []
+    for d, c in low:
+        B, A = read_tensor(d.B).float(), read_tensor(d.A).float()
+        if d.transposed:
+            B, A = A.T, B.T
+        Bs.append(B * c)
+        As.append(A)
+    return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+
+
+def _dense_item(name, shape, coefs, low, out_dtype) -> engine.Item:
+    """A dense entry computed as Σ cᵢ·xᵢ (+ low-rank terms) in an fp32 scratch, stored in out_dtype."""
+    import torch
+
+    from cws_kernels import lowrank_block_rows
+
+    whole = [t for d, _ in low for t in (d.B, d.A)]
+    outs = [(torch.float32, shape)] + ([(out_dtype, shape)] if out_dtype != torch.float32 else [])
+    align = lowrank_block_rows(shape) if low and len(shape) == 2 else 1
+    return engine.Item(name, shape[0] if shape else 1, list(coefs), whole, outs=outs, align=align,
+                       data=(list(coefs.values()), [(c, d.transposed) for d, c in low]))

@@ -1,16 +1,156 @@
-"""PEFT LoRA adapters as cws inputs (filled in by the LoRA-native issue)."""
+"""PEFT LoRA adapters as cws inputs: read them as they are, never merged.
 
+An adapter's tensors map to base-model tensor names: LoRA factors give low-rank deltas
+scale·B·A (scale = lora_alpha/r, or /√r with rslora, per-module rank/alpha patterns honoured;
+transposed for fan_in_fan_out and embedding LoRA); `modules_to_save` (and trained biases) give
+full tensors, under every key spelling PEFT versions have used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .errors import CheckpointError
+from .io.checkpoint import Checkpoint
+from .io.format import TensorInfo
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_LORA_EMB = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?$")
+_SAVED = re.compile(r"^(?P<module>.+?)\.modules_to_save(?:\.(?P<adapter>[^.]+))?\.(?P<param>[^.]+)$")
+_CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)$")
+# Settings whose adapters cws cannot represent exactly: refuse rather than answer wrongly.
+_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases (lora_bias)", "trainable_token_indices": "trainable tokens",
+                "layer_replication": "layer replication", "target_parameters": "LoRA on parameters",
+                "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
 
 
 def is_adapter(path) -> bool:
     """True for a PEFT adapter directory (it holds adapter_config.json)."""
-    return path is not None and (Path(path) / "adapter_config.json").is_file()
+    return path is not None and (Path(path) / CONFIG).is_file()
 
 
-def extract_lowrank(*args, **kwargs):
-    raise NotImplementedError("LoRA-native extract is not built yet")
+@dataclass(frozen=True)
+class LoraDelta:
+    """delta = scale·B·A (shape (B.rows, A.cols)), or its transpose when `transposed`."""
+
+    name: str
+    B: TensorInfo  # (out, r) as stored
+    A: TensorInfo  # (r, in) as stored
+    scale: float
+    transposed: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        s = (self.B.shape[0], self.A.shape[1])
+        return s[::-1] if self.transposed else s
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
 
 
-def update_vectors(*args, **kwargs):
-    raise NotImplementedError("comparing an adapter update is not built yet")
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter: low-rank deltas and full tensors by base-model tensor name."""
+
+    path: Path
+    config: dict
+    checkpoint: Checkpoint
+    lora: dict[str, LoraDelta] = field(default_factory=dict)
+    full: dict[str, TensorInfo] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Adapter:
+        path = Path(path).expanduser().resolve()
+        cfg_file = path / CONFIG
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{path}: not a PEFT adapter (no {CONFIG})")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg_file}: corrupt adapter config: {e}") from e
+        _check_supported(cfg_file, config)
+        if not (path / WEIGHTS).is_file():
+            pickled = [p.name for p in path.glob("adapter_model*.bin")]
+            why = f"{pickled[0]} is a pickle file, not read for safety; re-save with safe_serialization=True" \
+                if pickled else f"no {WEIGHTS}"
+            raise CheckpointError(f"{path}: {why}")
+        ad = cls(path, config, Checkpoint.open(path / WEIGHTS))
+        ad._map_keys()
+        return ad
+
+    def _map_keys(self) -> None:
+        factors: dict[str, dict[str, TensorInfo]] = {}
+        kinds: dict[str, bool] = {}
+        for key, info in self.checkpoint.tensors.items():
+            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            m = _LORA.match(name) or _LORA_EMB.match(name)
+            if m:
+                factors.setdefault(m["module"], {})[m["which"]] = info
+                kinds[m["module"]] = m.re is _LORA_EMB
+                continue
+            if ".original_module." in name:
+                self.ignored[key] = "PEFT's copy of the base module (not part of the fine-tune)"
+                continue
+            if "lora_magnitude_vector" in name or ".lora_" in name:
+                raise CheckpointError(f"{self.path}: tensor {key!r} belongs to an adapter type cws does not support")
+            m = _SAVED.match(name)
+            target = f"{m['module']}.{m['param']}" if m else name
+            if target in self.full:
+                raise CheckpointError(f"{self.path}: {target!r} is stored twice (keys {key!r} and another spelling)")
+            self.full[target] = info
+        for module, ab in factors.items():
+            if set(ab) != {"A", "B"}:
+                raise CheckpointError(f"{self.path}: LoRA module {module!r} has lora_{set('AB') - set(ab)} missing")
+            A, B = ab["A"], ab["B"]
+            if len(A.shape) != 2 or len(B.shape) != 2:
+                raise CheckpointError(f"{self.path}: LoRA module {module!r} has factors that are not matrices")
+            if A.shape[0] != B.shape[1]:
+                raise CheckpointError(f"{self.path}: LoRA module {module!r}: B {list(B.shape)} and A {list(A.shape)} do not chain")
+            r, alpha = self._rank_alpha(module)
+            if r != A.shape[0]:
+                raise CheckpointError(f"{self.path}: {module!r} has rank {A.shape[0]} but adapter_config gives r={r}")
+            scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+            # Embedding LoRA (A (r, vocab), B (dim, r)) and fan_in_fan_out layers store delta = (B·A)ᵀ.
+            # PEFT keeps fan_in_fan_out only for GPT-2-style Conv1D layers (it resets it for Linear).
+            conv1d = bool(self.config.get("fan_in_fan_out")) and _CONV1D.search(module) is not None
+            transposed = kinds[module] or conv1d
+            self.lora[f"{module}.weight"] = LoraDelta(f"{module}.weight", B, A, scale, transposed)
+        both = set(self.lora) & set(self.full)
+        if both:
+            raise CheckpointError(f"{self.path}: {sorted(both)[0]!r} has both LoRA factors and a full saved copy")
+
+    def _rank_alpha(self, module: str) -> tuple[int, float]:
+        r = _pattern(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
+        alpha = _pattern(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
+        return int(r), float(alpha)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.lora) + list(self.full)
+
+
+def _pattern(patterns: dict, module: str, default):
+    """PEFT's rank/alpha pattern lookup: the first key matching the module name's tail."""
+    for key, value in patterns.items():
+        if module == key or module.endswith("." + key) or re.fullmatch(rf"(.*\.)?(?:{key})", module):
+            return value
+    return default
+
+
+def _check_supported(cfg_file: Path, config: dict) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise CheckpointError(f"{cfg_file}: adapter type {peft_type} is not supported (cws reads LoRA adapters)")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise CheckpointError(f"{cfg_file}: {what} ({key}) is not supported; cws would get it wrong")

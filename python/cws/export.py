@@ -1,0 +1,106 @@
+"""export-peft: a direction times α as a PEFT LoRA adapter that `PeftModel.from_pretrained` loads.
+
+Low-rank entries become LoRA factors (lora_A = A, lora_B = α·scale·B, scaling 1 through per-module
+rank/alpha patterns). Dense entries cannot be a LoRA delta exactly; with the base model they are
+written as `modules_to_save` weights (base + α·w), without it they are left out and listed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from cws_kernels import lincomb
+
+from . import engine
+from .direction import Direction
+from .errors import CwsError
+from .io.checkpoint import Checkpoint
+from .io.reader import read_tensor
+from .io.writer import ShardedWriter
+from .layout import module_of
+from .lora import PREFIX, _CONV1D
+
+
+def _module(name: str) -> str | None:
+    return name[: -len(".weight")] if name.endswith(".weight") else None
+
+
+def export_peft(
+    direction: str | os.PathLike | Direction,
+    out: str | os.PathLike,
+    *,
+    alpha: float = 1.0,
+    base: str | os.PathLike | None = None,
+    max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict[str, str]:
+    """Write α·w as a PEFT adapter at `out`; returns {tensor: reason} for what could not be exported."""
+    d = direction if isinstance(direction, Direction) else Direction.open(direction)
+    b = Checkpoint.open(base) if base is not None else None
+    left_out: dict[str, str] = {}
+    lora, saved = {}, {}
+    for name, e in d.entries.items():
+        module = _module(name)
+        if e.kind == "lowrank" and module and _CONV1D.search(module) is None:
+            lora[module] = e
+        elif b is not None and module:
+            saved.setdefault(module, []).append(name)
+        else:
+            left_out[name] = ("a dense delta: pass --base to write it as a modules_to_save weight (base + α·w)"
+                              if b is None else "not a module weight PEFT can save")
+    if not lora and not saved:
+        raise CwsError(f"{d.path}: nothing in this direction can be expressed as a PEFT adapter")
+    plan, items, factors = [], [], {}
+    for module, e in lora.items():
+        B = read_tensor(e.B).float() * (float(alpha) * e.scale)  # (out, r)
+        A = read_tensor(e.A).float()  # (r, in)
+        if module_of(e.name) == "embed":  # PEFT's embedding LoRA stores delta = (lora_B·lora_A)ᵀ
+            keys = (f"{PREFIX}{module}.lora_embedding_A", f"{PREFIX}{module}.lora_embedding_B")
+            tensors = (B.T.contiguous(), A.T.contiguous())
+        else:
+            keys = (f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight")
+            tensors = (A.contiguous(), B.contiguous())
+        for k, t in zip(keys, tensors):
+            factors[k] = t
+            plan.append((k, t.dtype, tuple(t.shape)))
+    for module, names in saved.items():
+        params = [n for n in b.tensors if n.startswith(module + ".") and "." not in n[len(module) + 1:]]
+        for n in params:
+            info = b.tensors[n]
+            plan.append((PREFIX + n, info.dtype, info.shape))
+            if n in names:
+                if d.entries[n].kind != "dense" or d.entries[n].shape != info.shape:
+                    raise CwsError(f"{n}: direction entry does not fit the base tensor {list(info.shape)}")
+                items.append(engine.Item(n, info.rows, [info, d.entries[n].dense], outs=[(info.dtype, info.shape)]))
+            else:
+                items.append(engine.Item(n, info.rows, [info]))
+    ranks = {m: e.rank for m, e in lora.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    pattern = {m: k for m, k in ranks.items() if k != r}
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": pattern,
+              "target_modules": sorted(lora) or None, "modules_to_save": sorted(saved) or None,
+              "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
+              "init_lora_weights": True, "inference_mode": True, "task_type": None,
+              "base_model_name_or_path": str(b.path) if b else None}
+
+    def compute(s: engine.Slice):
+        if not s.item.outs:
+            return [(writer.write, (PREFIX + s.item.name, s.ins[0], s.start))]
+        lincomb([s.ins[0], s.ins[1]], [1.0, alpha], out=s.outs[0])
+        return [(writer.write, (PREFIX + s.item.name, s.outs[0], s.start))]
+
+    inputs = [str(d.path)] + ([str(b.path)] if b else [])
+    md = {"cws_op": "export-peft", "cws_alpha": repr(float(alpha)), "cws_direction": str(d.path)}
+    with ShardedWriter(out, plan, prefix="adapter_model", metadata=md, overwrite=overwrite, inputs=inputs,
+                       max_shard_size=2**62) as writer:
+        writer.add_json("adapter_config.json", config)
+        if left_out:
+            writer.add_json("cws_left_out.json", left_out)
+        for k, t in factors.items():
+            writer.write(k, t)
+        engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="export", quiet=quiet)
+    return left_out
+
