@@ -43,3 +43,38 @@ def state(path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(path).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def train_lora(base, path: Path, seed: int, steps: int = 3, **lora_kw) -> Path:
+    """A real (tiny) LoRA fine-tune: a few AdamW steps on seeded random tokens, saved with PEFT.
+
+    Both factors end up non-zero (B starts at zero and moves on the first step)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"], modules_to_save=["lm_head", "embed_tokens"])
+    cfg.update(lora_kw)
+    model = type(base)(base.config).to(torch.float32)
+    model.load_state_dict(base.state_dict())
+    peft_model = get_peft_model(model, LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    vocab = base.config.vocab_size
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (4, 16), generator=g)
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.save_pretrained(path)
+    return Path(path)
+
+
+def merged(base, adapter_dir) -> dict[str, torch.Tensor]:
+    """PEFT's own merge of an adapter into a copy of `base` (the reference cws never needs)."""
+    from peft import PeftModel
+
+    model = type(base)(base.config).to(torch.float32)
+    model.load_state_dict(base.state_dict())
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().state_dict()

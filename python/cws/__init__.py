@@ -12,10 +12,10 @@ from .apply import apply  # noqa: E402
 from .compare import compare  # noqa: E402
 from .direction import Direction  # noqa: E402
 from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
-from .export import export_peft  # noqa: E402
+from .export import densify, export_peft  # noqa: E402
 from .extract import extract  # noqa: E402
 from .info import info  # noqa: E402
 from .report import Report  # noqa: E402
 
-__all__ = ["extract", "apply", "compare", "info", "export_peft", "Direction", "Report", "CwsError", "CheckpointError",
+__all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]

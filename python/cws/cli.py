@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")
 
+    p = sub.add_parser("densify", help="a direction with every low-rank entry formed densely")
+    p.add_argument("direction")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-memory", default="256M")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+
     p = sub.add_parser("info", help="what a checkpoint, adapter or direction holds")
     p.add_argument("path")
     p.add_argument("--all", action="store_true", help="list every tensor")
@@ -133,6 +141,10 @@ def _run(args) -> int:
                   file=sys.stderr)
             for name, why in left_out.items():
                 print(f"  {name}: {why}", file=sys.stderr)
+    elif args.command == "densify":
+        from .export import densify
+
+        print(f"dense direction written to {densify(args.direction, args.out, dtype=args.dtype, max_memory=args.max_memory, overwrite=args.overwrite, quiet=args.quiet)}")
     elif args.command == "info":
         from .info import format_info, info
 

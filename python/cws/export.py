@@ -1,4 +1,6 @@
-"""export-peft: a direction times α as a PEFT LoRA adapter that `PeftModel.from_pretrained` loads.
+"""Converting a direction: to a PEFT LoRA adapter (export-peft), or to all-dense entries (densify).
+
+export-peft writes α·w as an adapter that `PeftModel.from_pretrained` loads.
 
 Low-rank entries become LoRA factors (lora_A = A, lora_B = α·scale·B, scaling 1 through per-module
 rank/alpha patterns). Dense entries cannot be a LoRA delta exactly; with the base model they are
@@ -10,6 +12,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
+
+import torch
 
 from cws_kernels import lincomb
 
@@ -104,3 +108,47 @@ def export_peft(
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="export", quiet=quiet)
     return left_out
 
+
+
+def densify(direction: str | os.PathLike | Direction, out: str | os.PathLike, *, dtype="float32",
+            max_memory: int | str = engine.DEFAULT_MAX_MEMORY, overwrite: bool = False, quiet: bool = False) -> Path:
+    """The same direction with every entry dense (scale·B·A formed in fp32 row blocks, as apply does)."""
+    import json
+
+    from cws_kernels import add_lowrank_, lowrank_block_rows
+
+    from .direction import PREFIX as DIR_PREFIX
+    from .extract import parse_dtype
+
+    d = direction if isinstance(direction, Direction) else Direction.open(direction)
+    out_dtype = parse_dtype(dtype)
+    items = []
+    for name, e in d.entries.items():
+        outs = [(torch.float32, e.shape)] + ([(out_dtype, e.shape)] if out_dtype != torch.float32 else [])
+        if e.kind == "dense":
+            items.append(engine.Item(name, e.dense.rows, [e.dense], outs=outs))
+        else:
+            items.append(engine.Item(name, e.shape[0], [e.B], [e.A], outs=outs, align=lowrank_block_rows(e.shape)))
+
+    def compute(s: engine.Slice):
+        acc = s.outs[0]
+        if d.entries[s.item.name].kind == "dense":
+            lincomb([s.ins[0]], [1.0], out=acc)
+        else:
+            acc.zero_()
+            add_lowrank_(acc, s.ins[0], s.ins[1], d.entries[s.item.name].scale)
+        res = s.outs[-1]
+        if res is not acc:
+            res.copy_(acc)
+        return [(writer.write, (s.item.name, res, s.start))]
+
+    meta = dict(d.meta)
+    meta["tensors"] = {n: {"kind": "dense", "shape": list(e.shape)} for n, e in d.entries.items()}
+    meta["dtype"] = str(out_dtype).replace("torch.", "")
+    meta["densified_from"] = str(d.path)
+    plan = [(n, out_dtype, e.shape) for n, e in d.entries.items()]
+    with ShardedWriter(out, plan, prefix=DIR_PREFIX, metadata={"cws_op": "densify", "cws_direction": str(d.path)},
+                       overwrite=overwrite, inputs=[str(d.path)]) as writer:
+        writer.add_json("direction.json", json.loads(json.dumps(meta)))
+        engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="densify", quiet=quiet)
+    return Path(out).resolve()

@@ -34,7 +34,13 @@ _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases (lora_bias)", "tra
 
 def is_adapter(path) -> bool:
     """True for a PEFT adapter directory (it holds adapter_config.json)."""
-    return path is not None and (Path(path) / CONFIG).is_file()
+    if path is None or not Path(path).is_dir():
+        return False
+    if (Path(path) / CONFIG).is_file():
+        return True
+    if any(Path(path).glob("adapter_model*")):
+        raise CheckpointError(f"{Path(path).resolve()}: adapter weights without {CONFIG}; cannot tell r, alpha or targets")
+    return False
 
 
 @dataclass(frozen=True)
