@@ -15,7 +15,9 @@ from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
 from .export import densify, export_peft  # noqa: E402
 from .extract import extract  # noqa: E402
 from .info import info  # noqa: E402
+from .monitor import WeightMonitor  # noqa: E402
 from .report import Report  # noqa: E402
+from .steer import Steerer, steer, steered  # noqa: E402
 
-__all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "Direction", "Report", "CwsError", "CheckpointError",
+__all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="the pre-trained model both came from")
     p.add_argument("--scale-pos", type=float, default=1.0)
     p.add_argument("--scale-neg", type=float, default=1.0)
-    p.add_argument("--dtype", default="float32", help="storage dtype of dense entries (default float32)")
+    p.add_argument("--dtype", default="auto", help="storage dtype: auto (fp32 dense deltas; LoRA factors in their own "
+                   "dtype when exact), float32, bfloat16, float16")
     p.add_argument("--out", required=True, help="direction directory to write")
     _common(p)
 

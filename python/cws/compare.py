@@ -94,42 +94,65 @@ def _rows(B, A, transposed: bool, start: int, stop: int):
     return B[start:stop], A
 
 
-def slice_gram(s: engine.Slice) -> torch.Tensor:
-    """(K, K) fp64 Gram matrix of the item's vectors over this slice (zero rows for absent ones)."""
-    specs = s.item.data
-    n_sliced = len(s.item.sliced)
-    ins = s.ins
+def vector_gram(vectors: list, scratch: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """(K, K) fp64 Gram matrix of K vectors over one tensor (or one row slice of it).
 
-    def get(ref):
-        is_whole, i = ref
-        return ins[n_sliced + i] if is_whole else ins[i]
-
-    K = len(specs)
+    vectors[k]: None (zero here), ("dense", [(tensor, coef), ...]) or ("lowrank", B, A, scale) with
+    B (rows, r) and A (r, cols) for v = scale·B·A. Dense pairs go through one fused `gram` over the
+    distinct tensors; low-rank pairs use the factors; mixed pairs ⟨s·B·A, D⟩ need D in fp32, formed
+    in `scratch` (one fp32 buffer per dense vector, allocated when not given).
+    """
+    K = len(vectors)
     G = torch.zeros(K, K, dtype=torch.float64)
-    dense = [k for k, sp in enumerate(specs) if sp and sp[0] == "dense"]
-    lowrank = [k for k, sp in enumerate(specs) if sp and sp[0] == "lowrank"]
+    dense = [k for k, v in enumerate(vectors) if v is not None and v[0] == "dense"]
+    lowrank = [k for k, v in enumerate(vectors) if v is not None and v[0] == "lowrank"]
     if dense:
-        C = torch.zeros(len(dense), n_sliced, dtype=torch.float64)
+        inputs, slot = [], {}
+        for k in dense:
+            for t, _ in vectors[k][1]:
+                if id(t) not in slot:
+                    slot[id(t)] = len(inputs)
+                    inputs.append(t)
+        C = torch.zeros(len(dense), len(inputs), dtype=torch.float64)
         for r, k in enumerate(dense):
-            for (is_whole, i), c in specs[k][1]:
-                C[r, i] += c
-        Gd = gram(ins[:n_sliced], C)
+            for t, c in vectors[k][1]:
+                C[r, slot[id(t)]] += c
         idx = torch.tensor(dense)
-        G[idx[:, None], idx[None, :]] = Gd
+        G[idx[:, None], idx[None, :]] = gram(inputs, C)
     if lowrank:
         mats = {}
-        for o, k in zip(s.outs, dense):  # materialise dense vectors in fp32 to meet the factors
-            terms = specs[k][1]
-            mats[k] = lincomb([get(r) for r, _ in terms], [c for _, c in terms], out=o)
-        factors = {i: _rows(get(specs[i][1]), get(specs[i][2]), specs[i][4], s.start, s.stop) for i in lowrank}
-        for a_pos, i in enumerate(lowrank):
-            (Bi, Ai), si = factors[i], specs[i][3]
-            for j in lowrank[a_pos:]:
-                (Bj, Aj), sj = factors[j], specs[j][3]
+        for n, k in enumerate(dense):  # dense vectors in fp32, to meet the factors
+            terms = vectors[k][1]
+            out = scratch[n] if scratch else None
+            mats[k] = lincomb([t for t, _ in terms], [c for _, c in terms], out=out, out_dtype=torch.float32)
+        for pos, i in enumerate(lowrank):
+            _, Bi, Ai, si = vectors[i]
+            for j in lowrank[pos:]:
+                _, Bj, Aj, sj = vectors[j]
                 G[i, j] = G[j, i] = lowrank_inner(Bi, Ai, Bj, Aj, si, sj)
             for k in dense:
                 G[i, k] = G[k, i] = lowrank_dense_inner(Bi, Ai, mats[k].reshape(Bi.shape[0], -1), si)
     return G
+
+
+def slice_gram(s: engine.Slice) -> torch.Tensor:
+    """The Gram matrix of an item's vectors over one streamed slice."""
+    n_sliced = len(s.item.sliced)
+
+    def get(ref):
+        is_whole, i = ref
+        return s.ins[n_sliced + i] if is_whole else s.ins[i]
+
+    vectors = []
+    for spec in s.item.data:
+        if spec is None:
+            vectors.append(None)
+        elif spec[0] == "dense":
+            vectors.append(("dense", [(get(r), c) for r, c in spec[1]]))
+        else:
+            _, b, a, scale, transposed = spec
+            vectors.append(("lowrank", *_rows(get(b), get(a), transposed, s.start, s.stop), scale))
+    return vector_gram(vectors, s.outs)
 
 
 def adapter_update(path, base: Checkpoint, problems: list[str]) -> dict:

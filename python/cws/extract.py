@@ -23,9 +23,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, auto: torch.dtype = torch.float32) -> torch.dtype:
+    """A storage dtype from its name; "auto" gives `auto`."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto
     if dtype not in DTYPES:
         raise CwsError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -39,7 +42,7 @@ def extract(
     base: str | os.PathLike | None = None,
     scale_pos: float = 1.0,
     scale_neg: float = 1.0,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     include: str | None = None,
     exclude: str | None = None,
     on_missing: str = "error",
@@ -51,7 +54,9 @@ def extract(
 ) -> Path:
     """Write the direction of two fine-tunes (dense checkpoints or PEFT adapters) to `out`; returns it.
 
-    Stored in `dtype` (default fp32: the difference of two bf16 weights is exact in fp32).
+    dtype "auto" (default): dense entries in fp32 (the difference of two bf16 weights is exact in
+    fp32); low-rank factors in the adapters' own dtype when folding the scales in is exact there
+    (a power of two), else fp32. Any other dtype is used for everything.
     on_missing: "error" (default), "skip" (leave such tensors out, recorded in direction.json) or
     "copy-base" (a tensor missing from one side counts as unchanged from the base there).
     """
@@ -153,7 +158,7 @@ def _side_terms(side, name: str, c: float, base_info):
     return [(full, c), (base_info, -c)], []
 
 
-def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, dtype="float32", include=None,
+def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, dtype="auto", include=None,
                     exclude=None, on_missing="error", allow_nonfinite=False, max_memory=engine.DEFAULT_MAX_MEMORY,
                     max_shard_size="5GB", overwrite=False, quiet=False) -> Path:
     """`extract` where one or both sides are PEFT adapters: LoRA-targeted tensors become exact
@@ -163,6 +168,7 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
 
     check_policy(on_missing)
     out_dtype = parse_dtype(dtype)
+    factor_dtype = None if dtype == "auto" else out_dtype
     sides = {label: Adapter.open(p) if is_adapter(p) else Checkpoint.open(p) for label, p in (("pos", pos), ("neg", neg))}
     b = Checkpoint.open(base) if base is not None else None
     mixed = not all(isinstance(x, Adapter) for x in sides.values())
@@ -216,10 +222,11 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     if not tensors:
         raise CwsError(f"no tensors to extract between {pos} and {neg}")
     plan = [(it.name, out_dtype, it.outs[0][1]) for it in items]
+    dtypes = {name: factor_dtype or _exact_factor_dtype(low) for name, low in lowrank.items()}
     for name, low in lowrank.items():
         r, (rows, cols) = sum(d.rank for d, _ in low), low[0][0].shape
         kb, ka = factor_keys(name)
-        plan += [(kb, out_dtype, (rows, r)), (ka, out_dtype, (r, cols))]
+        plan += [(kb, dtypes[name], (rows, r)), (ka, dtypes[name], (r, cols))]
 
     def compute(s: engine.Slice):
         n_dense = len(s.item.sliced)
@@ -243,7 +250,7 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
         return [(writer.write, (s.item.name, result, s.start))]
 
     inputs = [str(x.path) for x in sides.values()] + ([str(b.path)] if b is not None else [])
-    meta = direction_meta(tensors, omitted, dtype=str(out_dtype).replace("torch.", ""),
+    meta = direction_meta(tensors, omitted, dtype=str(factor_dtype or "auto").replace("torch.", ""),
                           formula="w = scale_pos*(pos - base) - scale_neg*(neg - base)",
                           sources={k: str(x.path) for k, x in sides.items()} | ({"base": str(b.path)} if b else {}),
                           scales={"pos": scale_pos, "neg": scale_neg}, on_missing=on_missing)
@@ -255,10 +262,22 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
         for name, low in lowrank.items():
             kb, ka = factor_keys(name)
             B_cat, A_cat = _concat_factors(low)
-            writer.write(kb, B_cat.to(out_dtype).contiguous())
-            writer.write(ka, A_cat.to(out_dtype).contiguous())
+            writer.write(kb, B_cat.to(dtypes[name]).contiguous())
+            writer.write(ka, A_cat.to(dtypes[name]).contiguous())
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet)
     return Path(out).resolve()
+
+
+def _exact_factor_dtype(low) -> torch.dtype:
+    """The factors' common dtype if every folded scale is a power of two (exact), else fp32."""
+    import math
+
+    dt = low[0][0].A.dtype
+    for d, c in low:
+        dt = torch.promote_types(dt, torch.promote_types(d.A.dtype, d.B.dtype))
+        if c == 0 or abs(math.frexp(c)[0]) != 0.5:
+            return torch.float32
+    return dt
 
 
 def _concat_factors(low):

@@ -1,0 +1,106 @@
+"""Loaded models as cws sees them: checkpoint tensor names → live parameters, and live LoRA updates.
+
+Works on a plain `PreTrainedModel` and on a `PeftModel`: PEFT's wrappers are unwrapped
+(`base_model.model.` prefix, `.base_layer`, the active `modules_to_save` copy) so names match the
+checkpoint and direction names.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .direction import Direction
+from .errors import CwsError
+from .io.reader import read_tensor
+
+PEFT_PREFIX = "base_model.model."
+_SAVED = re.compile(r"\.modules_to_save\.[^.]+\.")
+
+
+def canonical(name: str) -> str | None:
+    """The checkpoint name of a live parameter, or None for PEFT-internal ones (LoRA factors, the
+    frozen original of a modules_to_save copy)."""
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX):]
+    if ".lora_" in name or ".original_module." in name:
+        return None
+    name = name.replace(".base_layer.", ".")
+    return _SAVED.sub(".", name)
+
+
+def live_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Checkpoint name → live float parameter (tied weights appear under each of their names)."""
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        c = canonical(name)
+        if c is not None and p.is_floating_point():
+            out[c] = p
+    return out
+
+
+def load_direction(direction, device=None) -> dict[str, tuple]:
+    """Entries of a direction (path, Direction, or {name: tensor | (B, A, scale)}) as tensors:
+    name → ("dense", w) or ("lowrank", B, A, scale), on `device`."""
+    if isinstance(direction, dict):
+        out = {}
+        for name, v in direction.items():
+            if isinstance(v, torch.Tensor):
+                out[name] = ("dense", v.to(device))
+            else:
+                B, A, scale = v
+                out[name] = ("lowrank", B.to(device), A.to(device), float(scale))
+        return out
+    d = direction if isinstance(direction, Direction) else Direction.open(direction)
+    out = {}
+    for name, e in d.entries.items():
+        if e.kind == "dense":
+            out[name] = ("dense", read_tensor(e.dense).to(device))
+        else:
+            out[name] = ("lowrank", read_tensor(e.B).to(device), read_tensor(e.A).to(device), e.scale)
+    return out
+
+
+def lora_updates(model: torch.nn.Module) -> dict[str, tuple]:
+    """The live update of a PEFT LoRA model, per checkpoint tensor name, without a copy of the base:
+    ("lowrank", B, A, scale) for LoRA layers, ("dense", [(copy, 1), (original, -1)]) for
+    modules_to_save. Factors are detached views of the trained parameters."""
+    out = {}
+    for mname, module in model.named_modules():
+        c = canonical(mname + ".x")
+        if c is None:
+            continue
+        name = c[:-2] + ".weight"
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            adapters = [a for a in module.active_adapters if a in module.lora_A or a in getattr(module, "lora_embedding_A", {})]
+            if getattr(module, "use_dora", {}) and any(module.use_dora.get(a) for a in adapters):
+                raise CwsError(f"{mname}: DoRA layers are not supported by the monitor")
+            for a in adapters:
+                if a in module.lora_A:
+                    B, A = module.lora_B[a].weight.detach(), module.lora_A[a].weight.detach()
+                    transposed = bool(getattr(module, "fan_in_fan_out", False))
+                else:  # embedding LoRA: A (r, vocab), B (dim, r), delta = (B·A)ᵀ
+                    B, A = module.lora_embedding_B[a].detach(), module.lora_embedding_A[a].detach()
+                    transposed = True
+                if transposed:
+                    B, A = A.T, B.T
+                _add(out, name, ("lowrank", B, A, float(module.scaling[a])))
+        elif hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+            active = getattr(module, "active_adapter", None)
+            active = active[0] if isinstance(active, (list, tuple)) else active
+            if active not in module.modules_to_save:
+                continue
+            copy, orig = module.modules_to_save[active], module.original_module
+            prefix = c[:-2]
+            for pname, p in copy.named_parameters():
+                if p.is_floating_point():
+                    o = dict(orig.named_parameters())[pname]
+                    _add(out, f"{prefix}.{pname}", ("dense", [(p.detach(), 1.0), (o.detach(), -1.0)]))
+    return out
+
+
+def _add(out: dict, name: str, vector) -> None:
+    if name in out:
+        raise CwsError(f"{name}: several active adapters update this tensor; activate one adapter to measure it")
+    out[name] = vector

@@ -1,0 +1,162 @@
+"""WeightMonitor: watch a fine-tuning run's update θ_t − θ_0 against behavior directions.
+
+Every `every` optimizer steps, for each direction: the cosine and projection of the update, global,
+global without embeddings/lm_head, and per layer — every direction in one Gram pass per tensor.
+LoRA training (a PeftModel) is measured from the live factors, with no copy of the base. Full
+fine-tuning needs θ_0: kept on CPU (`reference="cpu"`, the model's size in CPU RAM), beside the
+parameters (`"device"`, the model's size again on its device: fastest), or read from the
+checkpoint on disk at each measurement (`reference=<path>`: no memory, one read of the model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from .compare import vector_gram
+from .errors import CwsError
+from .io.checkpoint import Checkpoint
+from .live import live_params, load_direction, lora_updates
+from .report import Report
+
+logger = logging.getLogger("cws.monitor")
+
+
+def _dir_vector(entry):
+    if entry is None:
+        return None
+    return ("dense", [(entry[1], 1.0)]) if entry[0] == "dense" else entry
+
+
+class WeightMonitor(TrainerCallback):
+    """Cosines of the training update against named directions, logged every `every` steps.
+
+    directions: {name: direction dir | Direction | {tensor: delta}} (or one direction).
+    threshold: warn (action="warn") or stop training (action="stop") when `metric` (by default the
+    global cosine without embeddings) of any direction exceeds it. jsonl: a file to append to.
+    """
+
+    def __init__(self, directions, every: int = 10, *, reference="cpu", threshold: float | None = None,
+                 metric: str = "cos_no_embed", action: str = "warn", jsonl: str | os.PathLike | None = None,
+                 per_layer: bool = True):
+        if not isinstance(directions, dict) or all(isinstance(v, torch.Tensor) for v in directions.values()):
+            directions = {"direction": directions}
+        if action not in ("warn", "stop"):
+            raise CwsError(f"action={action!r}: expected warn or stop")
+        self.directions = directions
+        self.every, self.reference, self.threshold = max(1, int(every)), reference, threshold
+        self.metric, self.action, self.jsonl, self.per_layer = metric, action, jsonl, per_layer
+        self.trainer = None
+        self.history: list[dict] = []
+        self.last_report: Report | None = None
+        self._dirs = None
+        self._theta0 = None
+
+    # -- measuring ---------------------------------------------------------------------------
+    def start(self, model) -> None:
+        """Take θ_0 (full fine-tuning) and load the directions beside the model's parameters."""
+        params = live_params(model)
+        device = next(iter(params.values())).device
+        self._dirs = {k: load_direction(v, device) for k, v in self.directions.items()}
+        self._lora = hasattr(model, "peft_config")
+        if self._lora:
+            self._theta0 = None
+        elif self.reference in ("cpu", "device"):
+            dev = "cpu" if self.reference == "cpu" else None
+            self._theta0 = {n: p.detach().to(dev or p.device, copy=True) for n, p in params.items()}
+        else:
+            self._theta0 = Checkpoint.open(self.reference)
+
+    @torch.no_grad()
+    def measure(self, model) -> dict[str, float]:
+        """Metrics of the current update: cws/<direction>/{cos, cos_no_embed, proj, ...}."""
+        if self._dirs is None:
+            self.start(model)
+        report = Report(list(self._dirs))
+        if self._lora:
+            updates = lora_updates(model)
+            names = set(updates) | {n for d in self._dirs.values() for n in d}
+        else:
+            params = live_params(model)
+            names = set(params) | {n for d in self._dirs.values() for n in d}
+        for name in names:
+            if self._lora:
+                tau = updates.get(name)
+            elif name in params:
+                p = params[name].detach()
+                p0 = self._theta0[name] if isinstance(self._theta0, dict) else self._theta0.read(name)
+                tau = ("dense", [(p, 1.0), (p0.to(p.device), -1.0)])
+            else:
+                tau = None
+            vectors = [tau] + [_dir_vector(d.get(name)) for d in self._dirs.values()]
+            if all(v is None for v in vectors[1:]) and tau is None:
+                continue
+            report.add(name, vector_gram(vectors))
+        self.last_report = report
+        return self._metrics(report)
+
+    def _metrics(self, report: Report) -> dict[str, float]:
+        out = {}
+        for d, stats in report.global_stats().items():
+            out[f"cws/{d}/cos"] = stats["all"]["cosine"]
+            out[f"cws/{d}/proj"] = stats["all"]["projection"]
+            if "no_embeddings" in stats:
+                out[f"cws/{d}/cos_no_embed"] = stats["no_embeddings"]["cosine"]
+                out[f"cws/{d}/proj_no_embed"] = stats["no_embeddings"]["projection"]
+            out[f"cws/{d}/update_norm"] = stats["all"]["update_norm"]
+        if self.per_layer:
+            for row in report.rows("layer"):
+                if row["group"].startswith("layer "):
+                    out[f"cws/{row['direction']}/layer{row['group'][6:]}/cos"] = row["cosine"]
+        return out
+
+    # -- Trainer callback --------------------------------------------------------------------
+    def attach(self, trainer) -> WeightMonitor:
+        """Add to a Trainer so metrics go through `trainer.log` (TensorBoard, W&B, ... get them)."""
+        self.trainer = trainer
+        trainer.add_callback(self)
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.trainer is None:
+            self.trainer = _find_trainer()
+        self.start(model)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every:
+            return control
+        metrics = self.measure(model)
+        record = {"step": state.global_step, **metrics}
+        self.history.append(record)
+        if self.jsonl:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({k: (v if v == v else None) for k, v in record.items()}) + "\n")
+        if self.trainer is not None:
+            self.trainer.log(dict(metrics))
+        if self.threshold is not None:
+            hits = {k: v for k, v in metrics.items() if k.endswith("/" + self.metric) and v > self.threshold}
+            if hits:
+                logger.warning("cws: step %d: %s above threshold %g", state.global_step, hits, self.threshold)
+                if self.action == "stop":
+                    control.should_training_stop = True
+        return control
+
+
+def _find_trainer():
+    """The Trainer running this callback, when it was passed as `callbacks=[...]` (no reference is
+    handed to callbacks): found on the call stack. Without it, metrics still go to history/JSONL."""
+    import inspect
+
+    from transformers import Trainer
+
+    for frame in inspect.stack()[2:12]:
+        obj = frame.frame.f_locals.get("self")
+        if isinstance(obj, Trainer):
+            return obj
+    logger.warning("cws.WeightMonitor: no Trainer found; use monitor.attach(trainer) to log through it")
+    return None

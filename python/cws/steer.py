@@ -1,0 +1,191 @@
+"""Steering a loaded model in place: θ ← θ + α·w on its live parameters, and back, bit for bit.
+
+`Steerer` keeps the pristine bits of every tensor it touches (on CPU, on the parameters' device, or
+nowhere: re-read from the local safetensors checkpoint the model was loaded from) and always
+steers from them, so any sequence of `set_alpha` calls gives exactly the bits of steering the
+pristine model once, whatever the rounding. Memory kept: the touched tensors' bytes (`keep="cpu"`
+or `"device"`), or none (`keep="checkpoint"`, one read of those tensors per `set_alpha`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cws_kernels import add_lowrank_, lincomb
+
+from .checks import name_filter, tensor_seed
+from .errors import CwsError
+from .layout import layer_of
+from .live import live_params, load_direction
+
+KEEPS = ("cpu", "device", "checkpoint")
+
+
+def alpha_for(alpha, name: str) -> float:
+    """α for one tensor: a number; a per-layer sequence (0 for tensors outside the layers: embeddings,
+    final norm, lm_head); or a callable of the layer index (None outside the layers)."""
+    if callable(alpha):
+        return float(alpha(layer_of(name)))
+    if isinstance(alpha, Sequence):
+        layer = layer_of(name)
+        if layer is None:
+            return 0.0
+        if layer >= len(alpha):
+            raise CwsError(f"{name}: layer {layer} but only {len(alpha)} per-layer alphas")
+        return float(alpha[layer])
+    return float(alpha)
+
+
+@dataclass
+class Target:
+    name: str
+    param: torch.nn.Parameter
+    delta: tuple  # ("dense", w) or ("lowrank", B, A, scale), on the parameter's device
+
+
+@dataclass
+class SteerResult:
+    """What a steering call touched, and the direction entries that matched nothing in the model."""
+
+    touched: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    filtered: list[str] = field(default_factory=list)
+
+
+def _targets(model, direction, include, exclude, layers) -> tuple[list[Target], SteerResult]:
+    params = live_params(model)
+    keep = name_filter(include, exclude)
+    layers = set(layers) if layers is not None else None
+    device = next(iter(params.values())).device if params else None
+    entries = load_direction(direction, device)
+    result = SteerResult()
+    targets, seen = [], {}
+    for name, delta in entries.items():
+        p = params.get(name)
+        if p is None:
+            result.unmatched.append(name)
+            continue
+        if not keep(name) or (layers is not None and layer_of(name) not in layers):
+            result.filtered.append(name)
+            continue
+        shape = delta[1].shape if delta[0] == "dense" else (delta[1].shape[0], delta[2].shape[1])
+        if tuple(shape) != tuple(p.shape):
+            raise CwsError(f"{name}: direction {list(shape)} does not fit the model's {list(p.shape)}")
+        if id(p) in seen:
+            raise CwsError(f"{name} and {seen[id(p)]} are tied in this model and both in the direction; "
+                           f"exclude one of them")
+        seen[id(p)] = name
+        delta = tuple(t.to(p.device) if isinstance(t, torch.Tensor) else t for t in delta)
+        targets.append(Target(name, p, delta))
+        result.touched.append(name)
+    return targets, result
+
+
+def _steer_one(t: Target, source: torch.Tensor, alpha: float, rounding: str, seed: int) -> None:
+    """t.param ← source + α·delta (source may be the parameter itself, or its pristine copy)."""
+    out = t.param.data
+    s = tensor_seed(seed, t.name)
+    if t.delta[0] == "dense":
+        lincomb([source, t.delta[1]], [1.0, alpha], out=out, rounding=rounding, seed=s)
+    else:
+        _, B, A, scale = t.delta
+        if source is not out:
+            out.copy_(source)
+        add_lowrank_(out, B, A, alpha * scale, rounding=rounding, seed=s)
+
+
+@torch.no_grad()
+def steer(model, direction, alpha: float | Sequence[float] | Callable = 1.0, *, include: str | None = None,
+          exclude: str | None = None, layers=None, rounding: str = "nearest", seed: int = 0) -> SteerResult:
+    """Add α·w to the model's weights in place (dense or low-rank entries; any device and float dtype).
+
+    Returns the tensors touched and the direction entries the model lacks. Not reversible bit for
+    bit by itself: use `steered(...)` or `Steerer` to come back exactly.
+    """
+    targets, result = _targets(model, direction, include, exclude, layers)
+    for t in targets:
+        a = alpha_for(alpha, t.name)
+        if a != 0.0:
+            _steer_one(t, t.param.data, a, rounding, seed)
+    return result
+
+
+class Steerer:
+    """Exact α sweeps on a loaded model: `set_alpha(a)` ≡ steering the pristine model once by a.
+
+    keep: "cpu" (pristine copies in CPU memory), "device" (beside the parameters: fastest), or
+    "checkpoint" (no copy: re-read from `checkpoint`, the local safetensors checkpoint the model
+    was loaded from; checked bit for bit against the live weights at construction).
+    """
+
+    def __init__(self, model, direction, *, include=None, exclude=None, layers=None, rounding="nearest", seed=0,
+                 keep: str = "cpu", checkpoint=None):
+        if keep not in KEEPS:
+            raise CwsError(f"keep={keep!r}: expected one of {', '.join(KEEPS)}")
+        self.targets, self.result = _targets(model, direction, include, exclude, layers)
+        self.rounding, self.seed, self.keep = rounding, seed, keep
+        self.alpha = 0.0
+        self._ckpt = None
+        with torch.no_grad():
+            if keep == "checkpoint":
+                self._ckpt = _open_matching(checkpoint or getattr(model, "name_or_path", None), self.targets)
+                self.pristine = None
+            else:
+                dev = "cpu" if keep == "cpu" else None
+                self.pristine = {t.name: t.param.detach().to(dev or t.param.device, copy=True) for t in self.targets}
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes held for restoring (0 with keep="checkpoint")."""
+        return sum(p.numel() * p.element_size() for p in (self.pristine or {}).values())
+
+    def _source(self, t: Target) -> torch.Tensor:
+        if self._ckpt is not None:
+            return self._ckpt.read(t.name).to(t.param.device)
+        return self.pristine[t.name].to(t.param.device)
+
+    @torch.no_grad()
+    def set_alpha(self, alpha) -> None:
+        """Weights ← pristine + α·w (α a number, per-layer sequence or callable of the layer)."""
+        for t in self.targets:
+            a = alpha_for(alpha, t.name)
+            src = self._source(t)
+            if a == 0.0:
+                t.param.data.copy_(src)
+            else:
+                _steer_one(t, src, a, self.rounding, self.seed)
+        self.alpha = alpha
+
+    def restore(self) -> None:
+        """The pristine bits back."""
+        self.set_alpha(0.0)
+
+
+def _open_matching(path, targets):
+    from pathlib import Path
+
+    from .io.checkpoint import Checkpoint
+
+    if not path or not Path(path).exists():
+        raise CwsError("keep='checkpoint' needs the local checkpoint the model was loaded from (checkpoint=...)")
+    ckpt = Checkpoint.open(path)
+    for t in targets:
+        if t.name not in ckpt.tensors or not torch.equal(ckpt.read(t.name).to(t.param.device), t.param.data):
+            raise CwsError(f"{ckpt.path}: {t.name} differs from the loaded model's; keep='checkpoint' needs the "
+                           f"exact checkpoint (same dtype) the model was loaded from")
+    return ckpt
+
+
+@contextlib.contextmanager
+def steered(model, direction, alpha=1.0, **kwargs):
+    """Steer inside a `with` block; the exact pristine weights come back on exit, also on errors."""
+    s = Steerer(model, direction, **kwargs)
+    try:
+        s.set_alpha(alpha)
+        yield s
+    finally:
+        s.restore()
