@@ -6,6 +6,11 @@ compared: torch itself writes bf16 NaN as 0xFFFF on its vectorised path and 0x7F
 one, so only NaN positions are part of the contract (the kernel writes 0x7FC0, tested below).
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +23,7 @@ pytest.importorskip("triton")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = (F32, BF16, F16)
 SIZES = (1, 7, 1023, 4097, 3 * 4096 + 5)  # the last spans 4 programs of BLOCK=4096 with a tail
+ROOT = Path(__file__).resolve().parents[1]
 BITS = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
 
 
@@ -308,24 +314,42 @@ def test_gram_reduce_loop(monkeypatch):
 # ------------------------------------------------------------------------------ GPU compile check
 
 
-def test_lincomb_compiles_for_gpu_without_fma():
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cws_kernels.triton_gram import _gram_partials_kernel
+from cws_kernels.triton_lincomb import _lincomb_kernel
+
+def ptx(fn, sig, constexprs):
+    sig = {**sig, **{k: "constexpr" for k in constexprs}}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+
+lin = {"xs": ("*fp32", "*bf16"), "cs": ("fp32", "fp32"), "n": "i64", "key": "i32", "offset": "i64"}
+for out in ("*bf16", "*fp16"):
+    for st in (False, True):
+        code = ptx(_lincomb_kernel, {**lin, "out_ptr": out}, {"STOCHASTIC": st, "BLOCK": 1024})
+        assert "fma" not in code, (out, st)
+        assert "cvt.rn.bf16" not in code, (out, st)
+g = {"xs": ("*fp32", "*fp16"), "cs": ("fp32",) * 4, "part_ptr": "*fp32", "n": "i64"}
+assert "fma" not in ptx(_gram_partials_kernel, g, {"K": 2, "USED": 0b1011, "BLOCK": 1024})
+print("ok")
+"""
+
+
+def test_kernels_compile_for_gpu_without_fma():
     """The interpreter never fuses a·b + c; on a GPU Triton would unless enable_fp_fusion=False.
 
-    Compiles (no GPU needed) the way the launcher does and checks the PTX has no fma and no bf16 cvt.
+    Compiles the kernels for sm_80 (no GPU needed, but not under the interpreter, hence a
+    subprocess) and checks the PTX has no fma and no bf16 conversion instruction.
     """
     pytest.importorskip("triton.backends.nvidia")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from cws_kernels.triton_lincomb import _lincomb_kernel
-
-    sig = {"xs": ("*fp32", "*bf16"), "cs": ("fp32", "fp32"), "out_ptr": "*bf16", "n": "i64", "key": "i32",
-           "offset": "i64", "STOCHASTIC": "constexpr", "BLOCK": "constexpr"}
-    src = ASTSource(fn=_lincomb_kernel, signature=sig, constexprs={"STOCHASTIC": False, "BLOCK": 1024})
-    try:
-        kernel = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"enable_fp_fusion": False})
-    except (ImportError, RuntimeError, FileNotFoundError) as exc:  # no ptxas / LLVM backend in this build
-        pytest.skip(f"cannot compile for sm_80 here: {exc}")
-    ptx = kernel.asm["ptx"]
-    assert "fma" not in ptx and "cvt.rn.bf16" not in ptx
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
+        pytest.skip("no ptxas in this triton build")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -1,0 +1,179 @@
+"""Steering loaded models in place (exact restore, exact sweeps) and the training monitor."""
+
+import json
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+import cws
+from cws.live import live_params
+from kernel_utils import assert_bits_equal
+from tiny import state, tiny_model, train_lora
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in live_params(model).items()}
+
+
+@pytest.fixture(scope="module")
+def dirs(tiny_ckpts, tmp_path_factory):
+    """A dense direction (bf16 checkpoints) and a LoRA-native one (fp32 adapters)."""
+    root = tmp_path_factory.mktemp("steer")
+    dense = cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], root / "dense", quiet=True)
+    base32 = tiny_model(0, dtype=torch.float32)
+    base32.save_pretrained(root / "base32")
+    pos = train_lora(base32, root / "pos", seed=1)
+    neg = train_lora(base32, root / "neg", seed=2)
+    low = cws.extract(pos, neg, root / "low", quiet=True)
+    return {"dense": dense, "low": low, "base32": root / "base32", "root": root}
+
+
+@pytest.mark.parametrize("kind,dtype", [("dense", torch.bfloat16), ("low", torch.float32), ("low", torch.bfloat16)])
+def test_steered_restores_bits_and_matches_apply(kind, dtype, dirs, tiny_ckpts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_ckpts["base"] if kind == "dense" else dirs["base32"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with cws.steered(model, dirs[kind], alpha=-2.0) as s:
+            assert s.result.touched and not s.result.unmatched
+            changed = [n for n, p in live_params(model).items() if not torch.equal(p, before[n])]
+            assert set(changed) <= set(s.result.touched) and changed
+            raise RuntimeError("boom")
+    for n, p in live_params(model).items():
+        assert_bits_equal(p.detach(), before[n], n)
+    if (kind == "dense") == (dtype == torch.bfloat16):  # loaded in the checkpoint's own dtype
+        # In memory and on disk give the same bits: steer(model) == cws.apply(checkpoint).
+        cws.steer(model, dirs[kind], -2.0)
+        disk = state(cws.apply(src, dirs[kind], -2.0, tmp_path / "o", quiet=True)[0])
+        for n, p in live_params(model).items():
+            assert_bits_equal(p.detach(), disk[n], n)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_steerer_sweep_is_exact(rounding, dirs, tiny_ckpts):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpts["base"])
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_ckpts["base"])
+    pristine = snapshot(model)
+    s = cws.Steerer(model, dirs["dense"], rounding=rounding, seed=3)
+    assert s.kept_bytes == sum(pristine[n].numel() * 2 for n in s.result.touched)
+    for a in [0.5, -3.0, 0.25, 4.0, -3.0]:
+        s.set_alpha(a)
+    cws.steer(fresh, dirs["dense"], -3.0, rounding=rounding, seed=3)  # one shot from pristine
+    for n, p in live_params(model).items():
+        assert_bits_equal(p.detach(), live_params(fresh)[n].detach(), n)
+    s.restore()
+    for n, p in live_params(model).items():
+        assert_bits_equal(p.detach(), pristine[n], n)
+
+
+def test_steerer_keep_checkpoint_and_device(dirs, tiny_ckpts):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpts["base"])
+    pristine = snapshot(model)
+    s = cws.Steerer(model, dirs["dense"], keep="checkpoint", checkpoint=tiny_ckpts["base"])
+    assert s.kept_bytes == 0
+    s.set_alpha(1.5)
+    steered = snapshot(model)
+    s.restore()
+    assert all(torch.equal(p, pristine[n]) for n, p in snapshot(model).items())
+    d = cws.Steerer(model, dirs["dense"], keep="device")
+    d.set_alpha(1.5)
+    assert all(torch.equal(p, steered[n]) for n, p in snapshot(model).items())
+    d.restore()
+    model32 = AutoModelForCausalLM.from_pretrained(tiny_ckpts["base"], dtype=torch.float32)
+    with pytest.raises(cws.CwsError, match="differs from the loaded model"):
+        cws.Steerer(model32, dirs["dense"], keep="checkpoint", checkpoint=tiny_ckpts["base"])
+
+
+def test_per_layer_alpha_filters_and_unmatched(dirs, tiny_ckpts):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpts["base"])
+    before = snapshot(model)
+    res = cws.steer(model, dirs["dense"], [0.0, 2.0], exclude="mlp")
+    after = snapshot(model)
+    changed = {n for n in after if not torch.equal(after[n], before[n])}
+    assert changed and all(".layers.1." in n and "mlp" not in n for n in changed)
+    assert any("mlp" in n for n in res.filtered)
+    model2 = AutoModelForCausalLM.from_pretrained(tiny_ckpts["base"])
+    cws.steer(model2, dirs["dense"], lambda layer: 2.0 if layer == 1 else 0.0, layers=[1], exclude="mlp")
+    assert all(torch.equal(p, after[n]) for n, p in snapshot(model2).items())
+    extra = {"model.not_a_tensor.weight": torch.zeros(3)}
+    assert cws.steer(model2, extra, 1.0).unmatched == ["model.not_a_tensor.weight"]
+
+
+def test_steer_a_peft_model(dirs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(dirs["base32"])
+    peft_model = PeftModel.from_pretrained(base, dirs["root"] / "pos")
+    plain = AutoModelForCausalLM.from_pretrained(dirs["base32"])
+    res = cws.steer(peft_model, dirs["low"], 1.0)
+    cws.steer(plain, dirs["low"], 1.0)
+    assert not res.unmatched
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(live_params(peft_model)[name], live_params(plain)[name])
+    # modules_to_save: the active copy is steered, not PEFT's frozen original.
+    assert torch.equal(peft_model.base_model.model.lm_head.original_module.weight, base.lm_head.original_module.weight)
+
+
+def run_trainer(model, monitor, tmp_path, steps=6):
+    from datasets_free import TokenDataset
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=steps,
+                             learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0,
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(model.config.vocab_size), callbacks=[monitor])
+    trainer.train()
+    return trainer
+
+
+def test_monitor_lora_trainer_matches_compare(dirs, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(dirs["base32"])
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            modules_to_save=["lm_head"]))
+    mon = cws.WeightMonitor({"evil": dirs["low"], "dense": dirs["dense"]}, every=2, jsonl=tmp_path / "m.jsonl")
+    trainer = run_trainer(model, mon, tmp_path)
+    assert [r["step"] for r in mon.history] == [2, 4, 6]
+    logged = [h for h in trainer.state.log_history if "cws/evil/cos" in h]
+    assert len(logged) == 3 and "cws/evil/layer1/cos" in logged[-1] and "cws/dense/cos_no_embed" in logged[-1]
+    lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6]
+    model.save_pretrained(tmp_path / "adapter")
+    report = cws.compare(dirs["base32"], tmp_path / "adapter", {"evil": dirs["low"], "dense": dirs["dense"]}, quiet=True)
+    for d in ("evil", "dense"):
+        for key, excl in (("cos", False), ("cos_no_embed", True)):
+            assert mon.history[-1][f"cws/{d}/{key}"] == pytest.approx(report.cosine(d, excl), rel=1e-9, abs=1e-12)
+    layer = next(r for r in report.rows("layer") if r["group"] == "layer 1" and r["direction"] == "evil")
+    assert mon.history[-1]["cws/evil/layer1/cos"] == pytest.approx(layer["cosine"], rel=1e-9)
+
+
+def test_monitor_full_finetune_matches_compare_and_stops(dirs, tiny_ckpts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(dirs["base32"])
+    mon = cws.WeightMonitor(dirs["low"], every=3)
+    run_trainer(model, mon, tmp_path, steps=3)
+    model.save_pretrained(tmp_path / "ft")
+    report = cws.compare(dirs["base32"], tmp_path / "ft", dirs["low"], quiet=True)
+    assert mon.history[-1]["cws/direction/cos"] == pytest.approx(report.cosine(), rel=1e-7)
+    # Reading θ_0 from disk instead of a copy gives the same numbers.
+    model2 = AutoModelForCausalLM.from_pretrained(dirs["base32"])
+    mon2 = cws.WeightMonitor(dirs["low"], every=3, reference=dirs["base32"])
+    run_trainer(model2, mon2, tmp_path, steps=3)
+    assert mon2.history[-1]["cws/direction/cos"] == pytest.approx(mon.history[-1]["cws/direction/cos"], rel=1e-9)
+    # A threshold every update passes stops training at the first measurement.
+    model3 = AutoModelForCausalLM.from_pretrained(dirs["base32"])
+    stop = cws.WeightMonitor(dirs["low"], every=2, threshold=-2.0, metric="cos", action="stop")
+    trainer = run_trainer(model3, stop, tmp_path, steps=8)
+    assert trainer.state.global_step == 2 and len(stop.history) == 1
