@@ -83,7 +83,7 @@ def _lincomb_kernel(
             # ×2**-e is exactly ÷spacing (power of two, result normal) and needs no IEEE divide
             inv_spacing = ((127 - e) << 23).to(tl.float32, bitcast=True)
             u = (r & 0x1FFF).to(tl.float32) * (1.0 / 8192.0)
-            # floor's argument is 0 or ≥ 2**-125 (never subnormal), so an ftz floor is exact too
+            # floor's argument is 0 or normal (|acc·2**-e| ≥ 2**-125), so Triton's ftz floor is exact
             acc = tl.floor(acc * inv_spacing + u) * spacing
         y = acc.to(tl.float16)  # round to nearest even (exact after the stochastic step)
     tl.store(out_ptr + offs, y, mask=mask)

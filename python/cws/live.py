@@ -62,20 +62,29 @@ def load_direction(direction, device=None) -> dict[str, tuple]:
     return out
 
 
-def lora_updates(model: torch.nn.Module) -> dict[str, tuple]:
-    """The live update of a PEFT LoRA model, per checkpoint tensor name, without a copy of the base:
-    ("lowrank", B, A, scale) for LoRA layers, ("dense", [(copy, 1), (original, -1)]) for
-    modules_to_save. Factors are detached views of the trained parameters."""
-    out = {}
+def lora_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(checkpoint name prefix, module) of every LoRA layer and modules_to_save wrapper in a PeftModel."""
+    found = []
     for mname, module in model.named_modules():
         c = canonical(mname + ".x")
-        if c is None:
-            continue
-        name = c[:-2] + ".weight"
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+        lora = hasattr(module, "lora_A") and hasattr(module, "base_layer")
+        saved = hasattr(module, "modules_to_save") and hasattr(module, "original_module")
+        if c is not None and (lora or saved):
+            found.append((c[:-2], module))
+    return found
+
+
+def lora_updates(model: torch.nn.Module, modules=None) -> dict[str, tuple]:
+    """The live update of a PEFT LoRA model, per checkpoint tensor name, without a copy of the base:
+    ("lowrank", B, A, scale) for LoRA layers, ("dense", [(copy, 1), (original, -1)]) for
+    modules_to_save. Factors are detached views of the trained parameters; `modules` is
+    `lora_modules(model)`, computed once by callers that measure often."""
+    out = {}
+    for prefix, module in modules if modules is not None else lora_modules(model):
+        if hasattr(module, "lora_A"):
             adapters = [a for a in module.active_adapters if a in module.lora_A or a in getattr(module, "lora_embedding_A", {})]
             if getattr(module, "use_dora", {}) and any(module.use_dora.get(a) for a in adapters):
-                raise CwsError(f"{mname}: DoRA layers are not supported by the monitor")
+                raise CwsError(f"{prefix}: DoRA layers are not supported by the monitor")
             for a in adapters:
                 if a in module.lora_A:
                     B, A = module.lora_B[a].weight.detach(), module.lora_A[a].weight.detach()
@@ -85,18 +94,16 @@ def lora_updates(model: torch.nn.Module) -> dict[str, tuple]:
                     transposed = True
                 if transposed:
                     B, A = A.T, B.T
-                _add(out, name, ("lowrank", B, A, float(module.scaling[a])))
-        elif hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
-            active = getattr(module, "active_adapter", None)
-            active = active[0] if isinstance(active, (list, tuple)) else active
-            if active not in module.modules_to_save:
-                continue
-            copy, orig = module.modules_to_save[active], module.original_module
-            prefix = c[:-2]
-            for pname, p in copy.named_parameters():
-                if p.is_floating_point():
-                    o = dict(orig.named_parameters())[pname]
-                    _add(out, f"{prefix}.{pname}", ("dense", [(p.detach(), 1.0), (o.detach(), -1.0)]))
+                _add(out, prefix + ".weight", ("lowrank", B, A, float(module.scaling[a])))
+            continue
+        active = getattr(module, "active_adapter", None)
+        active = active[0] if isinstance(active, (list, tuple)) else active
+        if active not in module.modules_to_save:
+            continue
+        original = dict(module.original_module.named_parameters())
+        for pname, p in module.modules_to_save[active].named_parameters():
+            if p.is_floating_point():
+                _add(out, f"{prefix}.{pname}", ("dense", [(p.detach(), 1.0), (original[pname].detach(), -1.0)]))
     return out
 
 

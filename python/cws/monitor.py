@@ -17,10 +17,12 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from cws_kernels import lowrank_inner_batched
+
 from .compare import vector_gram
 from .errors import CwsError
 from .io.checkpoint import Checkpoint
-from .live import live_params, load_direction, lora_updates
+from .live import live_params, load_direction, lora_modules, lora_updates
 from .report import Report
 
 logger = logging.getLogger("cws.monitor")
@@ -30,6 +32,24 @@ def _dir_vector(entry):
     if entry is None:
         return None
     return ("dense", [(entry[1], 1.0)]) if entry[0] == "dense" else entry
+
+
+def _lowrank_grams(batch: list[tuple[str, list]], report: Report) -> None:
+    """Gram matrices of tensors whose vectors are all low-rank (or absent), batched by shape."""
+    pairs, where = [], []
+    for name, vectors in batch:
+        for i, vi in enumerate(vectors):
+            for j in range(i, len(vectors)):
+                vj = vectors[j]
+                if vi is not None and vj is not None:
+                    pairs.append((vi[1], vi[2], vi[3], vj[1], vj[2], vj[3]))
+                    where.append((name, i, j))
+    values = lowrank_inner_batched(pairs)
+    grams = {name: torch.zeros(len(v), len(v), dtype=torch.float64) for name, v in batch}
+    for (name, i, j), v in zip(where, values):
+        grams[name][i, j] = grams[name][j, i] = v
+    for name, G in grams.items():
+        report.add(name, G)
 
 
 class WeightMonitor(TrainerCallback):
@@ -62,8 +82,13 @@ class WeightMonitor(TrainerCallback):
         params = live_params(model)
         device = next(iter(params.values())).device
         self._dirs = {k: load_direction(v, device) for k, v in self.directions.items()}
+        for entries in self._dirs.values():  # factors in fp64 once, not at every measurement
+            for name, e in entries.items():
+                if e[0] == "lowrank":
+                    entries[name] = ("lowrank", e[1].double(), e[2].double(), e[3])
         self._lora = hasattr(model, "peft_config")
         if self._lora:
+            self._modules = lora_modules(model)
             self._theta0 = None
         elif self.reference in ("cpu", "device"):
             dev = "cpu" if self.reference == "cpu" else None
@@ -78,12 +103,13 @@ class WeightMonitor(TrainerCallback):
             self.start(model)
         report = Report(list(self._dirs))
         if self._lora:
-            updates = lora_updates(model)
+            updates = lora_updates(model, self._modules)
             names = set(updates) | {n for d in self._dirs.values() for n in d}
         else:
             params = live_params(model)
             names = set(params) | {n for d in self._dirs.values() for n in d}
-        for name in names:
+        batch = []
+        for name in sorted(names):
             if self._lora:
                 tau = updates.get(name)
             elif name in params:
@@ -93,9 +119,13 @@ class WeightMonitor(TrainerCallback):
             else:
                 tau = None
             vectors = [tau] + [_dir_vector(d.get(name)) for d in self._dirs.values()]
-            if all(v is None for v in vectors[1:]) and tau is None:
+            if all(v is None for v in vectors):
                 continue
-            report.add(name, vector_gram(vectors))
+            if all(v is None or v[0] == "lowrank" for v in vectors):
+                batch.append((name, vectors))
+            else:
+                report.add(name, vector_gram(vectors))
+        _lowrank_grams(batch, report)
         self.last_report = report
         return self._metrics(report)
 
