@@ -121,37 +121,41 @@ def _terms(combos: torch.Tensor) -> list[list[tuple[int, float]]]:
     return [[(n, float(c)) for n, c in enumerate(row.tolist()) if c != 0.0] for row in combos.float()]
 
 
-def _block_sum(p: torch.Tensor) -> torch.Tensor:
-    """fp64 sum of a flat fp32 vector: fp32 sums over BLOCK-element blocks, then fp64."""
-    full = p.numel() - p.numel() % BLOCK
-    total = p[:full].view(-1, BLOCK).sum(1).double().sum()
-    if full < p.numel():
-        total = total + p[full:].sum().double()
-    return total
+def _matrix(k: int, n: int) -> torch.Tensor:
+    """A (k, ≥n) fp32 scratch matrix, reused per thread."""
+    buf = getattr(_local, "matrix", None)
+    if buf is None or buf.shape[0] < k or buf.shape[1] < n:
+        buf = torch.empty(max(k, buf.shape[0] if buf is not None else 0), max(n, CHUNK), dtype=torch.float32)
+        _local.matrix = buf
+    return buf[:k]
 
 
 def gram_eager(inputs, combos):
-    """K×K fp64 Gram matrix of the combinations, chunk by chunk into fp64 partial sums."""
+    """K×K fp64 Gram matrix of the combinations, chunk by chunk.
+
+    Each chunk's K vectors sit in one (K, m) fp32 matrix; one batched matmul gives a K×K partial
+    Gram per BLOCK-element block (fp32 sums over 1024 products), added up in fp64.
+    """
     terms = _terms(combos)
     k = len(terms)
-    pairs = _pairs(k)
-    sums = torch.zeros(len(pairs), dtype=torch.float64)
+    G = torch.zeros(k, k, dtype=torch.float64)
     for _, xs in _chunks(list(inputs)):
         m = xs[0].numel()
-        bufs = _buffers(k + 2, m)
-        tmp, prod = bufs[k][:m], bufs[k + 1][:m]
-        vs = []
-        for row, buf in zip(terms, bufs[:k]):
-            v = buf[:m]
-            if not row:
-                v.zero_()
-            else:
+        V = _matrix(k, m)[:, :m]
+        tmp = _buffers(1, m)[0][:m]
+        for row, v in zip(terms, V):
+            if row:
                 _combine([xs[n].reshape(-1) for n, _ in row], [c for _, c in row], v, tmp)
-            vs.append(v)
-        for p, (i, j) in enumerate(pairs):
-            torch.mul(vs[i], vs[j], out=prod)
-            sums[p] += _block_sum(prod)
-    return _unpack(sums, k, pairs)
+            else:
+                v.zero_()
+        full = m - m % BLOCK
+        if full:
+            Vb = V[:, :full].view(k, full // BLOCK, BLOCK).transpose(0, 1)  # (blocks, K, BLOCK)
+            G += torch.bmm(Vb, Vb.transpose(1, 2)).double().sum(0)
+        if full < m:
+            t = V[:, full:]
+            G += (t @ t.T).double()
+    return G
 
 
 def _unpack(sums: torch.Tensor, k: int, pairs) -> torch.Tensor:
