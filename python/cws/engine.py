@@ -54,7 +54,7 @@ class Item:
 
     def row_bytes(self) -> int:
         ins = sum(i.row_bytes for i in self.sliced)
-        outs = sum(math.prod(shape[1:]) * torch.empty((), dtype=dt).element_size() for dt, shape in self.outs)
+        outs = sum(math.prod(shape[1:]) * dt.itemsize for dt, shape in self.outs)
         return ins + outs
 
     def whole_bytes(self) -> int:
@@ -77,7 +77,7 @@ class _Arena:
         self.buf = torch.empty(0, dtype=torch.uint8)
 
     def views(self, specs: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
-        sizes = [math.prod(shape) * torch.empty((), dtype=dt).element_size() for dt, shape in specs]
+        sizes = [math.prod(shape) * dt.itemsize for dt, shape in specs]
         offsets, total = [], 0
         for n in sizes:
             offsets.append(total)
