@@ -9,7 +9,9 @@ budget bounds (`max_memory`), independent of model size.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+
+from cws_kernels import use_cpu_impl
 
 from .errors import CwsError
 from .io.format import TensorInfo
@@ -142,7 +146,10 @@ def run(
         futures.clear()
 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet or not plan, leave=False)
-    with ThreadPoolExecutor(1, "cws-read") as reader, ThreadPoolExecutor(1, "cws-write") as writer:
+    # Streaming is bound by reads and writes; a one-off torch.compile (~20 s cold) does not pay back
+    # here, so the CPU kernels run eager unless CWS_CPU_IMPL says otherwise.
+    impl = contextlib.nullcontext() if os.environ.get("CWS_CPU_IMPL") else use_cpu_impl("eager")
+    with impl, ThreadPoolExecutor(1, "cws-read") as reader, ThreadPoolExecutor(1, "cws-write") as writer:
         try:
             ahead = reader.submit(read, 0) if plan else None
             for k in range(len(plan)):
