@@ -78,3 +78,34 @@ def merged(base, adapter_dir) -> dict[str, torch.Tensor]:
     model = type(base)(base.config).to(torch.float32)
     model.load_state_dict(base.state_dict())
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().state_dict()
+
+
+def save_state(sd: dict[str, torch.Tensor], path: Path, like: Path | None = None) -> Path:
+    """A state dict as a one-file HF model directory (model.safetensors), with the non-weight files
+    (config.json, ...) of model directory `like` copied in."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if like is not None:
+        for f in Path(like).iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".index.json")):
+                shutil.copyfile(f, path / f.name)
+    save_file({k: v.contiguous() for k, v in sd.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def random_checkpoint(path: Path, seed: int = 0, dtype=torch.bfloat16, **kw) -> Path:
+    """A Llama-shaped HF model directory of seeded random weights, made without building the model
+    (fast even for a real-size vocabulary)."""
+    cfg = tiny_config(**kw)
+    with torch.device("meta"):
+        shapes = {n: t.shape for n, t in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    sd = {n: (0.02 * torch.randn(s, generator=g)).to(dtype) for n, s in shapes.items()}
+    cfg.torch_dtype = dtype
+    Path(path).mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(path)
+    return save_state(sd, path)

@@ -67,9 +67,10 @@ def apply(
         raise CwsError(f"alpha values repeat: {alphas}")
     if rounding not in ROUNDINGS:
         raise CwsError(f"rounding={rounding!r}: expected nearest or stochastic")
-    if (direction is None) == (pos is None or neg is None):
+    if not (direction is not None and pos is None and neg is None or direction is None and None not in (pos, neg)):
         raise CwsError("apply takes either a direction or both pos and neg")
     check_policy(on_missing)
+    budget, shard = engine.parse_size(max_memory), engine.parse_size(max_shard_size)
     keep = name_filter(include, exclude)
     m = Checkpoint.open(model)
     if direction is not None:
@@ -145,7 +146,6 @@ def apply(
         return [(w.write, (name, o, s.start)) for w, o in zip(writers, s.outs)]
 
     plan = [(name, info.dtype, info.shape) for name, info in m.tensors.items()]
-    shard = engine.parse_size(max_shard_size)
     dirs = out_dirs(out, alphas)
     with contextlib.ExitStack() as stack:
         writers = []
@@ -158,5 +158,5 @@ def apply(
             if m.path.is_dir():
                 copy_model_files(m.path, w)
             writers.append(w)
-        engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="apply", quiet=quiet)
+        engine.run(items, compute, max_memory=budget, desc="apply", quiet=quiet)
     return [p.resolve() for p in dirs]

@@ -75,11 +75,14 @@ class Direction:
                 raise CheckpointError(f"{path}: read as a direction, but holds non-float tensors: {', '.join(others[:5])}")
             return cls(path, entries, {"format": "plain-checkpoint"}, ckpt)
         try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            _check_structure(meta)
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise CheckpointError(f"{meta_file}: corrupt direction metadata: {e}") from e
-        if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-            raise CheckpointError(f"{meta_file}: not a cws direction of version ≤ {VERSION} (format={meta.get('format')!r})")
+        version = meta.get("version", 0)
+        if meta.get("format") != FORMAT or type(version) is not int or version > VERSION:
+            raise CheckpointError(f"{meta_file}: not a cws direction of version ≤ {VERSION} "
+                                  f"(format={meta.get('format')!r}, version={version!r})")
         return cls(path, _entries(meta_file, meta, ckpt), meta, ckpt)
 
     def __contains__(self, name: object) -> bool:
@@ -90,28 +93,49 @@ class Direction:
         return sum(e.nbytes for e in self.entries.values())
 
 
+def _check_structure(meta: object) -> None:
+    """ValueError unless `meta` is a JSON object whose "tensors" maps names to entries with a shape."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    tensors = meta.get("tensors", {})
+    if not isinstance(tensors, dict):
+        raise ValueError(f"'tensors' must be an object, got {type(tensors).__name__}")
+    for name, spec in tensors.items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or \
+                type(spec.get("scale", 1.0)) not in (int, float):
+            raise ValueError(f"entry {name!r} needs a shape of non-negative integers (and a numeric scale), "
+                             f"got {json.dumps(spec)[:200]}")
+
+
 def _entries(meta_file: Path, meta: dict, ckpt: Checkpoint) -> dict[str, Entry]:
     """Match direction.json's entries with the stored tensors; every stored tensor must be used."""
     entries, used, problems = {}, set(), []
     for name, spec in meta.get("tensors", {}).items():
         shape = tuple(spec["shape"])
-        if spec["kind"] == "dense":
+        if spec.get("kind") == "dense":
             info = ckpt.tensors.get(name)
             if info is None or info.shape != shape:
                 problems.append(f"dense {name!r} missing or not of shape {shape}")
                 continue
-            entries[name] = Entry(name, shape, dense=info)
             used.add(name)
-        elif spec["kind"] == "lowrank":
+            if not info.is_float:
+                problems.append(f"dense {name!r} is stored as {info.dtype}, not a float type")
+                continue
+            entries[name] = Entry(name, shape, dense=info)
+        elif spec.get("kind") == "lowrank":
             kb, ka = factor_keys(name)
             B, A = ckpt.tensors.get(kb), ckpt.tensors.get(ka)
             if B is None or A is None or len(B.shape) != 2 or len(A.shape) != 2 or (B.shape[0], A.shape[1]) != shape or B.shape[1] != A.shape[0]:
                 problems.append(f"low-rank {name!r}: factors missing or not (out, r)·(r, in) = {shape}")
                 continue
-            entries[name] = Entry(name, shape, B=B, A=A, scale=float(spec.get("scale", 1.0)))
             used.update((kb, ka))
+            if not (A.is_float and B.is_float):
+                problems.append(f"low-rank {name!r}: factors stored as {B.dtype} and {A.dtype}, not float types")
+                continue
+            entries[name] = Entry(name, shape, B=B, A=A, scale=float(spec.get("scale", 1.0)))
         else:
-            problems.append(f"{name!r} has unknown kind {spec['kind']!r}")
+            problems.append(f"{name!r} has unknown kind {spec.get('kind')!r}")
     problems += [f"stored tensor {n!r} is not described in {META_FILE}" for n in ckpt.tensors if n not in used]
     if problems:
         raise CheckpointError(f"{meta_file.parent}: inconsistent direction: " + "; ".join(problems[:10]))

@@ -37,7 +37,7 @@ def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like '256M', '5GB', '1.5GiB' (K/M/G alone are binary)."""
     if isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(size))
     if not m or m.group(2).upper() not in _UNITS:
         raise CwsError(f"cannot read size {size!r}; use e.g. 256M, 2GB, 1.5GiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])

@@ -62,6 +62,7 @@ def extract(
     """
     from .lora import is_adapter
 
+    max_memory, max_shard_size = engine.parse_size(max_memory), engine.parse_size(max_shard_size)
     if is_adapter(pos) or is_adapter(neg):
         return extract_lowrank(pos, neg, out, base=base, scale_pos=scale_pos, scale_neg=scale_neg, dtype=dtype,
                                include=include, exclude=exclude, on_missing=on_missing,
@@ -85,7 +86,7 @@ def extract(
         if not keep(name):
             omitted[name] = "excluded by --include/--exclude"
             continue
-        if not all(i.is_float for i in infos.values()):
+        if not any(i.is_float for i in infos.values()):  # float in some input only: a dtype problem below
             omitted[name] = "not a float tensor (buffers are not part of a direction)"
             continue
         absent = [label for label in sources if label not in infos]

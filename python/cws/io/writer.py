@@ -93,14 +93,20 @@ class ShardedWriter:
         self._slots: dict[str, _Slot] = {}
         self._fds: list[int] = []
         self._tmp: Path | None = None
+        self._made: list[Path] = []  # parent directories this writer created, deepest first
         self._lock = threading.Lock()
 
     def __enter__(self) -> ShardedWriter:
         tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{secrets.token_hex(4)}"
         try:
+            parent = self.out_dir.parent
+            while not parent.exists():
+                self._made.append(parent)
+                parent = parent.parent
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
         except OSError as e:
+            self._abort()
             raise CheckpointError(f"cannot create {tmp}: {e.strerror or e}") from e
         self._tmp = tmp
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -231,6 +237,7 @@ class ShardedWriter:
                 os.rename(aside, out)
             raise CheckpointError(f"cannot move the finished output into {out}: {e.strerror or e}") from e
         self._tmp = None
+        self._made = []
         _fsync_path(out.parent)
         if aside is not None:
             if aside.is_dir() and not aside.is_symlink():
@@ -249,6 +256,12 @@ class ShardedWriter:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        for d in self._made:  # parents made for the output go too, unless something else is in them now
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self._made = []
 
 
 def _check_target(out: Path, overwrite: bool, inputs: list[str] | tuple[str, ...]) -> None:
