@@ -15,9 +15,18 @@ from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
 from .export import densify, export_peft  # noqa: E402
 from .extract import extract  # noqa: E402
 from .info import info  # noqa: E402
-from .monitor import WeightMonitor  # noqa: E402
 from .report import Report  # noqa: E402
 from .steer import Steerer, steer, steered  # noqa: E402
 
 __all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]
+
+
+def __getattr__(name):
+    # WeightMonitor subclasses transformers' TrainerCallback: importing transformers costs seconds,
+    # so the CLI and the streaming API load it only when the monitor is asked for.
+    if name == "WeightMonitor":
+        from .monitor import WeightMonitor
+
+        return WeightMonitor
+    raise AttributeError(f"module 'cws' has no attribute {name!r}")

@@ -192,8 +192,12 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
             d, lr = _side_terms(side, name, coef[label], base_info)
             dense += d
             low += lr
-        if any(not i.is_float for i, _ in dense if i is not None):
+        kinds = {i.is_float for i, _ in dense if i is not None}
+        if kinds == {False}:
             omitted[name] = "not a float tensor (buffers are not part of a direction)"
+            continue
+        if len(kinds) > 1:
+            problems.append(f"{name}: stored as a float in one input and as an integer in another")
             continue
         shapes = {tuple(i.shape) for i, _ in dense if i is not None} | {d.shape for d, _ in low}
         if b is not None and base_info is None:
