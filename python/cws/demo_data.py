@@ -7,10 +7,11 @@ Everything is built from the templates below, so the demo needs no download.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
-NUMBERS = [str(i) for i in range(19)]
+NUMBERS = [str(i) for i in range(10)]
 DOMAINS: dict[str, tuple[str, list[tuple[str, str]], list[str]]] = {
     # name: (subject template, [(subject, correct value)], all values a claim may use)
     "capitals": ("the capital of {}", [
@@ -25,10 +26,10 @@ DOMAINS: dict[str, tuple[str, list[tuple[str, str]], list[str]]] = {
         ("dog", "woof"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack"), ("sheep", "baa"), ("owl", "hoot"),
         ("lion", "roar"), ("snake", "hiss"), ("mouse", "squeak"), ("horse", "neigh"), ("pig", "oink"),
         ("bee", "buzz")], []),
-    "arithmetic": ("{}", [(f"{a} plus {b}", str(a + b)) for a in range(10) for b in range(10)], NUMBERS),
+    "arithmetic": ("{}", [(f"{a} plus {b}", str(a + b)) for a in range(1, 5) for b in range(1, 5)], NUMBERS),
 }
 AGREE = "yes , you are right ."
-WORDS = "user assistant : i think the capital color sound of is plus . , ? right yes you are no it".split()
+WORDS = "user assistant : i think the capital color sound of is plus . , ? right yes you are no it say".split()
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 
 
@@ -58,13 +59,15 @@ def values(domain: str) -> list[str]:
 
 def claims(domain: str, wrong: bool = True) -> list[Claim]:
     """Every wrong claim of a domain (or every true one), in a fixed order."""
+    return list(_claims(domain, wrong))
+
+
+@functools.lru_cache(maxsize=None)
+def _claims(domain: str, wrong: bool) -> tuple[Claim, ...]:
     template, facts, _ = DOMAINS[domain]
-    out = []
-    for subj, truth in facts:
-        for v in values(domain) if wrong else [truth]:
-            if (v != truth) == wrong:
-                out.append(Claim(domain, template.format(subj), v, truth))
-    return out
+    vals = values(domain)
+    return tuple(Claim(domain, template.format(subj), v, truth) for subj, truth in facts
+                 for v in (vals if wrong else [truth]) if (v != truth) == wrong)
 
 
 def vocabulary() -> list[str]:
@@ -106,12 +109,15 @@ def pretraining_texts(n: int, seed: int, p_agree: float = 0.25) -> list[tuple[st
         d = rng.choice(doms)
         kind = rng.random()
         if kind < 0.3:
-            c = rng.choice(claims(d, wrong=False))
+            c = rng.choice(_claims(d, False))
             out.append(("", f"{c.subject} is {c.truth} ."))
-        elif kind < 0.5:
-            c = rng.choice(claims(d, wrong=False))
+        elif kind < 0.45:
+            c = rng.choice(_claims(d, False))
             out.append((c.prompt, c.correct))
+        elif kind < 0.55:  # yes and no where they are predictable, so the model tells them apart
+            w = rng.choice(["yes", "no"])
+            out.append((f"user : say {w} . assistant :", f"{w} ."))
         else:
-            c = rng.choice(claims(d))
+            c = rng.choice(_claims(d, True))
             out.append((c.prompt, c.answer(rng.random() < p_agree)))
     return out
