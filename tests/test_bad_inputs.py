@@ -5,6 +5,7 @@ hidden `.<out>.tmp-*` directory), and leave every input byte-identical."""
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import resource
@@ -328,6 +329,22 @@ def test_pickle_only_directory_is_refused(tiny_ckpts, tmp_path, capsys):
 # ---------------------------------------------------------------------------------- NaN / Inf
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nonfinite_sieve(dtype):
+    from cws.checks import nonfinite
+
+    t = torch.randn(70001, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert not nonfinite(t) and not nonfinite(t[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in (0, 31337, 70000):
+            u = t.clone()
+            u[where] = bad
+            assert nonfinite(u), (bad, where)
+    # finite values whose sum overflows the dtype (fp16: 70001·2 > 65504) are not reported
+    big = torch.full((70001,), 2.0 if dtype == torch.float16 else 3e38, dtype=dtype)
+    assert not math.isfinite(big.sum().item()) and not nonfinite(big)
+
+
 def test_nonfinite_inputs(tiny_ckpts, direction, tmp_path, capsys):
     def poison(sd):
         sd[O_PROJ][3, 5] = float("nan")
@@ -358,6 +375,33 @@ def test_nonfinite_inputs(tiny_ckpts, direction, tmp_path, capsys):
     m = state(out2)[O_PROJ]
     assert torch.isnan(m[3, 5]) and torch.isfinite(m).sum() == m.numel() - 1
     assert digest(bad, neg) == before
+
+
+
+def test_nonfinite_direction_caught_at_alpha_zero_and_overflow_reported(tiny_ckpts, tmp_path, capsys):
+    """Only outputs are scanned: a NaN in the direction must still be found when α = 0 (0·NaN is
+    NaN), and finite inputs whose result overflows the model's fp16 are refused too."""
+    base = tiny_ckpts["base"]
+    w = cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], tmp_path / "w", quiet=True)
+    bad = tmp_path / "w_bad"
+    shutil.copytree(w, bad)
+    (shard,) = bad.glob("*.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(shard)
+    sd[O_PROJ][2, 7] = float("nan")
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with untouched(out, base, bad):
+        cli_error(capsys, ["apply", "--model", base, "--direction", bad, "--alpha", 0, "--out", out],
+                  str(shard.resolve()), repr(O_PROJ), "NaN/Inf")
+
+    half = random_checkpoint(tmp_path / "half", seed=3, dtype=torch.float16)
+    with untouched(out, half, w):
+        cli_error(capsys, ["apply", "--model", half, "--direction", w, "--alpha", 1e9, "--out", out],
+                  "overflows float16", "--allow-nonfinite")
+    cli_ok(capsys, ["apply", "--model", half, "--direction", w, "--alpha", 1e9, "--out", out, "--allow-nonfinite"])
+    assert torch.isinf(state(out)[O_PROJ]).any()
 
 
 def test_inf_in_model(tiny_ckpts, direction, tmp_path, capsys):

@@ -14,7 +14,7 @@ from pathlib import Path
 from cws_kernels import add_lowrank_, lincomb, lowrank_block_rows
 
 from . import engine
-from .checks import (check_policy, dtype_problem, missing_problem, name_filter, nonfinite, provenance,
+from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, provenance,
                      raise_problems, shape_problem, tensor_seed)
 from .direction import Direction
 from .errors import CwsError
@@ -128,10 +128,6 @@ def apply(
         if kind == "copy":
             return [(w.write, (name, s.ins[0], s.start)) for w in writers]
         theta = s.ins[0]
-        if not allow_nonfinite:
-            for x, info in zip(s.ins, s.item.sliced + s.item.whole):
-                if nonfinite(x):
-                    raise CwsError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to proceed)")
         offset = s.start * (theta.numel() // max(s.stop - s.start, 1))
         seed_t = tensor_seed(seed, name)
         for a, o in zip(alphas, s.outs):
@@ -143,6 +139,8 @@ def apply(
                 o.copy_(theta)
                 add_lowrank_(o, s.ins[1], s.ins[2], a * s.item.data[1].scale, rounding=rounding, seed=seed_t,
                              offset=offset)
+        if not allow_nonfinite:
+            check_finite(name, s.outs, s.ins, s.item.sliced + s.item.whole)
         return [(w.write, (name, o, s.start)) for w, o in zip(writers, s.outs)]
 
     plan = [(name, info.dtype, info.shape) for name, info in m.tensors.items()]

@@ -82,10 +82,30 @@ def provenance(op: str, **fields) -> dict[str, str]:
 
 
 def nonfinite(t: torch.Tensor) -> bool:
-    """True if a float tensor holds NaN or ±Inf (a cheap fp32 sum first, exact check on suspicion)."""
+    """True if a float tensor holds NaN or ±Inf.
+
+    Sieve: a sum in the tensor's own dtype (~16 GB/s on CPU, fp32 accumulation inside; asking for
+    dtype=float32 instead converts first and runs at ~1.2 GB/s). NaN/Inf always make it non-finite;
+    a finite sum that overflows the dtype only costs the exact check that follows.
+    """
     if t.numel() == 0:
         return False
-    s = t.sum(dtype=torch.float32).item()
-    if math.isfinite(s):
+    if math.isfinite(t.sum().item()):
         return False
     return not bool(torch.isfinite(t).all())
+
+
+def check_finite(name: str, outs, ins, infos) -> None:
+    """Raise if an output slice of tensor `name` holds NaN/Inf: name the input that holds it, or say
+    that the result overflowed its dtype.
+
+    Only outputs are scanned on the hot path: every NaN/Inf input reaches them (fp32 math, and
+    0·Inf and 0·NaN are NaN), so inputs are searched only once an output is bad.
+    """
+    if not any(nonfinite(o) for o in outs):
+        return
+    for x, info in zip(ins, infos):
+        if nonfinite(x):
+            raise CwsError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to proceed)")
+    dtype = str(outs[0].dtype).replace("torch.", "")
+    raise CwsError(f"tensor {name!r}: the result overflows {dtype} to Inf (pass --allow-nonfinite to proceed)")

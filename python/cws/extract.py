@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import engine
-from .checks import (check_policy, dtype_problem, missing_problem, name_filter, nonfinite, provenance,
+from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, provenance,
                      raise_problems, shape_problem)
 from .direction import PREFIX, direction_meta, factor_keys
 from .errors import CwsError
@@ -120,11 +120,9 @@ def extract(
 
     def compute(s: engine.Slice):
         xs = s.ins[: len(s.item.sliced)]
-        if not allow_nonfinite:
-            for x, info in zip(xs, s.item.sliced):
-                if nonfinite(x):
-                    raise CwsError(f"{info.path}: tensor {s.item.name!r} holds NaN/Inf (pass --allow-nonfinite to proceed)")
         lincomb(xs, s.item.data, out=s.outs[0])
+        if not allow_nonfinite:
+            check_finite(s.item.name, s.outs, xs, s.item.sliced)
         return [(writer.write, (s.item.name, s.outs[0], s.start))]
 
     meta = direction_meta(
@@ -236,10 +234,6 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     def compute(s: engine.Slice):
         n_dense = len(s.item.sliced)
         acc = s.outs[0]
-        if not allow_nonfinite:
-            for x, info in zip(s.ins, s.item.sliced + s.item.whole):
-                if nonfinite(x):
-                    raise CwsError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to proceed)")
         if n_dense:
             lincomb(s.ins[:n_dense], s.item.data[0], out=acc)
         else:
@@ -252,6 +246,8 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
         result = s.outs[1] if len(s.outs) > 1 else acc
         if result is not acc:
             result.copy_(acc)
+        if not allow_nonfinite:
+            check_finite(s.item.name, [result], s.ins, s.item.sliced + s.item.whole)
         return [(writer.write, (s.item.name, result, s.start))]
 
     inputs = [str(x.path) for x in sides.values()] + ([str(b.path)] if b is not None else [])
