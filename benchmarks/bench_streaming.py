@@ -210,16 +210,18 @@ def rss_method():
     return "GNU time %M" if os.access(GNU_TIME, os.X_OK) else "python -S fork/wait4 launcher"
 
 
-def run_once(cmd, env, log):
+def run_once(cmd, env, log, discard_stdout=False):
     """Wall seconds and peak RSS (bytes) of one subprocess; the RSS comes from a small intermediate
-    process (GNU time, else a bare Python launcher) that forks the command and reads its rusage."""
+    process (GNU time, else a bare Python launcher) that forks the command and reads its rusage.
+    discard_stdout: stdout to /dev/null (`cat` of the inputs must not write gigabytes to a log)."""
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rssf, open(log, "w") as f:
         if os.access(GNU_TIME, os.X_OK):
             wrapped = [GNU_TIME, "-f", "%M", "-o", rssf.name, *cmd]
         else:
             wrapped = [sys.executable, "-S", "-c", LAUNCHER, rssf.name, *cmd]
         t = time.perf_counter()
-        rc = subprocess.run(wrapped, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tempfile.gettempdir()).returncode
+        rc = subprocess.run(wrapped, stdout=subprocess.DEVNULL if discard_stdout else f, stderr=f if discard_stdout
+                            else subprocess.STDOUT, env=env, cwd=tempfile.gettempdir()).returncode
         wall = time.perf_counter() - t
         text = Path(rssf.name).read_text().split()
     if rc != 0:
@@ -239,7 +241,8 @@ class Provider:
         warm([f for d in self.inputs for f in weight_files(d)])
         self.warm.append(time.perf_counter() - t)
         self.load.append(os.getloadavg()[0])  # other work on the machine (the runs are not alone)
-        wall, rss = run_once(self.cmd, self.env, logdir / (self.name.replace(" ", "_").replace("/", "_") + ".log"))
+        wall, rss = run_once(self.cmd, self.env, logdir / (self.name.replace(" ", "_").replace("/", "_") + ".log"),
+                             discard_stdout=self.cmd[0] == "cat")
         self.walls.append(wall)
         self.rss.append(rss)
         if self.out is not None:

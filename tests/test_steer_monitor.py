@@ -177,3 +177,35 @@ def test_monitor_full_finetune_matches_compare_and_stops(dirs, tiny_ckpts, tmp_p
     stop = cws.WeightMonitor(dirs["low"], every=2, threshold=-2.0, metric="cos", action="stop")
     trainer = run_trainer(model3, stop, tmp_path, steps=8)
     assert trainer.state.global_step == 2 and len(stop.history) == 1
+
+
+def test_monitor_lowrank_plan_tracks_live_factors(dirs, tmp_path):
+    """All-low-rank tensors go through the monitor's cached plan (direction factors and their Gram
+    entries kept from the first measurement): after the live factors change it must still agree with
+    `compare` on the saved adapter, for two directions that cover different tensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = dirs["root"]
+    base32 = AutoModelForCausalLM.from_pretrained(dirs["base32"])
+    narrow = cws.extract(train_lora(base32, root / "pos_qv", seed=3, target_modules=["q_proj", "v_proj"],
+                                    modules_to_save=None),
+                         train_lora(base32, root / "neg_qv", seed=4, target_modules=["q_proj", "v_proj"],
+                                    modules_to_save=None), tmp_path / "narrow", quiet=True)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(dirs["base32"]),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]))
+    directions = {"wide": dirs["low"], "narrow": narrow}
+    mon = cws.WeightMonitor(directions, every=1)
+    g = torch.Generator().manual_seed(7)
+    for step in range(3):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.01 * torch.randn(p.shape, generator=g))
+        got = mon.measure(model)
+        model.save_pretrained(tmp_path / f"a{step}")
+        report = cws.compare(dirs["base32"], tmp_path / f"a{step}", directions, quiet=True)
+        for d in directions:
+            assert got[f"cws/{d}/cos"] == pytest.approx(report.cosine(d), rel=1e-9, abs=1e-12), (step, d)
+            assert got[f"cws/{d}/proj"] == pytest.approx(report.global_stats()[d]["all"]["projection"], rel=1e-9)
+    assert mon._plan is not None and len(mon._plan.groups) > 1

@@ -17,8 +17,6 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from cws_kernels import lowrank_inner_batched
-
 from .compare import vector_gram
 from .errors import CwsError
 from .io.checkpoint import Checkpoint
@@ -34,22 +32,58 @@ def _dir_vector(entry):
     return ("dense", [(entry[1], 1.0)]) if entry[0] == "dense" else entry
 
 
-def _lowrank_grams(batch: list[tuple[str, list]], report: Report) -> None:
-    """Gram matrices of tensors whose vectors are all low-rank (or absent), batched by shape."""
-    pairs, where = [], []
-    for name, vectors in batch:
-        for i, vi in enumerate(vectors):
-            for j in range(i, len(vectors)):
-                vj = vectors[j]
-                if vi is not None and vj is not None:
-                    pairs.append((vi[1], vi[2], vi[3], vj[1], vj[2], vj[3]))
-                    where.append((name, i, j))
-    values = lowrank_inner_batched(pairs)
-    grams = {name: torch.zeros(len(v), len(v), dtype=torch.float64) for name, v in batch}
-    for (name, i, j), v in zip(where, values):
-        grams[name][i, j] = grams[name][j, i] = v
-    for name, G in grams.items():
-        report.add(name, G)
+def _signature(vectors) -> tuple:
+    return tuple(None if v is None else (tuple(v[1].shape), tuple(v[2].shape)) for v in vectors)
+
+
+def _stack(vectors, k: int):
+    """Factors of vector k of every tensor of a group, stacked in fp64, with their scales."""
+    B = torch.stack([v[k][1] for v in vectors]).double()
+    A = torch.stack([v[k][2] for v in vectors]).double()
+    return B, A, torch.tensor([v[k][3] for v in vectors], dtype=torch.float64, device=B.device)
+
+
+def _inner(x, y) -> torch.Tensor:
+    """(M,) ⟨s·B·A, s'·B'·A'⟩ over a stack of M tensors, by the trace identity (no B·A formed)."""
+    (B1, A1, s1), (B2, A2, s2) = x, y
+    return ((B1.transpose(1, 2) @ B2) * (A1 @ A2.transpose(1, 2))).sum((1, 2)) * s1 * s2
+
+
+class _LowRankPlan:
+    """Gram matrices of the tensors whose vectors (update first, then directions) are all low-rank
+    or absent, grouped by factor shapes. The directions' factors are stacked in fp64 and their
+    direction × direction entries computed once; a measurement stacks the live factors once per
+    group and computes only the entries that involve the update."""
+
+    def __init__(self, batch: list[tuple[str, list]]):
+        self.key = [(name, _signature(v)) for name, v in batch]
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, sig) in enumerate(self.key):
+            groups.setdefault(sig, []).append(i)
+        self.groups = []
+        for sig, idx in groups.items():
+            vecs = [batch[i][1] for i in idx]
+            present = [k for k, s in enumerate(sig) if s is not None]
+            dirs = {k: _stack(vecs, k) for k in present if k}
+            G = torch.zeros(len(idx), len(sig), len(sig), dtype=torch.float64)
+            for a, i in enumerate(present):
+                for j in present[a:]:
+                    if i:
+                        G[:, i, j] = G[:, j, i] = _inner(dirs[i], dirs[j]).cpu()
+            self.groups.append((idx, present, dirs, G))
+
+    def matches(self, batch) -> bool:
+        return len(batch) == len(self.key) and all((n, _signature(v)) == k for (n, v), k in zip(batch, self.key))
+
+    def add_to(self, batch, report: Report) -> None:
+        for idx, present, dirs, G_fixed in self.groups:
+            G = G_fixed.clone()
+            if present and present[0] == 0:
+                tau = _stack([batch[i][1] for i in idx], 0)
+                for j in present:
+                    G[:, 0, j] = G[:, j, 0] = _inner(tau, tau if j == 0 else dirs[j]).cpu()
+            for m, i in enumerate(idx):
+                report.add(batch[i][0], G[m])
 
 
 class WeightMonitor(TrainerCallback):
@@ -82,6 +116,7 @@ class WeightMonitor(TrainerCallback):
         params = live_params(model)
         device = next(iter(params.values())).device
         self._dirs = {k: load_direction(v, device) for k, v in self.directions.items()}
+        self._plan = None  # the low-rank tensors' Gram plan, made at the first measurement
         for entries in self._dirs.values():  # factors in fp64 once, not at every measurement
             for name, e in entries.items():
                 if e[0] == "lowrank":
@@ -125,7 +160,9 @@ class WeightMonitor(TrainerCallback):
                 batch.append((name, vectors))
             else:
                 report.add(name, vector_gram(vectors))
-        _lowrank_grams(batch, report)
+        if self._plan is None or not self._plan.matches(batch):
+            self._plan = _LowRankPlan(batch)
+        self._plan.add_to(batch, report)
         self.last_report = report
         return self._metrics(report)
 
