@@ -155,6 +155,8 @@ def ensure_data(root, dims, layers, kv_heads, cws_cmd):
 def plain_pytorch(base, pos, neg, out):
     """Load the three state dicts whole, θ = (base + 0.5·(pos − neg)) in fp32 per tensor, save sharded
     like the input (same weight_map) with safetensors."""
+    t0 = time.perf_counter()  # torch and safetensors are imported by now
+
     def load(d):
         sd = {}
         for f in weight_files(d):
@@ -171,6 +173,7 @@ def plain_pytorch(base, pos, neg, out):
                   metadata={"format": "pt"})
     shutil.copy(Path(base) / "model.safetensors.index.json", out)
     shutil.copy(Path(base) / "config.json", out)
+    print(f"{WORK_TAG} {time.perf_counter() - t0:.6f}")
 
 
 # --------------------------------------------------------------------------- measurement
@@ -210,6 +213,17 @@ def rss_method():
     return "GNU time %M" if os.access(GNU_TIME, os.X_OK) else "python -S fork/wait4 launcher"
 
 
+WORK_TAG = "after-import-seconds"  # printed by the Python providers: their time after `import torch`/`cws`
+IN_PROCESS = ("import sys, time, cws\n"
+              "t = time.perf_counter()\n"
+              "op, args = sys.argv[1], sys.argv[2:]\n"
+              "if op == 'apply':\n"
+              "    cws.apply(args[0], args[1], float(args[2]), args[3], quiet=True)\n"
+              "else:\n"
+              "    cws.compare(args[0], args[1], args[2], quiet=True)\n"
+              f"print('{WORK_TAG}', time.perf_counter() - t)\n")
+
+
 def run_once(cmd, env, log, discard_stdout=False):
     """Wall seconds and peak RSS (bytes) of one subprocess; the RSS comes from a small intermediate
     process (GNU time, else a bare Python launcher) that forks the command and reads its rusage.
@@ -233,7 +247,7 @@ class Provider:
     def __init__(self, name, cmd, inputs, out=None, env=None):
         self.name, self.cmd, self.inputs, self.out, self.env = name, cmd, inputs, out, env
         self.in_bytes = nbytes(inputs)
-        self.walls, self.rss, self.flush, self.warm, self.load = [], [], [], [], []
+        self.walls, self.rss, self.flush, self.warm, self.load, self.work = [], [], [], [], [], []
 
     def measure(self, logdir):
         drop_output(self.out)
@@ -241,8 +255,10 @@ class Provider:
         warm([f for d in self.inputs for f in weight_files(d)])
         self.warm.append(time.perf_counter() - t)
         self.load.append(os.getloadavg()[0])  # other work on the machine (the runs are not alone)
-        wall, rss = run_once(self.cmd, self.env, logdir / (self.name.replace(" ", "_").replace("/", "_") + ".log"),
-                             discard_stdout=self.cmd[0] == "cat")
+        log = logdir / (self.name.replace(" ", "_").replace("/", "_") + ".log")
+        wall, rss = run_once(self.cmd, self.env, log, discard_stdout=self.cmd[0] == "cat")
+        if self.cmd[0] != "cat":
+            self.work += [float(line.split()[1]) for line in log.read_text().splitlines() if line.startswith(WORK_TAG)]
         self.walls.append(wall)
         self.rss.append(rss)
         if self.out is not None:
@@ -254,6 +270,7 @@ class Provider:
                 "peak_rss_MB": statistics.median(self.rss) / 1e6, "peak_rss_MB_max": max(self.rss) / 1e6,
                 "peak_rss_MB_all": [r / 1e6 for r in self.rss],
                 "flush_s": statistics.median(self.flush) if self.flush else 0.0,
+                "after_import_s": statistics.median(self.work) if self.work else None,
                 "warm_cat_s_all": self.warm, "loadavg_1m_before_all": self.load, "in_GB": self.in_bytes / 1e9, "GBps": self.in_bytes / wall / 1e9,
                 "command": " ".join(map(str, self.cmd))}
 
@@ -440,6 +457,10 @@ def main():
         *cws_providers(paths, outdir),
         Provider("cws compare", [*cws, "compare", "--base", base, "--model", pos, "--direction", dr, "-q"],
                  [paths["base"], paths["pos"], paths["dir"]], None, env),
+        Provider("cws.apply() in-process", [py, "-c", IN_PROCESS, "apply", base, dr, str(ALPHA),
+                 str(outdir / "out-cws-inproc")], [paths["base"], paths["dir"]], outdir / "out-cws-inproc", env),
+        Provider("cws.compare() in-process", [py, "-c", IN_PROCESS, "compare", base, pos, dr],
+                 [paths["base"], paths["pos"], paths["dir"]], None, env),
         Provider("plain PyTorch (load_file)", [py, str(Path(__file__).resolve()), "--run-plain", base, pos, neg,
                  str(outdir / "out-plain")], [paths["base"], paths["pos"], paths["neg"]], outdir / "out-plain", env),
     ]
@@ -513,6 +534,17 @@ def main():
         return t
 
     targets = targets_for()
+    # The same comparisons without interpreter start-up (import torch alone takes 2-4 s here, which a
+    # 70B run does not notice): each Python provider's own time after its imports.
+    after_import = {}
+    ap_, cp_ = by.get("cws.apply() in-process"), by.get("cws.compare() in-process")
+    if ap_ and ap_["after_import_s"] and plain["after_import_s"]:
+        after_import["cws.apply() / plain PyTorch, both after imports"] = ap_["after_import_s"] / plain["after_import_s"]
+        after_import["cws.apply() input GB/s after import"] = ap_["in_GB"] / ap_["after_import_s"]
+    if cp_ and cp_["after_import_s"]:
+        cat = by["cat base+pos+dir"]
+        after_import["cws.compare() input GB/s after import"] = cp_["in_GB"] / cp_["after_import_s"]
+        after_import["cws.compare() after import / cat bandwidth"] = cp_["in_GB"] / cp_["after_import_s"] / cat["GBps"]
     diagnostic_targets = {}
     if args.diagnose:
         for suffix in (" [OMP_WAIT_POLICY=PASSIVE]", " [OMP_NUM_THREADS=1]"):
@@ -534,6 +566,10 @@ def main():
         print("the same targets for the diagnostic runs (not the default configuration):")
         for k, (v, ok) in diagnostic_targets.items():
             print(f"  {'pass' if ok else 'fail'}  {k}: {v:.3f}")
+    if after_import:
+        print("\nwithout interpreter start-up (time after imports, measured by each process itself):")
+        for k, v in after_import.items():
+            print(f"  {k}: {v:.3f}")
     print("\ncorrectness vs fp64 base + 0.5*(pos - neg), every element:")
     for name, st in correctness.items():
         print(f"  {name:34s} {st['elements']:,} elements, >1 ulp: {st['over_1ulp']}, max {st['max_err_ulp']:.3f} ulp; "
@@ -560,7 +596,7 @@ def main():
             "checkpoint_GB": nbytes([paths["base"]]) / 1e9, "direction_GB": nbytes([paths["dir"]]) / 1e9,
             "alpha": ALPHA, "noise": NOISE, "reps": args.reps, "growth_layers": growth}
     out = {"env": env_info, "data": data, "make_seconds": made, "rows": rows, "growth_rows": list(growth_rows.values()),
-           "targets": {k: {"value": v, "pass": ok} for k, (v, ok) in targets.items()},
+           "targets": {k: {"value": v, "pass": ok} for k, (v, ok) in targets.items()}, "after_import": after_import,
            "diagnostic_targets": {k: {"value": v, "pass": ok} for k, (v, ok) in diagnostic_targets.items()}, "correctness": correctness}
     dest = RESULTS / ("streaming-tiny.json" if args.tiny else "streaming.json")
     dest.write_text(json.dumps(out, indent=2))
