@@ -45,7 +45,7 @@ def tiny_chat_model(path: Path) -> Path:
 
 TINY = dict(train_per_country=1, epochs=1, id_n=8, ood_n=6, gen_n=2, gen_tokens=4, instr_n=3, text_n=2, ref_tokens=6,
             monitor_n=8, monitor_epochs=1, targets=(0.01, 0.02), headline=(0.01, 0.015, 0.02), seed_targets=(0.01,), weight_start=2.0, act_start=2.0,
-            max_probes=4, refine=1)
+            max_probes=4, refine=1, seeds=(0, 1))  # two seeds: the seed comparison is exercised too
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,9 @@ FULL = dict(train_per_country=4, heldout_countries=14, id_n=40, ood=("arithmetic
             gen_n=4, gen_tokens=10, instr_n=16, text_n=6, ref_tokens=32, epochs=1, monitor_n=48, monitor_epochs=1,
             seeds=(0, 1), targets=(0.05, 0.2), headline=(0.05, 0.1, 0.2), seed_targets=(0.1,), weight_start=0.5, act_start=0.5, grow=2.0,
             max_probes=7, refine=2, tol=0.2)
+# --quick: one LoRA seed (the seed comparison needs the full run), fewer prompts and probes; ~4-5 min here
 QUICK = dict(FULL, train_per_country=1, id_n=12, ood_n=12, gen_n=2, instr_n=6, text_n=3, ref_tokens=20,
-             monitor_n=16, targets=(0.1,), headline=(0.1,), max_probes=5, refine=1, tol=0.3)
+             monitor_n=16, seeds=(0,), targets=(0.1,), headline=(0.1,), max_probes=5, refine=1, tol=0.3)
 LORA = dict(r=16, alpha=32, lr=3e-4, batch=8)
 
 
