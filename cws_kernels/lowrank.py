@@ -51,10 +51,15 @@ def lowrank_inner_batched(pairs) -> list[float]:
     for idx in groups.values():
         B1, A1, B2, A2 = (torch.stack([pairs[i][k] for i in idx]).double() for k in (0, 1, 3, 4))
         scale = torch.tensor([pairs[i][2] * pairs[i][5] for i in idx], dtype=torch.float64, device=B1.device)
-        vals = ((B1.transpose(1, 2) @ B2) * (A1 @ A2.transpose(1, 2))).sum((1, 2)) * scale  # (M,)
-        for i, v in zip(idx, vals.tolist()):
+        for i, v in zip(idx, lowrank_inner_stacked(B1, A1, B2, A2, scale).tolist()):
             out[i] = v
     return out
+
+
+def lowrank_inner_stacked(B1, A1, B2, A2, scale) -> torch.Tensor:
+    """(M,) ⟨B₁A₁, B₂A₂⟩·scale over M stacked pairs: B (M, out, r), A (M, r, in), fp64 in and out;
+    scale a scalar or (M,). For callers that keep factors stacked across calls (the monitor)."""
+    return ((B1.transpose(1, 2) @ B2) * (A1 @ A2.transpose(1, 2))).sum((1, 2)) * scale
 
 
 def lowrank_dense_inner(B, A, D, scale: float = 1.0) -> float:

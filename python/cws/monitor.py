@@ -17,6 +17,8 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from cws_kernels import lowrank_inner_stacked
+
 from .compare import vector_gram
 from .errors import CwsError
 from .io.checkpoint import Checkpoint
@@ -44,9 +46,9 @@ def _stack(vectors, k: int):
 
 
 def _inner(x, y) -> torch.Tensor:
-    """(M,) ⟨s·B·A, s'·B'·A'⟩ over a stack of M tensors, by the trace identity (no B·A formed)."""
+    """(M,) ⟨s·B·A, s'·B'·A'⟩ over two stacks from `_stack` (no B·A formed)."""
     (B1, A1, s1), (B2, A2, s2) = x, y
-    return ((B1.transpose(1, 2) @ B2) * (A1 @ A2.transpose(1, 2))).sum((1, 2)) * s1 * s2
+    return lowrank_inner_stacked(B1, A1, B2, A2, s1 * s2)
 
 
 class _LowRankPlan:

@@ -23,6 +23,7 @@ from cws.errors import CheckpointError
 from cws.io.format import DTYPE_NAMES, build_header
 from cws.io.reader import byte_view
 
+
 def _writeback_starter():
     """`start(fd, offset, nbytes)`: queue written pages for writeback without waiting (Linux
     sync_file_range(SYNC_FILE_RANGE_WRITE)), so the disk works while later slices are computed and
