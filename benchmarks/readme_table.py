@@ -19,7 +19,7 @@ def load(name):
 def kernels(d):
     rows = {(r["op"], r["provider"]): r for r in d["rows"]}
     n, r = d["env"]["n"], d["ratios"]
-    out = [f"Kernels, 1e{len(str(n)) - 1} bf16 elements, {d['env']['threads']} CPU threads, torch {d['env']['torch']} "
+    out = [f"Kernels, {n:,} bf16 elements, {d['env']['threads']} CPU threads, torch {d['env']['torch']} "
            f"(`python benchmarks/bench_kernels.py`):", "",
            "| op | provider | ms (median) | GB/s |", "|---|---|---|---|"]
     out += [f"| {op} | {p} | {x['ms']:.1f} | {x['GBps']:.2f} |" for (op, p), x in rows.items()]

@@ -8,8 +8,7 @@
 from ._dispatch import use_cpu_impl
 from .gram import cosine, cosine_from_gram, dot, gram, sqnorm
 from .lincomb import lincomb
-from .lowrank import (add_lowrank_, lowrank_block_rows, lowrank_dense_inner, lowrank_inner, lowrank_inner_batched,
-                      lowrank_inner_stacked)
+from .lowrank import add_lowrank_, lowrank_block_rows, lowrank_dense_inner, lowrank_inner, lowrank_inner_stacked
 
 __all__ = [
     "lincomb",
@@ -19,7 +18,6 @@ __all__ = [
     "cosine",
     "cosine_from_gram",
     "lowrank_inner",
-    "lowrank_inner_batched",
     "lowrank_inner_stacked",
     "lowrank_dense_inner",
     "add_lowrank_",

@@ -39,26 +39,10 @@ def lowrank_inner(B1, A1, B2, A2, scale1: float = 1.0, scale2: float = 1.0) -> f
     return float((bb * aa).sum()) * scale1 * scale2
 
 
-def lowrank_inner_batched(pairs) -> list[float]:
-    """`lowrank_inner` for many pairs at once: pairs of (B₁, A₁, s₁, B₂, A₂, s₂); one batched
-    fp64 matmul per distinct shape combination instead of two small matmuls per pair."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (B1, A1, _, B2, A2, _) in enumerate(pairs):
-        _check_factors(B1, A1, "lowrank_inner_batched")
-        _check_factors(B2, A2, "lowrank_inner_batched")
-        groups.setdefault((B1.shape, A1.shape, B2.shape, A2.shape), []).append(i)
-    out = [0.0] * len(pairs)
-    for idx in groups.values():
-        B1, A1, B2, A2 = (torch.stack([pairs[i][k] for i in idx]).double() for k in (0, 1, 3, 4))
-        scale = torch.tensor([pairs[i][2] * pairs[i][5] for i in idx], dtype=torch.float64, device=B1.device)
-        for i, v in zip(idx, lowrank_inner_stacked(B1, A1, B2, A2, scale).tolist()):
-            out[i] = v
-    return out
-
-
 def lowrank_inner_stacked(B1, A1, B2, A2, scale) -> torch.Tensor:
-    """(M,) ⟨B₁A₁, B₂A₂⟩·scale over M stacked pairs: B (M, out, r), A (M, r, in), fp64 in and out;
-    scale a scalar or (M,). For callers that keep factors stacked across calls (the monitor)."""
+    """(M,) ⟨B₁A₁, B₂A₂⟩·scale over M stacked pairs by the trace identity, in the factors' dtype
+    (pass fp64): B (M, out, r), A (M, r, in); scale a scalar or (M,). For callers that keep factors
+    stacked across calls (the monitor stacks each shape group once)."""
     return ((B1.transpose(1, 2) @ B2) * (A1 @ A2.transpose(1, 2))).sum((1, 2)) * scale
 
 

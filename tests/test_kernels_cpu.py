@@ -217,6 +217,18 @@ def test_lowrank_forms_against_dense_fp64():
         K.lowrank_inner(B1, A1, B2[:50], A2)
 
 
+def test_lowrank_inner_stacked_against_dense_fp64():
+    g = torch.Generator().manual_seed(5)
+    M, out, inn = 4, 33, 70
+    B1, A1 = torch.randn(M, out, 3, generator=g).double(), torch.randn(M, 3, inn, generator=g).double()
+    B2, A2 = torch.randn(M, out, 7, generator=g).double(), torch.randn(M, 7, inn, generator=g).double()
+    scale = torch.tensor([0.5, -1.0, 2.0, 3.0], dtype=torch.float64)
+    got = K.lowrank_inner_stacked(B1, A1, B2, A2, scale)
+    want = [(B1[m] @ A1[m] * (B2[m] @ A2[m])).sum().item() * scale[m].item() for m in range(M)]
+    assert got.shape == (M,) and got.dtype == torch.float64
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_add_lowrank_in_place(dtype):
     g = torch.Generator().manual_seed(3)
