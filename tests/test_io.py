@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from cws.errors import CheckpointError, CwsError
 from cws.io.checkpoint import Checkpoint
 from cws.io.format import DTYPE_NAMES, DTYPES, TensorInfo, build_header, read_header
-from cws.io.reader import read_into, read_tensor
+from cws.io.reader import MappedFiles, read_into, read_tensor
 from cws.io.writer import ShardedWriter, copy_model_files
 
 SHAPES = [(), (0, 5), (7,), (5, 123), (3, 4, 5)]
@@ -191,6 +191,68 @@ def test_read_sees_replaced_file(tmp_path):
     path.unlink()
     save_file({"w": torch.ones(4)}, str(path))
     assert torch.equal(read_tensor(read_header(path)[0]["w"]), torch.ones(4))
+
+
+def test_mapped_views_match_safetensors(all_dtypes_file):
+    path, tensors = all_dtypes_file
+    infos, _ = read_header(path)
+    maps = MappedFiles()
+    with safe_open(str(path), "pt") as f:
+        for name, info in infos.items():
+            t = f.get_tensor(name)
+            ranges = [(0, info.rows)] + ([(1, t.shape[0]), (t.shape[0] // 2, t.shape[0])] if t.dim() else [])
+            for lo, hi in [(lo, hi) for lo, hi in ranges if lo <= hi]:
+                got = maps.view(info, lo, hi)
+                want = t[lo:hi] if t.dim() else t
+                if want.numel() == 0 or (info.start + lo * info.row_bytes) % info.dtype.itemsize:
+                    assert got is None  # nothing to map, or misaligned for the dtype: the caller reads instead
+                    continue
+                view, pages = got
+                assert _same(view, want) and _same(view, tensors[name][lo:hi] if t.dim() else tensors[name])
+                MappedFiles.release(pages)
+                assert _same(view, want)  # released pages fault back in from the file
+    maps.close()
+
+
+def test_mapped_views_never_write_the_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(path))
+    before = path.read_bytes()
+    view, _ = MappedFiles().view(read_header(path)[0]["w"])
+    view.fill_(7.0)  # copy-on-write: only this process's pages change
+    assert path.read_bytes() == before
+
+
+def test_mapped_view_of_a_truncated_or_replaced_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(1024), "b": torch.ones(1024)}, str(path))
+    infos = read_header(path)[0]
+    maps = MappedFiles()
+    assert torch.equal(maps.view(infos["a"])[0], torch.zeros(1024))
+    path.unlink()
+    save_file({"a": torch.full((1024,), 2.0), "b": torch.ones(1024)}, str(path))
+    assert torch.equal(maps.view(infos["a"])[0], torch.full((1024,), 2.0))  # a new file at the path: remapped
+    os.truncate(path, infos["b"].end - 3)  # after the header check: refused, never a SIGBUS
+    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated"):
+        MappedFiles().view(infos["b"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
+def test_released_pages_leave_resident_memory(tmp_path):
+    def rss_file():
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile:"))
+        return int(line.split()[1]) * 1024
+
+    path = tmp_path / "big.safetensors"
+    save_file({"w": torch.ones(16 * 2**20, dtype=torch.float32)}, str(path))  # 64 MiB
+    info = read_header(path)[0]["w"]
+    maps = MappedFiles()
+    before = rss_file()
+    view, pages = maps.view(info)  # prefaulted here
+    assert rss_file() - before > 60 * 2**20
+    MappedFiles.release(pages)
+    assert rss_file() - before < 4 * 2**20
+    assert view[-1].item() == 1.0
 
 
 def test_offsets_beyond_2gib(tmp_path):

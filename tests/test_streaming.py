@@ -96,6 +96,31 @@ def test_apply_is_deterministic_for_any_budget_and_shards(tiny_ckpts, direction,
     AutoModelForCausalLM.from_pretrained(s1)
 
 
+def test_mapped_and_copied_reads_give_identical_outputs(tiny_ckpts, direction, monkeypatch, tmp_path):
+    from cws.io import reader
+
+    runs = {}
+    for use_mmap in (True, False):
+        monkeypatch.setattr(reader, "USE_MMAP", use_mmap)
+        out = tmp_path / f"mmap{int(use_mmap)}"
+        runs[use_mmap] = (
+            digest(cws.apply(tiny_ckpts["base"], direction, [0.5, -2.0], out / "apply", max_memory=8192, quiet=True)[0]),
+            digest(cws.apply(tiny_ckpts["base"], None, 1.0, out / "fused", pos=tiny_ckpts["pos"], neg=tiny_ckpts["neg"],
+                             max_memory=8192, quiet=True)[0]),
+            cws.compare(tiny_ckpts["base"], tiny_ckpts["pos"], {"w": direction}, max_memory=8192, quiet=True).to_dict(),
+        )
+    assert runs[True] == runs[False]
+
+
+def test_apply_without_fsync_writes_the_same_model(tiny_ckpts, direction, tmp_path):
+    a = cws.apply(tiny_ckpts["base"], direction, 1.5, tmp_path / "a", quiet=True)[0]
+    b = cws.apply(tiny_ckpts["base"], direction, 1.5, tmp_path / "b", fsync=False, quiet=True)[0]
+    assert digest(a) == digest(b)
+    assert cli(["apply", "--model", str(tiny_ckpts["base"]), "--direction", str(direction), "--alpha", "1.5",
+                "--out", str(tmp_path / "c"), "--no-fsync", "-q"]) == 0
+    assert digest(tmp_path / "c") == digest(a)
+
+
 def test_stochastic_apply_keeps_small_updates(tiny_ckpts, direction, sd, tmp_path):
     # A tiny α: nearest rounding drops most of α·w on bf16 weights; stochastic keeps it on average.
     name = "model.layers.0.mlp.gate_proj.weight"

@@ -52,12 +52,14 @@ def apply(
     max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    fsync: bool = True,
     quiet: bool = False,
 ) -> list[Path]:
     """Write θ + α·w for each α as a loadable model; returns the output directories.
 
     Tensors the direction lacks (norms under LoRA, int buffers) are copied unchanged. With
     `pos`/`neg` instead of `direction`, w = θ_pos − θ_neg is fused in (nothing else written).
+    fsync=False does not wait for the disk before the commit (see cws.io.writer).
     on_missing="skip" leaves direction tensors the model lacks unapplied instead of failing.
     """
     alphas = [float(a) for a in (alpha if isinstance(alpha, (list, tuple)) else [alpha])]
@@ -152,7 +154,7 @@ def apply(
                             pos=pos and sources["pos"].path, neg=neg and sources["neg"].path, rounding=rounding,
                             seed=seed if rounding == "stochastic" else None, skipped=",".join(skipped) or None)
             w = stack.enter_context(ShardedWriter(d_out, plan, max_shard_size=shard, metadata=md,
-                                                  overwrite=overwrite, inputs=inputs))
+                                                  overwrite=overwrite, inputs=inputs, fsync=fsync))
             if m.path.is_dir():
                 copy_model_files(m.path, w)
             writers.append(w)

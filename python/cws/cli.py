@@ -20,6 +20,13 @@ def _common(p: argparse.ArgumentParser, write: bool = True) -> None:
     if write:
         p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        _no_fsync(p)
+
+
+def _no_fsync(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-fsync", dest="fsync", action="store_false",
+                   help="don't wait for the disk before committing the output (faster; a killed run still leaves "
+                        "nothing behind, but after a power loss the output may be incomplete)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model: lets dense entries (embed/lm_head) go in as modules_to_save weights")
     p.add_argument("--max-memory", default="256M")
     p.add_argument("--overwrite", action="store_true")
+    _no_fsync(p)
     p.add_argument("--quiet", "-q", action="store_true")
 
     p = sub.add_parser("densify", help="a direction with every low-rank entry formed densely")
@@ -74,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-memory", default="256M")
     p.add_argument("--overwrite", action="store_true")
+    _no_fsync(p)
     p.add_argument("--quiet", "-q", action="store_true")
 
     p = sub.add_parser("info", help="what a checkpoint, adapter or direction holds")
@@ -128,12 +137,12 @@ def _run(args) -> int:
     if args.command == "extract":
         out = cws.extract(args.pos, args.neg, args.out, base=args.base, scale_pos=args.scale_pos,
                           scale_neg=args.scale_neg, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                          overwrite=args.overwrite, **io_opts)
+                          overwrite=args.overwrite, fsync=args.fsync, **io_opts)
         print(f"direction written to {out}")
     elif args.command == "apply":
         outs = cws.apply(args.model, args.direction, args.alpha, args.out, pos=args.pos, neg=args.neg,
                          rounding=args.rounding, seed=args.seed, max_shard_size=args.max_shard_size,
-                         overwrite=args.overwrite, **io_opts)
+                         overwrite=args.overwrite, fsync=args.fsync, **io_opts)
         for a, o in zip(args.alpha, outs):
             print(f"alpha {a:g}: {o}")
     elif args.command == "compare":
@@ -147,7 +156,8 @@ def _run(args) -> int:
         from .export import export_peft
 
         left_out = export_peft(args.direction, args.out, alpha=args.alpha, base=args.base,
-                               max_memory=args.max_memory, overwrite=args.overwrite, quiet=args.quiet)
+                               max_memory=args.max_memory, overwrite=args.overwrite, fsync=args.fsync,
+                               quiet=args.quiet)
         print(f"adapter written to {args.out}")
         if left_out:
             print(f"left out {len(left_out)} tensor(s) PEFT cannot express (listed in cws_left_out.json):",
@@ -157,7 +167,9 @@ def _run(args) -> int:
     elif args.command == "densify":
         from .export import densify
 
-        print(f"dense direction written to {densify(args.direction, args.out, dtype=args.dtype, max_memory=args.max_memory, overwrite=args.overwrite, quiet=args.quiet)}")
+        out = densify(args.direction, args.out, dtype=args.dtype, max_memory=args.max_memory,
+                      overwrite=args.overwrite, fsync=args.fsync, quiet=args.quiet)
+        print(f"dense direction written to {out}")
     elif args.command == "experiment":
         from .experiments.sycophancy import run
 
@@ -182,9 +194,9 @@ def _run(args) -> int:
 def entry() -> None:
     """The console script: `main`, then a quick exit.
 
-    By the time `main` returns every output is committed (fsynced and renamed), so after flushing the
-    standard streams and running the atexit handlers the process ends with os._exit, skipping
-    torch's interpreter teardown (~1 s here on every command, longer than many `cws info` runs).
+    By the time `main` returns every output is committed (renamed into place, fsynced first unless
+    --no-fsync), so after flushing the standard streams and running the atexit handlers the process
+    ends with os._exit, skipping torch's interpreter teardown (~1 s here on every command, longer than many `cws info` runs).
     """
     import atexit
     import os

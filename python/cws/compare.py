@@ -247,6 +247,6 @@ def compare(
         report.add(s.item.name, G)
         return []
 
-    engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="compare", quiet=quiet)
+    engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="compare", quiet=quiet, writes=False)
     return report
 

@@ -1,10 +1,12 @@
 """The streaming engine: walk tensors of several checkpoints in row slices with bounded memory.
 
 Work is a list of `Item`s (one per model tensor): tensors to read (row-sliced together, or whole
-for small factors) and outputs to produce per slice. Slices are read into reused byte arenas one
-slice ahead in a reader thread and written behind in a writer thread, so reading, compute and
-writing overlap; NBUF arenas rotate, and peak memory is ≈ NBUF × the largest slice, which the
-budget bounds (`max_memory`), independent of model size.
+for small factors) and outputs to produce per slice. Inputs are zero-copy views of the mapped
+files, prefaulted one slice ahead in a reader thread and released once the slice is done (or,
+with CWS_MMAP=0 or where a view cannot be made, read into reused byte arenas); outputs go to
+reused arenas and are written behind in a writer thread. Reading, compute and writing overlap;
+NBUF slices are in flight, and peak memory is ≈ NBUF × the largest slice, which the budget
+bounds (`max_memory`), independent of model size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from cws_kernels import use_cpu_impl
 
 from .errors import CwsError
 from .io.format import TensorInfo
-from .io.reader import read_into
+from .io import reader
 
 NBUF = 3  # arenas in rotation: one being read, one being computed, one being written
 ALIGN = 64  # byte alignment of each view inside an arena
@@ -72,6 +74,7 @@ class Slice:
     stop: int  # one past the last row
     ins: list[torch.Tensor] = field(default_factory=list)  # sliced reads, then whole reads
     outs: list[torch.Tensor] = field(default_factory=list)
+    mapped: list[tuple] = field(default_factory=list)  # page ranges of mapped inputs, released when done
 
 
 class _Arena:
@@ -89,6 +92,19 @@ class _Arena:
         if self.buf.numel() < total:
             self.buf = torch.empty(total, dtype=torch.uint8)
         return [self.buf[o : o + n].view(dt).view(shape) for o, n, (dt, shape) in zip(offsets, sizes, specs)]
+
+
+@contextlib.contextmanager
+def _compute_threads(writes: bool) -> Iterator[None]:
+    """Leave a core to the reader thread, and one to the writer when there are writes: torch's idle
+    intra-op threads spin, and on 2 cores that spinning cost apply ~2 s of CPU per GB written."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(before, cores - 1 - writes)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _slices(items: Sequence[Item], max_memory: int) -> Iterator[Slice]:
@@ -116,29 +132,33 @@ def run(
     max_memory: int = DEFAULT_MAX_MEMORY,
     desc: str = "",
     quiet: bool = False,
+    writes: bool = True,
 ) -> None:
     """Stream `items`: read each slice (one ahead), call `compute(slice)`, run the writes it returns
-    (callables with their args, e.g. `(writer.write, (name, tensor, row))`) behind, in order."""
+    (callables with their args, e.g. `(writer.write, (name, tensor, row))`) behind, in order.
+    writes=False: compute returns none (read-only work gets the writer's core for compute)."""
     plan = list(_slices(items, max_memory))
     total = sum(i.rows * sum(t.row_bytes for t in i.sliced) + i.whole_bytes() for i in items)
     in_arenas = [_Arena() for _ in range(NBUF)]
     out_arenas = [_Arena() for _ in range(NBUF)]
     pending: list[list[Future]] = [[] for _ in range(NBUF)]
+    maps = reader.MappedFiles() if reader.USE_MMAP else None
 
     def read(k: int) -> Slice:
         s = plan[k]
-        specs = [(i.dtype, _slice_shape(i, s.start, s.stop)) for i in s.item.sliced]
-        specs += [(i.dtype, i.shape) for i in s.item.whole]
-        views = in_arenas[k % NBUF].views(specs)
-        for info, view in zip(s.item.sliced, views):
-            if info.shape:
-                read_into(info, view, s.start, s.stop)
-            else:
-                read_into(info, view)
-        for info, view in zip(s.item.whole, views[len(s.item.sliced) :]):
-            read_into(info, view)
-        s.ins = views
+        reads = [(i, s.start, s.stop) if i.shape else (i, 0, i.rows) for i in s.item.sliced]
+        reads += [(i, 0, i.rows) for i in s.item.whole]
+        mapped = [maps.view(*r) if maps is not None else None for r in reads]
+        copied = [r for r, m in zip(reads, mapped) if m is None]
+        arena = iter(in_arenas[k % NBUF].views([(i.dtype, _slice_shape(i, a, b)) for i, a, b in copied]))
+        s.ins = [m[0] if m is not None else reader.read_into(r[0], next(arena), r[1], r[2])
+                 for r, m in zip(reads, mapped)]
+        s.mapped = [m[1] for m in mapped if m is not None]
         return s
+
+    def release(s: Slice) -> None:
+        for pages in s.mapped:
+            reader.MappedFiles.release(pages)
 
     def drain(futures: list[Future]) -> None:
         for f in futures:
@@ -149,18 +169,20 @@ def run(
     # Streaming is bound by reads and writes; a one-off torch.compile (~20 s cold) does not pay back
     # here, so the CPU kernels run eager unless CWS_CPU_IMPL says otherwise.
     impl = contextlib.nullcontext() if os.environ.get("CWS_CPU_IMPL") else use_cpu_impl("eager")
-    with impl, ThreadPoolExecutor(1, "cws-read") as reader, ThreadPoolExecutor(1, "cws-write") as writer:
+    with impl, _compute_threads(writes), ThreadPoolExecutor(1, "cws-read") as reading, ThreadPoolExecutor(1, "cws-write") as writing:
         try:
-            ahead = reader.submit(read, 0) if plan else None
+            ahead = reading.submit(read, 0) if plan else None
             for k in range(len(plan)):
                 s = ahead.result()
                 if k + 1 < len(plan):
                     drain(pending[(k + 1) % NBUF])  # its arenas are about to be reused
-                    ahead = reader.submit(read, k + 1)
+                    ahead = reading.submit(read, k + 1)
                 s.outs = out_arenas[k % NBUF].views([(dt, (s.stop - s.start, *shape[1:]) if shape else ())
                                                      for dt, shape in s.item.outs])
                 for fn, args in compute(s):
-                    pending[k % NBUF].append(writer.submit(fn, *args))
+                    pending[k % NBUF].append(writing.submit(fn, *args))
+                if s.mapped:  # after this slice's writes (the writer runs in order)
+                    pending[k % NBUF].append(writing.submit(release, s))
                 bar.update(sum(t.nbytes for t in s.ins))
             for futures in pending:
                 drain(futures)
@@ -171,3 +193,5 @@ def run(
             raise
         finally:
             bar.close()
+            if maps is not None:
+                maps.close()

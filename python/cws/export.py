@@ -39,6 +39,7 @@ def export_peft(
     base: str | os.PathLike | None = None,
     max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
     overwrite: bool = False,
+    fsync: bool = True,
     quiet: bool = False,
 ) -> dict[str, str]:
     """Write α·w as a PEFT adapter at `out`; returns {tensor: reason} for what could not be exported."""
@@ -99,7 +100,7 @@ def export_peft(
     inputs = [str(d.path)] + ([str(b.path)] if b else [])
     md = {"cws_op": "export-peft", "cws_alpha": repr(float(alpha)), "cws_direction": str(d.path)}
     with ShardedWriter(out, plan, prefix="adapter_model", metadata=md, overwrite=overwrite, inputs=inputs,
-                       max_shard_size=2**62) as writer:
+                       max_shard_size=2**62, fsync=fsync) as writer:
         writer.add_json("adapter_config.json", config)
         if left_out:
             writer.add_json("cws_left_out.json", left_out)
@@ -111,7 +112,8 @@ def export_peft(
 
 
 def densify(direction: str | os.PathLike | Direction, out: str | os.PathLike, *, dtype="float32",
-            max_memory: int | str = engine.DEFAULT_MAX_MEMORY, overwrite: bool = False, quiet: bool = False) -> Path:
+            max_memory: int | str = engine.DEFAULT_MAX_MEMORY, overwrite: bool = False, fsync: bool = True,
+            quiet: bool = False) -> Path:
     """The same direction with every entry dense (scale·B·A formed in fp32 row blocks, as apply does)."""
     import json
 
@@ -148,7 +150,7 @@ def densify(direction: str | os.PathLike | Direction, out: str | os.PathLike, *,
     meta["densified_from"] = str(d.path)
     plan = [(n, out_dtype, e.shape) for n, e in d.entries.items()]
     with ShardedWriter(out, plan, prefix=DIR_PREFIX, metadata={"cws_op": "densify", "cws_direction": str(d.path)},
-                       overwrite=overwrite, inputs=[str(d.path)]) as writer:
+                       overwrite=overwrite, inputs=[str(d.path)], fsync=fsync) as writer:
         writer.add_json("direction.json", json.loads(json.dumps(meta)))
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="densify", quiet=quiet)
     return Path(out).resolve()

@@ -50,6 +50,7 @@ def extract(
     max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    fsync: bool = True,
     quiet: bool = False,
 ) -> Path:
     """Write the direction of two fine-tunes (dense checkpoints or PEFT adapters) to `out`; returns it.
@@ -67,7 +68,7 @@ def extract(
         return extract_lowrank(pos, neg, out, base=base, scale_pos=scale_pos, scale_neg=scale_neg, dtype=dtype,
                                include=include, exclude=exclude, on_missing=on_missing,
                                allow_nonfinite=allow_nonfinite, max_memory=max_memory,
-                               max_shard_size=max_shard_size, overwrite=overwrite, quiet=quiet)
+                               max_shard_size=max_shard_size, overwrite=overwrite, fsync=fsync, quiet=quiet)
     check_policy(on_missing)
     out_dtype = parse_dtype(dtype)
     sources = {"pos": Checkpoint.open(pos), "neg": Checkpoint.open(neg)}
@@ -135,7 +136,7 @@ def extract(
     md = provenance("extract", pos=sources["pos"].path, neg=sources["neg"].path, base=base,
                     scale_pos=scale_pos, scale_neg=scale_neg)
     with ShardedWriter(out, plan, prefix=PREFIX, metadata=md, overwrite=overwrite, inputs=inputs,
-                       max_shard_size=engine.parse_size(max_shard_size)) as writer:
+                       max_shard_size=engine.parse_size(max_shard_size), fsync=fsync) as writer:
         writer.add_json("direction.json", meta)
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet)
     return Path(out).resolve()
@@ -159,7 +160,7 @@ def _side_terms(side, name: str, c: float, base_info):
 
 def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, dtype="auto", include=None,
                     exclude=None, on_missing="error", allow_nonfinite=False, max_memory=engine.DEFAULT_MAX_MEMORY,
-                    max_shard_size="5GB", overwrite=False, quiet=False) -> Path:
+                    max_shard_size="5GB", overwrite=False, fsync=True, quiet=False) -> Path:
     """`extract` where one or both sides are PEFT adapters: LoRA-targeted tensors become exact
     low-rank entries (B = [s₊·B₊, −s₋·B₋], A = [A₊; A₋], rank r₊ + r₋); saved full tensors
     (modules_to_save) become dense deltas. An adapter against a full checkpoint gives dense entries."""
@@ -258,7 +259,7 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     md = provenance("extract", pos=sides["pos"].path, neg=sides["neg"].path, base=base, scale_pos=scale_pos,
                     scale_neg=scale_neg, lowrank=len(lowrank))
     with ShardedWriter(out, plan, prefix=PREFIX, metadata=md, overwrite=overwrite, inputs=inputs,
-                       max_shard_size=engine.parse_size(max_shard_size)) as writer:
+                       max_shard_size=engine.parse_size(max_shard_size), fsync=fsync) as writer:
         writer.add_json("direction.json", meta)
         for name, low in lowrank.items():
             kb, ka = factor_keys(name)

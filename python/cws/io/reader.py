@@ -1,8 +1,11 @@
-"""Reading tensor row ranges straight into caller-owned CPU buffers with `os.preadv`."""
+"""Reading tensor row ranges: into caller-owned CPU buffers with `os.preadv`, or as zero-copy
+views of the file mapped copy-on-write (`MappedFiles`, what the streaming engine uses)."""
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -100,3 +103,95 @@ def read_tensor(info: TensorInfo, row_start: int = 0, row_end: int | None = None
     """Read rows [row_start, row_end) along dim 0 into a newly allocated CPU tensor of info.dtype."""
     shape, row_end = slice_shape(info, row_start, row_end)
     return read_into(info, torch.empty(shape, dtype=info.dtype), row_start, row_end)
+
+
+USE_MMAP = os.environ.get("CWS_MMAP", "1") != "0" and hasattr(mmap, "MADV_DONTNEED")
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; elsewhere MADV_WILLNEED (readahead only)
+
+
+def _madvise_call():
+    """madvise(addr, length, advice) through ctypes, which lets go of the GIL while the kernel works
+    (mmap.madvise holds it: prefaulting a slice took the compute thread's GIL for tens of ms)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+_madvise = _madvise_call()
+
+
+class MappedFiles:
+    """Zero-copy row-range views of safetensors files for one streaming run.
+
+    Files are mapped copy-on-write (`MAP_PRIVATE`), so no write through a view can ever reach
+    the checkpoint. `view` prefaults the range's pages (the page cache is read there, in the
+    calling thread, not later in the compute); `release` drops them from this process again
+    (`MADV_DONTNEED`), so resident memory stays bounded by the slices in flight, not by the files.
+    A view outlives `release` and its mapping safely (the pages fault back in from the file).
+    Files whose size no longer covers the tensor are refused: reading past the end of a mapping
+    would kill the process with SIGBUS. (A file truncated while it is mapped still does.)
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[mmap.mmap, int, int]] = {}  # path -> (map, dev, ino)
+        self._lock = threading.Lock()
+        self._populate = _MADV_POPULATE_READ
+
+    def view(self, info: TensorInfo, row_start: int = 0, row_end: int | None = None) -> tuple[torch.Tensor, tuple] | None:
+        """(rows [row_start, row_end) of the tensor as a view of the mapped file, its pages for
+        `release`), or None where no view is made (empty, misaligned for the dtype, no madvise)."""
+        shape, row_end = slice_shape(info, row_start, row_end)
+        offset = info.start + row_start * info.row_bytes
+        nbytes = (row_end - row_start) * info.row_bytes if info.shape else info.nbytes
+        if nbytes == 0 or offset % info.dtype.itemsize or _madvise is None:
+            return None
+        mm = self._map(info)
+        if offset + nbytes > len(mm):
+            raise CheckpointError(
+                f"{info.path}: tensor {info.name!r}: file truncated (wanted {nbytes} bytes at offset {offset}, "
+                f"file has {len(mm)} bytes)"
+            )
+        t = torch.frombuffer(mm, dtype=info.dtype, count=nbytes // info.dtype.itemsize, offset=offset)
+        head = offset % mmap.PAGESIZE
+        pages = (mm, t.data_ptr() - head, nbytes + head)  # the map is kept alive while its pages are listed
+        if _madvise(pages[1], pages[2], self._populate) != 0:
+            if self._populate == mmap.MADV_WILLNEED:
+                raise CheckpointError(f"{info.path}: tensor {info.name!r}: madvise failed: "
+                                      f"{os.strerror(ctypes.get_errno())}")
+            self._populate = mmap.MADV_WILLNEED  # kernel without MADV_POPULATE_READ: start readahead only
+            _madvise(pages[1], pages[2], self._populate)
+        return t.view(shape), pages
+
+    @staticmethod
+    def release(pages: tuple) -> None:
+        """Drop a view's pages from this process (errors ignored: only memory is at stake)."""
+        _, addr, length = pages
+        _madvise(addr, length, mmap.MADV_DONTNEED)
+
+    def _map(self, info: TensorInfo) -> mmap.mmap:
+        st = os.stat(info.path)  # a file replaced at the same path must not be read through a stale map
+        with self._lock:
+            cached = self._maps.get(info.path)
+            if cached is not None and cached[1:] == (st.st_dev, st.st_ino):
+                return cached[0]
+            try:
+                with open(info.path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if st.st_size < info.end:
+                        raise CheckpointError(
+                            f"{info.path}: tensor {info.name!r}: file truncated (tensor ends at byte {info.end}, "
+                            f"file has {st.st_size} bytes)"
+                        )
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as e:
+                raise CheckpointError(f"{info.path}: tensor {info.name!r}: cannot map: {e.strerror or e}") from e
+            self._maps[info.path] = (mm, st.st_dev, st.st_ino)
+            return mm
+
+    def close(self) -> None:
+        """Forget the maps; each is unmapped once no view of it is left."""
+        with self._lock:
+            self._maps.clear()

@@ -2,7 +2,9 @@
 
 Everything is written into a hidden `.{out_dir.name}.tmp-<random>` directory next to out_dir and
 renamed into place only once every planned tensor is complete, so a killed process never leaves
-anything at out_dir.
+anything at out_dir. By default the files are also fsynced before that rename, so that not even a
+power loss or OS crash can leave a complete-looking output with missing data; `fsync=False`
+skips that wait on the disk (for scratch outputs: a killed process is still safe, a crash not).
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ class ShardedWriter:
         prefix: str = "model",
         overwrite: bool = False,
         inputs: list[str] | tuple[str, ...] = (),
+        fsync: bool = True,
     ):
+        self.fsync = fsync
         self.out_dir = Path(out_dir).expanduser().resolve()
         self.overwrite = overwrite
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -206,7 +210,8 @@ class ShardedWriter:
         try:
             while done < len(data):
                 done += os.pwrite(self._fds[shard], data[done:], offset + done)
-            _start_writeback(self._fds[shard], offset, done)
+            if self.fsync:
+                _start_writeback(self._fds[shard], offset, done)
         except OSError as e:
             raise CheckpointError(
                 f"cannot write {self.out_dir / self.shard_names[shard]}: {e.strerror or e}; "
@@ -228,13 +233,14 @@ class ShardedWriter:
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
                 (self._tmp / self.index_name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
             with self._lock:
-                for fd in self._fds:
+                for fd in self._fds if self.fsync else ():
                     os.fsync(fd)
                 self._close_fds()
-            for p in self._tmp.iterdir():
-                if p.name not in self.shard_names:
-                    _fsync_path(p)
-            _fsync_path(self._tmp)
+            if self.fsync:
+                for p in self._tmp.iterdir():
+                    if p.name not in self.shard_names:
+                        _fsync_path(p)
+                _fsync_path(self._tmp)
         except OSError as e:
             raise CheckpointError(f"cannot flush {self.out_dir}: {e.strerror or e}") from e
         self._move_into_place()
@@ -254,7 +260,8 @@ class ShardedWriter:
             raise CheckpointError(f"cannot move the finished output into {out}: {e.strerror or e}") from e
         self._tmp = None
         self._made = []
-        _fsync_path(out.parent)
+        if self.fsync:
+            _fsync_path(out.parent)
         if aside is not None:
             if aside.is_dir() and not aside.is_symlink():
                 shutil.rmtree(aside)
