@@ -13,7 +13,9 @@ wall time is the whole process (interpreter start and imports included) and peak
 ru_maxrss (with its descendants) as GNU time reports it (else a bare fork/wait4 launcher: a child
 forked straight from this multi-GB process would report this process's RSS). Each measurement is repeated --reps
 times, providers interleaved, and the median is reported (RSS: median and max). "flush s" is the
-time to fsync the finished output afterwards (cws fsyncs before it returns, the others do not).
+time to fsync the finished output afterwards (cws fsyncs before it returns unless --no-fsync, the
+others do not), so "wall + flush" compares the time until the output is on disk. A `dd ... conv=fsync`
+of the output's size shows what the disk itself needs for that.
 All providers compute θ = base + 0.5·(pos − neg) in fp32 and store it in bf16; every output is
 checked against an fp64 reference, tensor by tensor. Then `cws apply` peak RSS is measured again
 on a set with --growth-layers layers (default 2×--layers; deleted afterwards unless --keep-data).
@@ -218,7 +220,7 @@ IN_PROCESS = ("import sys, time, cws\n"
               "t = time.perf_counter()\n"
               "op, args = sys.argv[1], sys.argv[2:]\n"
               "if op == 'apply':\n"
-              "    cws.apply(args[0], args[1], float(args[2]), args[3], quiet=True)\n"
+              "    cws.apply(args[0], args[1], float(args[2]), args[3], fsync=False, quiet=True)\n"
               "else:\n"
               "    cws.compare(args[0], args[1], args[2], quiet=True)\n"
               f"print('{WORK_TAG}', time.perf_counter() - t)\n")
@@ -437,13 +439,14 @@ def main():
     base, pos, neg, dr = (str(paths[k]) for k in ("base", "pos", "neg", "dir"))
     py = sys.executable
 
-    def cws_providers(p, out, suffix="", tag=""):
-        a, f = out / f"out-cws-apply{tag}", out / f"out-cws-fused{tag}"
+    def cws_providers(p, out, suffix="", tag="", no_fsync=False):
+        flag, name = (["--no-fsync"], " --no-fsync") if no_fsync else ([], "")
+        a, f = out / f"out-cws-apply{tag}{'-nofsync' * no_fsync}", out / f"out-cws-fused{tag}{'-nofsync' * no_fsync}"
         return [
-            Provider("cws apply --direction" + suffix, [*cws, "apply", "--model", str(p["base"]), "--direction",
-                     str(p["dir"]), "--alpha", str(ALPHA), "--out", str(a), "-q"], [p["base"], p["dir"]], a, env),
-            Provider("cws apply --pos --neg" + suffix, [*cws, "apply", "--model", str(p["base"]), "--pos", str(p["pos"]),
-                     "--neg", str(p["neg"]), "--alpha", str(ALPHA), "--out", str(f), "-q"],
+            Provider(f"cws apply --direction{name}{suffix}", [*cws, "apply", "--model", str(p["base"]), "--direction",
+                     str(p["dir"]), "--alpha", str(ALPHA), "--out", str(a), "-q", *flag], [p["base"], p["dir"]], a, env),
+            Provider(f"cws apply --pos --neg{name}{suffix}", [*cws, "apply", "--model", str(p["base"]), "--pos",
+                     str(p["pos"]), "--neg", str(p["neg"]), "--alpha", str(ALPHA), "--out", str(f), "-q", *flag],
                      [p["base"], p["pos"], p["neg"]], f, env),
         ]
 
@@ -455,9 +458,13 @@ def main():
         Provider("python import torch (startup)", [py, "-c", "import torch"], [], None, env),
         Provider("python import cws (startup)", [py, "-c", "import cws"], [], None, env),
         *cws_providers(paths, outdir),
+        *cws_providers(paths, outdir, no_fsync=True),
+        Provider("dd of the output's size, conv=fsync (the disk)", ["sh", "-c", f"dd if=/dev/zero of={outdir / 'dd.bin'} "
+                 f"bs=4M count={-(-nbytes([paths['base']]) // 2**22)} conv=fsync status=none && rm {outdir / 'dd.bin'}"],
+                 [], None, env),
         Provider("cws compare", [*cws, "compare", "--base", base, "--model", pos, "--direction", dr, "-q"],
                  [paths["base"], paths["pos"], paths["dir"]], None, env),
-        Provider("cws.apply() in-process", [py, "-c", IN_PROCESS, "apply", base, dr, str(ALPHA),
+        Provider("cws.apply(fsync=False) in-process", [py, "-c", IN_PROCESS, "apply", base, dr, str(ALPHA),
                  str(outdir / "out-cws-inproc")], [paths["base"], paths["dir"]], outdir / "out-cws-inproc", env),
         Provider("cws.compare() in-process", [py, "-c", IN_PROCESS, "compare", base, pos, dr],
                  [paths["base"], paths["pos"], paths["dir"]], None, env),
@@ -515,14 +522,22 @@ def main():
     plain = by["plain PyTorch (load_file)"]
     def targets_for(suffix=""):
         t = {}
-        for variant in ("cws apply --direction", "cws apply --pos --neg"):
+        disk = lambda r: r["wall_s"] + r["flush_s"]  # noqa: E731 - until the output is on disk
+        for variant in ("cws apply --direction", "cws apply --pos --neg",
+                        "cws apply --direction --no-fsync", "cws apply --pos --neg --no-fsync"):
             r = by.get(variant + suffix)
             if r is None:
                 continue
-            if mk:
-                t[f"{variant}{suffix}: time / mergekit <= 0.25"] = (r["wall_s"] / mk["wall_s"], r["wall_s"] / mk["wall_s"] <= 0.25)
-            t[f"{variant}{suffix}: time / plain PyTorch <= 0.333"] = (r["wall_s"] / plain["wall_s"],
-                                                                     r["wall_s"] / plain["wall_s"] <= 1 / 3)
+            for other, limit in ((mk, 0.25), (plain, 1 / 3)):
+                if other is None:
+                    continue
+                who = "mergekit" if other is mk else "plain PyTorch"
+                t[f"{variant}{suffix}: time / {who} <= {limit:.3g}"] = (r["wall_s"] / other["wall_s"],
+                                                                       r["wall_s"] / other["wall_s"] <= limit)
+                t[f"{variant}{suffix}: (wall + flush) / {who}'s, both on disk <= {limit:.3g}"] = (
+                    disk(r) / disk(other), disk(r) / disk(other) <= limit)
+            if "--no-fsync" in variant:
+                continue
             t[f"{variant}{suffix}: peak RSS MB <= 600 (max over reps)"] = (r["peak_rss_MB_max"], r["peak_rss_MB_max"] <= 600)
             g = growth_rows.get(f"{variant} @{growth}L") if not suffix else None
             if g:
@@ -537,10 +552,11 @@ def main():
     # The same comparisons without interpreter start-up (import torch alone takes 2-4 s here, which a
     # 70B run does not notice): each Python provider's own time after its imports.
     after_import = {}
-    ap_, cp_ = by.get("cws.apply() in-process"), by.get("cws.compare() in-process")
+    ap_, cp_ = by.get("cws.apply(fsync=False) in-process"), by.get("cws.compare() in-process")
     if ap_ and ap_["after_import_s"] and plain["after_import_s"]:
-        after_import["cws.apply() / plain PyTorch, both after imports"] = ap_["after_import_s"] / plain["after_import_s"]
-        after_import["cws.apply() input GB/s after import"] = ap_["in_GB"] / ap_["after_import_s"]
+        after_import["cws.apply(fsync=False) / plain PyTorch, both after imports"] = (ap_["after_import_s"]
+                                                                                     / plain["after_import_s"])
+        after_import["cws.apply(fsync=False) input GB/s after import"] = ap_["in_GB"] / ap_["after_import_s"]
     if cp_ and cp_["after_import_s"]:
         cat = by["cat base+pos+dir"]
         after_import["cws.compare() input GB/s after import"] = cp_["in_GB"] / cp_["after_import_s"]

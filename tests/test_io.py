@@ -237,6 +237,23 @@ def test_mapped_view_of_a_truncated_or_replaced_file(tmp_path):
         MappedFiles().view(infos["b"])
 
 
+def test_mapped_files_fall_back_and_forget_old_maps(tmp_path, monkeypatch):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_file({"w": torch.full((64,), float(i))}, str(paths[-1]))
+    infos = [read_header(p)[0]["w"] for p in paths]
+    maps = MappedFiles(max_open=2)
+    views = [maps.view(i)[0] for i in infos]
+    assert len(maps._maps) == 2 and [v[0].item() for v in views] == [0.0, 1.0, 2.0]  # forgotten maps stay valid
+
+    def refuse(*a, **k):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr("mmap.mmap", refuse)  # a file system that cannot map: no view, the engine reads instead
+    assert MappedFiles().view(infos[0]) is None
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
 def test_released_pages_leave_resident_memory(tmp_path):
     def rss_file():

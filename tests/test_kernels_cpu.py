@@ -30,6 +30,21 @@ def test_lincomb_nearest_is_bit_exact(n, dtypes, out):
     assert_bits_equal(got, lincomb_ref(xs, cs, DT[out]), "eager nearest")
 
 
+@pytest.mark.parametrize("dtypes", [("bf16", "fp32", "fp32", "bf16"), ("fp32", "bf16", "fp32", "fp32")])
+def test_lincomb_unit_coefficients_exact_and_inputs_untouched(dtypes):
+    # ±1 take shortcuts (fp32 inputs are used directly, -1 subtracts): same bits, inputs never written
+    xs = make(300007, dtypes, seed=3)
+    xs[1][:4] = torch.tensor([0.0, -0.0, 3e38, -3e38])
+    xs[0][:4] = torch.tensor([-0.0, 0.0, 3e38, -3e38])
+    before = [x.clone() for x in xs]
+    for cs in ([1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 0.5], [2.0, -1.0, -1.0, 1.0]):
+        for out in ("bf16", "fp32"):
+            with K.use_cpu_impl("eager"):
+                got = K.lincomb(xs, cs, out_dtype=DT[out])
+            assert_bits_equal(got, lincomb_ref(xs, cs, DT[out]), f"eager {cs} -> {out}")
+    assert all(torch.equal(x.view(torch.uint8), b.view(torch.uint8)) for x, b in zip(xs, before))
+
+
 @pytest.mark.parametrize("dtypes,out", [(("bf16", "bf16", "bf16"), "bf16"), (("fp32", "bf16", "fp16"), "fp32")])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_lincomb_compiled_matches_reference(dtypes, out, rounding):

@@ -159,6 +159,7 @@ def run(
     def release(s: Slice) -> None:
         for pages in s.mapped:
             reader.MappedFiles.release(pages)
+        s.ins, s.mapped = [], []  # done: let go of the views (and of maps no longer listed)
 
     def drain(futures: list[Future]) -> None:
         for f in futures:
@@ -179,11 +180,12 @@ def run(
                     ahead = reading.submit(read, k + 1)
                 s.outs = out_arenas[k % NBUF].views([(dt, (s.stop - s.start, *shape[1:]) if shape else ())
                                                      for dt, shape in s.item.outs])
+                done = sum(t.nbytes for t in s.ins)
                 for fn, args in compute(s):
                     pending[k % NBUF].append(writing.submit(fn, *args))
                 if s.mapped:  # after this slice's writes (the writer runs in order)
                     pending[k % NBUF].append(writing.submit(release, s))
-                bar.update(sum(t.nbytes for t in s.ins))
+                bar.update(done)
             for futures in pending:
                 drain(futures)
         except BaseException:

@@ -135,8 +135,9 @@ class MappedFiles:
     would kill the process with SIGBUS. (A file truncated while it is mapped still does.)
     """
 
-    def __init__(self) -> None:
-        self._maps: dict[str, tuple[mmap.mmap, int, int]] = {}  # path -> (map, dev, ino)
+    def __init__(self, max_open: int = 64) -> None:
+        self._maps: OrderedDict[str, tuple[mmap.mmap | None, int, int]] = OrderedDict()  # path -> (map, dev, ino)
+        self._max_open = max_open  # maps beyond this are forgotten, least recently used first (each holds an fd)
         self._lock = threading.Lock()
         self._populate = _MADV_POPULATE_READ
 
@@ -149,6 +150,8 @@ class MappedFiles:
         if nbytes == 0 or offset % info.dtype.itemsize or _madvise is None:
             return None
         mm = self._map(info)
+        if mm is None:
+            return None
         if offset + nbytes > len(mm):
             raise CheckpointError(
                 f"{info.path}: tensor {info.name!r}: file truncated (wanted {nbytes} bytes at offset {offset}, "
@@ -171,11 +174,13 @@ class MappedFiles:
         _, addr, length = pages
         _madvise(addr, length, mmap.MADV_DONTNEED)
 
-    def _map(self, info: TensorInfo) -> mmap.mmap:
+    def _map(self, info: TensorInfo) -> mmap.mmap | None:
+        """The file's map (None where the file system cannot map it: the caller reads instead)."""
         st = os.stat(info.path)  # a file replaced at the same path must not be read through a stale map
         with self._lock:
             cached = self._maps.get(info.path)
             if cached is not None and cached[1:] == (st.st_dev, st.st_ino):
+                self._maps.move_to_end(info.path)
                 return cached[0]
             try:
                 with open(info.path, "rb") as f:
@@ -185,10 +190,16 @@ class MappedFiles:
                             f"{info.path}: tensor {info.name!r}: file truncated (tensor ends at byte {info.end}, "
                             f"file has {st.st_size} bytes)"
                         )
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    try:
+                        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    except (OSError, ValueError):
+                        mm = None
             except OSError as e:
-                raise CheckpointError(f"{info.path}: tensor {info.name!r}: cannot map: {e.strerror or e}") from e
+                raise CheckpointError(f"{info.path}: tensor {info.name!r}: cannot open: {e.strerror or e}") from e
             self._maps[info.path] = (mm, st.st_dev, st.st_ino)
+            self._maps.move_to_end(info.path)
+            while len(self._maps) > self._max_open:
+                self._maps.popitem(last=False)  # unmapped once no view of it is left
             return mm
 
     def close(self) -> None:
