@@ -41,7 +41,10 @@ def streaming(d):
         after = f"{r['after_import_s']:.2f}" if r.get("after_import_s") else "—"
         out.append(f"| {r['provider']} | {r['wall_s']:.2f} | {after} | {r['flush_s']:.2f} | {r['peak_rss_MB']:.0f} | "
                    f"{r['GBps']:.2f} |")
-    out += ["", "Targets (from the issue), as measured:", ""]
+    out += ["", "flush s: an fsync of the output after the process has ended, i.e. what it still owed the disk "
+            "(cws fsyncs before it returns unless `--no-fsync`; mergekit and the plain script do not). The `dd` row "
+            "is what the disk itself takes to write and fsync that many bytes. \"Both on disk\" ratios compare "
+            "wall + flush.", "", "Targets (from the issue), as measured:", ""]
     out += [f"- {'pass' if t['pass'] else 'FAIL'}: {name}: {t['value']:.3f}" for name, t in d["targets"].items()]
     if d.get("after_import"):
         out += ["", "Without interpreter start-up (each Python process times itself after its imports; "

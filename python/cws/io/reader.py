@@ -106,7 +106,7 @@ def read_tensor(info: TensorInfo, row_start: int = 0, row_end: int | None = None
 
 
 USE_MMAP = os.environ.get("CWS_MMAP", "1") != "0" and hasattr(mmap, "MADV_DONTNEED")
-_MADV_POPULATE_READ = 22  # Linux >= 5.14; elsewhere MADV_WILLNEED (readahead only)
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
 
 
 def _madvise_call():
@@ -139,7 +139,7 @@ class MappedFiles:
         self._maps: OrderedDict[str, tuple[mmap.mmap | None, int, int]] = OrderedDict()  # path -> (map, dev, ino)
         self._max_open = max_open  # maps beyond this are forgotten, least recently used first (each holds an fd)
         self._lock = threading.Lock()
-        self._populate = _MADV_POPULATE_READ
+        self._populate = True
 
     def view(self, info: TensorInfo, row_start: int = 0, row_end: int | None = None) -> tuple[torch.Tensor, tuple] | None:
         """(rows [row_start, row_end) of the tensor as a view of the mapped file, its pages for
@@ -160,12 +160,11 @@ class MappedFiles:
         t = torch.frombuffer(mm, dtype=info.dtype, count=nbytes // info.dtype.itemsize, offset=offset)
         head = offset % mmap.PAGESIZE
         pages = (mm, t.data_ptr() - head, nbytes + head)  # the map is kept alive while its pages are listed
-        if _madvise(pages[1], pages[2], self._populate) != 0:
-            if self._populate == mmap.MADV_WILLNEED:
-                raise CheckpointError(f"{info.path}: tensor {info.name!r}: madvise failed: "
-                                      f"{os.strerror(ctypes.get_errno())}")
-            self._populate = mmap.MADV_WILLNEED  # kernel without MADV_POPULATE_READ: start readahead only
-            _madvise(pages[1], pages[2], self._populate)
+        # WILLNEED first: the kernel reads what is not cached in large requests (page faults alone
+        # read 128 KiB at a time: 1.6x slower than preadv on cold files here); then POPULATE_READ maps it.
+        _madvise(pages[1], pages[2], mmap.MADV_WILLNEED)
+        if self._populate and _madvise(pages[1], pages[2], _MADV_POPULATE_READ) != 0:
+            self._populate = False  # a kernel without it (< 5.14): the compute faults the pages in
         return t.view(shape), pages
 
     @staticmethod
