@@ -45,7 +45,7 @@ def streaming(d):
             "(cws fsyncs before it returns unless `--no-fsync`; mergekit and the plain script do not). The `dd` row "
             "is what the disk itself takes to write and fsync that many bytes. \"Both on disk\" ratios compare "
             "wall + flush.", "", "Targets (from the issue), as measured:", ""]
-    out += [f"- {'pass' if t['pass'] else 'FAIL'}: {name}: {t['value']:.3f}" for name, t in d["targets"].items()]
+    out += _target_table(d["targets"])
     if d.get("after_import"):
         out += ["", "Without interpreter start-up (each Python process times itself after its imports; "
                 "`import torch` alone is 2–4 s here, which a 70B run does not notice):", ""]
@@ -55,6 +55,19 @@ def streaming(d):
     over = "; ".join(f"{k}: {v['over_1ulp']} over 1 ulp" for k, v in c.items())
     out += ["", f"Every output element of every provider is within {worst:.2f} bf16 ulp of the fp64 reference "
             f"({over})."]
+    return out
+
+
+def _target_table(targets):
+    """Targets named "<subject>: <metric>" as one row per subject, one column per metric."""
+    cells, metrics = {}, []
+    for name, t in targets.items():
+        subject, metric = name.split(": ", 1)
+        if metric not in metrics:
+            metrics.append(metric)
+        cells.setdefault(subject, {})[metric] = f"{t['value']:.3f} {'pass' if t['pass'] else '**FAIL**'}"
+    out = ["| | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    out += [f"| {subject} | " + " | ".join(row.get(m, "") for m in metrics) + " |" for subject, row in cells.items()]
     return out
 
 
