@@ -235,6 +235,11 @@ def test_mapped_view_of_a_truncated_or_replaced_file(tmp_path):
     os.truncate(path, infos["b"].end - 3)  # after the header check: refused, never a SIGBUS
     with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated"):
         MappedFiles().view(infos["b"])
+    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated"):
+        maps.view(infos["b"])  # truncated in place after it was mapped
+    path.unlink()
+    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'a': cannot open"):
+        maps.view(infos["a"])
 
 
 def test_mapped_files_fall_back_and_forget_old_maps(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import ctypes
 import math
 import mmap
 import os
+import sys
 import threading
 from collections import OrderedDict
 
@@ -106,7 +107,7 @@ def read_tensor(info: TensorInfo, row_start: int = 0, row_end: int | None = None
 
 
 USE_MMAP = os.environ.get("CWS_MMAP", "1") != "0" and hasattr(mmap, "MADV_DONTNEED")
-_MADV_POPULATE_READ = 22  # Linux >= 5.14
+_MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None  # Linux >= 5.14
 
 
 def _madvise_call():
@@ -139,7 +140,7 @@ class MappedFiles:
         self._maps: OrderedDict[str, tuple[mmap.mmap | None, int, int]] = OrderedDict()  # path -> (map, dev, ino)
         self._max_open = max_open  # maps beyond this are forgotten, least recently used first (each holds an fd)
         self._lock = threading.Lock()
-        self._populate = True
+        self._populate = _MADV_POPULATE_READ is not None
 
     def view(self, info: TensorInfo, row_start: int = 0, row_end: int | None = None) -> tuple[torch.Tensor, tuple] | None:
         """(rows [row_start, row_end) of the tensor as a view of the mapped file, its pages for
@@ -149,13 +150,13 @@ class MappedFiles:
         nbytes = (row_end - row_start) * info.row_bytes if info.shape else info.nbytes
         if nbytes == 0 or offset % info.dtype.itemsize or _madvise is None:
             return None
-        mm = self._map(info)
+        mm, size = self._map(info)
         if mm is None:
             return None
-        if offset + nbytes > len(mm):
+        if offset + nbytes > min(size, len(mm)):  # also a file truncated in place since it was mapped
             raise CheckpointError(
                 f"{info.path}: tensor {info.name!r}: file truncated (wanted {nbytes} bytes at offset {offset}, "
-                f"file has {len(mm)} bytes)"
+                f"file has {size} bytes)"
             )
         t = torch.frombuffer(mm, dtype=info.dtype, count=nbytes // info.dtype.itemsize, offset=offset)
         head = offset % mmap.PAGESIZE
@@ -173,15 +174,16 @@ class MappedFiles:
         _, addr, length = pages
         _madvise(addr, length, mmap.MADV_DONTNEED)
 
-    def _map(self, info: TensorInfo) -> mmap.mmap | None:
-        """The file's map (None where the file system cannot map it: the caller reads instead)."""
-        st = os.stat(info.path)  # a file replaced at the same path must not be read through a stale map
+    def _map(self, info: TensorInfo) -> tuple[mmap.mmap | None, int]:
+        """The file's map (None where the file system cannot map it: the caller reads instead) and
+        the file's size now."""
         with self._lock:
-            cached = self._maps.get(info.path)
-            if cached is not None and cached[1:] == (st.st_dev, st.st_ino):
-                self._maps.move_to_end(info.path)
-                return cached[0]
             try:
+                st = os.stat(info.path)  # a file replaced at the same path must not be read through a stale map
+                cached = self._maps.get(info.path)
+                if cached is not None and cached[1:] == (st.st_dev, st.st_ino):
+                    self._maps.move_to_end(info.path)
+                    return cached[0], st.st_size
                 with open(info.path, "rb") as f:
                     st = os.fstat(f.fileno())
                     if st.st_size < info.end:
@@ -199,7 +201,7 @@ class MappedFiles:
             self._maps.move_to_end(info.path)
             while len(self._maps) > self._max_open:
                 self._maps.popitem(last=False)  # unmapped once no view of it is left
-            return mm
+            return mm, st.st_size
 
     def close(self) -> None:
         """Forget the maps; each is unmapped once no view of it is left."""
