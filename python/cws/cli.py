@@ -29,6 +29,14 @@ def _no_fsync(p: argparse.ArgumentParser) -> None:
                         "nothing behind, but after a power loss the output may be incomplete)")
 
 
+def _direction_writer(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that turn one direction into another output (export-peft, densify)."""
+    p.add_argument("--max-memory", default="256M", help="memory budget for tensor buffers (default 256M)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _no_fsync(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cws", description="Contrastive weight steering: extract, apply, compare, monitor.")
     ap.add_argument("--version", action="version", version=f"cws {__version__}")
@@ -71,19 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--out", required=True, help="adapter directory to write")
     p.add_argument("--base", help="base model: lets dense entries (embed/lm_head) go in as modules_to_save weights")
-    p.add_argument("--max-memory", default="256M")
-    p.add_argument("--overwrite", action="store_true")
-    _no_fsync(p)
-    p.add_argument("--quiet", "-q", action="store_true")
+    _direction_writer(p)
 
     p = sub.add_parser("densify", help="a direction with every low-rank entry formed densely")
     p.add_argument("direction")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--max-memory", default="256M")
-    p.add_argument("--overwrite", action="store_true")
-    _no_fsync(p)
-    p.add_argument("--quiet", "-q", action="store_true")
+    _direction_writer(p)
 
     p = sub.add_parser("info", help="what a checkpoint, adapter or direction holds")
     p.add_argument("path")
