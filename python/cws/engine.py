@@ -170,7 +170,8 @@ def run(
     # Streaming is bound by reads and writes; a one-off torch.compile (~20 s cold) does not pay back
     # here, so the CPU kernels run eager unless CWS_CPU_IMPL says otherwise.
     impl = contextlib.nullcontext() if os.environ.get("CWS_CPU_IMPL") else use_cpu_impl("eager")
-    with impl, _compute_threads(writes), ThreadPoolExecutor(1, "cws-read") as reading, ThreadPoolExecutor(1, "cws-write") as writing:
+    with (impl, _compute_threads(writes), ThreadPoolExecutor(1, "cws-read") as reading,
+          ThreadPoolExecutor(1, "cws-write") as writing):
         try:
             ahead = reading.submit(read, 0) if plan else None
             for k in range(len(plan)):
