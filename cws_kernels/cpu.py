@@ -52,14 +52,11 @@ def _combine(xs: list[torch.Tensor], coeffs: list[float], acc: torch.Tensor, tmp
     if coeffs[0] != 1.0:
         acc.mul_(coeffs[0])
     for x, c in zip(xs[1:], coeffs[1:]):
-        sign = c in (1.0, -1.0)  # a + (-1)·x and a - x round the same (the product is exact)
-        term = x if x.dtype == torch.float32 and sign else tmp
-        if x.dtype == torch.float32 and not sign:
-            torch.mul(x, c, out=tmp)
-        elif x.dtype != torch.float32:
-            tmp.copy_(x)
-            if not sign:
-                tmp.mul_(c)
+        unit = c in (1.0, -1.0)  # a + (-1)·x and a - x round the same (the product is exact)
+        if x.dtype == torch.float32:
+            term = x if unit else torch.mul(x, c, out=tmp)
+        else:
+            term = tmp.copy_(x) if unit else tmp.copy_(x).mul_(c)
         acc.sub_(term) if c == -1.0 else acc.add_(term)
     return acc
 

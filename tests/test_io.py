@@ -250,7 +250,7 @@ def test_mapped_files_fall_back_and_forget_old_maps(tmp_path, monkeypatch):
     infos = [read_header(p)[0]["w"] for p in paths]
     maps = MappedFiles(max_open=2)
     views = [maps.view(i)[0] for i in infos]
-    assert len(maps._maps) == 2 and [v[0].item() for v in views] == [0.0, 1.0, 2.0]  # forgotten maps stay valid
+    assert len(maps._maps.items) == 2 and [v[0].item() for v in views] == [0.0, 1.0, 2.0]  # forgotten maps stay valid
 
     def refuse(*a, **k):
         raise OSError(19, "No such device")

@@ -19,29 +19,46 @@ from cws.io.format import TensorInfo
 _MAX_OPEN_PER_THREAD = 16
 
 
-class _FdCache:
-    """Open read-only descriptors of one thread, least recently used first; closed with the thread."""
+class _OpenFiles:
+    """What is open per path (descriptors, maps), valid while the path still names the same file
+    (device and inode: a file replaced at the path is reopened, never read through a stale handle),
+    at most `limit` of them; the least recently used go first, through `drop`."""
 
-    def __init__(self) -> None:
-        self.fds: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # path -> (fd, dev, ino)
+    def __init__(self, limit: int, drop=lambda obj: None) -> None:
+        self.items: OrderedDict[str, tuple[object, int, int]] = OrderedDict()  # path -> (obj, dev, ino)
+        self.limit, self.drop = limit, drop
 
-    def get(self, path: str) -> int:
-        st = os.stat(path)  # a file replaced at the same path must not be read through a stale fd
-        cached = self.fds.pop(path, None)
+    def get(self, path: str, st: os.stat_result, make):
+        """The object for `path` (whose os.stat is `st`); `make()` opens a new one and returns it
+        with the os.fstat of the file it opened."""
+        cached = self.items.pop(path, None)
         if cached is not None and cached[1:] == (st.st_dev, st.st_ino):
-            self.fds[path] = cached
+            self.items[path] = cached
             return cached[0]
         if cached is not None:
-            os.close(cached[0])
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        st = os.fstat(fd)
-        self.fds[path] = (fd, st.st_dev, st.st_ino)
-        while len(self.fds) > _MAX_OPEN_PER_THREAD:
-            os.close(self.fds.popitem(last=False)[1][0])
-        return fd
+            self.drop(cached[0])
+        obj, st = make()
+        self.items[path] = (obj, st.st_dev, st.st_ino)
+        while len(self.items) > self.limit:
+            self.drop(self.items.popitem(last=False)[1][0])
+        return obj
+
+
+class _FdCache(_OpenFiles):
+    """Open read-only descriptors of one thread; closed with the thread."""
+
+    def __init__(self) -> None:
+        super().__init__(_MAX_OPEN_PER_THREAD, os.close)
+
+    def fd(self, path: str) -> int:
+        def make():
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return fd, os.fstat(fd)
+
+        return self.get(path, os.stat(path), make)
 
     def __del__(self, _close=os.close) -> None:  # bound early: may run at interpreter shutdown
-        for fd, _, _ in self.fds.values():
+        for fd, _, _ in self.items.values():
             _close(fd)
 
 
@@ -52,7 +69,7 @@ def _fd(path: str) -> int:
     cache = getattr(_local, "cache", None)
     if cache is None:
         cache = _local.cache = _FdCache()
-    return cache.get(path)
+    return cache.fd(path)
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -110,18 +127,19 @@ USE_MMAP = os.environ.get("CWS_MMAP", "1") != "0" and hasattr(mmap, "MADV_DONTNE
 _MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None  # Linux >= 5.14
 
 
-def _madvise_call():
-    """madvise(addr, length, advice) through ctypes, which lets go of the GIL while the kernel works
-    (mmap.madvise holds it: prefaulting a slice took the compute thread's GIL for tens of ms)."""
+def libc_function(name: str, *argtypes):
+    """A libc function through ctypes, or None where libc lacks it. ctypes lets go of the GIL
+    during the call (`mmap.madvise` holds it: prefaulting a slice took the compute thread's GIL
+    for tens of ms)."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.argtypes = list(argtypes)
     return fn
 
 
-_madvise = _madvise_call()
+_madvise = libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class MappedFiles:
@@ -137,8 +155,7 @@ class MappedFiles:
     """
 
     def __init__(self, max_open: int = 64) -> None:
-        self._maps: OrderedDict[str, tuple[mmap.mmap | None, int, int]] = OrderedDict()  # path -> (map, dev, ino)
-        self._max_open = max_open  # maps beyond this are forgotten, least recently used first (each holds an fd)
+        self._maps = _OpenFiles(max_open)  # each map holds an fd; a forgotten one is unmapped once no view is left
         self._lock = threading.Lock()
         self._populate = _MADV_POPULATE_READ is not None
 
@@ -153,10 +170,10 @@ class MappedFiles:
         mm, size = self._map(info)
         if mm is None:
             return None
-        if offset + nbytes > min(size, len(mm)):  # also a file truncated in place since it was mapped
+        if info.end > min(size, len(mm)):  # also a file truncated in place since it was mapped
             raise CheckpointError(
-                f"{info.path}: tensor {info.name!r}: file truncated (wanted {nbytes} bytes at offset {offset}, "
-                f"file has {size} bytes)"
+                f"{info.path}: tensor {info.name!r}: file truncated (tensor ends at byte {info.end}, "
+                f"file has {min(size, len(mm))} bytes)"
             )
         t = torch.frombuffer(mm, dtype=info.dtype, count=nbytes // info.dtype.itemsize, offset=offset)
         head = offset % mmap.PAGESIZE
@@ -177,33 +194,23 @@ class MappedFiles:
     def _map(self, info: TensorInfo) -> tuple[mmap.mmap | None, int]:
         """The file's map (None where the file system cannot map it: the caller reads instead) and
         the file's size now."""
+
+        def make():
+            with open(info.path, "rb") as f:
+                try:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError):  # e.g. an empty file, or a file system without mmap
+                    mm = None
+                return mm, os.fstat(f.fileno())
+
         with self._lock:
             try:
-                st = os.stat(info.path)  # a file replaced at the same path must not be read through a stale map
-                cached = self._maps.get(info.path)
-                if cached is not None and cached[1:] == (st.st_dev, st.st_ino):
-                    self._maps.move_to_end(info.path)
-                    return cached[0], st.st_size
-                with open(info.path, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    if st.st_size < info.end:
-                        raise CheckpointError(
-                            f"{info.path}: tensor {info.name!r}: file truncated (tensor ends at byte {info.end}, "
-                            f"file has {st.st_size} bytes)"
-                        )
-                    try:
-                        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                    except (OSError, ValueError):
-                        mm = None
+                st = os.stat(info.path)
+                return self._maps.get(info.path, st, make), st.st_size
             except OSError as e:
                 raise CheckpointError(f"{info.path}: tensor {info.name!r}: cannot open: {e.strerror or e}") from e
-            self._maps[info.path] = (mm, st.st_dev, st.st_ino)
-            self._maps.move_to_end(info.path)
-            while len(self._maps) > self._max_open:
-                self._maps.popitem(last=False)  # unmapped once no view of it is left
-            return mm, st.st_size
 
     def close(self) -> None:
         """Forget the maps; each is unmapped once no view of it is left."""
         with self._lock:
-            self._maps.clear()
+            self._maps.items.clear()

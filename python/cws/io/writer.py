@@ -23,22 +23,20 @@ import torch
 
 from cws.errors import CheckpointError
 from cws.io.format import DTYPE_NAMES, build_header
-from cws.io.reader import byte_view
+from cws.io.reader import byte_view, libc_function
 
 
-def _writeback_starter():
-    """`start(fd, offset, nbytes)`: queue written pages for writeback without waiting (Linux
-    sync_file_range(SYNC_FILE_RANGE_WRITE)), so the disk works while later slices are computed and
-    the fsync before the commit finds little left to do. A no-op where libc lacks it."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return lambda fd, offset, nbytes: None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)  # 2: SYNC_FILE_RANGE_WRITE; errors ignored
+_sync_file_range = libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
-_start_writeback = _writeback_starter()
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Queue written pages for writeback without waiting (Linux sync_file_range(SYNC_FILE_RANGE_WRITE)),
+    so the disk works while later slices are computed and the fsync before the commit finds little
+    left to do. A no-op where libc lacks it; errors are ignored (the fsync reports them)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, 2)  # 2: SYNC_FILE_RANGE_WRITE
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
 _MAX_LISTED = 10
 
@@ -233,8 +231,9 @@ class ShardedWriter:
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
                 (self._tmp / self.index_name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
             with self._lock:
-                for fd in self._fds if self.fsync else ():
-                    os.fsync(fd)
+                if self.fsync:
+                    for fd in self._fds:
+                        os.fsync(fd)
                 self._close_fds()
             if self.fsync:
                 for p in self._tmp.iterdir():
