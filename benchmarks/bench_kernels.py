@@ -1,5 +1,8 @@
 """lincomb and gram against copy bandwidth and plain PyTorch, on 1e8-element bf16 tensors.
 
+On CPU: the native C loops (the default when built), the chunked eager ops and the
+`torch.compile`d loops; the ratios use the default (native where built).
+
     python benchmarks/bench_kernels.py [--n 100000000] [--reps 7]
 
 Bandwidth is bytes moved / time: copy reads and writes n elements; lincomb reads 3 and writes 1;
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 import cws_kernels as K
+from cws_kernels import native
 from cws_kernels.reference import gram_fp64
 
 RESULTS = Path(__file__).parent / "results"
@@ -58,7 +62,7 @@ def main():
                      "GBps": nbytes / med / 1e9})
 
     row("copy", "torch out.copy_(x)", timeit(lambda: out.copy_(a), args.reps), 2 * n * e)
-    impls = ["eager", "compiled"] if dev == "cpu" else ["triton"]
+    impls = (["native"] * native.available() + ["eager", "compiled"]) if dev == "cpu" else ["triton"]
     for impl in impls:
         def run_lincomb():
             K.lincomb([a, b, c], [1.0, alpha, -alpha], out=out)
@@ -93,7 +97,7 @@ def main():
 
     by = {(r["op"], r["provider"]): r for r in rows}
     copy_bw = by[("copy", "torch out.copy_(x)")]["GBps"]
-    best = "cws triton" if dev != "cpu" else "cws cpu compiled"
+    best = "cws triton" if dev != "cpu" else f"cws cpu {impls[0]}"
     ratios = {
         "lincomb_vs_copy_bandwidth": by[("lincomb", best)]["GBps"] / copy_bw,
         "lincomb_speedup_vs_plain_expression": by[("lincomb", "plain torch expression")]["ms"] / by[("lincomb", best)]["ms"],

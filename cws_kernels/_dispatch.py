@@ -2,8 +2,9 @@
 
 CWS_BACKEND  = auto | triton | torch   (auto: Triton for CUDA tensors, the torch path on CPU;
                Triton on CPU tensors only when forced and TRITON_INTERPRET=1)
-CWS_CPU_IMPL = auto | compiled | eager (auto: `torch.compile`d loops for tensors of at least
-               CWS_COMPILE_MIN_NUMEL elements, default 2**24, chunked eager ops below that)
+CWS_CPU_IMPL = auto | native | compiled | eager   (for contiguous tensors; strided ones run eager)
+               auto: the native C loops when they were built; else `torch.compile`d loops for
+               tensors of at least CWS_COMPILE_MIN_NUMEL elements (default 2**24), eager below
 """
 
 import contextlib
@@ -14,7 +15,7 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-CPU_IMPLS = ("auto", "compiled", "eager")
+CPU_IMPLS = ("auto", "native", "compiled", "eager")
 _cpu_impl_override: list[str] = []
 
 
@@ -53,15 +54,27 @@ def backend_for(tensors, backend: str | None = None) -> str:
     return choice
 
 
-def cpu_impl(numel: int) -> str:
-    """'compiled' or 'eager' for a CPU call over `numel` elements."""
+def cpu_impl(numel: int, flat: bool) -> str:
+    """'native', 'compiled' or 'eager' for a CPU call over `numel` elements (`flat`: all contiguous)."""
+    from . import native
+
     choice = _cpu_impl_override[-1] if _cpu_impl_override else _env("CWS_CPU_IMPL", "auto", CPU_IMPLS)
+    if not flat:
+        return "eager"
     if choice == "auto":
         threshold = int(os.environ.get("CWS_COMPILE_MIN_NUMEL", 1 << 24))
-        choice = "compiled" if numel >= threshold else "eager"
-    if choice == "compiled" and not compile_works():
+        choice = "native" if native.available() else "compiled" if numel >= threshold else "eager"
+    if choice == "native" and not native.available():
+        _warn_once("cws_kernels: the native CPU loops were not built (no C compiler at install?); using eager ops")
+        return "eager"
+    if choice == "compiled" and (numel < 1024 or not compile_works()):
         return "eager"
     return choice
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import cpu
+from . import cpu, native
 from ._dispatch import backend_for, cpu_impl
 
 MAX_INPUTS = 8
@@ -43,10 +43,9 @@ def gram(inputs: Sequence[torch.Tensor], combos, *, backend: str | None = None) 
         from .triton_gram import gram_triton
 
         return gram_triton(inputs, C)
-    flat = all(x.is_contiguous() for x in inputs)
-    if flat and inputs[0].numel() >= cpu.BLOCK and cpu_impl(inputs[0].numel()) == "compiled":
-        return cpu.gram_compiled(inputs, C)
-    return cpu.gram_eager(inputs, C)
+    impl = cpu_impl(inputs[0].numel(), all(x.is_contiguous() for x in inputs))
+    run = {"native": native.gram_native, "compiled": cpu.gram_compiled, "eager": cpu.gram_eager}[impl]
+    return run(inputs, C)
 
 
 def dot(a: torch.Tensor, b: torch.Tensor, **kw) -> float:

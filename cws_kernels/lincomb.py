@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import cpu
+from . import cpu, native
 from ._dispatch import backend_for, cpu_impl
 from .rounding import fold_seed
 
@@ -89,9 +89,7 @@ def lincomb(
 
         lincomb_triton(inputs, coeffs, out, rounding, key, offset)
         return out
-    flat = all(t.is_contiguous() for t in [*inputs, out])
-    if flat and out.numel() >= cpu.BLOCK and cpu_impl(out.numel()) == "compiled":
-        cpu.lincomb_compiled(inputs, coeffs, out, rounding, key, offset)
-    else:
-        cpu.lincomb_eager(inputs, coeffs, out, rounding, key, offset)
+    impl = cpu_impl(out.numel(), all(t.is_contiguous() for t in [*inputs, out]))
+    run = {"native": native.lincomb_native, "compiled": cpu.lincomb_compiled, "eager": cpu.lincomb_eager}[impl]
+    run(inputs, coeffs, out, rounding, key, offset)
     return out

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 import cws_kernels as K
+from cws_kernels import native
 from cws_kernels.reference import gram_fp64, lincomb_fp64, lincomb_ref, lowrank_dense_fp64
 from kernel_utils import assert_bits_equal, special_values
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The compiled path costs one torch.compile per signature (~20 s cold), so it gets a few
 # representative signatures; the eager path gets the full matrix.
-IMPLS = ["eager", "compiled"]
+IMPLS = ["eager", "native", "compiled"]
 
 
 def make(n, dtypes, shape=None, seed=0):
@@ -19,15 +20,56 @@ def make(n, dtypes, shape=None, seed=0):
     return [torch.randn(shape, generator=g).to(DT[d]) for d in dtypes]
 
 
+def test_native_loops_are_built():
+    # The suite tests the native path only if the optional C build happened (pip install builds it).
+    assert native.available(), "cws_kernels/_native*.so missing: reinstall with `pip install -e .` (needs gcc)"
+
+
 @pytest.mark.parametrize("n", [1, 7, 1023, 65537, 3 * 1000003])
 @pytest.mark.parametrize("dtypes", [("bf16",), ("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp16"), ("fp16",) * 8])
 @pytest.mark.parametrize("out", ["bf16", "fp16", "fp32"])
-def test_lincomb_nearest_is_bit_exact(n, dtypes, out):
+@pytest.mark.parametrize("impl", ["eager", "native"])
+def test_lincomb_nearest_is_bit_exact(n, dtypes, out, impl):
     xs = make(n, dtypes)
     cs = [1.0, -0.3, 0.7, 2.0, -1.0, 0.1, 3.5, -0.25][: len(xs)]
-    with K.use_cpu_impl("eager"):
+    with K.use_cpu_impl(impl):
         got = K.lincomb(xs, cs, out_dtype=DT[out])
-    assert_bits_equal(got, lincomb_ref(xs, cs, DT[out]), "eager nearest")
+    assert_bits_equal(got, lincomb_ref(xs, cs, DT[out]), f"{impl} nearest")
+
+
+@pytest.mark.parametrize("n", [5, 4097, 3 * 1000003])
+@pytest.mark.parametrize("dtypes", [("bf16", "fp32"), ("fp32", "bf16", "fp16")])
+@pytest.mark.parametrize("out", ["bf16", "fp16"])
+def test_lincomb_native_stochastic_is_bit_exact(n, dtypes, out):
+    # native.c spells rounding.round_stochastic's hash and integer steps in C: same bits, any offset
+    xs = make(n, dtypes, seed=4)
+    xs[0][:3] = torch.tensor([float("inf"), -3e38, 6e-8])  # overflow, near-overflow, fp16 subnormal range
+    for offset in (0, 2**32 + 12345):
+        with K.use_cpu_impl("native"):
+            got = K.lincomb(xs, [1.0, -0.3, 0.7][: len(xs)], out_dtype=DT[out], rounding="stochastic", seed=9,
+                            offset=offset)
+        want = lincomb_ref(xs, [1.0, -0.3, 0.7][: len(xs)], DT[out], rounding="stochastic", seed=9, offset=offset)
+        assert_bits_equal(got, want, f"native stochastic, offset {offset}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_split_over_threads_gives_the_same_bits(threads):
+    # Large calls split over torch's thread count at CHUNK boundaries; the bits must not change.
+    xs = make(5 * 2**20 + 3, ("bf16", "fp32", "fp16"), seed=6)
+    C = [[1.0, -1.0, 0.0], [0.0, 0.5, 2.0]]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with K.use_cpu_impl("native"):
+            G1, L1 = K.gram(xs, C), K.lincomb(xs, [1.0, 0.25, -3.0], out_dtype=torch.bfloat16)
+        torch.set_num_threads(threads)
+        with K.use_cpu_impl("native"):
+            G, L = K.gram(xs, C), K.lincomb(xs, [1.0, 0.25, -3.0], out_dtype=torch.bfloat16)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(G, G1)
+    assert_bits_equal(L, L1, f"{threads} threads")
+    assert_bits_equal(L, lincomb_ref(xs, [1.0, 0.25, -3.0], torch.bfloat16), "against the reference")
 
 
 @pytest.mark.parametrize("dtypes", [("bf16", "fp32", "fp32", "bf16"), ("fp32", "bf16", "fp32", "fp32")])
@@ -39,9 +81,10 @@ def test_lincomb_unit_coefficients_exact_and_inputs_untouched(dtypes):
     before = [x.clone() for x in xs]
     for cs in ([1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 0.5], [2.0, -1.0, -1.0, 1.0]):
         for out in ("bf16", "fp32"):
-            with K.use_cpu_impl("eager"):
-                got = K.lincomb(xs, cs, out_dtype=DT[out])
-            assert_bits_equal(got, lincomb_ref(xs, cs, DT[out]), f"eager {cs} -> {out}")
+            for impl in ("eager", "native"):
+                with K.use_cpu_impl(impl):
+                    got = K.lincomb(xs, cs, out_dtype=DT[out])
+                assert_bits_equal(got, lincomb_ref(xs, cs, DT[out]), f"{impl} {cs} -> {out}")
     assert all(torch.equal(x.view(torch.uint8), b.view(torch.uint8)) for x, b in zip(xs, before))
 
 
@@ -96,7 +139,9 @@ def test_lincomb_empty():
 
 
 @pytest.mark.parametrize("out", ["bf16", "fp16"])
-def test_lincomb_special_values(out):
+@pytest.mark.parametrize("impl", ["eager", "native"])
+def test_lincomb_special_values(out, impl, monkeypatch):
+    monkeypatch.setenv("CWS_CPU_IMPL", impl)
     x = special_values(DT[out])
     got = K.lincomb([x], [1.0], out_dtype=DT[out])
     assert_bits_equal(got, x.to(DT[out]), "special values (nearest == torch's cast)")

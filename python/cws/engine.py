@@ -167,9 +167,9 @@ def run(
         futures.clear()
 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet or not plan, leave=False)
-    # Streaming is bound by reads and writes; a one-off torch.compile (~20 s cold) does not pay back
-    # here, so the CPU kernels run eager unless CWS_CPU_IMPL says otherwise.
-    impl = contextlib.nullcontext() if os.environ.get("CWS_CPU_IMPL") else use_cpu_impl("eager")
+    # A one-off torch.compile (~20 s cold) does not pay back in a stream, so the CPU kernels run
+    # native (eager where that was not built) unless CWS_CPU_IMPL says otherwise.
+    impl = contextlib.nullcontext() if os.environ.get("CWS_CPU_IMPL") else use_cpu_impl("native")
     with (impl, _compute_threads(writes), ThreadPoolExecutor(1, "cws-read") as reading,
           ThreadPoolExecutor(1, "cws-write") as writing):
         try:

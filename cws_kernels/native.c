@@ -1,0 +1,171 @@
+/* Native CPU loops for lincomb and gram: each input read once, fp32 math in L1-resident tiles.
+ *
+ * Plain C (no Python or torch headers), called through ctypes, which releases the GIL, so the
+ * streaming engine's reader and writer threads run beside it. Built with -ffp-contract=off and
+ * without -ffast-math: every product and sum rounds to fp32 exactly as the reference formula
+ * (reference.lincomb_fp32) says, and the compiler may not reorder the sums. Each entry point is
+ * cloned for x86-64-v4 (AVX-512), v3 (AVX2) and baseline; the clones do the same arithmetic, so
+ * they give the same bits.
+ *
+ * Numerics, matching cws_kernels.rounding:
+ *   nearest     fp32 -> bf16 round-to-nearest-even, NaN -> 0xFFFF (ATen's vectorized cast);
+ *               fp32 -> fp16 by the C cast (IEEE nearest-even, F16C where the clone has it).
+ *   stochastic  the counter-based hash of (key, global index) and the integer steps of
+ *               rounding.round_stochastic.
+ *   gram        v_k and products in fp32; each 1024-element block sums its products in 16 fixed
+ *               lanes, reduced as a fixed tree, then added in fp64 to its CHUNK's partial.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { TILE = 1024, LANES = 16, MAX_INPUTS = 8 };
+
+INLINE float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+INLINE uint32_t float_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* acc[i] (=, or += when !first) x[start + i] * c, for i < n; x in its storage dtype. */
+INLINE void axpy_tile(float *restrict acc, const void *x, int code, float c, int first, int64_t start, int n) {
+    if (code == F32) {
+        const float *s = (const float *)x + start;
+        if (first) for (int i = 0; i < n; i++) acc[i] = s[i] * c;
+        else for (int i = 0; i < n; i++) acc[i] = acc[i] + s[i] * c;
+    } else if (code == BF16) {
+        const uint16_t *s = (const uint16_t *)x + start;
+        if (first) for (int i = 0; i < n; i++) acc[i] = bits_to_float((uint32_t)s[i] << 16) * c;
+        else for (int i = 0; i < n; i++) acc[i] = acc[i] + bits_to_float((uint32_t)s[i] << 16) * c;
+    } else {
+        const _Float16 *s = (const _Float16 *)x + start;
+        if (first) for (int i = 0; i < n; i++) acc[i] = (float)s[i] * c;
+        else for (int i = 0; i < n; i++) acc[i] = acc[i] + (float)s[i] * c;
+    }
+}
+
+INLINE uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x68E31DA5u;
+    return x ^ (x >> 16);
+}
+
+INLINE uint32_t random_bits(uint64_t index, uint32_t key) {
+    uint32_t hi = mix32((uint32_t)((index >> 32) * 0x9E3779B1ull + key));
+    return mix32((uint32_t)index ^ hi);
+}
+
+INLINE void store_nearest(void *out, int code, int64_t start, const float *restrict acc, int n) {
+    if (code == F32) {
+        memcpy((float *)out + start, acc, (size_t)n * 4);
+    } else if (code == BF16) {
+        uint16_t *o = (uint16_t *)out + start;
+        for (int i = 0; i < n; i++) {
+            uint32_t u = float_to_bits(acc[i]);
+            uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            o[i] = acc[i] != acc[i] ? 0xFFFFu : r;
+        }
+    } else {
+        _Float16 *o = (_Float16 *)out + start;
+        for (int i = 0; i < n; i++) o[i] = (_Float16)acc[i];
+    }
+}
+
+/* rounding.round_stochastic, element by element; index = offset + position in the tensor. */
+INLINE void store_stochastic(void *out, int code, int64_t start, const float *restrict acc, int n, uint32_t key,
+                             int64_t offset) {
+    for (int i = 0; i < n; i++) {
+        uint32_t r = random_bits((uint64_t)(offset + start + i), key);
+        uint32_t u = float_to_bits(acc[i]);
+        if (code == BF16) {
+            uint32_t up = (((u & 0x7FFFFFFFu) + (r & 0xFFFFu)) & 0x7FFF0000u) | (u & 0x80000000u);
+            ((uint16_t *)out)[start + i] = acc[i] != acc[i] ? 0xFFFFu : (uint16_t)(up >> 16);
+        } else {
+            int32_t e = (int32_t)((u >> 23) & 0xFFu) - 127;
+            float spacing = bits_to_float((uint32_t)((e < -14 ? -14 : e) - 10 + 127) << 23);
+            float unif = (float)(r & 0x1FFFu) * (1.0f / 8192.0f);
+            ((_Float16 *)out)[start + i] = (_Float16)(floorf(acc[i] / spacing + unif) * spacing);
+        }
+    }
+}
+
+/* out[start:stop] = round(sum_i coefs[i] * xs[i][start:stop]), left to right in fp32.
+ * rounding: 0 nearest, 1 stochastic (bf16/fp16 out). `out` may be one of the inputs. */
+CLONES void cws_lincomb(int64_t start, int64_t stop, int n_in, const void *const *xs, const int *codes,
+                        const float *coefs, void *out, int out_code, int rounding, uint32_t key, int64_t offset) {
+    float acc[TILE] __attribute__((aligned(64)));
+    for (int64_t s = start; s < stop; s += TILE) {
+        int n = stop - s < TILE ? (int)(stop - s) : TILE;
+        for (int j = 0; j < n_in; j++) axpy_tile(acc, xs[j], codes[j], coefs[j], j == 0, s, n);
+        if (rounding == 1 && out_code != F32) store_stochastic(out, out_code, s, acc, n, key, offset);
+        else store_nearest(out, out_code, s, acc, n);
+    }
+}
+
+/* g[i][j] += sum over one block of v_i * v_j for i <= j (fp32 products), pairs taken a few at a
+ * time: each pair sums in 16 lanes, reduced as a fixed tree, so the grouping never changes bits. */
+enum { PAIRS_AT_ONCE = 6 };
+INLINE void block_gram(const float *restrict v, int k, double *g) {
+    int pi[PAIRS_AT_ONCE], pj[PAIRS_AT_ONCE], np = 0;
+    for (int i = 0; i < k; i++)
+        for (int j = i; j < k; j++) {
+            pi[np] = i, pj[np] = j, np++;
+            if (np == PAIRS_AT_ONCE || (i == k - 1 && j == k - 1)) {
+                float lane[PAIRS_AT_ONCE][LANES] __attribute__((aligned(64))) = {{0}};
+                for (int t = 0; t < TILE; t += LANES)
+                    for (int p = 0; p < np; p++) {
+                        const float *a = v + (int64_t)pi[p] * TILE + t, *b = v + (int64_t)pj[p] * TILE + t;
+                        for (int l = 0; l < LANES; l++) lane[p][l] = lane[p][l] + a[l] * b[l];
+                    }
+                for (int p = 0; p < np; p++) {
+                    for (int w = LANES / 2; w > 0; w /= 2)
+                        for (int l = 0; l < w; l++) lane[p][l] = lane[p][l] + lane[p][l + w];
+                    g[pi[p] * k + pj[p]] += (double)lane[p][0];
+                }
+                np = 0;
+            }
+        }
+}
+
+/* Per CHUNK-element chunk c of [0, n) with first_chunk <= c < stop_chunk: the K x K Gram matrix of
+ * v_k = sum_t coef[k][t] * xs[index[k][t]] (terms of combo k at term_start[k] .. term_start[k+1]),
+ * written to out[(c - first_chunk) * K * K ...]. scratch: K * TILE floats. */
+CLONES void cws_gram(int64_t n, int64_t chunk, int64_t first_chunk, int64_t stop_chunk, const void *const *xs,
+                     const int *codes, int k, const int *term_start, const int *term_index, const float *term_coef,
+                     double *out, float *scratch) {
+    float *v = scratch;
+    for (int64_t c = first_chunk; c < stop_chunk; c++) {
+        double *g = out + (c - first_chunk) * k * k;
+        memset(g, 0, sizeof(double) * k * k);
+        int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+        for (int64_t s = c * chunk; s < end; s += TILE) {
+            int m = end - s < TILE ? (int)(end - s) : TILE;
+            for (int r = 0; r < k; r++) {
+                float *vr = v + (int64_t)r * TILE;
+                if (term_start[r] == term_start[r + 1]) memset(vr, 0, sizeof(float) * m);
+                for (int t = term_start[r]; t < term_start[r + 1]; t++)
+                    axpy_tile(vr, xs[term_index[t]], codes[term_index[t]], term_coef[t], t == term_start[r], s, m);
+                if (m < TILE) memset(vr + m, 0, sizeof(float) * (TILE - m));
+            }
+            block_gram(v, k, g);
+        }
+        for (int i = 0; i < k; i++)
+            for (int j = 0; j < i; j++) g[i * k + j] = g[j * k + i];
+    }
+}
