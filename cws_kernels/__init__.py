@@ -1,4 +1,5 @@
-"""Fused, memory-bound weight-arithmetic ops: Triton kernels on GPUs, a fast PyTorch path on CPUs.
+"""Fused, memory-bound weight-arithmetic ops: Triton kernels on GPUs; native C loops on CPUs, with
+a PyTorch path (eager or compiled) where they were not built.
 
 - lincomb: out = Σ cᵢ·xᵢ in fp32, nearest or stochastic rounding, in place allowed.
 - gram: ⟨vᵢ, vⱼ⟩ for K combinations of N inputs in one pass (dot, sqnorm, cosine on top).

@@ -28,9 +28,14 @@ def _lib():
     if spec is None or not spec.origin:
         return None
     try:
-        lib = ctypes.CDLL(spec.origin)
+        return load(spec.origin)
     except OSError:
         return None
+
+
+def load(path) -> ctypes.CDLL:
+    """native.c built as a shared library at `path`, with its signatures declared."""
+    lib = ctypes.CDLL(str(path))
     lib.cws_lincomb.restype = None
     lib.cws_lincomb.argtypes = [_i64, _i64, ctypes.c_int, _ptrs, ctypes.POINTER(ctypes.c_int),
                                 ctypes.POINTER(_f32), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint32, _i64]

@@ -1,4 +1,9 @@
-"""The PyTorch CPU path of every kernel against fp32-formula and fp64 references."""
+"""The CPU paths of every kernel (native, eager, compiled) against fp32-formula and fp64 references."""
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,15 +66,15 @@ def test_native_split_over_threads_gives_the_same_bits(threads):
     try:
         torch.set_num_threads(1)
         with K.use_cpu_impl("native"):
-            G1, L1 = K.gram(xs, C), K.lincomb(xs, [1.0, 0.25, -3.0], out_dtype=torch.bfloat16)
+            G1, L1 = K.gram(xs, C), K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=torch.bfloat16)
         torch.set_num_threads(threads)
         with K.use_cpu_impl("native"):
-            G, L = K.gram(xs, C), K.lincomb(xs, [1.0, 0.25, -3.0], out_dtype=torch.bfloat16)
+            G, L = K.gram(xs, C), K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=torch.bfloat16)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(G, G1)
     assert_bits_equal(L, L1, f"{threads} threads")
-    assert_bits_equal(L, lincomb_ref(xs, [1.0, 0.25, -3.0], torch.bfloat16), "against the reference")
+    assert_bits_equal(L, lincomb_ref(xs, [1.0, 0.3, -0.7], torch.bfloat16), "against the reference")
 
 
 @pytest.mark.parametrize("dtypes", [("bf16", "fp32", "fp32", "bf16"), ("fp32", "bf16", "fp32", "fp32")])
@@ -309,3 +314,40 @@ def test_add_lowrank_in_place(dtype):
     bound = torch.finfo(DT[dtype]).eps / 2 * ref.abs() + 2**-24 * (W2.double().abs() + 10 * 0.7 * size_ba)
     K.add_lowrank_(W2, B[:64], A[:, :70], -0.7)
     assert ((W2.double() - ref).abs() <= bound).all()
+
+
+def test_without_the_native_build_the_torch_path_runs(monkeypatch):
+    # An install without a C compiler has no _native library: auto picks the PyTorch path and a
+    # forced "native" warns once and runs eager, with the same bits.
+    from cws_kernels import _dispatch
+
+    monkeypatch.setattr(native, "_lib", lambda: None)
+    xs = make(70001, ("bf16", "fp32"), seed=8)
+    want = lincomb_ref(xs, [1.0, 0.5], torch.bfloat16)
+    assert _dispatch.cpu_impl(70001, True) == "eager"
+    _dispatch._warn_once.cache_clear()
+    with K.use_cpu_impl("native"), pytest.warns(UserWarning, match="not built"):
+        got = K.lincomb(xs, [1.0, 0.5], out_dtype=torch.bfloat16)
+    assert_bits_equal(got, want, "eager fallback")
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or platform.machine() != "x86_64", reason="needs gcc on x86-64")
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_native_isa_variants_give_the_same_bits(march, tmp_path, monkeypatch):
+    # The installed library runs the clone this CPU picks; build the others alone and compare bits.
+    src = Path(native.__file__).with_name("native.c")
+    lib = tmp_path / f"native-{march}.so"
+    subprocess.run(["gcc", "-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC",
+                    "-shared", f"-march={march}", "-DCWS_NO_CLONES", "-o", str(lib), str(src)], check=True)
+    xs = make(3 * 2**18 + 77, ("bf16", "fp32", "fp16"), seed=12)
+    C = [[1.0, -1.0, 0.0], [0.0, 0.3, 2.0], [0.3, 0.7, -1.1]]
+    with K.use_cpu_impl("native"):
+        want = [K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=DT[o]) for o in ("bf16", "fp16", "fp32")]
+        want_sr = K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=torch.bfloat16, rounding="stochastic", seed=2)
+        want_g = K.gram(xs, C)
+        monkeypatch.setattr(native, "_lib", lambda: native.load(lib))
+        for o, w in zip(("bf16", "fp16", "fp32"), want):
+            assert_bits_equal(K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=DT[o]), w, f"{march} -> {o}")
+        sr = K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=torch.bfloat16, rounding="stochastic", seed=2)
+        assert_bits_equal(sr, want_sr, f"{march} stochastic")
+        assert torch.equal(K.gram(xs, C), want_g)
