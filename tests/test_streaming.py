@@ -109,6 +109,7 @@ def test_mapped_and_copied_reads_give_identical_outputs(tiny_ckpts, direction, m
                              max_memory=8192, quiet=True)[0]),
             cws.compare(tiny_ckpts["base"], tiny_ckpts["pos"], {"w": direction}, max_memory=8192, quiet=True).to_dict(),
         )
+        del runs[use_mmap][2]["meta"]["seconds"]  # the one field that is a timing
     assert runs[True] == runs[False]
 
 
@@ -162,6 +163,10 @@ def test_compare_against_fp64(tiny_ckpts, direction, sd, tmp_path):
     assert row["cosine"] == pytest.approx(fp64_cos(sd, downs, w)[0], abs=1e-7)
     w2sd = state(w2)
     assert report.cosine("other") == pytest.approx(fp64_cos(sd, names, w2sd)[0], abs=1e-7)
+    # every float tensor of base, ft and both directions is read once
+    tensors = [t for d in (sd["base"], sd["ft"], w, w2sd) for t in d.values() if t.is_floating_point()]
+    assert report.meta["read_bytes"] == sum(t.numel() * t.element_size() for t in tensors)
+    assert report.meta["seconds"] > 0
 
 
 def test_cli_end_to_end(tiny_ckpts, direction, tmp_path, capsys):

@@ -150,6 +150,9 @@ def _run(args) -> int:
     elif args.command == "compare":
         report = cws.compare(args.base, args.model, _named_directions(args.direction), **io_opts)
         print(report.table(args.by, args.exclude_embeddings))
+        if not args.quiet:
+            gb, sec = report.meta["read_bytes"] / 1e9, report.meta["seconds"]
+            print(f"read {gb:.2f} GB in {sec:.2f} s ({gb / max(sec, 1e-9):.2f} GB/s)", file=sys.stderr)
         if args.json:
             report.to_json(args.json)
         if args.csv:

@@ -9,6 +9,7 @@ forming B·A. Sums of these give per-layer, per-module and global figures (`Repo
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -199,6 +200,7 @@ def compare(
     """
     from .lora import is_adapter
 
+    started = time.perf_counter()
     check_policy(on_missing)
     dirs = as_directions(directions)
     keep = name_filter(include, exclude)
@@ -247,6 +249,8 @@ def compare(
         report.add(s.item.name, G)
         return []
 
-    engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="compare", quiet=quiet, writes=False)
+    read = engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="compare", quiet=quiet,
+                      writes=False)
+    report.meta.update(read_bytes=read, seconds=time.perf_counter() - started)  # headers and the pass
     return report
 

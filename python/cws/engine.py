@@ -133,10 +133,11 @@ def run(
     desc: str = "",
     quiet: bool = False,
     writes: bool = True,
-) -> None:
+) -> int:
     """Stream `items`: read each slice (one ahead), call `compute(slice)`, run the writes it returns
     (callables with their args, e.g. `(writer.write, (name, tensor, row))`) behind, in order.
-    writes=False: compute returns none (read-only work gets the writer's core for compute)."""
+    writes=False: compute returns none (read-only work gets the writer's core for compute).
+    Returns the number of input bytes streamed."""
     plan = list(_slices(items, max_memory))
     total = sum(i.rows * sum(t.row_bytes for t in i.sliced) + i.whole_bytes() for i in items)
     in_arenas = [_Arena() for _ in range(NBUF)]
@@ -198,3 +199,4 @@ def run(
             bar.close()
             if maps is not None:
                 maps.close()
+    return total
