@@ -7,7 +7,7 @@ native = Extension(
     "cws_kernels._native",
     sources=["cws_kernels/native.c"],
     # -ffp-contract=off: no FMA, every product and sum rounds as the fp32 reference formula says
-    extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"],
+    extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-Wno-psabi"],
     optional=True,
 )
 

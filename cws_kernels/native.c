@@ -27,7 +27,7 @@
 #define INLINE static inline __attribute__((always_inline))
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
-enum { TILE = 1024, LANES = 16, MAX_INPUTS = 8 };
+enum { TILE = 1024, LANES = 16 };
 
 INLINE float bits_to_float(uint32_t u) {
     float f;
@@ -41,20 +41,52 @@ INLINE uint32_t float_to_bits(float f) {
     return u;
 }
 
+/* 16 fp32 lanes as one value (GCC/Clang vector extensions): one zmm under AVX-512, two ymm under
+ * AVX2, four xmm on baseline; each lane is an ordinary IEEE fp32 operation, so every clone agrees. */
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+INLINE f32x16 load_f32(const float *p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+INLINE f32x16 load_bf16(const uint16_t *p) {
+    u16x16 h;
+    memcpy(&h, p, sizeof h);
+    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+    f32x16 v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
 /* acc[i] (=, or += when !first) x[start + i] * c, for i < n; x in its storage dtype. */
 INLINE void axpy_tile(float *restrict acc, const void *x, int code, float c, int first, int64_t start, int n) {
+    int i = 0;
     if (code == F32) {
         const float *s = (const float *)x + start;
-        if (first) for (int i = 0; i < n; i++) acc[i] = s[i] * c;
-        else for (int i = 0; i < n; i++) acc[i] = acc[i] + s[i] * c;
+        for (; i + LANES <= n; i += LANES) {
+            f32x16 t = load_f32(s + i) * c, a = first ? t : load_f32(acc + i) + t;
+            memcpy(acc + i, &a, sizeof a);
+        }
+        for (; i < n; i++) acc[i] = first ? s[i] * c : acc[i] + s[i] * c;
     } else if (code == BF16) {
         const uint16_t *s = (const uint16_t *)x + start;
-        if (first) for (int i = 0; i < n; i++) acc[i] = bits_to_float((uint32_t)s[i] << 16) * c;
-        else for (int i = 0; i < n; i++) acc[i] = acc[i] + bits_to_float((uint32_t)s[i] << 16) * c;
+        for (; i + LANES <= n; i += LANES) {
+            f32x16 t = load_bf16(s + i) * c, a = first ? t : load_f32(acc + i) + t;
+            memcpy(acc + i, &a, sizeof a);
+        }
+        for (; i < n; i++) {
+            float t = bits_to_float((uint32_t)s[i] << 16) * c;
+            acc[i] = first ? t : acc[i] + t;
+        }
     } else {
         const _Float16 *s = (const _Float16 *)x + start;
-        if (first) for (int i = 0; i < n; i++) acc[i] = (float)s[i] * c;
-        else for (int i = 0; i < n; i++) acc[i] = acc[i] + (float)s[i] * c;
+        if (first) for (; i < n; i++) acc[i] = (float)s[i] * c;
+        else for (; i < n; i++) acc[i] = acc[i] + (float)s[i] * c;
     }
 }
 
@@ -76,7 +108,17 @@ INLINE void store_nearest(void *out, int code, int64_t start, const float *restr
         memcpy((float *)out + start, acc, (size_t)n * 4);
     } else if (code == BF16) {
         uint16_t *o = (uint16_t *)out + start;
-        for (int i = 0; i < n; i++) {
+        int i = 0;
+        for (; i + LANES <= n; i += LANES) {
+            f32x16 f = load_f32(acc + i);
+            u32x16 u;
+            memcpy(&u, &f, sizeof u);
+            u32x16 r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+            r = (u32x16)((i32x16)(f != f) & 0xFFFF) | (r & (u32x16)(f == f));
+            u16x16 h = __builtin_convertvector(r, u16x16);
+            memcpy(o + i, &h, sizeof h);
+        }
+        for (; i < n; i++) {
             uint32_t u = float_to_bits(acc[i]);
             uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
             o[i] = acc[i] != acc[i] ? 0xFFFFu : r;
@@ -118,28 +160,33 @@ CLONES void cws_lincomb(int64_t start, int64_t stop, int n_in, const void *const
     }
 }
 
-/* g[i][j] += sum over one block of v_i * v_j for i <= j (fp32 products), pairs taken a few at a
- * time: each pair sums in 16 lanes, reduced as a fixed tree, so the grouping never changes bits. */
-enum { PAIRS_AT_ONCE = 6 };
+/* Lane l of a block's sum holds its elements l, l + 16, ... in order; the lanes meet in a fixed tree. */
+INLINE float reduce_lanes(f32x16 s) {
+    float lane[LANES];
+    memcpy(lane, &s, sizeof lane);
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) lane[l] = lane[l] + lane[l + w];
+    return lane[0];
+}
+
+/* g[i][j] += sum over one TILE-element block of v_i * v_j (fp32 products), for i <= j. K = 2 (one
+ * update against one direction, the common case) reads both tiles once for its three sums. */
 INLINE void block_gram(const float *restrict v, int k, double *g) {
-    int pi[PAIRS_AT_ONCE], pj[PAIRS_AT_ONCE], np = 0;
+    if (k == 2) {
+        f32x16 s00 = {0}, s01 = {0}, s11 = {0};
+        for (int t = 0; t < TILE; t += LANES) {
+            f32x16 a = load_f32(v + t), b = load_f32(v + TILE + t);
+            s00 += a * a, s01 += a * b, s11 += b * b;
+        }
+        g[0] += (double)reduce_lanes(s00), g[1] += (double)reduce_lanes(s01), g[3] += (double)reduce_lanes(s11);
+        return;
+    }
     for (int i = 0; i < k; i++)
         for (int j = i; j < k; j++) {
-            pi[np] = i, pj[np] = j, np++;
-            if (np == PAIRS_AT_ONCE || (i == k - 1 && j == k - 1)) {
-                float lane[PAIRS_AT_ONCE][LANES] __attribute__((aligned(64))) = {{0}};
-                for (int t = 0; t < TILE; t += LANES)
-                    for (int p = 0; p < np; p++) {
-                        const float *a = v + (int64_t)pi[p] * TILE + t, *b = v + (int64_t)pj[p] * TILE + t;
-                        for (int l = 0; l < LANES; l++) lane[p][l] = lane[p][l] + a[l] * b[l];
-                    }
-                for (int p = 0; p < np; p++) {
-                    for (int w = LANES / 2; w > 0; w /= 2)
-                        for (int l = 0; l < w; l++) lane[p][l] = lane[p][l] + lane[p][l + w];
-                    g[pi[p] * k + pj[p]] += (double)lane[p][0];
-                }
-                np = 0;
-            }
+            const float *a = v + (int64_t)i * TILE, *b = v + (int64_t)j * TILE;
+            f32x16 s = {0};
+            for (int t = 0; t < TILE; t += LANES) s += load_f32(a + t) * load_f32(b + t);
+            g[i * k + j] += (double)reduce_lanes(s);
         }
 }
 
