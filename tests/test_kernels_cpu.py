@@ -74,6 +74,14 @@ def test_native_split_over_threads_gives_the_same_bits(threads):
         torch.set_num_threads(before)
     assert torch.equal(G, G1)
     assert_bits_equal(L, L1, f"{threads} threads")
+    poisoned = torch.full(xs[0].shape, float("nan"), dtype=torch.bfloat16)  # an element never written stays NaN
+    torch.set_num_threads(threads)
+    try:
+        with K.use_cpu_impl("native"):
+            K.lincomb(xs, [1.0, 0.3, -0.7], out=poisoned)
+    finally:
+        torch.set_num_threads(before)
+    assert_bits_equal(poisoned, L1, "into a NaN-filled out")
     assert_bits_equal(L, lincomb_ref(xs, [1.0, 0.3, -0.7], torch.bfloat16), "against the reference")
 
 
