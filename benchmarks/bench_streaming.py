@@ -12,7 +12,8 @@ Every provider runs as a subprocess after the page cache was warmed with `cat in
 wall time is the whole process (interpreter start and imports included) and peak RSS is its
 ru_maxrss (with its descendants) as GNU time reports it (else a bare fork/wait4 launcher: a child
 forked straight from this multi-GB process would report this process's RSS). Each measurement is repeated --reps
-times, providers interleaved, and the median is reported (RSS: median and max). "flush s" is the
+times, providers interleaved (reversed on odd reps; each output deleted once measured, except in
+the last rep, which the check reads), and the median is reported (RSS: median and max). "flush s" is the
 time to fsync the finished output afterwards (cws fsyncs before it returns unless --no-fsync, the
 others do not), so "wall + flush" compares the time until the output is on disk. A `dd ... conv=fsync`
 of the output's size shows what the disk itself needs for that.
@@ -255,7 +256,7 @@ class Provider:
         self.in_bytes = nbytes(inputs)
         self.walls, self.rss, self.flush, self.warm, self.load, self.work = [], [], [], [], [], []
 
-    def measure(self, logdir):
+    def measure(self, logdir, keep=True):
         drop_output(self.out)
         t = time.perf_counter()
         warm([f for d in self.inputs for f in weight_files(d)])
@@ -271,6 +272,8 @@ class Provider:
         self.rss.append(rss)
         if self.out is not None:
             self.flush.append(fsync_tree(self.out))
+            if not keep:
+                drop_output(self.out)
 
     def row(self):
         wall = statistics.median(self.walls)
@@ -402,9 +405,12 @@ def cws_command():
 
 
 def measure_all(providers, reps, logdir):
+    """Each rep runs every provider once, in reverse order on odd reps (so none always follows the
+    same one); outputs are deleted once measured except in the last rep, which the correctness
+    check reads, so finished outputs do not pile up in the page cache and crowd the next run."""
     for rep in range(reps):
-        for p in providers:
-            p.measure(logdir)
+        for p in (providers if rep % 2 == 0 else providers[::-1]):
+            p.measure(logdir, keep=rep == reps - 1)
             print(f"  rep {rep + 1}/{reps} {p.name:34s} {p.walls[-1]:7.2f} s {p.rss[-1] / 1e6:8.0f} MB", flush=True)
 
 
