@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -621,3 +622,82 @@ def test_writer_file_size_limit_is_checkpoint_error(tmp_path):
 
 def test_errors_are_cws_errors():
     assert issubclass(CheckpointError, CwsError)
+
+
+def _stream_file(path, pieces, **kw):
+    """Write (offset, bytes) pieces through a DirectStream; returns whether it stayed direct to the end."""
+    from cws.io.direct import DirectStream
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        s = DirectStream(path, fd)
+        for offset, data in pieces:
+            s.write(memoryview(data), offset)
+        direct = s.active
+        s.finish()
+        s.close()
+    finally:
+        os.close(fd)
+    return direct
+
+
+def test_direct_stream_writes_the_same_bytes(tmp_path, monkeypatch):
+    from cws.io import direct
+
+    monkeypatch.setattr(direct, "BLOCK", 64 * 1024)  # many direct blocks, a staged remainder, an unaligned tail
+    rng = random.Random(3)
+    blob = bytes(rng.getrandbits(8) for _ in range(300_001))
+    cuts = sorted(rng.sample(range(1, len(blob)), 40))
+    pieces = [(a, blob[a:b]) for a, b in zip([0, *cuts], [*cuts, len(blob)])]
+    stayed = _stream_file(tmp_path / "seq.bin", pieces)
+    assert (tmp_path / "seq.bin").read_bytes() == blob
+    # out of order: the stream turns plain at the first jump, and the file is still right
+    shuffled = pieces[:5] + pieces[6:] + [pieces[5]]
+    assert not _stream_file(tmp_path / "jump.bin", shuffled)
+    assert (tmp_path / "jump.bin").read_bytes() == blob
+    assert stayed == _o_direct_works(tmp_path)
+    # a file system that refuses O_DIRECT (EINVAL, as older tmpfs does): plain from the start
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    assert not _stream_file(tmp_path / "refused.bin", pieces)
+    assert (tmp_path / "refused.bin").read_bytes() == blob
+
+
+def _o_direct_works(d) -> bool:
+    try:
+        fd = os.open(d / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return False
+    os.close(fd)
+    return True
+
+
+def test_fsynced_writer_output_is_direct_and_identical(tmp_path, monkeypatch):
+    # The writer's fsynced shards go through O_DIRECT; with CWS_DIRECT_IO=0 the same bytes go through the page cache.
+    from cws.io import direct
+
+    plan = [("a", torch.bfloat16, (300, 77)), ("b", torch.float32, (1000,)), ("c", torch.float16, (3, 5))]
+    g = torch.Generator().manual_seed(1)
+    tensors = {n: torch.randn(s, generator=g).to(dt) for n, dt, s in plan}
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(direct, "ENABLED", on)
+        with ShardedWriter(tmp_path / f"o{int(on)}", plan, max_shard_size=40_000) as w:
+            assert all((s is not None) == on for s in w._streams)
+            for n, t in tensors.items():
+                for start in range(0, t.shape[0], 64) if t.dim() > 1 else [0]:
+                    w.write(n, t[start : start + 64] if t.dim() > 1 else t, start)
+            if on:  # written in order, so the streams stay direct to the end
+                assert all(s.active for s in w._streams) == _o_direct_works(tmp_path)
+        outs[on] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"o{int(on)}").iterdir())}
+    assert outs[True] == outs[False]
+    loaded = {}
+    for f in (tmp_path / "o1").glob("*.safetensors"):
+        loaded.update(load_file(f))
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
