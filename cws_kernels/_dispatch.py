@@ -79,7 +79,7 @@ def _warn_once(message: str) -> None:
 
 @contextlib.contextmanager
 def use_cpu_impl(name: str):
-    """Force the CPU implementation ('compiled', 'eager' or 'auto') inside a block."""
+    """Force the CPU implementation ('native', 'compiled', 'eager' or 'auto') inside a block."""
     if name not in CPU_IMPLS:
         raise ValueError(f"cpu impl {name!r}: expected one of {', '.join(CPU_IMPLS)}")
     _cpu_impl_override.append(name)
