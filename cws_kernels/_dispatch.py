@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from . import native
+
 BACKENDS = ("auto", "triton", "torch")
 CPU_IMPLS = ("auto", "native", "compiled", "eager")
 _cpu_impl_override: list[str] = []
@@ -56,8 +58,6 @@ def backend_for(tensors, backend: str | None = None) -> str:
 
 def cpu_impl(numel: int, flat: bool) -> str:
     """'native', 'compiled' or 'eager' for a CPU call over `numel` elements (`flat`: all contiguous)."""
-    from . import native
-
     choice = _cpu_impl_override[-1] if _cpu_impl_override else _env("CWS_CPU_IMPL", "auto", CPU_IMPLS)
     if not flat:
         return "eager"

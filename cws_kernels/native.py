@@ -50,9 +50,10 @@ def available() -> bool:
     return _lib() is not None
 
 
-def _parts(chunks: int) -> list[tuple[int, int]]:
-    """Split `chunks` CHUNKs into one contiguous range per thread."""
-    threads = max(1, min(torch.get_num_threads(), chunks))
+def _parts(n: int) -> list[tuple[int, int]]:
+    """The CHUNKs of n elements as one contiguous range per thread (one range below PARALLEL_MIN)."""
+    chunks = -(-n // CHUNK)
+    threads = max(1, min(torch.get_num_threads() if n >= PARALLEL_MIN else 1, chunks))
     bounds = [chunks * t // threads for t in range(threads + 1)]
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
@@ -79,13 +80,12 @@ def lincomb_native(inputs, coeffs, out, rounding, key, offset):
     ptrs, codes = _inputs(inputs)
     c = (_f32 * 8)(*coeffs)
     stochastic = int(rounding == "stochastic" and out.dtype != torch.float32)
-    chunks = -(-n // CHUNK)
 
     def part(a, b):
         lib.cws_lincomb(a * CHUNK, min(n, b * CHUNK), len(inputs), ptrs, codes, c, out.data_ptr(),
                         CODES[out.dtype], stochastic, key, offset)
 
-    _run(_parts(chunks) if n >= PARALLEL_MIN else [(0, chunks)], part)
+    _run(_parts(n), part)
 
 
 def gram_native(inputs, combos) -> torch.Tensor:
@@ -103,15 +103,14 @@ def gram_native(inputs, combos) -> torch.Tensor:
     t_start = (ctypes.c_int * len(starts))(*starts)
     t_index = (ctypes.c_int * len(flat))(*[i for i, _ in flat])
     t_coef = (_f32 * len(flat))(*[c for _, c in flat])
-    chunks = -(-n // CHUNK)
-    partials = torch.empty(chunks, k, k, dtype=torch.float64)
+    partials = torch.empty(-(-n // CHUNK), k, k, dtype=torch.float64)
 
     def part(a, b):
         scratch = torch.empty(k * BLOCK, dtype=torch.float32)
         lib.cws_gram(n, CHUNK, a, b, ptrs, codes, k, t_start, t_index, t_coef,
                      partials[a].data_ptr(), scratch.data_ptr())
 
-    _run(_parts(chunks) if n >= PARALLEL_MIN else [(0, chunks)], part)
+    _run(_parts(n), part)
     G = torch.zeros(k, k, dtype=torch.float64)
     for p in partials:  # in chunk order: the same sum for any split
         G += p
