@@ -1,10 +1,10 @@
-"""cws.activation: the steering hook adds exactly c·v at one layer's output and goes away on exit;
+"""cws.live.activation: the steering hook adds exactly c·v at one layer's output and goes away on exit;
 the vector is the mean activation difference over the selected tokens."""
 
 import pytest
 import torch
 
-from cws.activation import ActivationSteerer, decoder_layers, mean_activation, mean_difference, steered_activations
+from cws.live.activation import ActivationSteerer, decoder_layers, mean_activation, mean_difference, steered_activations
 from cws.errors import CwsError
 from tiny import tiny_model
 

@@ -331,7 +331,7 @@ def test_pickle_only_directory_is_refused(tiny_ckpts, tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_nonfinite_sieve(dtype):
-    from cws.checks import nonfinite
+    from cws.ops.checks import nonfinite
 
     t = torch.randn(70001, generator=torch.Generator().manual_seed(0)).to(dtype)
     assert not nonfinite(t) and not nonfinite(t[:0])

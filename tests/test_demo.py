@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cws.demo import run_demo
+from cws.workflows.demo import run_demo
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +75,11 @@ def test_same_seed_same_numbers_and_temporary_directory_removed(demo):
 
 def test_cli_demo_wiring(monkeypatch):
     """`cws demo [--out DIR] [--quick] [--seed N]` calls run_demo with those arguments."""
-    import cws.demo
+    import cws.workflows.demo
     from cws.cli import main
 
     calls = []
-    monkeypatch.setattr(cws.demo, "run_demo", lambda out, **kw: calls.append((out, kw)) or {})
+    monkeypatch.setattr(cws.workflows.demo, "run_demo", lambda out, **kw: calls.append((out, kw)) or {})
     assert main(["demo", "--quick", "--out", "somewhere", "--seed", "3"]) == 0
     assert main(["demo"]) == 0
     assert calls == [("somewhere", {"quick": True, "seed": 3}), (None, {"quick": False, "seed": 0})]

@@ -244,9 +244,8 @@ def test_gram_accuracy_and_determinism(impl):
     assert torch.equal(G1, G2)  # bit-identical reruns
     R = gram_fp64([base, ft, w], C)
     rel = (G1 - R).abs() / R.abs()
-    assert rel.max() < 1e-6, rel  # the bound; fp32 torch.dot misses by ~1e-4..1e-3 here
-    naive = torch.dot(ft.float() - base.float(), w.float()).item()
-    assert abs(naive - R[0, 1].item()) / abs(R[0, 1].item()) > rel.max().item()
+    assert rel.max() < 1e-6, rel  # the documented bound, ≲1e-7 of the norms at any size
+    # (no comparison with torch.dot here: its accuracy depends on the BLAS torch was built with)
 
 
 def test_gram_many_combos_and_helpers():

@@ -7,7 +7,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import cws
-from cws.live import live_params
+from cws.live.params import live_params
 from kernel_utils import assert_bits_equal
 from tiny import state, tiny_model, train_lora
 

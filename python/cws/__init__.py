@@ -8,15 +8,15 @@ models with them, streamed over sharded checkpoints with bounded memory.
 
 __version__ = "0.1.0"
 
-from .apply import apply  # noqa: E402
-from .compare import compare  # noqa: E402
-from .direction import Direction  # noqa: E402
+from .ops.apply import apply  # noqa: E402
+from .ops.compare import compare  # noqa: E402
+from .io.direction import Direction  # noqa: E402
 from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
-from .export import densify, export_peft  # noqa: E402
-from .extract import extract  # noqa: E402
-from .info import info  # noqa: E402
-from .report import Report  # noqa: E402
-from .steer import Steerer, steer, steered  # noqa: E402
+from .ops.export import densify, export_peft  # noqa: E402
+from .ops.extract import extract  # noqa: E402
+from .ops.info import info  # noqa: E402
+from .ops.report import Report  # noqa: E402
+from .live.steer import Steerer, steer, steered  # noqa: E402
 
 __all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]
@@ -26,7 +26,7 @@ def __getattr__(name):
     # WeightMonitor subclasses transformers' TrainerCallback: importing transformers costs seconds,
     # so the CLI and the streaming API load it only when the monitor is asked for.
     if name == "WeightMonitor":
-        from .monitor import WeightMonitor
+        from .live.monitor import WeightMonitor
 
         return WeightMonitor
     raise AttributeError(f"module 'cws' has no attribute {name!r}")

@@ -158,7 +158,7 @@ def _run(args) -> int:
         if args.csv:
             report.to_csv(args.csv)
     elif args.command == "export-peft":
-        from .export import export_peft
+        from .ops.export import export_peft
 
         left_out = export_peft(args.direction, args.out, alpha=args.alpha, base=args.base,
                                max_memory=args.max_memory, overwrite=args.overwrite, fsync=args.fsync,
@@ -170,7 +170,7 @@ def _run(args) -> int:
             for name, why in left_out.items():
                 print(f"  {name}: {why}", file=sys.stderr)
     elif args.command == "densify":
-        from .export import densify
+        from .ops.export import densify
 
         out = densify(args.direction, args.out, dtype=args.dtype, max_memory=args.max_memory,
                       overwrite=args.overwrite, fsync=args.fsync, quiet=args.quiet)
@@ -180,11 +180,11 @@ def _run(args) -> int:
 
         run(args.out, quick=args.quick, model_dir=args.model_dir)
     elif args.command == "demo":
-        from .demo import run_demo
+        from .workflows.demo import run_demo
 
         run_demo(args.out, quick=args.quick, seed=args.seed)
     elif args.command == "info":
-        from .info import format_info, info
+        from .ops.info import format_info, info
 
         d = info(args.path)
         if args.json:

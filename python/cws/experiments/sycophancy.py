@@ -2,7 +2,7 @@
 
 Two LoRA fine-tunes of SmolLM2-135M-Instruct on capital-city questions differ only in whether the
 assistant agrees with the user's wrong answer (D+) or corrects it (D−); `cws.extract` turns them
-into a direction w (two seeds); `cws.Steerer` sweeps θ + k·w; `cws.activation` sweeps the paper's
+into a direction w (two seeds); `cws.Steerer` sweeps θ + k·w; `cws.live.activation` sweeps the paper's
 baseline (mean activation difference at one middle layer, added at every position). Both are
 scored on held-out capitals and on other domains, with control prompts (the user is right), a
 wording-free score, greedy generations and a capability cost (Δ NLL); the headline compares them
@@ -126,7 +126,7 @@ def run(out: str | Path = "cws-sycophancy", *, quick: bool = False, model_dir=No
 
 def _run(out, quick, model_dir, overrides, log) -> dict:
     import cws
-    from cws.activation import ActivationSteerer, mean_difference
+    from cws.live.activation import ActivationSteerer, mean_difference
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = {**(QUICK if quick else FULL), **(overrides or {})}

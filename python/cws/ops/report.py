@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layout import is_embedding, layer_of, module_of
+from ..io.layout import is_embedding, layer_of, module_of
 
 BY = ("tensor", "layer", "module", "global")
 FIELDS = ("group", "direction", "cosine", "projection", "dot", "update_norm", "direction_norm")

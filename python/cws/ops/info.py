@@ -7,14 +7,14 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from .direction import META_FILE, Direction
-from .io.checkpoint import Checkpoint
+from ..io.direction import META_FILE, Direction
+from ..io.checkpoint import Checkpoint
 
 
 def info(path: str | os.PathLike) -> dict:
     """A description of `path`: kind, files, tensor count, bytes, dtypes, metadata and per-tensor rows."""
     path = Path(path).expanduser().resolve()
-    from .lora import is_adapter
+    from ..io.lora import is_adapter
 
     if (path / META_FILE).is_file():
         d = Direction.open(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import demo_data as dd
-from .errors import CwsError
+from ..errors import CwsError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

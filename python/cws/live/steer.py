@@ -17,10 +17,10 @@ import torch
 
 from cws_kernels import add_lowrank_, lincomb
 
-from .checks import name_filter, tensor_seed
-from .errors import CwsError
-from .layout import layer_of
-from .live import live_params, load_direction
+from ..ops.checks import name_filter, tensor_seed
+from ..errors import CwsError
+from ..io.layout import layer_of
+from .params import live_params, load_direction
 
 KEEPS = ("cpu", "device", "checkpoint")
 
@@ -168,7 +168,7 @@ class Steerer:
 def _open_matching(path, targets):
     from pathlib import Path
 
-    from .io.checkpoint import Checkpoint
+    from ..io.checkpoint import Checkpoint
 
     if not path or not Path(path).exists():
         raise CwsError("keep='checkpoint' needs the local checkpoint the model was loaded from (checkpoint=...)")

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 
 import torch
 
-from . import __version__
-from .errors import CwsError, MismatchError
-from .io.format import TensorInfo
-from .layout import module_of
+from .. import __version__
+from ..errors import CwsError, MismatchError
+from ..io.format import TensorInfo
+from ..io.layout import module_of
 
 ON_MISSING = ("error", "skip", "copy-base")
 

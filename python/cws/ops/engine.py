@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from cws_kernels import use_cpu_impl
 
-from .errors import CwsError
-from .io.format import TensorInfo
-from .io import reader
+from ..errors import CwsError
+from ..io.format import TensorInfo
+from ..io import reader
 
 NBUF = 3  # arenas in rotation: one being read, one being computed, one being written
 ALIGN = 64  # byte alignment of each view inside an arena

@@ -5,8 +5,8 @@ mean on tokens showing the opposite, taken at the output of one decoder layer; s
 c·v to that layer's output at every position (prompt and generated tokens alike) through a
 forward hook, and removes it on exit.
 
-    v = cws.activation.mean_difference(model, layer, pos_batches, neg_batches)
-    with cws.activation.steered_activations(model, v, layer, coeff=-4.0) as s:
+    v = cws.live.activation.mean_difference(model, layer, pos_batches, neg_batches)
+    with cws.live.activation.steered_activations(model, v, layer, coeff=-4.0) as s:
         model.generate(...)
         s.coeff = 2.0          # change the coefficient in place (a sweep)
 
@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .errors import CwsError
+from ..errors import CwsError
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

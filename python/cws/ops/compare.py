@@ -18,10 +18,10 @@ from cws_kernels import gram, lincomb, lowrank_dense_inner, lowrank_inner
 
 from . import engine
 from .checks import check_policy, missing_problem, name_filter, raise_problems, shape_problem
-from .direction import Direction
-from .errors import CwsError
-from .io.checkpoint import Checkpoint
-from .io.format import TensorInfo
+from ..io.direction import Direction
+from ..errors import CwsError
+from ..io.checkpoint import Checkpoint
+from ..io.format import TensorInfo
 from .report import Report
 
 
@@ -159,7 +159,7 @@ def slice_gram(s: engine.Slice) -> torch.Tensor:
 def adapter_update(path, base: Checkpoint, problems: list[str]) -> dict:
     """The update an adapter makes to `base`, per tensor: low-rank deltas, and full saved tensors
     minus the base's."""
-    from .lora import Adapter
+    from ..io.lora import Adapter
 
     ad = Adapter.open(path)
     updates = {}
@@ -198,7 +198,7 @@ def compare(
     `model` may be a full checkpoint or a PEFT adapter trained from `base` (compared from its factors).
     on_missing="skip" leaves out tensors the model lacks; the default is an error.
     """
-    from .lora import is_adapter
+    from ..io.lora import is_adapter
 
     started = time.perf_counter()
     check_policy(on_missing)

@@ -11,9 +11,9 @@ import re
 
 import torch
 
-from .direction import Direction
-from .errors import CwsError
-from .io.reader import read_tensor
+from ..io.direction import Direction
+from ..errors import CwsError
+from ..io.reader import read_tensor
 
 PEFT_PREFIX = "base_model.model."
 _SAVED = re.compile(r"\.modules_to_save\.[^.]+\.")

@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError
-from .io.checkpoint import Checkpoint
-from .io.format import TensorInfo
+from ..errors import CheckpointError
+from .checkpoint import Checkpoint
+from .format import TensorInfo
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

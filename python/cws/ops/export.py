@@ -18,13 +18,13 @@ import torch
 from cws_kernels import lincomb
 
 from . import engine
-from .direction import Direction
-from .errors import CwsError
-from .io.checkpoint import Checkpoint
-from .io.reader import read_tensor
-from .io.writer import ShardedWriter
-from .layout import module_of
-from .lora import PREFIX, _CONV1D
+from ..io.direction import Direction
+from ..errors import CwsError
+from ..io.checkpoint import Checkpoint
+from ..io.reader import read_tensor
+from ..io.writer import ShardedWriter
+from ..io.layout import module_of
+from ..io.lora import PREFIX, _CONV1D
 
 
 def _module(name: str) -> str | None:
@@ -119,7 +119,7 @@ def densify(direction: str | os.PathLike | Direction, out: str | os.PathLike, *,
 
     from cws_kernels import add_lowrank_, lowrank_block_rows
 
-    from .direction import PREFIX as DIR_PREFIX
+    from ..io.direction import PREFIX as DIR_PREFIX
     from .extract import parse_dtype
 
     d = direction if isinstance(direction, Direction) else Direction.open(direction)

@@ -16,10 +16,10 @@ from cws_kernels import add_lowrank_, lincomb, lowrank_block_rows
 from . import engine
 from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, provenance,
                      raise_problems, shape_problem, tensor_seed)
-from .direction import Direction
-from .errors import CwsError
-from .io.checkpoint import Checkpoint
-from .io.writer import ShardedWriter, copy_model_files
+from ..io.direction import Direction
+from ..errors import CwsError
+from ..io.checkpoint import Checkpoint
+from ..io.writer import ShardedWriter, copy_model_files
 
 ROUNDINGS = ("nearest", "stochastic")
 

@@ -13,10 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .errors import CheckpointError
-from .io.checkpoint import Checkpoint
-from .io.format import TensorInfo
+from .. import __version__
+from ..errors import CheckpointError
+from .checkpoint import Checkpoint
+from .format import TensorInfo
 
 FORMAT = "cws-direction"
 VERSION = 1

@@ -19,11 +19,11 @@ from transformers import TrainerCallback
 
 from cws_kernels import lowrank_inner_stacked
 
-from .compare import vector_gram
-from .errors import CwsError
-from .io.checkpoint import Checkpoint
-from .live import live_params, load_direction, lora_modules, lora_updates
-from .report import Report
+from ..ops.compare import vector_gram
+from ..errors import CwsError
+from ..io.checkpoint import Checkpoint
+from .params import live_params, load_direction, lora_modules, lora_updates
+from ..ops.report import Report
 
 logger = logging.getLogger("cws.monitor")
 

@@ -13,10 +13,10 @@ import torch
 from . import engine
 from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, provenance,
                      raise_problems, shape_problem)
-from .direction import PREFIX, direction_meta, factor_keys
-from .errors import CwsError
-from .io.checkpoint import Checkpoint
-from .io.writer import ShardedWriter
+from ..io.direction import PREFIX, direction_meta, factor_keys
+from ..errors import CwsError
+from ..io.checkpoint import Checkpoint
+from ..io.writer import ShardedWriter
 from cws_kernels import add_lowrank_, lincomb
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -61,7 +61,7 @@ def extract(
     on_missing: "error" (default), "skip" (leave such tensors out, recorded in direction.json) or
     "copy-base" (a tensor missing from one side counts as unchanged from the base there).
     """
-    from .lora import is_adapter
+    from ..io.lora import is_adapter
 
     max_memory, max_shard_size = engine.parse_size(max_memory), engine.parse_size(max_shard_size)
     if is_adapter(pos) or is_adapter(neg):
@@ -144,7 +144,7 @@ def extract(
 
 def _side_terms(side, name: str, c: float, base_info):
     """One side's contribution c·(θ_side − θ_base) to w: (dense terms, low-rank terms)."""
-    from .lora import Adapter
+    from ..io.lora import Adapter
 
     if isinstance(side, Adapter):
         if name in side.lora:
@@ -164,7 +164,7 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     """`extract` where one or both sides are PEFT adapters: LoRA-targeted tensors become exact
     low-rank entries (B = [s₊·B₊, −s₋·B₋], A = [A₊; A₋], rank r₊ + r₋); saved full tensors
     (modules_to_save) become dense deltas. An adapter against a full checkpoint gives dense entries."""
-    from .lora import Adapter, is_adapter
+    from ..io.lora import Adapter, is_adapter
 
     check_policy(on_missing)
     out_dtype = parse_dtype(dtype)
@@ -286,7 +286,7 @@ def _concat_factors(low):
     """B = [c₁·B₁ | c₂·B₂ | …] (out, Σr) in fp32 and A = [A₁; A₂; …] (Σr, in): Σ cᵢ·BᵢAᵢ exactly."""
     import torch
 
-    from .io.reader import read_tensor
+    from ..io.reader import read_tensor
 
     Bs, As = [], []
     for d, c in low:

@@ -1,0 +1,1 @@
+"""Loaded models: in-place steering, the training monitor, activation steering."""
