@@ -8,25 +8,27 @@ models with them, streamed over sharded checkpoints with bounded memory.
 
 __version__ = "0.1.0"
 
-from .ops.apply import apply  # noqa: E402
-from .ops.compare import compare  # noqa: E402
-from .io.direction import Direction  # noqa: E402
 from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
-from .ops.export import densify, export_peft  # noqa: E402
-from .ops.extract import extract  # noqa: E402
-from .ops.info import info  # noqa: E402
-from .ops.report import Report  # noqa: E402
-from .live.steer import Steerer, steer, steered  # noqa: E402
+
+# The public names load on first use: torch (and transformers, for WeightMonitor) take seconds to
+# import, which `cws --help` and `cws info` do not need.
+_LAZY = {"apply": ".ops.apply", "compare": ".ops.compare", "Direction": ".io.direction", "densify": ".ops.export",
+         "export_peft": ".ops.export", "extract": ".ops.extract", "info": ".ops.info", "Report": ".ops.report",
+         "Steerer": ".live.steer", "steer": ".live.steer", "steered": ".live.steer", "WeightMonitor": ".live.monitor"}
 
 __all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]
 
 
 def __getattr__(name):
-    # WeightMonitor subclasses transformers' TrainerCallback: importing transformers costs seconds,
-    # so the CLI and the streaming API load it only when the monitor is asked for.
-    if name == "WeightMonitor":
-        from .live.monitor import WeightMonitor
+    if name in _LAZY:
+        import importlib
 
-        return WeightMonitor
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'cws' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

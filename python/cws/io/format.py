@@ -6,15 +6,18 @@ offsets are relative to the data start (8 + N); `TensorInfo` holds absolute offs
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from cws.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_BYTES = 100 * 2**20
 
@@ -24,22 +27,50 @@ _DTYPE_ATTRS = {
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
-DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr) for name, attr in _DTYPE_ATTRS.items() if hasattr(torch, attr)
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+# Bytes per element and floatness by torch's dtype name, so headers parse without importing torch.
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+            "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
+FLOAT_NAMES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
+
+
+@functools.cache
+def _torch_dtypes() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    import torch
+
+    dtypes = {name: getattr(torch, attr) for name, attr in _DTYPE_ATTRS.items() if hasattr(torch, attr)}
+    return dtypes, {dtype: name for name, dtype in dtypes.items()}
+
+
+def __getattr__(name: str):
+    # DTYPES (safetensors name -> torch.dtype) and DTYPE_NAMES (its inverse) import torch on first use.
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        return _torch_dtypes()[name == "DTYPE_NAMES"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: bytes [start, end) of `path` (absolute offsets), row-major."""
+    """Where one tensor lives: bytes [start, end) of `path` (absolute offsets), row-major.
+
+    `dtype_name` is torch's name for the dtype ("bfloat16"; a torch.dtype given is converted);
+    `dtype` is the torch.dtype itself (imports torch on first use)."""
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str
     shape: tuple[int, ...]
     path: str
     start: int
     end: int
+
+    def __post_init__(self):
+        if not isinstance(self.dtype_name, str):
+            object.__setattr__(self, "dtype_name", str(self.dtype_name).removeprefix("torch."))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
     @property
     def nbytes(self) -> int:
@@ -57,11 +88,11 @@ class TensorInfo:
     @property
     def row_bytes(self) -> int:
         """Bytes of one dim-0 row (the whole tensor when 0-d)."""
-        return math.prod(self.shape[1:]) * self.dtype.itemsize
+        return math.prod(self.shape[1:]) * ITEMSIZE[self.dtype_name]
 
     @property
     def is_float(self) -> bool:
-        return self.dtype.is_floating_point
+        return self.dtype_name in FLOAT_NAMES
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -100,7 +131,7 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
-    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    dtype = _DTYPE_ATTRS.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
         raise CheckpointError(f"{where}: unknown dtype {entry.get('dtype')!r}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
@@ -109,10 +140,10 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
         raise CheckpointError(f"{where}: bad data_offsets {offsets!r}")
     begin, end = offsets
-    expected = math.prod(shape) * dtype.itemsize
+    expected = math.prod(shape) * ITEMSIZE[dtype]
     if begin < 0 or end - begin != expected:
         raise CheckpointError(
-            f"{where}: data_offsets {offsets} do not match shape {shape} x {dtype.itemsize} bytes = {expected}"
+            f"{where}: data_offsets {offsets} do not match shape {shape} x {ITEMSIZE[dtype]} bytes = {expected}"
         )
     if data_start + end > size:
         raise CheckpointError(
@@ -137,6 +168,7 @@ def build_header(
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """Header bytes (8-byte length prefix + JSON space-padded to a multiple of 8) for tensors laid
     out contiguously in the given order, and each tensor's (start, end) relative to the data start."""
+    DTYPE_NAMES = _torch_dtypes()[1]
     header: dict[str, object] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):

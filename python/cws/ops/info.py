@@ -19,14 +19,14 @@ def info(path: str | os.PathLike) -> dict:
     if (path / META_FILE).is_file():
         d = Direction.open(path)
         tensors = [{"name": e.name, "shape": list(e.shape), "kind": e.kind, "rank": e.rank,
-                    "dtype": str((e.dense or e.B).dtype).replace("torch.", ""), "bytes": e.nbytes}
+                    "dtype": (e.dense or e.B).dtype_name, "bytes": e.nbytes}
                    for e in d.entries.values()]
         kind, ckpt, meta = "direction", d.checkpoint, d.meta
     else:
         ckpt = Checkpoint.open(path)
         kind = "peft-adapter" if is_adapter(path) else ("model" if path.is_dir() else "file")
         tensors = [{"name": i.name, "shape": list(i.shape), "kind": "tensor", "rank": None,
-                    "dtype": str(i.dtype).replace("torch.", ""), "bytes": i.nbytes} for i in ckpt.tensors.values()]
+                    "dtype": i.dtype_name, "bytes": i.nbytes} for i in ckpt.tensors.values()]
         meta = {}
         if is_adapter(path):
             meta = json.loads((path / "adapter_config.json").read_text())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..io.layout import is_embedding, layer_of, module_of
+from ..io.report_file import write_file
 
 BY = ("tensor", "layer", "module", "global")
 FIELDS = ("group", "direction", "cosine", "projection", "dot", "update_norm", "direction_norm")
@@ -78,8 +79,7 @@ class Report:
     def to_json(self, path=None) -> str:
         text = json.dumps(_finite(self.to_dict()), indent=2, default=str)
         if path:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            write_file(path, text + "\n")
         return text
 
     def to_csv(self, path=None, by: str = "tensor") -> str:
@@ -88,23 +88,23 @@ class Report:
         w.writeheader()
         w.writerows(self.rows(by))
         if path:
-            with open(path, "w", newline="") as f:
-                f.write(buf.getvalue())
+            write_file(path, buf.getvalue())
         return buf.getvalue()
 
     def table(self, by: str = "layer", exclude_embeddings: bool = False) -> str:
-        """A readable table: groups down, cosine and projection per direction across."""
-        lines = [f"{'group':34s} " + " ".join(f"{'cos ' + d[:12]:>18s} {'proj':>10s}" for d in self.directions)
+        """A readable table: groups down, cosine and projection per direction across (names never cut)."""
+        groups = self.grouped(by, exclude_embeddings)
+        totals = [(label, self.rows("global", excl)) for label, excl in
+                  (("GLOBAL", False), ("GLOBAL without embed/lm_head", True))]
+        w = max([len(k) for k in groups] + [len(label) for label, _ in totals] + [5])
+        heads = [f"cos {d}" for d in self.directions]
+        widths = [max(len(h), 10) for h in heads]
+        lines = [f"{'group':{w}s} " + " ".join(f"{h:>{c}s} {'proj':>10s}" for h, c in zip(heads, widths))
                  + f" {'|update|':>10s}"]
-        for key, G in self.grouped(by, exclude_embeddings).items():
-            stats = _stats(key, G, self.directions)
-            cells = " ".join(f"{_fmt(r['cosine']):>18s} {_fmt(r['projection']):>10s}" for r in stats)
-            lines.append(f"{key[:34]:34s} {cells} {_fmt(stats[0]['update_norm']):>10s}")
-        for label, excl in (("GLOBAL", False), ("GLOBAL without embed/lm_head", True)):
-            stats = self.rows("global", excl)
-            if stats:
-                cells = " ".join(f"{_fmt(r['cosine']):>18s} {_fmt(r['projection']):>10s}" for r in stats)
-                lines.append(f"{label:34s} {cells} {_fmt(stats[0]['update_norm']):>10s}")
+        rows = [(key, _stats(key, G, self.directions)) for key, G in groups.items()] + [t for t in totals if t[1]]
+        for key, stats in rows:
+            cells = " ".join(f"{_fmt(r['cosine']):>{c}s} {_fmt(r['projection']):>10s}" for r, c in zip(stats, widths))
+            lines.append(f"{key:{w}s} {cells} {_fmt(stats[0]['update_norm']):>10s}")
         return "\n".join(lines)
 
 
