@@ -20,13 +20,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from cws_kernels import use_cpu_impl
 
 from ..errors import CwsError
 from ..io.format import TensorInfo
 from ..io import reader
+from .progress import progress
 
 NBUF = 3  # arenas in rotation: one being read, one being computed, one being written
 ALIGN = 64  # byte alignment of each view inside an arena
@@ -167,7 +167,7 @@ def run(
             f.result()
         futures.clear()
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=quiet or not plan, leave=False)
+    bar = progress(total, desc, disable=quiet or not plan)
     # A one-off torch.compile (~20 s cold) does not pay back in a stream, so the CPU kernels run
     # native (eager where that was not built) unless CWS_CPU_IMPL says otherwise.
     impl = contextlib.nullcontext() if os.environ.get("CWS_CPU_IMPL") else use_cpu_impl("native")
