@@ -233,12 +233,12 @@ def _compare(args) -> None:
     if not args.quiet:
         gb, sec = report.meta["read_bytes"] / 1e9, report.meta["seconds"]
         print(f"read {gb:.2f} GB in {sec:.2f} s ({gb / max(sec, 1e-9):.2f} GB/s)", file=sys.stderr)
+    machine = {"json": report.to_json() if args.json else "", "csv": report.to_csv() if args.csv else ""}
+    _emit(args, report.table(args.by, args.exclude_embeddings), **machine)
     if args.plot:
         from .ops.plot import plot_layers
 
         plot_layers(report, args.plot)
-    machine = {"json": report.to_json() if args.json else "", "csv": report.to_csv() if args.csv else ""}
-    _emit(args, report.table(args.by, args.exclude_embeddings), **machine)
 
 
 def _named_directions(specs: list[str]) -> dict[str, str]:

@@ -22,6 +22,7 @@ def plot_layers(report: Report, path: str | os.PathLike) -> None:
     """Write a PNG of cosine (top) and projection (bottom) by layer, one line per direction."""
     require_matplotlib()
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     layers = {int(key.split()[1]): G for key, G in report.grouped("layer").items() if key.startswith("layer ")}
     if not layers:
@@ -42,6 +43,7 @@ def plot_layers(report: Report, path: str | os.PathLike) -> None:
     cos_ax.legend(fontsize="small")
     cos_ax.set_title(f"update of {os.path.basename(str(report.meta.get('model', '')).rstrip('/'))} by layer")
     proj_ax.set_xlabel("layer")
+    proj_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     write_file(path, buf.getvalue())
