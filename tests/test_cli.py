@@ -106,8 +106,9 @@ def test_compare_json_and_csv_to_stdout(tiny_ckpts, direction, tmp_path, capsys,
     assert out == want.to_csv() and "GLOBAL" in err
     assert json.loads(Path("r.json").read_text())["global"] == doc["global"]
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left beside it
+    monkeypatch.setattr(cws, "compare", lambda *a, **k: pytest.fail("compared before checking the options"))
     assert cli([*args, "--csv", "-", "--json", "-"]) == 2
-    assert "only one of --json, --csv can be '-'" in capsys.readouterr().err
+    assert "--json - and --csv - cannot both take stdout" in capsys.readouterr().err
 
 
 def test_extract_apply_info_json_summaries(tiny_ckpts, direction, tmp_path, capsys):

@@ -98,10 +98,7 @@ def _emit(args, text: str, **machine: str) -> None:
     """`text` for people on stdout (stderr when a machine-readable output takes stdout), and each
     machine-readable output (option name -> text, e.g. json=...) to its option's target."""
     targets = {opt: getattr(args, opt) for opt in machine if getattr(args, opt, None)}
-    stdout_taken = list(targets.values()).count("-")
-    if stdout_taken > 1:
-        raise CwsError("only one of " + ", ".join(f"--{o}" for o in targets) + " can be '-' (stdout)")
-    print(text, file=sys.stderr if stdout_taken else sys.stdout)
+    print(text, file=sys.stderr if "-" in targets.values() else sys.stdout)
     for opt, target in targets.items():
         if target == "-":
             sys.stdout.write(machine[opt] if machine[opt].endswith("\n") else machine[opt] + "\n")
@@ -225,6 +222,8 @@ def _add_compare(sub) -> None:
 def _compare(args) -> None:
     import cws
 
+    if args.json == "-" and args.csv == "-":
+        raise CwsError("--json - and --csv - cannot both take stdout; send one to a file")
     if args.plot:
         from .ops.plot import require_matplotlib
 
