@@ -74,8 +74,13 @@ def test_apply_negative_alphas(tiny_ckpts, direction, tmp_path, capsys):
 
 def test_export_peft_writes_one_adapter_per_alpha(lora, tmp_path, capsys):
     out = tmp_path / "ad"
-    assert cli(["export-peft", str(lora["dir"]), "--alpha", "-1.5", "--alpha", "2", "--out", str(out), "-q"]) == 0
-    assert "left out 2 tensor(s)" in capsys.readouterr().err  # embed/lm_head without --base
+    assert cli(["export-peft", str(lora["dir"]), "--alpha", "-1.5", "--alpha", "2", "--out", str(out), "-q",
+                "--json", "-"]) == 0
+    stdout, err = capsys.readouterr()
+    assert "left out 2 tensor(s)" in err  # embed/lm_head without --base
+    left = {"lm_head.weight", "model.embed_tokens.weight"}
+    assert [(o["alpha"], o["path"], set(o["left_out"])) for o in json.loads(stdout)["outputs"]] == \
+        [(-1.5, str(out / "alpha_-1.5"), left), (2.0, str(out / "alpha_2"), left)]
     for a in (-1.5, 2.0):
         cws.export_peft(lora["dir"], tmp_path / f"ref{a}", alpha=a, quiet=True)
         got, want = load_file(out / f"alpha_{a:g}" / "adapter_model.safetensors"), \
@@ -223,6 +228,14 @@ for path in sys.argv[1:]:
     assert main(["info", path]) == 0 and main(["info", path, "--json", "-"]) == 0
 print("torch imported:", "torch" in sys.modules, file=sys.stderr)
 """
+
+
+def test_public_names_load_on_first_use():
+    for name in cws.__all__:
+        assert getattr(cws, name) is not None, name
+    assert cws.apply.__module__ == "cws.ops.apply" and "Steerer" in dir(cws)
+    with pytest.raises(AttributeError):
+        cws.no_such_name
 
 
 def test_help_and_info_do_not_import_torch(tiny_ckpts, direction, lora):
