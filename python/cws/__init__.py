@@ -9,6 +9,7 @@ models with them, streamed over sharded checkpoints with bounded memory.
 __version__ = "0.1.0"
 
 from .ops.apply import apply  # noqa: E402
+from .ops.combine import combine  # noqa: E402
 from .ops.compare import compare  # noqa: E402
 from .io.direction import Direction  # noqa: E402
 from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
@@ -18,7 +19,7 @@ from .ops.info import info  # noqa: E402
 from .ops.report import Report  # noqa: E402
 from .live.steer import Steerer, steer, steered  # noqa: E402
 
-__all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
+__all__ = ["extract", "apply", "compare", "combine", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]
 
 
