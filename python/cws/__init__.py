@@ -12,11 +12,12 @@ from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
 
 # The public names load on first use: torch (and transformers, for WeightMonitor) take seconds to
 # import, which `cws --help` and `cws info` do not need.
-_LAZY = {"apply": ".ops.apply", "compare": ".ops.compare", "Direction": ".io.direction", "densify": ".ops.export",
-         "export_peft": ".ops.export", "extract": ".ops.extract", "info": ".ops.info", "Report": ".ops.report",
-         "Steerer": ".live.steer", "steer": ".live.steer", "steered": ".live.steer", "WeightMonitor": ".live.monitor"}
+_LAZY = {"apply": ".ops.apply", "combine": ".ops.combine", "compare": ".ops.compare", "Direction": ".io.direction",
+         "densify": ".ops.export", "export_peft": ".ops.export", "extract": ".ops.extract", "info": ".ops.info",
+         "Report": ".ops.report", "Steerer": ".live.steer", "steer": ".live.steer", "steered": ".live.steer",
+         "WeightMonitor": ".live.monitor"}
 
-__all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
+__all__ = ["extract", "apply", "compare", "combine", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]
 
 

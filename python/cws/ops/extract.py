@@ -217,7 +217,7 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
             continue
         shape = shapes.pop()
         if coefs or mixed:
-            items.append(_dense_item(name, shape, coefs, low, out_dtype))
+            items.append(dense_item(name, shape, coefs, low, out_dtype))
             tensors[name] = {"kind": "dense", "shape": list(shape)}
         elif low:
             lowrank[name] = low
@@ -226,27 +226,14 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     if not tensors:
         raise CwsError(f"no tensors to extract between {pos} and {neg}")
     plan = [(it.name, out_dtype, it.outs[0][1]) for it in items]
-    dtypes = {name: factor_dtype or _exact_factor_dtype(low) for name, low in lowrank.items()}
+    dtypes = {name: factor_dtype or exact_factor_dtype(low) for name, low in lowrank.items()}
     for name, low in lowrank.items():
         r, (rows, cols) = sum(d.rank for d, _ in low), low[0][0].shape
         kb, ka = factor_keys(name)
         plan += [(kb, dtypes[name], (rows, r)), (ka, dtypes[name], (r, cols))]
 
     def compute(s: engine.Slice):
-        n_dense = len(s.item.sliced)
-        acc = s.outs[0]
-        if n_dense:
-            lincomb(s.ins[:n_dense], s.item.data[0], out=acc)
-        else:
-            acc.zero_()
-        for k, (c, transposed) in enumerate(s.item.data[1]):
-            B, A = s.ins[n_dense + 2 * k], s.ins[n_dense + 2 * k + 1]
-            if transposed:
-                B, A = A.T, B.T
-            add_lowrank_(acc, B[s.start : s.stop], A, c)
-        result = s.outs[1] if len(s.outs) > 1 else acc
-        if result is not acc:
-            result.copy_(acc)
+        result = dense_slice(s)
         if not allow_nonfinite:
             check_finite(s.item.name, [result], s.ins, s.item.sliced + s.item.whole)
         return [(writer.write, (s.item.name, result, s.start))]
@@ -263,14 +250,14 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
         writer.add_json("direction.json", meta)
         for name, low in lowrank.items():
             kb, ka = factor_keys(name)
-            B_cat, A_cat = _concat_factors(low)
+            B_cat, A_cat = concat_factors(low)
             writer.write(kb, B_cat.to(dtypes[name]).contiguous())
             writer.write(ka, A_cat.to(dtypes[name]).contiguous())
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet)
     return Path(out).resolve()
 
 
-def _exact_factor_dtype(low) -> torch.dtype:
+def exact_factor_dtype(low) -> torch.dtype:
     """The factors' common dtype if every folded scale is a power of two (exact), else fp32."""
     import math
 
@@ -282,7 +269,7 @@ def _exact_factor_dtype(low) -> torch.dtype:
     return dt
 
 
-def _concat_factors(low):
+def concat_factors(low):
     """B = [c₁·B₁ | c₂·B₂ | …] (out, Σr) in fp32 and A = [A₁; A₂; …] (Σr, in): Σ cᵢ·BᵢAᵢ exactly."""
     import torch
 
@@ -298,7 +285,27 @@ def _concat_factors(low):
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
 
-def _dense_item(name, shape, coefs, low, out_dtype) -> engine.Item:
+def dense_slice(s: engine.Slice) -> torch.Tensor:
+    """One row slice of a `_dense_item`: Σ cᵢ·xᵢ + Σ cⱼ·BⱼAⱼ in the fp32 scratch, then stored in the
+    output dtype; returns the output slice."""
+    n_dense = len(s.item.sliced)
+    acc = s.outs[0]
+    if n_dense:
+        lincomb(s.ins[:n_dense], s.item.data[0], out=acc)
+    else:
+        acc.zero_()
+    for k, (c, transposed) in enumerate(s.item.data[1]):
+        B, A = s.ins[n_dense + 2 * k], s.ins[n_dense + 2 * k + 1]
+        if transposed:
+            B, A = A.T, B.T
+        add_lowrank_(acc, B[s.start : s.stop], A, c)
+    result = s.outs[1] if len(s.outs) > 1 else acc
+    if result is not acc:
+        result.copy_(acc)
+    return result
+
+
+def dense_item(name, shape, coefs, low, out_dtype) -> engine.Item:
     """A dense entry computed as Σ cᵢ·xᵢ (+ low-rank terms) in an fp32 scratch, stored in out_dtype."""
     import torch
 

@@ -1,0 +1,210 @@
+"""combine: direction algebra. w = Σ cᵢ·wᵢ, optionally with a direction b projected out,
+w' = w − (⟨w,b⟩/⟨b,b⟩)·b, over the whole model, per layer or per tensor.
+
+Both are exact linear combinations of the inputs' entries with per-tensor coefficients, so the
+output stays LoRA-native where the inputs are: low-rank entries concatenate their factors (ranks
+add), and an entry is dense only where some input's entry is dense. The projection's inner
+products come from one read-only streamed pass (the Gram machinery `compare` uses, in fp64).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import engine
+from .checks import check_finite, name_filter, nonfinite, provenance, raise_problems
+from .compare import build_item, direction_vector, slice_gram
+from .extract import concat_factors, dense_item, dense_slice, exact_factor_dtype, parse_dtype
+from ..errors import CwsError
+from ..io.direction import PREFIX, Direction, direction_meta, factor_keys
+from ..io.format import TensorInfo
+from ..io.layout import layer_of
+from ..io.writer import ShardedWriter
+
+BY = ("global", "layer", "tensor")
+
+
+@dataclass(frozen=True)
+class _Factors:
+    """A direction's low-rank entry as extract's helpers read LoRA deltas: delta = B·A."""
+
+    B: TensorInfo
+    A: TensorInfo
+    transposed: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def parse_terms(terms) -> list[tuple[Direction, float]]:
+    """(Direction, coefficient) pairs from a path or Direction, a dict {direction: coef}, or a list
+    of directions, (direction, coef) pairs or CLI strings "PATH[:COEF]"."""
+    if isinstance(terms, (str, os.PathLike, Direction)):
+        terms = [terms]
+    items = terms.items() if isinstance(terms, dict) else terms
+    out = []
+    for t in items:
+        if isinstance(t, tuple):
+            d, c = t
+        elif isinstance(t, str) and ":" in t and not Path(t).exists():
+            d, _, c = t.rpartition(":")
+            try:
+                c = float(c)
+            except ValueError:
+                raise CwsError(f"term {t!r}: expected PATH or PATH:COEF with a number after the colon") from None
+        else:
+            d, c = t, 1.0
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise CwsError(f"term {t!r}: the coefficient must be a finite number, got {c!r}")
+        out.append((d if isinstance(d, Direction) else Direction.open(d), float(c)))
+    if not out:
+        raise CwsError("combine needs at least one direction")
+    return out
+
+
+def _group(name: str, by: str):
+    if by == "global":
+        return "global"
+    if by == "layer":
+        layer = layer_of(name)
+        return f"layer {layer}" if layer is not None else "outside layers"
+    return name
+
+
+def projection(terms, b: Direction, by: str = "global", *, keep=lambda name: True,
+               max_memory=engine.DEFAULT_MAX_MEMORY, quiet: bool = False) -> tuple[dict[str, float], dict]:
+    """Per-tensor coefficient of b in w − (⟨w,b⟩/⟨b,b⟩)·b, with w = Σ cᵢ·wᵢ and the ratio taken over
+    each group (`by`: the whole model, a layer, or a tensor), and the per-group sums it came from."""
+    if by not in BY:
+        raise CwsError(f"by={by!r}: expected one of {', '.join(BY)}")
+    dirs = [d for d, _ in terms] + [b]
+    coefs = [c for _, c in terms]
+    items = []
+    for name, e in b.entries.items():
+        if keep(name):
+            vectors = [direction_vector(d, name) for d in dirs]
+            items.append(build_item(name, e.shape[0] if e.shape else 1, vectors))
+    sums: dict = {}  # group -> [⟨w,b⟩, ⟨b,b⟩]
+    group_of = {}
+
+    def compute(s: engine.Slice):
+        G = slice_gram(s)
+        if not torch.isfinite(G).all():
+            raise CwsError(f"tensor {s.item.name!r}: NaN/Inf in a direction")
+        g = group_of.setdefault(s.item.name, _group(s.item.name, by))
+        acc = sums.setdefault(g, [0.0, 0.0])
+        acc[0] += sum(c * G[i, -1].item() for i, c in enumerate(coefs))
+        acc[1] += G[-1, -1].item()
+        return []
+
+    engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="project", quiet=quiet, writes=False)
+    ratio = {g: (wb / bb if bb > 0 else 0.0) for g, (wb, bb) in sums.items()}
+    groups = {g: {"w_dot_b": wb, "b_dot_b": bb, "coef": ratio[g]} for g, (wb, bb) in sums.items()}
+    return {name: -ratio[g] for name, g in group_of.items()}, groups
+
+
+def combine(
+    terms,
+    out: str | os.PathLike,
+    *,
+    project_out: str | os.PathLike | Direction | None = None,
+    by: str = "global",
+    dtype: str | torch.dtype = "auto",
+    include: str | None = None,
+    exclude: str | None = None,
+    allow_nonfinite: bool = False,
+    max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    fsync: bool = True,
+    quiet: bool = False,
+) -> Path:
+    """Write w = Σ cᵢ·wᵢ (minus its projection on `project_out`, per `by` group) as a direction.
+
+    terms: see `parse_terms`. A tensor absent from a direction counts as zero there. dtype "auto":
+    dense entries in fp32, low-rank factors in their own dtype when every folded coefficient is a
+    power of two (exact), else fp32; any other dtype is used for everything.
+    """
+    terms = parse_terms(terms)
+    out_dtype = parse_dtype(dtype)
+    factor_dtype = None if dtype == "auto" else out_dtype
+    keep = name_filter(include, exclude)
+    max_memory = engine.parse_size(max_memory)
+    b = None
+    if project_out is not None:
+        b = project_out if isinstance(project_out, Direction) else Direction.open(project_out)
+    coef_b, groups = projection(terms, b, by, keep=keep, max_memory=max_memory, quiet=quiet) if b else ({}, {})
+
+    names = list(dict.fromkeys(n for d, _ in terms + ([(b, 0.0)] if b else []) for n in d.entries))
+    tensors, omitted, items, lowrank, problems = {}, {}, [], {}, []
+    for name in names:
+        if not keep(name):
+            omitted[name] = "excluded by --include/--exclude"
+            continue
+        contrib: dict = {}  # (direction path, name) -> [entry, coefficient], duplicates merged
+        for d, c in terms + ([(b, coef_b.get(name, 0.0))] if b else []):
+            e = d.entries.get(name)
+            if e is not None and c != 0.0:
+                contrib.setdefault(d.path, [e, 0.0])[1] += c
+        contrib = [(e, c) for e, c in contrib.values() if c != 0.0]
+        if not contrib:
+            omitted[name] = "every coefficient is zero here"
+            continue
+        shapes = {e.shape for e, _ in contrib}
+        if len(shapes) > 1:
+            problems.append(f"{name}: the directions disagree on its shape ({', '.join(map(str, sorted(shapes)))})")
+            continue
+        shape = shapes.pop()
+        dense = {e.dense: c for e, c in contrib if e.kind == "dense"}
+        low = [(_Factors(e.B, e.A), c * e.scale) for e, c in contrib if e.kind == "lowrank"]
+        if dense:
+            items.append(dense_item(name, shape, dense, low, out_dtype))
+            tensors[name] = {"kind": "dense", "shape": list(shape)}
+        else:
+            lowrank[name] = low
+            tensors[name] = {"kind": "lowrank", "shape": list(shape), "rank": sum(f.rank for f, _ in low), "scale": 1.0}
+    raise_problems(problems)
+    if not tensors:
+        raise CwsError("the combination is zero on every tensor: nothing to write")
+
+    dtypes = {name: factor_dtype or exact_factor_dtype(low) for name, low in lowrank.items()}
+    plan = [(it.name, out_dtype, it.outs[0][1]) for it in items]
+    for name, low in lowrank.items():
+        r, (rows, cols) = sum(f.rank for f, _ in low), (low[0][0].B.shape[0], low[0][0].A.shape[1])
+        kb, ka = factor_keys(name)
+        plan += [(kb, dtypes[name], (rows, r)), (ka, dtypes[name], (r, cols))]
+
+    def compute(s: engine.Slice):
+        result = dense_slice(s)
+        if not allow_nonfinite:
+            check_finite(s.item.name, [result], s.ins, s.item.sliced + s.item.whole)
+        return [(writer.write, (s.item.name, result, s.start))]
+
+    sources = [str(d.path) for d, _ in terms]
+    meta = direction_meta(
+        tensors, omitted, dtype=str(factor_dtype or "auto").replace("torch.", ""),
+        formula="w = sum_i coef_i * w_i" + (" - (<w,b>/<b,b>) * b per group" if b else ""),
+        sources={f"term{i}": p for i, p in enumerate(sources)},
+        terms=[{"direction": str(d.path), "coef": c} for d, c in terms],
+        projection={"direction": str(b.path), "by": by, "groups": groups} if b else None)
+    md = provenance("combine", terms=";".join(f"{c!r}*{p}" for (_, c), p in zip(terms, sources)),
+                    project_out=b.path if b else None, by=by if b else None)
+    inputs = sources + ([str(b.path)] if b else [])
+    with ShardedWriter(out, plan, prefix=PREFIX, metadata=md, overwrite=overwrite, inputs=inputs,
+                       max_shard_size=engine.parse_size(max_shard_size), fsync=fsync) as writer:
+        writer.add_json("direction.json", meta)
+        for name, low in lowrank.items():
+            B_cat, A_cat = concat_factors(low)
+            if not allow_nonfinite and (nonfinite(B_cat) or nonfinite(A_cat)):
+                raise CwsError(f"tensor {name!r}: NaN/Inf in the low-rank factors (pass --allow-nonfinite to proceed)")
+            kb, ka = factor_keys(name)
+            writer.write(kb, B_cat.to(dtypes[name]).contiguous())
+            writer.write(ka, A_cat.to(dtypes[name]).contiguous())
+        engine.run(items, compute, max_memory=max_memory, desc="combine", quiet=quiet)
+    return Path(out).resolve()
