@@ -112,3 +112,18 @@ def test_cli_terms_and_errors(dirs, tmp_path):
     assert not (tmp_path / "zero").exists()
     with pytest.raises(CwsError, match="by="):
         cws.combine(dirs["w"], tmp_path / "x", project_out=dirs["v"], by="module", quiet=True)
+
+
+def test_cli_combine_matches_api(dirs, tmp_path, capsys):
+    from cws.cli import main
+
+    rc = main(["combine", str(dirs["w"]), f"{dirs['v']}:-0.5", "--project-out", str(dirs["v"]), "--by", "layer",
+               "--out", str(tmp_path / "cli"), "-q", "--json", "-"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["command"] == "combine" and summary["projection"]["by"] == "layer"
+    api = cws.combine({dirs["w"]: 1.0, dirs["v"]: -0.5}, tmp_path / "api", project_out=dirs["v"], by="layer", quiet=True)
+    got, want = fp64(tmp_path / "cli"), fp64(api)
+    assert all(torch.equal(got[k], want[k]) for k in want) and set(got) == set(want)
+    assert main(["combine", str(dirs["w"]) + ":x", "--out", str(tmp_path / "bad"), "-q"]) != 0
+    assert not (tmp_path / "bad").exists()

@@ -322,6 +322,48 @@ def _densify(args) -> None:
     _emit(args, f"dense direction written to {out}", json=_as_json({"command": "densify", "direction": str(out)}))
 
 
+# --- combine --------------------------------------------------------------------------------------
+
+
+def _add_combine(sub) -> None:
+    p = _command(sub, "combine", "direction algebra: w = Σ cᵢ·wᵢ, optionally with a direction b projected out",
+                 "Writes a linear combination of directions, and with --project-out B removes its component\n"
+                 "along B: w − (⟨w,B⟩/⟨B,B⟩)·B, over the whole model, per layer or per tensor (--by). Exact, and\n"
+                 "LoRA-native where the inputs are: low-rank entries concatenate their factors (ranks add);\n"
+                 "an entry is dense only where some input's is. A tensor absent from a direction is zero there.",
+                 "cws combine dirs/sycophancy dirs/yes-bias:-0.5 --out dirs/mix\n"
+                 "cws combine dirs/sycophancy --project-out dirs/yes-bias --by layer --out dirs/syc-no-bias")
+    p.add_argument("terms", nargs="+", metavar="DIR[:COEF]", help="a direction and its coefficient (default 1)")
+    p.add_argument("--out", required=True, help="direction directory to write")
+    p.add_argument("--project-out", metavar="DIR", help="remove the combination's component along this direction")
+    p.add_argument("--by", default="global", choices=["global", "layer", "tensor"],
+                   help="where ⟨w,b⟩/⟨b,b⟩ is taken for --project-out (default global: one ratio for the model)")
+    p.add_argument("--dtype", default="auto", help="storage dtype: auto (fp32 dense; factors in their own dtype when "
+                   "exact), float32, bfloat16, float16")
+    p.add_argument("--include", metavar="REGEX", help="only tensors whose name matches this regex")
+    p.add_argument("--exclude", metavar="REGEX", help="leave out tensors whose name matches this regex")
+    p.add_argument("--allow-nonfinite", action="store_true", help="proceed past NaN/Inf in the inputs")
+    _budget(p)
+    _output(p)
+    _json(p, "a summary (the direction written, and the projection's per-group ratios)")
+    p.set_defaults(run=_combine)
+
+
+def _combine(args) -> None:
+    from .ops.combine import combine
+    from .ops.info import info
+
+    out = combine(args.terms, args.out, project_out=args.project_out, by=args.by, dtype=args.dtype,
+                  include=args.include, exclude=args.exclude, allow_nonfinite=args.allow_nonfinite,
+                  max_memory=args.max_memory, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                  fsync=args.fsync, quiet=args.quiet)
+    d = info(out)
+    cfg = d["config"]
+    summary = {"command": "combine", "direction": d["path"], "tensors": d["tensors"], "kinds": d["kinds"],
+               "terms": cfg.get("terms"), "projection": cfg.get("projection")}
+    _emit(args, f"direction written to {out}", json=_as_json(summary))
+
+
 # --- info -----------------------------------------------------------------------------------------
 
 
@@ -386,7 +428,7 @@ def _experiment(args) -> None:
 
 # --- the parser and main --------------------------------------------------------------------------
 
-COMMANDS = (_add_extract, _add_apply, _add_compare, _add_export_peft, _add_densify, _add_info, _add_demo,
+COMMANDS = (_add_extract, _add_apply, _add_compare, _add_combine, _add_export_peft, _add_densify, _add_info, _add_demo,
             _add_experiment)
 
 
