@@ -17,8 +17,9 @@ from .ops.extract import extract  # noqa: E402
 from .ops.info import info  # noqa: E402
 from .ops.report import Report  # noqa: E402
 from .live.steer import Steerer, steer, steered  # noqa: E402
+from .live.params import untie  # noqa: E402
 
-__all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
+__all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "steer", "steered", "Steerer", "untie", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]
 
 

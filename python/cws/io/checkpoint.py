@@ -15,6 +15,7 @@ import torch
 from cws.errors import CheckpointError
 from cws.io.format import TensorInfo, read_header
 from cws.io.reader import read_into, read_tensor
+from cws.io.ties import checkpoint_ties
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _MAX_LISTED = 10
@@ -32,6 +33,7 @@ class Checkpoint:
         self.files = files
         self.metadata = metadata
         self.nbytes = sum(info.nbytes for info in tensors.values())
+        self.ties: dict[str, str] = {}  # tied name -> stored name (lm_head -> embed_tokens), from config.json
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Checkpoint:
@@ -41,11 +43,14 @@ class Checkpoint:
             raise CheckpointError(f"{path}: no such file or directory")
         target = _find_weights(path) if path.is_dir() else path
         if target.name.endswith(".index.json"):
-            return cls._from_index(path, target)
-        if target.suffix != ".safetensors":
+            ckpt = cls._from_index(path, target)
+        elif target.suffix != ".safetensors":
             raise _unsupported(target)
-        tensors, metadata = read_header(target)
-        return cls(path, target.parent, tensors, [str(target)], metadata)
+        else:
+            tensors, metadata = read_header(target)
+            ckpt = cls(path, target.parent, tensors, [str(target)], metadata)
+        ckpt.ties = checkpoint_ties(ckpt.root, ckpt.tensors)
+        return ckpt
 
     @classmethod
     def _from_index(cls, path: Path, index: Path) -> Checkpoint:
@@ -85,8 +90,12 @@ class Checkpoint:
         """Rows [row_start, row_end) of tensor `name` as a new CPU tensor of its stored dtype."""
         return read_tensor(self._info(name), row_start, row_end)
 
+    def lookup(self, name: str) -> TensorInfo | None:
+        """The stored tensor behind `name`, a tied name included (lm_head -> embed_tokens), or None."""
+        return self.tensors.get(name) or self.tensors.get(self.ties.get(name, ""))
+
     def _info(self, name: str) -> TensorInfo:
-        info = self.tensors.get(name)
+        info = self.lookup(name)
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return info

@@ -75,9 +75,11 @@ def _targets(model, direction, include, exclude, layers) -> tuple[list[Target], 
         shape = delta[1].shape if delta[0] == "dense" else (delta[1].shape[0], delta[2].shape[1])
         if tuple(shape) != tuple(p.shape):
             raise CwsError(f"{name}: direction {list(shape)} does not fit the model's {list(p.shape)}")
-        if id(p) in seen:
-            raise CwsError(f"{name} and {seen[id(p)]} are tied in this model and both in the direction; "
-                           f"exclude one of them")
+        if id(p) in seen:  # one tied tensor: steered once, if the direction moves both names alike
+            if entries[seen[id(p)]] is delta:
+                continue
+            raise CwsError(f"{name} and {seen[id(p)]} are one tied tensor in this model, but the direction changes "
+                           f"them differently; untie the model first (cws.untie(model)) or exclude one of them")
         seen[id(p)] = name
         delta = tuple(t.to(p.device) if isinstance(t, torch.Tensor) else t for t in delta)
         targets.append(Target(name, p, delta))
