@@ -171,7 +171,10 @@ def _open_matching(path, targets):
     from pathlib import Path
 
     from ..io.checkpoint import Checkpoint
+    from ..io.hub import resolve
 
+    if path and not Path(path).exists():
+        path = resolve(path, "model", cache_only=True)  # a model loaded by Hub ID: its cached snapshot
     if not path or not Path(path).exists():
         raise CwsError("keep='checkpoint' needs the local checkpoint the model was loaded from (checkpoint=...)")
     ckpt = Checkpoint.open(path)

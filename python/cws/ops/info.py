@@ -13,8 +13,10 @@ from ..io.checkpoint import Checkpoint
 
 def info(path: str | os.PathLike) -> dict:
     """A description of `path`: kind, files, tensor count, bytes, dtypes, metadata and per-tensor rows."""
-    path = Path(path).expanduser().resolve()
+    from ..io.hub import resolve
     from ..io.lora import is_adapter
+
+    path = Path(resolve(path)).expanduser().resolve()
 
     if (path / META_FILE).is_file():
         d = Direction.open(path)
