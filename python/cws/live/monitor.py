@@ -22,7 +22,7 @@ from cws_kernels import lowrank_inner_stacked
 from ..ops.compare import vector_gram
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from .params import live_params, load_direction, lora_modules, lora_updates, tied_names
+from .params import live_params, load_direction, lora_modules, lora_updates, merge_ties, tied_names
 from ..ops.report import Report
 
 logger = logging.getLogger("cws.monitor")
@@ -121,6 +121,7 @@ class WeightMonitor(TrainerCallback):
         device = next(iter(params.values())).device
         self._dirs = {k: load_direction(v, device) for k, v in self.directions.items()}
         self._plan = None  # the low-rank tensors' Gram plan, made at the first measurement
+        self._tied = merge_ties(tied_names(params), list(self._dirs.values()))
         for entries in self._dirs.values():  # factors in fp64 once, not at every measurement
             for name, e in entries.items():
                 if e[0] == "lowrank":
@@ -149,7 +150,7 @@ class WeightMonitor(TrainerCallback):
         else:
             params = live_params(model)
             in_dirs = {n for d in self._dirs.values() for n in d}
-            names = (set(params) - set(tied_names(params))) | in_dirs  # a tied tensor once, unless split by a direction
+            names = (set(params) - self._tied) | in_dirs  # a tied tensor once, unless a direction splits it
         batch = []
         for name in sorted(names):
             if self._lora:

@@ -52,6 +52,20 @@ def tied_names(params: dict[str, torch.nn.Parameter]) -> dict[str, str]:
     return out
 
 
+def merge_ties(ties: dict[str, str], directions: list[dict]) -> set[str]:
+    """Fold each tied name's delta into its source in every loaded direction (`load_direction` dicts,
+    changed in place) where no direction moves the two differently; returns the names folded."""
+    merged = set()
+    for alias, source in ties.items():
+        if all(d.get(alias) is None or d.get(source) is None or d[alias] is d[source] for d in directions):
+            for d in directions:
+                one = d.pop(alias, None)
+                if d.get(source) is None and one is not None:
+                    d[source] = one
+            merged.add(alias)
+    return merged
+
+
 def untie(model) -> None:
     """Give a model whose lm_head is tied to its input embeddings its own lm_head weight (a copy), so
     a direction may change the two differently; sets config.tie_word_embeddings to False."""

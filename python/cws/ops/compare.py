@@ -223,8 +223,11 @@ def compare(
         updates = {}
         for name in sorted(set(m.tensors) - set(b.tensors) - set(b.ties)):
             problems.append(missing_problem(name, ["model"], ["base"]))
-    # A tied base's lm_head is its embedding: it gets its own row where the model or a direction has one.
-    in_play = model_names.union(*(d.entries for d in dirs.values()))
+    # A tied base's lm_head is its embedding: it gets its own row where the model or a direction has one,
+    # unless the model ties it too and no direction moves the two differently (one tensor, one row).
+    folded = {e: h for h, e in b.ties.items() if not is_adapter(model) and m.ties.get(h) == e
+              and not any(None not in (d.get(h), d.get(e)) and d.get(h) != d.get(e) for d in dirs.values())}
+    in_play = model_names.union(*(d.entries for d in dirs.values())) - set(folded.values())
     names = [(n, i) for n, i in b.tensors.items()] + [(h, b.tensors[e]) for h, e in b.ties.items() if h in in_play]
     if not is_adapter(model):
         for name, info in names:
@@ -249,7 +252,8 @@ def compare(
     for name, info in names:
         if not info.is_float or not keep(name) or name in skipped:
             continue
-        vectors = [updates.get(name)] + [direction_vector(d, name) for d in dirs.values()]
+        vectors = [updates.get(name)] + [direction_vector(d, name) or direction_vector(d, folded.get(name, ""))
+                                         for d in dirs.values()]
         if all(v is None for v in vectors):
             continue
         items.append(build_item(name, info.rows, vectors))  # an absent vector is zero on this tensor

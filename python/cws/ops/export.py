@@ -109,7 +109,7 @@ def export_peft(
     config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": pattern,
               "target_modules": sorted(lora) or None, "modules_to_save": sorted(saved) or None,
               "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
-              "init_lora_weights": True, "inference_mode": True, "task_type": None,
+              "init_lora_weights": True, "inference_mode": True, "task_type": _task_type(b),
               "base_model_name_or_path": str(b.path) if b else None}
 
     def compute(s: engine.Slice):  # base + α·w, as `cws apply` computes it
@@ -134,6 +134,15 @@ def export_peft(
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="export", quiet=quiet)
     return left_out
 
+
+
+def _task_type(b: Checkpoint | None) -> str | None:
+    """CAUSAL_LM for a causal LM base (AutoPeftModelForCausalLM needs it), else None."""
+    from ..io.ties import read_config
+
+    config = read_config(b.root) if b is not None else None
+    archs = (config or {}).get("architectures") or []
+    return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in archs) else None
 
 
 def densify(direction: str | os.PathLike | Direction, out: str | os.PathLike, *, dtype="float32",
