@@ -305,3 +305,60 @@ def test_hub_ids_resolve_from_the_offline_cache(tied_full, tmp_path, monkeypatch
     hub_repo(cache, "org/pickled", pickles)
     with pytest.raises(cws.CwsError, match="no .safetensors weights"):
         cws.apply("org/pickled", p["dir"], 1.0, tmp_path / "y", quiet=True)
+
+
+@pytest.mark.parametrize("tie, dtype, shard, saved", [
+    (True, torch.bfloat16, "20KB", ["lm_head"]),  # only the head saved: the tied tensor moves, the model stays tied
+    (True, torch.float32, None, None),  # LoRA only: no embed/head delta at all
+    (False, torch.bfloat16, None, ["lm_head", "embed_tokens"]),
+    (False, torch.float32, "20KB", None),
+])
+def test_adapters_on_tied_and_untied_bases(tie, dtype, shard, saved, tmp_path):
+    """compare, apply and export-peft on each kind of base; the exported adapter merges to the applied bits
+    for every saved (embed/head) tensor, and the applied model loads with from_pretrained as written."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model(0, dtype=dtype, tie_word_embeddings=tie)
+    if shard:
+        save(base, tmp_path / "base", shard)
+    else:
+        base.save_pretrained(tmp_path / "base")
+    b = tmp_path / "base"
+    pos = train_lora(base, tmp_path / "pos", seed=1, modules_to_save=saved)
+    neg = train_lora(base, tmp_path / "neg", seed=2, modules_to_save=saved)
+    d = cws.extract(pos, neg, tmp_path / "dir", quiet=True)
+    report = cws.compare(b, pos, d, quiet=True)
+    assert (HEAD in report.grams) == bool(saved and "lm_head" in saved)
+    out = cws.apply(b, d, 2.0, tmp_path / "s", quiet=True)[0]
+    got, bs, w = state(out), state(b), state(d)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is tie and (HEAD in got) is not tie
+    if saved:
+        want = {HEAD: lincomb_ref([bs[HEAD if not tie else EMBED], w[HEAD]], [1.0, 2.0], dtype)}
+        if tie:  # the one tied tensor carries the head's delta
+            assert_bits_equal(got[EMBED], want[HEAD], EMBED)
+        else:
+            assert_bits_equal(got[HEAD], want[HEAD], HEAD)
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+    assert (loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()) is tie
+    assert torch.equal(loaded.lm_head.weight, got[EMBED] if tie else got[HEAD])
+    left = cws.export_peft(d, tmp_path / "ad", alpha=2.0, base=b, quiet=True)
+    assert left == {}
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(b, dtype=dtype), tmp_path / "ad")
+    merged = merged.merge_and_unload().state_dict()
+    for name in (EMBED, HEAD):
+        assert torch.equal(merged[name], loaded.state_dict()[name]), name
+    for name, t in got.items():  # LoRA targets: PEFT forms fl(B·A) its own way; within one ulp of the dtype
+        assert (merged[name].double() - t.double()).abs().max() <= 2 * torch.finfo(dtype).eps * t.double().abs().max()
+
+
+def test_skipped_direction_tensors_are_named(tiny_ckpts, tmp_path, caplog):
+    d = cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], tmp_path / "d", quiet=True)
+    extra = dict(state(d))
+    extra["model.extra.weight"] = torch.ones(3)
+    save_file(extra, tmp_path / "w.safetensors")
+    with caplog.at_level(logging.WARNING, logger="cws"):
+        cws.apply(tiny_ckpts["base"], tmp_path / "w.safetensors", 1.0, tmp_path / "o", on_missing="skip", quiet=True)
+    assert "1 direction tensor(s) the model lacks were not applied (--on-missing skip): model.extra.weight" in caplog.text
+    assert cws.info(tiny_ckpts["base"])["ties"] == {}

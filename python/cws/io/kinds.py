@@ -37,6 +37,12 @@ def kind_of(path: Path) -> str | None:
         if (path / "direction.json").is_file():
             return "direction"
         return "model" if (path / "config.json").is_file() else "file"
+    if not path.name.endswith((".safetensors", ".index.json")):
+        return None
+    if (path.parent / "adapter_config.json").is_file():  # a file of an adapter or direction directory is that
+        return "adapter"
+    if (path.parent / "direction.json").is_file():
+        return "direction"
     if path.name.endswith(".index.json") and (path.parent / "config.json").is_file():
         return "model"
     return "file" if path.name.endswith((".safetensors", ".index.json")) else None

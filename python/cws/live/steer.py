@@ -179,7 +179,7 @@ def _open_matching(path, targets):
         raise CwsError("keep='checkpoint' needs the local checkpoint the model was loaded from (checkpoint=...)")
     ckpt = Checkpoint.open(path)
     for t in targets:
-        info = ckpt.tensors.get(t.name)
+        info = ckpt.lookup(t.name)
         if info is None or info.dtype != t.param.dtype or not torch.equal(ckpt.read(t.name).to(t.param.device), t.param.data):
             raise CwsError(f"{ckpt.path}: {t.name} differs from the loaded model's; keep='checkpoint' needs the "
                            f"exact checkpoint (same dtype) the model was loaded from")
