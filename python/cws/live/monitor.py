@@ -136,7 +136,9 @@ class WeightMonitor(TrainerCallback):
             self._theta0 = {n: copies.setdefault(id(p), p.detach().to(dev or p.device, copy=True))
                             for n, p in params.items()}
         else:
-            self._theta0 = Checkpoint.open(self.reference)
+            from ..io.hub import resolve
+
+            self._theta0 = Checkpoint.open(resolve(self.reference, "model", "reference"))
 
     @torch.no_grad()
     def measure(self, model) -> dict[str, float]:
@@ -221,7 +223,6 @@ class WeightMonitor(TrainerCallback):
                 if self.action == "stop":
                     control.should_training_stop = True
         return control
-
 
     def _jsonl_path(self, args):
         """Where records go: `jsonl`, or cws_monitor.jsonl under args.output_dir; None off rank 0 or when jsonl=False."""

@@ -92,7 +92,7 @@ def apply(
     if direction is None:
         pos, neg = resolve(pos, "fine-tune", "pos"), resolve(neg, "fine-tune", "neg")
         if is_adapter(pos) or is_adapter(neg):
-            return _apply_adapters(m, pos, neg, alphas, out, rounding=rounding, seed=seed, include=include,
+            return _apply_adapters(pos, neg, alphas, out, rounding=rounding, seed=seed, include=include,
                                    exclude=exclude, on_missing=on_missing, allow_nonfinite=allow_nonfinite,
                                    max_memory=max_memory, max_shard_size=max_shard_size, overwrite=overwrite,
                                    fsync=fsync, quiet=quiet, model_spec=model_spec)
@@ -249,7 +249,7 @@ def _direction_provenance(d: Direction, made_from: dict | None) -> dict:
     return out
 
 
-def _apply_adapters(m: Checkpoint, pos, neg, alphas, out, *, model_spec, **kw) -> list[Path]:
+def _apply_adapters(pos, neg, alphas, out, *, model_spec, **kw) -> list[Path]:
     """apply --pos/--neg with PEFT adapters: the LoRA-native direction (exact factors) is extracted into a
     temporary directory (it is small: factors, plus dense modules_to_save deltas) and applied."""
     from .extract import extract

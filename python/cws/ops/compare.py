@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -51,9 +52,10 @@ def as_directions(directions) -> dict[str, Direction]:
 
     if isinstance(directions, (str, os.PathLike, Direction)):
         directions = [directions]
-    if not isinstance(directions, dict):
-        directions = [open_one(d) for d in directions]
-        directions = {d.path.name: d for d in directions}
+    if not isinstance(directions, dict):  # named by their directories (a Hub ID: its repo name)
+        opened = [open_one(d) for d in directions]
+        directions = {(o.path.name if isinstance(d, Direction) or Path(d).exists() else Path(str(d)).name): o
+                      for d, o in zip(directions, opened)}
     out = {name: open_one(d) for name, d in directions.items()}
     if not out:
         raise CwsError("compare needs at least one direction")
