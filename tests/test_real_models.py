@@ -291,7 +291,8 @@ def test_hub_ids_resolve_from_the_offline_cache(tied_full, tmp_path, monkeypatch
         out = cws.apply(model, direction, 1.0, tmp_path / model.replace("/", "_"), quiet=True)[0]
         got = state(out)
         assert all(torch.equal(got[n], want[n]) for n in want)
-        assert 'base_model: "' + model + '"' in (out / "README.md").read_text()
+        card = (out / "README.md").read_text()
+        assert '\nbase_model: "org/tiny"\n' in card and f"- base model θ: `{model}`" in card
     assert cws.info("org/dir")["kind"] == "direction"
     assert cli(["compare", "--base", "org/tiny", "--model", str(p["pos"]), "--direction", "org/dir", "-q"]) == 0
     capsys.readouterr()

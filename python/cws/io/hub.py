@@ -31,6 +31,14 @@ def resolve(spec: str | os.PathLike, role: str | None = None, what: str | None =
     return path
 
 
+def describe(spec: str | os.PathLike) -> str:
+    """How to name an input in provenance and model cards: its Hub ID as given, or its absolute path."""
+    path = Path(spec).expanduser()
+    if not path.exists() and isinstance(spec, str) and REPO_ID.match(spec):
+        return spec
+    return str(path.resolve())
+
+
 def download(spec: str, cache_only: bool = False) -> Path:
     """The snapshot directory of Hub repo `org/name[@revision]` (safetensors, JSON, tokenizer files)."""
     m = REPO_ID.match(spec)

@@ -24,7 +24,7 @@ from .checks import (check_finite, check_policy, dtype_problem, missing_problem,
 from ..io.direction import Direction
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from ..io.hub import resolve
+from ..io.hub import describe, resolve
 from ..io.lora import is_adapter
 from ..io.ties import read_config, split_ties
 from ..io.writer import ShardedWriter, copy_model_files
@@ -87,12 +87,13 @@ def apply(
     check_policy(on_missing)
     budget, shard = engine.parse_size(max_memory), engine.parse_size(max_shard_size)
     keep = name_filter(include, exclude)
-    model_spec = str(model)
+    model_spec = describe(model)
     m = Checkpoint.open(resolve(model, "model"))
     if direction is None:
+        specs = describe(pos), describe(neg)
         pos, neg = resolve(pos, "fine-tune", "pos"), resolve(neg, "fine-tune", "neg")
         if is_adapter(pos) or is_adapter(neg):
-            return _apply_adapters(pos, neg, alphas, out, rounding=rounding, seed=seed, include=include,
+            return _apply_adapters(pos, neg, specs, alphas, out, rounding=rounding, seed=seed, include=include,
                                    exclude=exclude, on_missing=on_missing, allow_nonfinite=allow_nonfinite,
                                    max_memory=max_memory, max_shard_size=max_shard_size, overwrite=overwrite,
                                    fsync=fsync, quiet=quiet, model_spec=model_spec)
@@ -101,7 +102,8 @@ def apply(
         sources, inputs = {}, [str(m.path), str(d.path)]
         raw = d.get
         real = set(d.entries)
-        provenance_of = _direction_provenance(d, _made_from)
+        provenance_of = _direction_provenance(d, _made_from, str(d.path) if isinstance(direction, Direction)
+                                              else describe(direction))
     else:
         sources = {"pos": Checkpoint.open(pos), "neg": Checkpoint.open(neg)}
         inputs = [str(m.path)] + [str(c.path) for c in sources.values()]
@@ -111,8 +113,7 @@ def apply(
             pair = (sources["pos"].lookup(name), sources["neg"].lookup(name))
             return None if pair == (None, None) else pair
 
-        provenance_of = {"pos": str(sources["pos"].path), "neg": str(sources["neg"].path),
-                         "formula": "w = pos - neg (fused)"}
+        provenance_of = {"pos": specs[0], "neg": specs[1], "formula": "w = pos - neg (fused)"}
 
     def delta_of(name):  # what steers tensor `name` (a direction entry or a (pos, neg) pair), or None
         return raw(name) if keep(name) else None
@@ -235,12 +236,12 @@ def update_support(kind: str, ins: list) -> int:
     return int((B != 0).any(1).sum()) * int((A != 0).any(0).sum())
 
 
-def _direction_provenance(d: Direction, made_from: dict | None) -> dict:
+def _direction_provenance(d: Direction, made_from: dict | None, spec: str) -> dict:
     """Where a direction came from, for the model card."""
     if made_from:
         return made_from
     meta = d.meta
-    out = {"path": str(d.path)}
+    out = {"path": spec}
     out.update({f"source {k}": v for k, v in (meta.get("sources") or {}).items()})
     if meta.get("formula"):
         out["formula"] = meta["formula"]
@@ -249,7 +250,7 @@ def _direction_provenance(d: Direction, made_from: dict | None) -> dict:
     return out
 
 
-def _apply_adapters(pos, neg, alphas, out, *, model_spec, **kw) -> list[Path]:
+def _apply_adapters(pos, neg, specs, alphas, out, *, model_spec, **kw) -> list[Path]:
     """apply --pos/--neg with PEFT adapters: the LoRA-native direction (exact factors) is extracted into a
     temporary directory (it is small: factors, plus dense modules_to_save deltas) and applied."""
     from .extract import extract
@@ -258,5 +259,5 @@ def _apply_adapters(pos, neg, alphas, out, *, model_spec, **kw) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="cws-apply-") as tmp:
         d = extract(pos, neg, Path(tmp) / "direction", fsync=False, **opts)
         return apply(model_spec, Direction.open(d), alphas, out,
-                     _made_from={"pos": str(pos), "neg": str(neg), "formula": "w = pos - neg (LoRA-native, fused)"},
+                     _made_from={"pos": specs[0], "neg": specs[1], "formula": "w = pos - neg (LoRA-native, fused)"},
                      **kw)
