@@ -201,6 +201,21 @@ def test_monitor_measures_a_tied_tensor_once(tied_full, tmp_path):
     assert not (tmp_path / "run2").exists()
 
 
+def test_monitor_jsonl_is_written_by_rank_zero_only(tied_full, tmp_path, monkeypatch):
+    from transformers import TrainerControl, TrainerState
+
+    _, p = tied_full
+    model = tiny_model(0, dtype=torch.float32, tie_word_embeddings=True)
+    state_ = TrainerState()
+    state_.global_step = 1
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    for rank in (1, 0):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+        mon = cws.WeightMonitor({"w": p["dir"]}, every=1)
+        mon.on_step_end(SimpleNamespace(output_dir=str(tmp_path / f"rank{rank}")), state_, TrainerControl(), model=model)
+    assert not (tmp_path / "rank1").exists() and (tmp_path / "rank0" / "cws_monitor.jsonl").is_file()
+
+
 # ------------------------------------------------------------------------------ inputs checked for their kind
 def test_wrong_kind_of_input_is_one_line(tied, tied_full, tmp_path, capsys):
     _, p = tied
