@@ -378,3 +378,20 @@ def test_skipped_direction_tensors_are_named(tiny_ckpts, tmp_path, caplog):
         cws.apply(tiny_ckpts["base"], tmp_path / "w.safetensors", 1.0, tmp_path / "o", on_missing="skip", quiet=True)
     assert "1 direction tensor(s) the model lacks were not applied (--on-missing skip): model.extra.weight" in caplog.text
     assert cws.info(tiny_ckpts["base"])["ties"] == {}
+
+
+def test_compare_full_tied_fine_tune_counts_the_tied_tensor_once(tied_full, tmp_path):
+    """Tied base, tied fine-tune, tied direction: one row for the one tensor; a direction that moves the
+    head apart from the embedding gets a row for each name, both measured against the one tied update."""
+    _, p = tied_full
+    report = cws.compare(p["base"], p["pos"], p["dir"], quiet=True)
+    assert EMBED in report.grams and HEAD not in report.grams
+    b, ft, w = state(p["base"]), state(p["pos"]), state(p["dir"])
+    tau = ft[EMBED].double() - b[EMBED].double()
+    assert report.grams[EMBED][0, 1].item() == pytest.approx((tau * w[EMBED].double()).sum().item(), rel=1e-6)
+    split = {EMBED: w[EMBED], HEAD: 2 * w[EMBED]}
+    save_file(split, tmp_path / "split.safetensors")
+    report = cws.compare(p["base"], p["pos"], tmp_path / "split.safetensors", quiet=True)
+    for name in (EMBED, HEAD):
+        want = (tau * split[name].double()).sum().item()
+        assert report.grams[name][0, 1].item() == pytest.approx(want, rel=1e-6), name
