@@ -489,7 +489,7 @@ def test_killed_midway(tmp_path):
     big = random_checkpoint(tmp_path / "big", seed=0, hidden_size=256, intermediate_size=512, vocab_size=32000)
     out = tmp_path / "out"
     before = digest(big)
-    pid = forked(["apply", "--model", big, "--direction", big, "--alpha", -0.5, "--out", out, "--max-memory", "1M"],
+    pid = forked(["apply", "--model", big, "--direction", big / "model.safetensors", "--alpha", -0.5, "--out", out, "--max-memory", "1M"],
                  tmp_path / "stderr.txt")
     deadline, reaped = time.monotonic() + 120, False
     try:

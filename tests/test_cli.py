@@ -254,7 +254,7 @@ def test_compare_plot(tiny_ckpts, direction, tmp_path, capsys, monkeypatch):
     from matplotlib.image import imread
 
     args = ["compare", "--base", str(tiny_ckpts["base"]), "--model", str(tiny_ckpts["ft"]), "--direction",
-            f"evil={direction}", "--direction", f"other={tiny_ckpts['pos']}", "-q"]
+            f"evil={direction}", "--direction", f"other={tiny_ckpts['pos'] / 'model-00001-of-00002.safetensors'}", "-q"]
     assert cli([*args, "--plot", str(tmp_path / "layers.png")]) == 0
     image = imread(tmp_path / "layers.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200 and image.std() > 0

@@ -15,9 +15,9 @@ from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
 _LAZY = {"apply": ".ops.apply", "combine": ".ops.combine", "compare": ".ops.compare", "Direction": ".io.direction",
          "densify": ".ops.export", "export_peft": ".ops.export", "extract": ".ops.extract", "info": ".ops.info",
          "Report": ".ops.report", "Steerer": ".live.steer", "steer": ".live.steer", "steered": ".live.steer",
-         "WeightMonitor": ".live.monitor"}
+         "WeightMonitor": ".live.monitor", "untie": ".live.params"}
 
-__all__ = ["extract", "apply", "compare", "combine", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
+__all__ = ["extract", "apply", "compare", "combine", "info", "export_peft", "densify", "steer", "steered", "Steerer", "untie", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]
 
 

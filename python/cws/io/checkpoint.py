@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from cws.errors import CheckpointError
 from cws.io.format import TensorInfo, read_header
+from cws.io.ties import checkpoint_ties
 
 if TYPE_CHECKING:  # the reader (and torch) load when tensor data is first read, not to list a header
     import torch
@@ -33,6 +34,7 @@ class Checkpoint:
         self.files = files
         self.metadata = metadata
         self.nbytes = sum(info.nbytes for info in tensors.values())
+        self.ties: dict[str, str] = {}  # tied name -> stored name (lm_head -> embed_tokens), from config.json
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Checkpoint:
@@ -42,11 +44,14 @@ class Checkpoint:
             raise CheckpointError(f"{path}: no such file or directory")
         target = _find_weights(path) if path.is_dir() else path
         if target.name.endswith(".index.json"):
-            return cls._from_index(path, target)
-        if target.suffix != ".safetensors":
+            ckpt = cls._from_index(path, target)
+        elif target.suffix != ".safetensors":
             raise _unsupported(target)
-        tensors, metadata = read_header(target)
-        return cls(path, target.parent, tensors, [str(target)], metadata)
+        else:
+            tensors, metadata = read_header(target)
+            ckpt = cls(path, target.parent, tensors, [str(target)], metadata)
+        ckpt.ties = checkpoint_ties(ckpt.root, ckpt.tensors)
+        return ckpt
 
     @classmethod
     def _from_index(cls, path: Path, index: Path) -> Checkpoint:
@@ -90,8 +95,12 @@ class Checkpoint:
 
         return read_tensor(self._info(name), row_start, row_end)
 
+    def lookup(self, name: str) -> TensorInfo | None:
+        """The stored tensor behind `name`, a tied name included (lm_head -> embed_tokens), or None."""
+        return self.tensors.get(name) or self.tensors.get(self.ties.get(name, ""))
+
     def _info(self, name: str) -> TensorInfo:
-        info = self.tensors.get(name)
+        info = self.lookup(name)
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return info

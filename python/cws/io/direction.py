@@ -3,7 +3,8 @@
 An entry is dense (the delta itself, stored under the model tensor's name) or low-rank
 (delta = scale · B·A, stored as `<name>@B` (out, r) and `<name>@A` (r, in)). `direction.json`
 records the format version, each entry's kind, shape, rank and scale, the sources and scales it
-came from, what was omitted and why, and the library version.
+came from, what was omitted and why, the library version, and `ties` ({lm_head name: embedding
+name}) where the fine-tunes tied them: the head then moved with the embedding, by the same delta.
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ class Entry:
 class Direction:
     """A behavior direction on disk: entries by model tensor name, plus its `direction.json`."""
 
-    def __init__(self, path: Path, entries: dict[str, Entry], meta: dict, checkpoint: Checkpoint):
+    def __init__(self, path: Path, entries: dict[str, Entry], meta: dict, checkpoint: Checkpoint,
+                 ties: dict[str, str] | None = None):
         self.path = path
         self.entries = entries
         self.meta = meta
         self.checkpoint = checkpoint
+        self.ties = {a: s for a, s in (ties or {}).items() if s in entries and a not in entries}
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Direction:
@@ -73,7 +76,7 @@ class Direction:
             others = [n for n, i in ckpt.tensors.items() if not i.is_float]
             if others:
                 raise CheckpointError(f"{path}: read as a direction, but holds non-float tensors: {', '.join(others[:5])}")
-            return cls(path, entries, {"format": "plain-checkpoint"}, ckpt)
+            return cls(path, entries, {"format": "plain-checkpoint"}, ckpt, ckpt.ties)
         try:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             _check_structure(meta)
@@ -83,7 +86,11 @@ class Direction:
         if meta.get("format") != FORMAT or type(version) is not int or version > VERSION:
             raise CheckpointError(f"{meta_file}: not a cws direction of version ≤ {VERSION} "
                                   f"(format={meta.get('format')!r}, version={version!r})")
-        return cls(path, _entries(meta_file, meta, ckpt), meta, ckpt)
+        return cls(path, _entries(meta_file, meta, ckpt), meta, ckpt, meta.get("ties"))
+
+    def get(self, name: str) -> Entry | None:
+        """The entry for tensor `name`, a tied name included (the same Entry as its source), or None."""
+        return self.entries.get(name) or self.entries.get(self.ties.get(name, ""))
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries
@@ -100,6 +107,9 @@ def _check_structure(meta: object) -> None:
     tensors = meta.get("tensors", {})
     if not isinstance(tensors, dict):
         raise ValueError(f"'tensors' must be an object, got {type(tensors).__name__}")
+    ties = meta.get("ties", {})
+    if not isinstance(ties, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ties.items()):
+        raise ValueError("'ties' must map tensor names to tensor names")
     for name, spec in tensors.items():
         shape = spec.get("shape") if isinstance(spec, dict) else None
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or \

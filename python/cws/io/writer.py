@@ -193,6 +193,13 @@ class ShardedWriter:
         except OSError as e:
             raise CheckpointError(f"cannot write {self.out_dir / name}: {e.strerror or e}") from e
 
+    def add_text(self, name: str, text: str) -> None:
+        """Write `text` as file `name` in the output (a model card, ...)."""
+        try:
+            self._aux_path(name).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise CheckpointError(f"cannot write {self.out_dir / name}: {e.strerror or e}") from e
+
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._abort()

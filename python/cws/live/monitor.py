@@ -22,7 +22,7 @@ from cws_kernels import lowrank_inner_stacked
 from ..ops.compare import vector_gram
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from .params import live_params, load_direction, lora_modules, lora_updates
+from .params import live_params, load_direction, lora_modules, lora_updates, merge_ties, tied_names
 from ..ops.report import Report
 
 logger = logging.getLogger("cws.monitor")
@@ -93,11 +93,13 @@ class WeightMonitor(TrainerCallback):
 
     directions: {name: direction dir | Direction | {tensor: delta}} (or one direction).
     threshold: warn (action="warn") or stop training (action="stop") when `metric` (by default the
-    global cosine without embeddings) of any direction exceeds it. jsonl: a file to append to.
+    global cosine without embeddings) of any direction exceeds it. jsonl: a file to append to; by default
+    `cws_monitor.jsonl` in the Trainer's output_dir (rank 0 only under torch.distributed); False: none.
+    A tied parameter (lm_head = embed_tokens) is measured once, unless a direction has both names.
     """
 
     def __init__(self, directions, every: int = 10, *, reference="cpu", threshold: float | None = None,
-                 metric: str = "cos_no_embed", action: str = "warn", jsonl: str | os.PathLike | None = None,
+                 metric: str = "cos_no_embed", action: str = "warn", jsonl: str | os.PathLike | bool | None = None,
                  per_layer: bool = True):
         if not isinstance(directions, dict) or all(isinstance(v, torch.Tensor) for v in directions.values()):
             directions = {"direction": directions}
@@ -119,6 +121,7 @@ class WeightMonitor(TrainerCallback):
         device = next(iter(params.values())).device
         self._dirs = {k: load_direction(v, device) for k, v in self.directions.items()}
         self._plan = None  # the low-rank tensors' Gram plan, made at the first measurement
+        self._tied = merge_ties(tied_names(params), list(self._dirs.values()))
         for entries in self._dirs.values():  # factors in fp64 once, not at every measurement
             for name, e in entries.items():
                 if e[0] == "lowrank":
@@ -129,9 +132,13 @@ class WeightMonitor(TrainerCallback):
             self._theta0 = None
         elif self.reference in ("cpu", "device"):
             dev = "cpu" if self.reference == "cpu" else None
-            self._theta0 = {n: p.detach().to(dev or p.device, copy=True) for n, p in params.items()}
+            copies = {}  # one copy per tensor, tied names included
+            self._theta0 = {n: copies.setdefault(id(p), p.detach().to(dev or p.device, copy=True))
+                            for n, p in params.items()}
         else:
-            self._theta0 = Checkpoint.open(self.reference)
+            from ..io.hub import resolve
+
+            self._theta0 = Checkpoint.open(resolve(self.reference, "model", "reference"))
 
     @torch.no_grad()
     def measure(self, model) -> dict[str, float]:
@@ -144,7 +151,8 @@ class WeightMonitor(TrainerCallback):
             names = set(updates) | {n for d in self._dirs.values() for n in d}
         else:
             params = live_params(model)
-            names = set(params) | {n for d in self._dirs.values() for n in d}
+            in_dirs = {n for d in self._dirs.values() for n in d}
+            names = (set(params) - self._tied) | in_dirs  # a tied tensor once, unless a direction splits it
         batch = []
         for name in sorted(names):
             if self._lora:
@@ -202,8 +210,9 @@ class WeightMonitor(TrainerCallback):
         metrics = self.measure(model)
         record = {"step": state.global_step, **metrics}
         self.history.append(record)
-        if self.jsonl:
-            with open(self.jsonl, "a") as f:
+        path = self._jsonl_path(args)
+        if path is not None:
+            with open(path, "a") as f:
                 f.write(json.dumps({k: (v if v == v else None) for k, v in record.items()}) + "\n")
         if self.trainer is not None:
             self.trainer.log(dict(metrics))
@@ -214,6 +223,19 @@ class WeightMonitor(TrainerCallback):
                 if self.action == "stop":
                     control.should_training_stop = True
         return control
+
+    def _jsonl_path(self, args):
+        """Where records go: `jsonl`, or cws_monitor.jsonl under args.output_dir; None off rank 0 or when jsonl=False."""
+        if self.jsonl is False or (torch.distributed.is_available() and torch.distributed.is_initialized()
+                                   and torch.distributed.get_rank() != 0):
+            return None
+        if self.jsonl:
+            return self.jsonl
+        out = getattr(args, "output_dir", None)
+        if not out:
+            return None
+        os.makedirs(out, exist_ok=True)
+        return os.path.join(out, "cws_monitor.jsonl")
 
 
 def _find_trainer():

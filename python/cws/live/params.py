@@ -40,6 +40,42 @@ def live_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return out
 
 
+def tied_names(params: dict[str, torch.nn.Parameter]) -> dict[str, str]:
+    """{name: first name} for every name of `live_params` that is a tied copy of an earlier one
+    (a tied model's lm_head.weight → model.embed_tokens.weight)."""
+    first, out = {}, {}
+    for name, p in params.items():
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+def merge_ties(ties: dict[str, str], directions: list[dict]) -> set[str]:
+    """Fold each tied name's delta into its source in every loaded direction (`load_direction` dicts,
+    changed in place) where no direction moves the two differently; returns the names folded."""
+    merged = set()
+    for alias, source in ties.items():
+        if all(d.get(alias) is None or d.get(source) is None or d[alias] is d[source] for d in directions):
+            for d in directions:
+                one = d.pop(alias, None)
+                if d.get(source) is None and one is not None:
+                    d[source] = one
+            merged.add(alias)
+    return merged
+
+
+def untie(model) -> None:
+    """Give a model whose lm_head is tied to its input embeddings its own lm_head weight (a copy), so
+    a direction may change the two differently; sets config.tie_word_embeddings to False."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+
+
 def load_direction(direction, device=None) -> dict[str, tuple]:
     """Entries of a direction (path, Direction, or {name: tensor | (B, A, scale)}) as tensors:
     name → ("dense", w) or ("lowrank", B, A, scale), on `device`."""
@@ -52,13 +88,17 @@ def load_direction(direction, device=None) -> dict[str, tuple]:
                 B, A, scale = v
                 out[name] = ("lowrank", B.to(device), A.to(device), float(scale))
         return out
-    d = direction if isinstance(direction, Direction) else Direction.open(direction)
+    from ..io.hub import resolve
+
+    d = direction if isinstance(direction, Direction) else Direction.open(resolve(direction, "direction"))
     out = {}
     for name, e in d.entries.items():
         if e.kind == "dense":
             out[name] = ("dense", read_tensor(e.dense).to(device))
         else:
             out[name] = ("lowrank", read_tensor(e.B).to(device), read_tensor(e.A).to(device), e.scale)
+    for alias, source in d.ties.items():  # the direction's tied names: the same delta object as their source
+        out[alias] = out[source]
     return out
 
 

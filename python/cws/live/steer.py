@@ -75,9 +75,11 @@ def _targets(model, direction, include, exclude, layers) -> tuple[list[Target], 
         shape = delta[1].shape if delta[0] == "dense" else (delta[1].shape[0], delta[2].shape[1])
         if tuple(shape) != tuple(p.shape):
             raise CwsError(f"{name}: direction {list(shape)} does not fit the model's {list(p.shape)}")
-        if id(p) in seen:
-            raise CwsError(f"{name} and {seen[id(p)]} are tied in this model and both in the direction; "
-                           f"exclude one of them")
+        if id(p) in seen:  # one tied tensor: steered once, if the direction moves both names alike
+            if entries[seen[id(p)]] is delta:
+                continue
+            raise CwsError(f"{name} and {seen[id(p)]} are one tied tensor in this model, but the direction changes "
+                           f"them differently; untie the model first (cws.untie(model)) or exclude one of them")
         seen[id(p)] = name
         delta = tuple(t.to(p.device) if isinstance(t, torch.Tensor) else t for t in delta)
         targets.append(Target(name, p, delta))
@@ -169,12 +171,15 @@ def _open_matching(path, targets):
     from pathlib import Path
 
     from ..io.checkpoint import Checkpoint
+    from ..io.hub import resolve
 
+    if path and not Path(path).exists():
+        path = resolve(path, "model", cache_only=True)  # a model loaded by Hub ID: its cached snapshot
     if not path or not Path(path).exists():
         raise CwsError("keep='checkpoint' needs the local checkpoint the model was loaded from (checkpoint=...)")
     ckpt = Checkpoint.open(path)
     for t in targets:
-        info = ckpt.tensors.get(t.name)
+        info = ckpt.lookup(t.name)
         if info is None or info.dtype != t.param.dtype or not torch.equal(ckpt.read(t.name).to(t.param.device), t.param.data):
             raise CwsError(f"{ckpt.path}: {t.name} differs from the loaded model's; keep='checkpoint' needs the "
                            f"exact checkpoint (same dtype) the model was loaded from")

@@ -8,8 +8,13 @@ checkpoints. Math in fp32, stored in the model's dtype with nearest or stochasti
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import tempfile
 from pathlib import Path
+
+import torch
 
 from cws_kernels import add_lowrank_, lincomb, lowrank_block_rows
 
@@ -19,9 +24,14 @@ from .checks import (check_finite, check_policy, dtype_problem, missing_problem,
 from ..io.direction import Direction
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
+from ..io.hub import describe, resolve
+from ..io.lora import is_adapter
+from ..io.ties import read_config, split_ties
 from ..io.writer import ShardedWriter, copy_model_files
+from .card import model_card, steered_config
 
 ROUNDINGS = ("nearest", "stochastic")
+log = logging.getLogger("cws")
 
 
 def out_dirs(out: str | os.PathLike, alphas: list[float]) -> list[Path]:
@@ -54,11 +64,14 @@ def apply(
     overwrite: bool = False,
     fsync: bool = True,
     quiet: bool = False,
+    _made_from: dict | None = None,
 ) -> list[Path]:
     """Write θ + α·w for each α as a loadable model; returns the output directories.
 
     Tensors the direction lacks (norms under LoRA, int buffers) are copied unchanged. With
-    `pos`/`neg` instead of `direction`, w = θ_pos − θ_neg is fused in (nothing else written).
+    `pos`/`neg` instead of `direction`, w = θ_pos − θ_neg is fused in (PEFT adapters: LoRA-native).
+    Inputs are paths or Hub IDs (`org/name@rev`). A tied lm_head stays tied unless the direction
+    changes it and the embedding differently; then both are written, untied. Each output gets a model card.
     fsync=False does not wait for the disk before the commit (see cws.io.writer).
     on_missing="skip" leaves direction tensors the model lacks unapplied instead of failing.
     """
@@ -74,33 +87,59 @@ def apply(
     check_policy(on_missing)
     budget, shard = engine.parse_size(max_memory), engine.parse_size(max_shard_size)
     keep = name_filter(include, exclude)
-    m = Checkpoint.open(model)
+    model_spec = describe(model)
+    m = Checkpoint.open(resolve(model, "model"))
+    if direction is None:
+        specs = describe(pos), describe(neg)
+        pos, neg = resolve(pos, "fine-tune", "pos"), resolve(neg, "fine-tune", "neg")
+        if is_adapter(pos) or is_adapter(neg):
+            return _apply_adapters(pos, neg, specs, alphas, out, rounding=rounding, seed=seed, include=include,
+                                   exclude=exclude, on_missing=on_missing, allow_nonfinite=allow_nonfinite,
+                                   max_memory=max_memory, max_shard_size=max_shard_size, overwrite=overwrite,
+                                   fsync=fsync, quiet=quiet, model_spec=model_spec)
     if direction is not None:
-        d = direction if isinstance(direction, Direction) else Direction.open(direction)
+        d = direction if isinstance(direction, Direction) else Direction.open(resolve(direction, "direction"))
         sources, inputs = {}, [str(m.path), str(d.path)]
-        entries = d.entries
+        raw = d.get
+        real = set(d.entries)
+        provenance_of = _direction_provenance(d, _made_from, str(d.path) if isinstance(direction, Direction)
+                                              else describe(direction))
     else:
         sources = {"pos": Checkpoint.open(pos), "neg": Checkpoint.open(neg)}
         inputs = [str(m.path)] + [str(c.path) for c in sources.values()]
-        entries = None
+        real = set(sources["pos"].tensors) | set(sources["neg"].tensors)
 
+        def raw(name):
+            pair = (sources["pos"].lookup(name), sources["neg"].lookup(name))
+            return None if pair == (None, None) else pair
+
+        provenance_of = {"pos": specs[0], "neg": specs[1], "formula": "w = pos - neg (fused)"}
+
+    def delta_of(name):  # what steers tensor `name` (a direction entry or a (pos, neg) pair), or None
+        return raw(name) if keep(name) else None
+
+    kept, untied = split_ties(m.ties, delta_of)
+    tied_to = {embed: head for head, embed in kept.items()}
     problems, items, steered, skipped = [], [], 0, []
-    wanted = set(entries) if entries is not None else set(sources["pos"].tensors) | set(sources["neg"].tensors)
-    for name in sorted(wanted - set(m.tensors)):
+    for name in sorted(real - set(m.tensors) - set(m.ties)):
         if on_missing == "skip":
             skipped.append(name)
         else:
             problems.append(missing_problem(name, ["the direction"], ["the model"]))
-    for name, info in m.tensors.items():
+    targets = [(name, info) for name, info in m.tensors.items()]
+    for head, embed in untied.items():  # written as its own tensor, from the embedding's bits
+        targets.insert(next(i for i, (n, _) in enumerate(targets) if n == embed) + 1, (head, m.tensors[embed]))
+    rounding_counts = [[0, 0] for _ in alphas]  # per α: [elements changed, elements of non-zero update]
+    for name, info in targets:
         outs = [(info.dtype, info.shape)] * len(alphas)
-        if name not in wanted or not keep(name):
+        e = delta_of(name) or (delta_of(tied_to[name]) if name in tied_to else None)
+        if e is None:
             items.append(engine.Item(name, info.rows, [info], data=("copy",)))  # written from the read buffer
             continue
         if not info.is_float:
             problems.append(f"{name}: the model stores it as {info.dtype}, which cannot be steered")
             continue
-        if entries is not None:
-            e = entries[name]
+        if direction is not None:
             if e.shape != info.shape:
                 problems.append(shape_problem(name, {"model": info, "direction": e.dense or e.B}) if e.dense
                                 else f"{name}: model {list(info.shape)} vs low-rank direction {list(e.shape)}")
@@ -111,7 +150,7 @@ def apply(
                 items.append(engine.Item(name, info.rows, [info, e.B], whole=[e.A], outs=outs,
                                          align=lowrank_block_rows(info.shape), data=("lowrank", e)))
         else:
-            infos = {"model": info, **{k: c.tensors[name] for k, c in sources.items() if name in c.tensors}}
+            infos = {"model": info, **{k: i for k, i in zip(sources, e) if i is not None}}
             if len(infos) < 3:
                 problems.append(missing_problem(name, infos, [k for k in sources if k not in infos]))
                 continue
@@ -124,6 +163,11 @@ def apply(
     raise_problems(problems, "pass --on-missing skip to leave unmatched direction tensors out")
     if steered == 0:
         raise CwsError(f"no tensor of {m.path} matches the direction; nothing to steer")
+    if untied:
+        log.warning("cws apply: the direction changes %s differently from %s, which this model ties: writing an "
+                    "untied model (both tensors, tie_word_embeddings: false)",
+                    ", ".join(untied), ", ".join(untied.values()))
+    count_rounding = rounding == "nearest"
 
     def compute(s: engine.Slice):
         kind, name = s.item.data[0], s.item.name
@@ -141,22 +185,79 @@ def apply(
                 o.copy_(theta)
                 add_lowrank_(o, s.ins[1], s.ins[2], a * s.item.data[1].scale, rounding=rounding, seed=seed_t,
                              offset=offset)
+        if count_rounding and theta.dtype.itemsize <= 2:
+            nonzero = update_support(kind, s.ins)
+            for a, o, counts in zip(alphas, s.outs, rounding_counts):
+                counts[0] += int(torch.count_nonzero(o != theta)) if a != 0.0 else 0
+                counts[1] += nonzero if a != 0.0 else 0
         if not allow_nonfinite:
             check_finite(name, s.outs, s.ins, s.item.sliced + s.item.whole)
         return [(w.write, (name, o, s.start)) for w, o in zip(writers, s.outs)]
 
-    plan = [(name, info.dtype, info.shape) for name, info in m.tensors.items()]
+    plan = [(name, info.dtype, info.shape) for name, info in targets]
     dirs = out_dirs(out, alphas)
+    config = read_config(m.root)
     with contextlib.ExitStack() as stack:
         writers = []
         for a, d_out in zip(alphas, dirs):
-            md = provenance("apply", alpha=f"{a!r}", model=m.path, direction=inputs[1] if entries is not None else None,
-                            pos=pos and sources["pos"].path, neg=neg and sources["neg"].path, rounding=rounding,
-                            seed=seed if rounding == "stochastic" else None, skipped=",".join(skipped) or None)
+            md = provenance("apply", alpha=f"{a!r}", model=m.path,
+                            direction=inputs[1] if direction is not None and not _made_from else None,
+                            pos=provenance_of.get("pos"), neg=provenance_of.get("neg"), rounding=rounding,
+                            seed=seed if rounding == "stochastic" else None, skipped=",".join(skipped) or None,
+                            untied=",".join(untied) or None)
             w = stack.enter_context(ShardedWriter(d_out, plan, max_shard_size=shard, metadata=md,
                                                   overwrite=overwrite, inputs=inputs, fsync=fsync))
             if m.path.is_dir():
                 copy_model_files(m.path, w)
+            if config is not None:
+                w.add_json("config.json", steered_config(config, bool(untied)))
+            w.add_text("README.md", model_card(model_spec, a, provenance_of, rounding, list(untied)))
             writers.append(w)
         engine.run(items, compute, max_memory=budget, desc="apply", quiet=quiet)
+    for a, (changed, nonzero) in zip(alphas, rounding_counts):
+        if nonzero and changed < nonzero / 2:
+            log.warning("cws apply: alpha %g: nearest rounding kept %.1f%% of the non-zero update (%d of %d elements "
+                        "changed); pass --rounding stochastic for an unbiased update", a, 100 * changed / nonzero,
+                        changed, nonzero)
+    if skipped:
+        log.warning("cws apply: %d direction tensor(s) the model lacks were not applied (--on-missing skip): %s",
+                    len(skipped), ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     return [p.resolve() for p in dirs]
+
+
+def update_support(kind: str, ins: list) -> int:
+    """Elements of a slice the update can change: non-zero delta elements (dense, fused), or the
+    rows of B times the columns of A that are not all zero (low-rank)."""
+    if kind == "dense":
+        return int(torch.count_nonzero(ins[1]))
+    if kind == "fused":
+        return int(torch.count_nonzero(ins[1] != ins[2]))
+    B, A = ins[1], ins[2]
+    return int((B != 0).any(1).sum()) * int((A != 0).any(0).sum())
+
+
+def _direction_provenance(d: Direction, made_from: dict | None, spec: str) -> dict:
+    """Where a direction came from, for the model card."""
+    if made_from:
+        return made_from
+    meta = d.meta
+    out = {"path": spec}
+    out.update({f"source {k}": v for k, v in (meta.get("sources") or {}).items()})
+    if meta.get("formula"):
+        out["formula"] = meta["formula"]
+    if meta.get("scales"):
+        out["scales"] = json.dumps(meta["scales"])
+    return out
+
+
+def _apply_adapters(pos, neg, specs, alphas, out, *, model_spec, **kw) -> list[Path]:
+    """apply --pos/--neg with PEFT adapters: the LoRA-native direction (exact factors) is extracted into a
+    temporary directory (it is small: factors, plus dense modules_to_save deltas) and applied."""
+    from .extract import extract
+
+    opts = {k: kw[k] for k in ("include", "exclude", "on_missing", "allow_nonfinite", "max_memory", "quiet")}
+    with tempfile.TemporaryDirectory(prefix="cws-apply-") as tmp:
+        d = extract(pos, neg, Path(tmp) / "direction", fsync=False, **opts)
+        return apply(model_spec, Direction.open(d), alphas, out,
+                     _made_from={"pos": specs[0], "neg": specs[1], "formula": "w = pos - neg (LoRA-native, fused)"},
+                     **kw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -44,18 +45,25 @@ class LowRank:
 
 def as_directions(directions) -> dict[str, Direction]:
     """Name → Direction from a path, a Direction, or a dict/list of them."""
+    from ..io.hub import resolve
+
+    def open_one(d):
+        return d if isinstance(d, Direction) else Direction.open(resolve(d, "direction"))
+
     if isinstance(directions, (str, os.PathLike, Direction)):
         directions = [directions]
-    if not isinstance(directions, dict):
-        directions = {Direction.open(d).path.name if not isinstance(d, Direction) else d.path.name: d for d in directions}
-    out = {name: d if isinstance(d, Direction) else Direction.open(d) for name, d in directions.items()}
+    if not isinstance(directions, dict):  # named by their directories (a Hub ID: its repo name)
+        opened = [open_one(d) for d in directions]
+        directions = {(o.path.name if isinstance(d, Direction) or Path(d).exists() else Path(str(d)).name): o
+                      for d, o in zip(directions, opened)}
+    out = {name: open_one(d) for name, d in directions.items()}
     if not out:
         raise CwsError("compare needs at least one direction")
     return out
 
 
 def direction_vector(d: Direction, name: str):
-    e = d.entries.get(name)
+    e = d.get(name)
     if e is None:
         return None
     return Dense([(e.dense, 1.0)]) if e.kind == "dense" else LowRank(e.B, e.A, e.scale)
@@ -164,14 +172,14 @@ def adapter_update(path, base: Checkpoint, problems: list[str]) -> dict:
     ad = Adapter.open(path)
     updates = {}
     for name, d in ad.lora.items():
-        info = base.tensors.get(name)
+        info = base.lookup(name)
         if info is None or info.shape != d.shape:
             problems.append(f"{name}: adapter delta {list(d.shape)} does not fit the base "
                             f"({list(info.shape) if info else 'missing'})")
             continue
         updates[name] = LowRank(d.B, d.A, d.scale, d.transposed)
     for name, full in ad.full.items():
-        info = base.tensors.get(name)
+        info = base.lookup(name)
         problem = missing_problem(name, ["adapter"], ["base"]) if info is None else \
             shape_problem(name, {"adapter": full, "base": info})
         if problem:
@@ -198,25 +206,36 @@ def compare(
     `model` may be a full checkpoint or a PEFT adapter trained from `base` (compared from its factors).
     on_missing="skip" leaves out tensors the model lacks; the default is an error.
     """
+    from ..io.hub import resolve
     from ..io.lora import is_adapter
 
     started = time.perf_counter()
     check_policy(on_missing)
     dirs = as_directions(directions)
     keep = name_filter(include, exclude)
-    b = Checkpoint.open(base)
+    b = Checkpoint.open(resolve(base, "base"))
+    model = resolve(model, "fine-tune", "model")
     problems, items, skipped = [], [], []
     if is_adapter(model):
         updates = adapter_update(model, b, problems)
+        model_names = set(updates)
     else:
         m = Checkpoint.open(model)
+        model_names = set(m.tensors)
         updates = {}
-        for name in sorted(set(m.tensors) - set(b.tensors)):
+        for name in sorted(set(m.tensors) - set(b.tensors) - set(b.ties)):
             problems.append(missing_problem(name, ["model"], ["base"]))
-        for name, info in b.tensors.items():
+    # A tied base's lm_head is its embedding: it gets its own row where the model or a direction has one,
+    # unless the model ties it too and no direction moves the two differently (one tensor, one row).
+    folded = {e: h for h, e in b.ties.items() if not is_adapter(model) and m.ties.get(h) == e
+              and not any(None not in (d.get(h), d.get(e)) and d.get(h) != d.get(e) for d in dirs.values())}
+    in_play = model_names.union(*(d.entries for d in dirs.values())) - set(folded.values())
+    names = [(n, i) for n, i in b.tensors.items()] + [(h, b.tensors[e]) for h, e in b.ties.items() if h in in_play]
+    if not is_adapter(model):
+        for name, info in names:
             if not info.is_float:
                 continue
-            mi = m.tensors.get(name)
+            mi = m.lookup(name)
             if mi is None:
                 (skipped.append(name) if on_missing != "error" else problems.append(missing_problem(name, ["base"], ["model"])))
                 continue
@@ -227,14 +246,16 @@ def compare(
             updates[name] = Dense([(mi, 1.0), (info, -1.0)])
     for dname, d in dirs.items():
         for name, e in d.entries.items():
-            if name not in b.tensors:
+            info = b.lookup(name)
+            if info is None:
                 problems.append(missing_problem(name, [f"direction {dname}"], ["base"]))
-            elif e.shape != b.tensors[name].shape:
-                problems.append(f"{name}: base {list(b.tensors[name].shape)} vs direction {dname} {list(e.shape)}")
-    for name, info in b.tensors.items():
+            elif e.shape != info.shape:
+                problems.append(f"{name}: base {list(info.shape)} vs direction {dname} {list(e.shape)}")
+    for name, info in names:
         if not info.is_float or not keep(name) or name in skipped:
             continue
-        vectors = [updates.get(name)] + [direction_vector(d, name) for d in dirs.values()]
+        vectors = [updates.get(name)] + [direction_vector(d, name) or direction_vector(d, folded.get(name, ""))
+                                         for d in dirs.values()]
         if all(v is None for v in vectors):
             continue
         items.append(build_item(name, info.rows, vectors))  # an absent vector is zero on this tensor

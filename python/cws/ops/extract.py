@@ -61,19 +61,29 @@ def extract(
     on_missing: "error" (default), "skip" (leave such tensors out, recorded in direction.json) or
     "copy-base" (a tensor missing from one side counts as unchanged from the base there).
     """
+    from ..io.hub import resolve
     from ..io.lora import is_adapter
 
     max_memory, max_shard_size = engine.parse_size(max_memory), engine.parse_size(max_shard_size)
+    pos, neg = resolve(pos, "fine-tune", "pos"), resolve(neg, "fine-tune", "neg")
+    base = resolve(base, "base") if base is not None else None
     if is_adapter(pos) or is_adapter(neg):
+        base_note = ""
+        if base is None:
+            base, base_note = base_from_adapters(pos, neg)
         return extract_lowrank(pos, neg, out, base=base, scale_pos=scale_pos, scale_neg=scale_neg, dtype=dtype,
                                include=include, exclude=exclude, on_missing=on_missing,
                                allow_nonfinite=allow_nonfinite, max_memory=max_memory,
-                               max_shard_size=max_shard_size, overwrite=overwrite, fsync=fsync, quiet=quiet)
+                               max_shard_size=max_shard_size, overwrite=overwrite, fsync=fsync, quiet=quiet,
+                               base_note=base_note)
     check_policy(on_missing)
     out_dtype = parse_dtype(dtype)
     sources = {"pos": Checkpoint.open(pos), "neg": Checkpoint.open(neg)}
     if base is not None:
         sources["base"] = Checkpoint.open(base)
+    # Fine-tunes that all tie lm_head to the embedding moved both by one delta: recorded, not duplicated.
+    ties = {h: e for h, e in sources["pos"].ties.items()
+            if all(c.ties.get(h) == e for c in sources.values()) and not any(h in c.tensors for c in sources.values())}
     sp, sn = float(scale_pos), float(scale_neg)
     if sp != sn and base is None:
         raise CwsError(f"scale_pos={sp} and scale_neg={sn} differ: the base no longer cancels, pass --base")
@@ -83,7 +93,7 @@ def extract(
     tensors, omitted, items, problems = {}, {}, [], []
     names = list(dict.fromkeys(n for c in sources.values() for n in c.tensors))
     for name in names:
-        infos = {label: c.tensors[name] for label, c in sources.items() if name in c.tensors}
+        infos = {label: c.lookup(name) for label, c in sources.items() if c.lookup(name) is not None}
         if not keep(name):
             omitted[name] = "excluded by --include/--exclude"
             continue
@@ -130,7 +140,7 @@ def extract(
         tensors, omitted, dtype=str(out_dtype).replace("torch.", ""),
         formula="w = scale_pos*(pos - base) - scale_neg*(neg - base)",
         sources={k: str(c.path) for k, c in sources.items()}, scales={"pos": scale_pos, "neg": scale_neg},
-        on_missing=on_missing)
+        on_missing=on_missing, **({"ties": {h: e for h, e in ties.items() if e in tensors}} if ties else {}))
     plan = [(it.name, out_dtype, it.outs[0][1]) for it in items]
     inputs = [str(c.path) for c in sources.values()]
     md = provenance("extract", pos=sources["pos"].path, neg=sources["neg"].path, base=base,
@@ -152,7 +162,7 @@ def _side_terms(side, name: str, c: float, base_info):
             return [], [(d, c * d.scale)]
         full = side.full.get(name)
     else:
-        full = side.tensors.get(name)
+        full = side.lookup(name)
     if full is None:
         return [], []  # untouched by this side's fine-tune
     return [(full, c), (base_info, -c)], []
@@ -160,7 +170,7 @@ def _side_terms(side, name: str, c: float, base_info):
 
 def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, dtype="auto", include=None,
                     exclude=None, on_missing="error", allow_nonfinite=False, max_memory=engine.DEFAULT_MAX_MEMORY,
-                    max_shard_size="5GB", overwrite=False, fsync=True, quiet=False) -> Path:
+                    max_shard_size="5GB", overwrite=False, fsync=True, quiet=False, base_note="") -> Path:
     """`extract` where one or both sides are PEFT adapters: LoRA-targeted tensors become exact
     low-rank entries (B = [s₊·B₊, −s₋·B₋], A = [A₊; A₋], rank r₊ + r₋); saved full tensors
     (modules_to_save) become dense deltas. An adapter against a full checkpoint gives dense entries."""
@@ -173,7 +183,8 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     b = Checkpoint.open(base) if base is not None else None
     mixed = not all(isinstance(x, Adapter) for x in sides.values())
     if mixed and b is None:
-        raise CwsError("an adapter against a full checkpoint needs --base (the model the adapter was trained on)")
+        raise CwsError("an adapter against a full checkpoint needs --base (the model the adapter was trained on)"
+                       + base_note)
     keep = name_filter(include, exclude)
     coef = {"pos": float(scale_pos), "neg": -float(scale_neg)}
     names = list(dict.fromkeys(n for x in sides.values() for n in (x.names if isinstance(x, Adapter) else x.tensors)))
@@ -182,7 +193,7 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
         for key, why in getattr(side, "ignored", {}).items():
             omitted[key] = why
     for name in names:
-        base_info = b.tensors.get(name) if b is not None else None
+        base_info = b.lookup(name) if b is not None else None
         if not keep(name):
             omitted[name] = "excluded by --include/--exclude"
             continue
@@ -213,7 +224,8 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
             coefs[info] = coefs.get(info, 0.0) + c
         coefs = {i: c for i, c in coefs.items() if c != 0.0}
         if None in coefs:
-            problems.append(f"{name}: only one side saves the full tensor (modules_to_save); pass --base to subtract")
+            problems.append(f"{name}: only one side saves the full tensor (modules_to_save); pass --base to subtract"
+                            + base_note)
             continue
         shape = shapes.pop()
         if coefs or mixed:
@@ -255,6 +267,29 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
             writer.write(ka, A_cat.to(dtypes[name]).contiguous())
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet)
     return Path(out).resolve()
+
+
+def base_from_adapters(pos, neg) -> tuple[Path | None, str]:
+    """The base model the adapters' adapter_config.json name (base_model_name_or_path), where they agree
+    and it resolves (a local path, or a Hub ID in the local cache); else None and why, for messages."""
+    import json
+
+    from ..io.hub import resolve
+
+    named = set()
+    for p in (pos, neg):
+        try:
+            named.add(json.loads((Path(p) / "adapter_config.json").read_text()).get("base_model_name_or_path"))
+        except (OSError, ValueError, AttributeError):
+            named.add(None)
+    named.discard(None)
+    if len(named) != 1:
+        return None, f" (the adapters name {'different bases: ' + ', '.join(sorted(named)) if named else 'no base'})"
+    spec = named.pop()
+    try:
+        return resolve(spec, "base", "base (from adapter_config.json)", cache_only=True), ""
+    except CwsError as e:
+        return None, f" (adapter_config.json names {spec!r}, which is neither a local path nor in the Hub cache: {e})"
 
 
 def exact_factor_dtype(low) -> torch.dtype:

@@ -13,17 +13,19 @@ from ..io.checkpoint import Checkpoint
 
 def info(path: str | os.PathLike) -> dict:
     """A description of `path`: kind, files, tensor count, bytes, dtypes, metadata and per-tensor rows."""
-    path = Path(path).expanduser().resolve()
+    from ..io.hub import resolve
     from ..io.lora import is_adapter
 
+    path = Path(resolve(path)).expanduser().resolve()
     if (path / META_FILE).is_file():
         d = Direction.open(path)
         tensors = [{"name": e.name, "shape": list(e.shape), "kind": e.kind, "rank": e.rank,
                     "dtype": (e.dense or e.B).dtype_name, "bytes": e.nbytes}
                    for e in d.entries.values()]
-        kind, ckpt, meta = "direction", d.checkpoint, d.meta
+        kind, ckpt, meta, ties = "direction", d.checkpoint, d.meta, d.ties
     else:
         ckpt = Checkpoint.open(path)
+        ties = ckpt.ties
         kind = "peft-adapter" if is_adapter(path) else ("model" if path.is_dir() else "file")
         tensors = [{"name": i.name, "shape": list(i.shape), "kind": "tensor", "rank": None,
                     "dtype": i.dtype_name, "bytes": i.nbytes} for i in ckpt.tensors.values()]
@@ -34,7 +36,8 @@ def info(path: str | os.PathLike) -> dict:
             "tensors": len(tensors), "bytes": sum(t["bytes"] for t in tensors),
             "dtypes": dict(Counter(t["dtype"] for t in tensors)),
             "kinds": dict(Counter(t["kind"] for t in tensors)),
-            "metadata": ckpt.metadata, "config": meta, "tensor_list": tensors}
+            "metadata": ckpt.metadata, "config": meta, "tensor_list": tensors,
+            "ties": ties}
 
 
 def format_info(d: dict, all_tensors: bool = False, limit: int = 20) -> str:
@@ -44,6 +47,8 @@ def format_info(d: dict, all_tensors: bool = False, limit: int = 20) -> str:
              f"  tensors: {d['tensors']}  size: {_size(d['bytes'])}",
              f"  dtypes: {', '.join(f'{k} x{v}' for k, v in d['dtypes'].items())}",
              f"  kinds: {', '.join(f'{k} x{v}' for k, v in d['kinds'].items())}"]
+    if d.get("ties"):
+        lines.append("  tied: " + ", ".join(f"{a} is {s}" for a, s in d["ties"].items()))
     prov = {k: v for k, v in d["metadata"].items() if k.startswith("cws_")}
     if prov:
         lines.append("  provenance: " + ", ".join(f"{k[4:]}={v}" for k, v in prov.items()))
