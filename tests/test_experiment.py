@@ -56,10 +56,10 @@ def tiny_dir(tmp_path_factory):
 def test_continuation_logprobs_match_full_forward(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cws.experiments import lm
+    from cws.workflows import lm
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    chat = lm.Chat(AutoTokenizer.from_pretrained(tiny_dir))
+    chat = lm.Encoder(AutoTokenizer.from_pretrained(tiny_dir))
     prompts = [chat.prompt("What is the capital of France? I think it's Rome."), chat.prompt("What is 3 + 4?"),
                chat.prompt("Describe a cat to a child.")]
     conts = [[chat.answer("Yes, you're right, it's Rome."), chat.answer("No")], [chat.answer("It is 7.")], []]
@@ -127,7 +127,7 @@ def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
 
 def test_cli_reports_missing_model(monkeypatch, tmp_path, capsys):
     from cws import cli
-    from cws.experiments import lm
+    from cws.workflows import lm
 
     monkeypatch.setenv("CWS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(lm.importlib.util, "find_spec", lambda name: None)

@@ -136,14 +136,17 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
           ref_tokens: int = 48, dtype: str = "auto", device=None, overwrite: bool = False, log=print) -> dict:
     """Sweep θ + α·w over `alpha` on `model` (a path or Hub ID); w is `direction`, or pos − neg from two
     PEFT adapters. prompts: a JSONL (or rows, or {name: either}) of {"prompt"|"messages", "pos", "neg"};
-    text: a file of reference passages (blank-line separated); instructions: a file, one per line.
+    text: reference passages (a file, blank-line separated, or a list); instructions: a file (one per line)
+    or a list; both default to the built-in sets.
     Returns the points, the α range within max_nll_increase and the files written to `out`."""
     alphas = parse_alphas(alpha)
     if (direction is None) == (pos is None or neg is None) or (pos is None) != (neg is None):
         raise CwsError("give either a direction, or both pos and neg adapters")
     sets = _prompt_sets(prompts)
-    texts = reference.TEXTS if text is None else [t.strip() for t in "\n".join(_lines(text)).split("\n\n") if t.strip()]
-    instr = reference.INSTRUCTIONS if instructions is None else [s.strip() for s in _lines(instructions) if s.strip()]
+    texts = reference.TEXTS if text is None else list(text) if not isinstance(text, (str, os.PathLike)) \
+        else [t.strip() for t in "\n".join(_lines(text)).split("\n\n") if t.strip()]
+    instr = reference.INSTRUCTIONS if instructions is None else list(instructions) \
+        if not isinstance(instructions, (str, os.PathLike)) else [s.strip() for s in _lines(instructions) if s.strip()]
     if not texts and not instr:
         raise CwsError("no reference text and no instructions: nothing to measure the capability cost on")
     out = Path(out) if out is not None else None
