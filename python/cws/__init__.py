@@ -18,15 +18,23 @@ from .ops.info import info  # noqa: E402
 from .ops.report import Report  # noqa: E402
 from .live.steer import Steerer, steer, steered  # noqa: E402
 
-__all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
+__all__ = ["extract", "apply", "compare", "info", "export_peft", "densify", "steer", "steered", "Steerer", "WeightMonitor", "train_pair", "sweep", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]
 
 
 def __getattr__(name):
-    # WeightMonitor subclasses transformers' TrainerCallback: importing transformers costs seconds,
-    # so the CLI and the streaming API load it only when the monitor is asked for.
+    # WeightMonitor subclasses transformers' TrainerCallback, and train_pair/sweep load models with it:
+    # importing transformers costs seconds, so the CLI and the streaming API load them only when asked for.
     if name == "WeightMonitor":
         from .live.monitor import WeightMonitor
 
         return WeightMonitor
+    if name == "train_pair":
+        from .workflows.train_pair import train_pair
+
+        return train_pair
+    if name == "sweep":
+        from .workflows.sweep import sweep
+
+        return sweep
     raise AttributeError(f"module 'cws' has no attribute {name!r}")

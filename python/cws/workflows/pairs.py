@@ -70,20 +70,21 @@ def load_pairs(data, answers: bool = True) -> list[Pair]:
             try:
                 rows.append((n, json.loads(text)))
             except json.JSONDecodeError as e:
-                bad.append(f"line {n}: not valid JSON ({e.msg} at column {e.colno})")
+                bad.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
     else:
         rows, bad = list(enumerate(data, 1)), []
     pairs = []
     for n, row in rows:
         why = _check(row, answers)
         if why:
-            bad.append(f"line {n}: {why}")
+            bad.append((n, why))
         else:
             prompt = row["prompt"] if "prompt" in row else tuple((m["role"], m["content"]) for m in row["messages"])
             pairs.append(Pair(prompt, row.get("pos"), row.get("neg"), n))
     if bad:
         more = f"\n  … and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
-        raise CwsError(f"{where}: {len(bad)} malformed row(s); nothing was done:\n  " + "\n  ".join(bad[:SHOWN]) + more)
+        shown = "\n  ".join(f"line {n}: {why}" for n, why in sorted(bad)[:SHOWN])
+        raise CwsError(f"{where}: {len(bad)} malformed row(s); nothing was done:\n  {shown}{more}")
     if not pairs:
         raise CwsError(f"{where}: no rows")
     return pairs
