@@ -180,3 +180,22 @@ def test_cli_sweep(pair, tmp_path, capsys):
     assert data["n"] == {"instructions": 2, "texts": 2, "eval": 3}
     assert main(["sweep", "--model", str(model_dir), "--direction", paths["direction"], "--alpha", "1:2"]) == 2
     assert "cws sweep: error: alpha '1:2'" in capsys.readouterr().err
+
+
+def test_prompts_without_answers_only_generate(pair, tmp_path):
+    """Rows without pos/neg give generations but no behavior score; the plot is then cost against α."""
+    model_dir, paths = pair
+    rows = [{"prompt": r["prompt"]} for r in EVAL[:2]]
+    res = sweep(model_dir, paths["direction"], "-1,1", prompts=rows, text=TEXTS, instructions=INSTR, ref_tokens=3,
+                gen_tokens=3, n_generate=2, out=tmp_path / "o", **QUIET)
+    assert all(p["behavior"] == {} and len(p["generations"]) == 2 for p in res["points"])
+    assert res["generation_prompts"] == [r["prompt"] for r in rows]
+    assert "prompts" not in res["n"]
+
+
+def test_model_not_found(pair):
+    _, paths = pair
+    with pytest.raises(CwsError, match="not a local path, and the Hub download failed"):
+        sweep("no-such-org/no-such-model", paths["direction"], "1")  # offline in the tests
+    with pytest.raises(CwsError, match="no such file or directory"):
+        sweep("./no/such/dir", paths["direction"], "1")

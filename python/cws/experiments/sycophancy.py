@@ -24,7 +24,7 @@ from ..workflows import sweep as S
 from ..workflows.train_pair import train_pair
 from . import results as R
 from . import sycophancy_data as D
-from .sweep import sweep
+from .matched_cost import sweep_matched
 
 FULL = dict(train_per_country=4, heldout_countries=14, id_n=40, ood=("arithmetic", "colours", "general"), ood_n=40,
             gen_n=4, gen_tokens=10, instr_n=16, text_n=6, ref_tokens=32, epochs=1, monitor_n=48, monitor_epochs=1,
@@ -194,7 +194,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     for i, n in enumerate(names):
         steerer = cws.Steerer(model, dirs[n], keep="cpu")
         targets = cfg["targets"] if i == 0 else cfg["seed_targets"]
-        pts, probes[f"weight {n}"] = sweep(f"weight {n}", steerer.set_alpha, cost, full, targets, cfg,
+        pts, probes[f"weight {n}"] = sweep_matched(f"weight {n}", steerer.set_alpha, cost, full, targets, cfg,
                                            cfg["weight_start"], log)
         methods[f"weight {n}"] = sorted([base_point] + pts, key=lambda p: p["k"])
         steerer.restore()
@@ -206,7 +206,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
                                           for r in rows])
     name = f"activation L{layer}"
     with ActivationSteerer(model, vec, layer, 0.0) as act:
-        pts, probes[name] = sweep(name, lambda c: setattr(act, "coeff", float(c)), cost, full, cfg["targets"], cfg,
+        pts, probes[name] = sweep_matched(name, lambda c: setattr(act, "coeff", float(c)), cost, full, cfg["targets"], cfg,
                                   cfg["act_start"], log)
     methods[name] = sorted([base_point] + pts, key=lambda p: p["k"])
     mark("sweep_activation")
