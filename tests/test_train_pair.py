@@ -68,10 +68,12 @@ def test_batches_are_the_same_and_cover_the_training_rows(model_dir, data, tmp_p
     for epoch in (batches[:3], batches[3:]):
         assert sorted(i for b in epoch for i in b) == sorted(set(range(12)) - val)
     assert batches[:3] != batches[3:]  # a new permutation per epoch
+    assert res["runs"]["pos"]["init"] == res["runs"]["neg"]["init"]  # hashed at the start of each run
     for s in ("pos", "neg"):  # trained: the validation loss went down, and the adapters differ
         assert res["runs"][s]["val_loss"] < res["runs"][s]["val_loss_before"]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if r["run"] == "pos" and "loss" in r] == list(range(1, 7))
+    assert log[0]["runs"] == ["pos", "neg"] and log[0]["fingerprint"] == res["fingerprint"]
+    assert [r["step"] for r in log if r.get("run") == "pos" and "loss" in r] == list(range(1, 7))
     assert [r for r in log if "val_loss" in r][0]["val_loss"] == res["runs"]["pos"]["val_loss"]
     pos, neg = _adapter(out / "pos"), _adapter(out / "neg")
     assert any(not torch.equal(pos[k], neg[k]) for k in pos)

@@ -4,6 +4,8 @@ models with them, streamed over sharded checkpoints with bounded memory.
     w = cws.extract(pos=..., neg=..., out=...)
     cws.apply(model=..., direction=w, alpha=-2.0, out=...)
     report = cws.compare(base=..., model=..., directions=w)
+    pair = cws.train_pair(model=..., data="pairs.jsonl", out=...)        # the two fine-tunes and w
+    cws.sweep(model=..., direction=pair["paths"]["direction"], alpha="-4:4:9")   # choose α
 """
 
 __version__ = "0.1.0"

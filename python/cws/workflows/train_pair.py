@@ -210,10 +210,11 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     log_file = out / "train_log.jsonl"
     if todo:
         peft_model, init = _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed)
-        init_hash = _state_hash(peft_model)
-        with open(log_file, "a") as jl:
+        with open(log_file, "a") as jl:  # appended: a line opens each session, then one per step and per run
+            jl.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": fingerprint,
+                                 "runs": todo, "settings": settings}) + "\n")
             for s in todo:
-                runs[s] = _train_one(peft_model, init, init_hash, s, rows[s], batches, val_idx, out, settings,
+                runs[s] = _train_one(peft_model, init, s, rows[s], batches, val_idx, out, settings,
                                      fingerprint, lr, enc.pad, autocast, jl, quiet, log)
         del peft_model, init
     if runs["pos"]["init"] != runs["neg"]["init"] or runs["pos"]["batches"] != runs["neg"]["batches"]:
@@ -252,13 +253,14 @@ def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, se
     return peft_model, init
 
 
-def _train_one(model, init, init_hash, side, rows, batches, val_idx, out, settings, fingerprint, lr, pad, autocast,
+def _train_one(model, init, side, rows, batches, val_idx, out, settings, fingerprint, lr, pad, autocast,
                jl, quiet, log) -> dict:
     """One fine-tune from the initial state; saved to out/side (complete, or not at all)."""
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(init[n])
+    init_hash = _state_hash(model)  # of the state this run starts from: the same for pos and neg
     torch.manual_seed(settings["seed"])
     t = time.perf_counter()
     val = [rows[i] for i in val_idx]
