@@ -172,12 +172,13 @@ def test_cli_sweep(pair, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["sweep", "--model", str(model_dir), "--pos", paths["pos"], "--neg", paths["neg"], "--alpha", "-2:2:3",
                  "--alpha", "-0.5", "--prompts", str(prompts), "--text", str(text), "--instructions", str(instr),
-                 "--gen-tokens", "2", "--n-generate", "1", "--out", str(out)]) == 0
+                 "--gen-tokens", "2", "--n-generate", "1", "--ref-tokens", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "α within Δ NLL ≤ 0.1" in printed and "eval" in printed
     data = json.loads((out / "sweep.json").read_text())
     assert [p["alpha"] for p in data["points"]] == [-2.0, -0.5, 0.0, 2.0]
     assert data["n"] == {"instructions": 2, "texts": 2, "eval": 3}
+    assert all(1 <= len(a.split()) <= 3 for a in data["reference_answers"].values())  # --ref-tokens 3, word tokens
     assert main(["sweep", "--model", str(model_dir), "--direction", paths["direction"], "--alpha", "1:2"]) == 2
     assert "cws sweep: error: alpha '1:2'" in capsys.readouterr().err
 

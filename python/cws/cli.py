@@ -148,6 +148,8 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--exclude", help="leave out tensors whose name matches this regex")
     p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens generated per prompt (default 32)")
     p.add_argument("--n-generate", type=int, default=3, help="prompts to generate from at each α (default 3)")
+    p.add_argument("--ref-tokens", type=int, default=48,
+                   help="length of the unsteered model's reference answers to the instructions (default 48)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a sweep in OUT")
@@ -183,7 +185,7 @@ def _run_sweep(args) -> None:
     sweep(args.model, args.direction, args.alpha or "-4:4:9", pos=args.pos, neg=args.neg, prompts=prompts,
           text=args.text, instructions=args.instructions, max_nll_increase=args.max_nll_increase, out=args.out,
           include=args.include, exclude=args.exclude, gen_tokens=args.gen_tokens, n_generate=args.n_generate,
-          dtype=args.dtype, device=args.device, overwrite=args.overwrite)
+          ref_tokens=args.ref_tokens, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
 
 
 def _alpha_values_attached(argv: list[str]) -> list[str]:

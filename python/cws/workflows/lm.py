@@ -209,7 +209,7 @@ def generate(model, enc: Encoder, prompts: list, max_new_tokens: int, batch: int
 
 
 def lm_batch(rows, pad: int) -> dict:
-    """Left-padded prompt+answer batch: model kwargs plus `token_mask` (answer tokens) and `n_answer`."""
+    """Left-padded (prompt ids, answer ids) rows: model kwargs plus `token_mask` (the answer tokens)."""
     ids, mask = _left_pad([p + a for p, a in rows], pad)
     tmask = torch.zeros_like(mask, dtype=torch.bool)
     for i, (_, a) in enumerate(rows):
