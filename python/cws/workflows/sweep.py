@@ -159,6 +159,8 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise CwsError(f"dtype={dtype!r}: expected auto, float32, bfloat16 or float16")
     enc = lm.Encoder(AutoTokenizer.from_pretrained(base))
     net = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)).to(dev).eval()
     behavior = {n: [p for p in ps if p.pos is not None] for n, ps in sets.items()}
@@ -178,7 +180,8 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
             direction = cws.extract(pos, neg, Path(tmp) / "direction", quiet=True)
         points = _run(net, ev, direction, sorted(set(alphas) | {0.0}), include, exclude, log)
     rng = alpha_range(points, max_nll_increase)
-    result = {"model": str(model), "direction": str(direction) if pos is None else {"pos": str(pos), "neg": str(neg)},
+    named = str(direction) if isinstance(direction, (str, os.PathLike)) else f"<{type(direction).__name__}>"
+    result = {"model": str(model), "direction": named if pos is None else {"pos": str(pos), "neg": str(neg)},
               "alphas": alphas, "device": str(dev), "dtype": dtype,
               "n": {"instructions": len(instr), "texts": len(texts), **{n: len(ps) for n, ps in behavior.items()}},
               "generation_prompts": [p if isinstance(p, str) else p[-1]["content"] for p in gen_prompts],
