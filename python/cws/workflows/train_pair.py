@@ -235,7 +235,7 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
 
 
 def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed):
-    """The PEFT model both runs train, and its initial trainable state (fp32 trainables)."""
+    """The PEFT model both runs train (trainables in fp32), and its initial trainable state (kept on the CPU)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -249,7 +249,7 @@ def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, se
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    init = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    init = {n: p.detach().to("cpu", copy=True) for n, p in peft_model.named_parameters() if p.requires_grad}
     return peft_model, init
 
 
