@@ -48,7 +48,7 @@ def test_files_are_kept_and_usable(demo):
 
     out, result, log = demo
     paths = {k: Path(v) for k, v in result["paths"].items()}
-    assert result["kept"] and all(p.parent == out.resolve() for p in paths.values())
+    assert result["kept"] and all(p.is_relative_to(out.resolve()) for p in paths.values())
     assert (paths["base"] / "config.json").is_file() and list(paths["base"].glob("*.safetensors"))
     for name in ("pos", "neg", "mixed", "control"):
         assert (paths[name] / "adapter_config.json").is_file() and (paths[name] / "adapter_model.safetensors").is_file()

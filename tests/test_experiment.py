@@ -8,40 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
-SPECIALS = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-
-
-def tiny_chat_model(path: Path) -> Path:
-    """A tiny random Llama with a word-level tokenizer over the experiment's words and a chat template."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from cws.experiments import sycophancy_data as D
-
-    texts = D.INSTRUCTIONS + D.TEXTS + [D.agree("x"), D.correct("x"), D.wording_free("x")]
-    for d in ("capitals", "languages") + D.OOD_DOMAINS:
-        for it in D.items(d, 6):
-            texts += [it.user(), it.truth, it.claim]
-    words = sorted({w for t in texts for w, _ in Whitespace().pre_tokenize_str(t)})
-    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
-    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
-                                  additional_special_tokens=SPECIALS[2:5])
-    tok.chat_template = TEMPLATE
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, eos_token_id=vocab["<|end|>"], bos_token_id=None, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
+from tiny import tiny_chat_model
 
 TINY = dict(train_per_country=1, epochs=1, id_n=8, ood_n=6, gen_n=2, gen_tokens=4, instr_n=3, text_n=2, ref_tokens=6,
             monitor_n=8, monitor_epochs=1, targets=(0.01, 0.02), headline=(0.01, 0.015, 0.02), seed_targets=(0.01,), weight_start=2.0, act_start=2.0,
@@ -50,16 +17,22 @@ TINY = dict(train_per_country=1, epochs=1, id_n=8, ood_n=6, gen_n=2, gen_tokens=
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "model")
+    from cws.experiments import sycophancy_data as D
+
+    texts = D.INSTRUCTIONS + D.TEXTS + [D.agree("x"), D.correct("x"), D.wording_free("x")]
+    for d in ("capitals", "languages") + D.OOD_DOMAINS:
+        for it in D.items(d, 6):
+            texts += [it.user(), it.truth, it.claim]
+    return tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "model", texts)
 
 
 def test_continuation_logprobs_match_full_forward(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cws.experiments import lm
+    from cws.workflows import lm
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    chat = lm.Chat(AutoTokenizer.from_pretrained(tiny_dir))
+    chat = lm.Encoder(AutoTokenizer.from_pretrained(tiny_dir))
     prompts = [chat.prompt("What is the capital of France? I think it's Rome."), chat.prompt("What is 3 + 4?"),
                chat.prompt("Describe a cat to a child.")]
     conts = [[chat.answer("Yes, you're right, it's Rome."), chat.answer("No")], [chat.answer("It is 7.")], []]
@@ -127,7 +100,7 @@ def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
 
 def test_cli_reports_missing_model(monkeypatch, tmp_path, capsys):
     from cws import cli
-    from cws.experiments import lm
+    from cws.workflows import lm
 
     monkeypatch.setenv("CWS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(lm.importlib.util, "find_spec", lambda name: None)

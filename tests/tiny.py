@@ -109,3 +109,33 @@ def random_checkpoint(path: Path, seed: int = 0, dtype=torch.bfloat16, **kw) -> 
     Path(path).mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(path)
     return save_state(sd, path)
+
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+SPECIALS = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<s>"]
+
+
+def tiny_chat_model(path: Path, texts: list[str], template: str | None = TEMPLATE, seed: int = 0) -> Path:
+    """A tiny random Llama with a word-level tokenizer over the words of `texts`, and a chat template
+    (none for template=None: plain-text prompts, with bos/eos tokens)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w, _ in Whitespace().pre_tokenize_str(t)})
+    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
+    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
+                                  bos_token=None if template else "<s>", additional_special_tokens=SPECIALS[2:5])
+    tok.chat_template = template
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, eos_token_id=vocab["<|end|>"], bos_token_id=None if template else vocab["<s>"],
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -4,6 +4,8 @@ models with them, streamed over sharded checkpoints with bounded memory.
     w = cws.extract(pos=..., neg=..., out=...)
     cws.apply(model=..., direction=w, alpha=-2.0, out=...)
     report = cws.compare(base=..., model=..., directions=w)
+    pair = cws.train_pair(model=..., data="pairs.jsonl", out=...)        # the two fine-tunes and w
+    cws.sweep(model=..., direction=pair["paths"]["direction"], alpha="-4:4:9")   # choose α
 """
 
 __version__ = "0.1.0"
@@ -15,9 +17,10 @@ from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
 _LAZY = {"apply": ".ops.apply", "combine": ".ops.combine", "compare": ".ops.compare", "Direction": ".io.direction",
          "densify": ".ops.export", "export_peft": ".ops.export", "extract": ".ops.extract", "info": ".ops.info",
          "Report": ".ops.report", "Steerer": ".live.steer", "steer": ".live.steer", "steered": ".live.steer",
-         "WeightMonitor": ".live.monitor", "untie": ".live.params"}
+         "WeightMonitor": ".live.monitor", "untie": ".live.params",
+         "train_pair": ".workflows.train_pair", "sweep": ".workflows.sweep"}
 
-__all__ = ["extract", "apply", "compare", "combine", "info", "export_peft", "densify", "steer", "steered", "Steerer", "untie", "WeightMonitor", "Direction", "Report", "CwsError", "CheckpointError",
+__all__ = ["extract", "apply", "compare", "combine", "info", "export_peft", "densify", "steer", "steered", "Steerer", "untie", "WeightMonitor", "train_pair", "sweep", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]
 
 

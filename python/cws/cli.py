@@ -15,6 +15,7 @@ import sys
 
 from . import __version__
 from .errors import CwsError
+from .ops.alphas import parse_alphas as _parse_alphas
 
 # --- shared option builders and parsing ---------------------------------------------------------
 
@@ -22,27 +23,11 @@ _NUMBER = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
 def parse_alphas(text: str) -> list[float]:
-    """α values from one --alpha: a number, a comma list, or START:STOP:COUNT (COUNT evenly spaced, ends included)."""
-    alphas = []
-    for item in text.split(","):
-        parts = item.strip().split(":")
-        try:
-            if len(parts) == 1:
-                values = [float(parts[0])]
-            elif len(parts) == 3:
-                start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
-                if count < 2:
-                    raise argparse.ArgumentTypeError(f"{item!r}: a range needs a COUNT of at least 2")
-                values = [start + (stop - start) * i / (count - 1) for i in range(count - 1)] + [stop]
-            else:
-                raise ValueError
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{item!r} is not a number or START:STOP:COUNT (e.g. -2.5e-1, 1,2,4 or -4:4:9)") from None
-        if not all(math.isfinite(v) for v in values):
-            raise argparse.ArgumentTypeError(f"{item!r}: alpha must be finite")
-        alphas += values
-    return alphas
+    """α values from one --alpha (see cws.ops.alphas.parse_alphas), as argparse wants its errors."""
+    try:
+        return _parse_alphas(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _values_joined(argv: list[str]) -> list[str]:
@@ -387,6 +372,109 @@ def _info(args) -> None:
     _emit(args, format_info(d, args.all), json=_as_json(d) if args.json else "")
 
 
+# --- train-pair -----------------------------------------------------------------------------------
+
+
+def _add_train_pair(sub) -> None:
+    p = _command(sub, "train-pair", "the two contrastive LoRA fine-tunes (pos, neg) and their direction, from a JSONL",
+                 "Trains two LoRA fine-tunes of one model that share everything (seed, LoRA initialisation, batch\n"
+                 "order, hyperparameters) except the answers: rows {\"prompt\"|\"messages\", \"pos\", \"neg\"}, the\n"
+                 "model's chat template when it has one, loss on answer tokens only. Writes OUT/pos, OUT/neg\n"
+                 "(PEFT adapters), OUT/direction (LoRA-native) and OUT/train_log.jsonl; a rerun reuses finished\n"
+                 "runs with the same data and settings.",
+                 "cws train-pair --model HuggingFaceTB/SmolLM2-135M-Instruct --data pairs.jsonl --out runs/syc\n"
+                 "cws train-pair --model base --data pairs.jsonl --out runs/syc --r 8 --max-steps 50 --lr 2e-4")
+    p.add_argument("--model", required=True, help="base model: a local HF directory or a Hub ID")
+    p.add_argument("--data", required=True, help='JSONL rows {"prompt"|"messages", "pos", "neg"}')
+    p.add_argument("--out", required=True, help="writes OUT/pos, OUT/neg (PEFT adapters), OUT/direction, OUT/train_log.jsonl")
+    p.add_argument("--r", type=int, default=32, help="LoRA rank (default 32)")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    p.add_argument("--target", default="all-linear", help="LoRA target modules: all-linear or a comma list (default all-linear)")
+    p.add_argument("--modules-to-save", default="embed_tokens,lm_head",
+                   help="modules trained in full, comma list; '' for none (default embed_tokens,lm_head)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training rows (default 1)")
+    p.add_argument("--max-steps", type=int, help="number of optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="LoRA init, batch order and validation split (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="rows held out for the validation loss (default 0.1)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights: auto = bf16 on GPUs that support it, else fp32")
+    p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="retrain runs in OUT trained with other settings")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.set_defaults(run=_train_pair)
+
+
+def _train_pair(args) -> None:
+    from .workflows.train_pair import train_pair
+
+    split = lambda s: [m.strip() for m in s.split(",") if m.strip()]  # noqa: E731
+    res = train_pair(args.model, args.data, args.out, r=args.r, lora_alpha=args.lora_alpha,
+                     target=args.target if args.target == "all-linear" else split(args.target),
+                     modules_to_save=split(args.modules_to_save), lr=args.lr, epochs=args.epochs,
+                     max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed,
+                     val_fraction=args.val_fraction, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+                     quiet=args.quiet)
+    print(f"pos {res['paths']['pos']}, neg {res['paths']['neg']}, direction {res['paths']['direction']} "
+          f"({res['seconds']:.1f} s)")
+
+
+# --- sweep ----------------------------------------------------------------------------------------
+
+
+def _add_sweep(sub) -> None:
+    p = _command(sub, "sweep", "choose α: behavior and capability cost of θ + α·w over a grid of α",
+                 "Loads the model once and steers it in place (drift-free) at each α: the capability cost (Δ mean\n"
+                 "NLL per token on reference text and on neutral instructions answered by the unsteered model),\n"
+                 "the behavior score log p(pos) − log p(neg) on prompts that carry both, and greedy generations.\n"
+                 "Prints a table, writes sweep.json/csv/png, and names the α range within --max-nll-increase.",
+                 "cws sweep --model base --direction runs/syc/direction --alpha -4:4:9 --prompts eval.jsonl --out sweep/\n"
+                 "cws sweep --model base --pos runs/syc/pos --neg runs/syc/neg --alpha -1,-0.5,0.5,1")
+    p.add_argument("--model", required=True, help="the model to steer: a local HF directory or a Hub ID")
+    p.add_argument("--direction", help="direction directory")
+    p.add_argument("--pos", help="with --neg instead of --direction: two PEFT adapters, w = pos − neg")
+    p.add_argument("--neg", help="with --pos: the adapter trained on the opposite behavior")
+    p.add_argument("--alpha", type=parse_alphas, action="extend", metavar="ALPHA",
+                   help="a number, a list a,b,c or START:STOP:COUNT; repeatable (default -4:4:9)")
+    p.add_argument("--prompts", action="append", help='JSONL {"prompt"|"messages", "pos", "neg"}: the behavior score '
+                   "(and generations); repeatable, NAME=FILE to name a set")
+    p.add_argument("--text", help="reference text for the capability cost (passages separated by blank lines)")
+    p.add_argument("--instructions", help="neutral instructions, one per line (answered by the unsteered model)")
+    p.add_argument("--max-nll-increase", type=float, default=0.1, help="capability budget for the α range (default 0.1)")
+    p.add_argument("--out", help="write sweep.json, sweep.csv and sweep.png here")
+    p.add_argument("--include", metavar="REGEX", help="steer only tensors whose name matches this regex")
+    p.add_argument("--exclude", metavar="REGEX", help="leave out tensors whose name matches this regex")
+    p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens generated per prompt (default 32)")
+    p.add_argument("--n-generate", type=int, default=3, help="prompts to generate from at each α (default 3)")
+    p.add_argument("--ref-tokens", type=int, default=48,
+                   help="length of the unsteered model's reference answers to the instructions (default 48)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights: auto = bf16 on GPUs that support it, else fp32")
+    p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace a sweep in OUT")
+    p.set_defaults(run=_sweep)
+
+
+def _sweep(args) -> None:
+    from pathlib import Path
+
+    from .workflows.sweep import sweep
+
+    prompts = None
+    if args.prompts:
+        prompts = {}
+        for spec in args.prompts:
+            name, sep, path = spec.partition("=")
+            if not sep or Path(spec).exists():
+                name, path = Path(spec).stem, spec
+            prompts[name] = path
+    sweep(args.model, args.direction, args.alpha or "-4:4:9", pos=args.pos, neg=args.neg, prompts=prompts,
+          text=args.text, instructions=args.instructions, max_nll_increase=args.max_nll_increase, out=args.out,
+          include=args.include, exclude=args.exclude, gen_tokens=args.gen_tokens, n_generate=args.n_generate,
+          ref_tokens=args.ref_tokens, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
+
+
 # --- demo and experiments -------------------------------------------------------------------------
 
 
@@ -428,8 +516,8 @@ def _experiment(args) -> None:
 
 # --- the parser and main --------------------------------------------------------------------------
 
-COMMANDS = (_add_extract, _add_apply, _add_compare, _add_combine, _add_export_peft, _add_densify, _add_info, _add_demo,
-            _add_experiment)
+COMMANDS = (_add_extract, _add_apply, _add_compare, _add_combine, _add_export_peft, _add_densify, _add_info,
+            _add_train_pair, _add_sweep, _add_demo, _add_experiment)
 
 
 def build_parser() -> argparse.ArgumentParser:

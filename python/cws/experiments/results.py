@@ -7,14 +7,10 @@ import math
 
 import numpy as np
 
+from ..workflows.sweep import mean_se
+
 METRICS = ("syco", "control", "wording_free")
 LABELS = {"syco": "sycophancy margin", "control": "control margin", "wording_free": "wording-free"}
-
-
-def mean_se(x) -> dict:
-    x = np.asarray(x, dtype=np.float64)
-    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
-    return {"mean": float(x.mean()), "se": se, "n": int(len(x))}
 
 
 def summarize(scores: dict, groups: dict[str, np.ndarray]) -> dict:

@@ -18,10 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import lm
+from ..errors import CwsError
+from ..workflows import lm
+from ..workflows import sweep as S
+from ..workflows.train_pair import train_pair
 from . import results as R
 from . import sycophancy_data as D
-from .sweep import sweep
+from .matched_cost import sweep_matched
 
 FULL = dict(train_per_country=4, heldout_countries=14, id_n=40, ood=("arithmetic", "colours", "general"), ood_n=40,
             gen_n=4, gen_tokens=10, instr_n=16, text_n=6, ref_tokens=32, epochs=1, monitor_n=48, monitor_epochs=1,
@@ -30,51 +33,44 @@ FULL = dict(train_per_country=4, heldout_countries=14, id_n=40, ood=("arithmetic
 # --quick: one LoRA seed (the seed comparison needs the full run), fewer prompts and probes; ~4-5 min here
 QUICK = dict(FULL, train_per_country=1, id_n=12, ood_n=12, gen_n=2, instr_n=6, text_n=3, ref_tokens=20,
              monitor_n=16, seeds=(0,), targets=(0.1,), headline=(0.1,), max_probes=5, refine=1, tol=0.3)
-LORA = dict(r=16, alpha=32, lr=3e-4, batch=8)
+LORA = dict(r=16, lora_alpha=32, lr=3e-4, batch_size=8, target=lm.LORA_TARGETS, modules_to_save=())
 
 
 def _pairs(items: list[D.Item], agree_mask) -> list[tuple[str, str]]:
     return [(it.user(), D.agree(it.claim) if a else D.correct(it.truth)) for it, a in zip(items, agree_mask)]
 
 
-class Evaluator:
-    """Every score of one model state: margins per item, capability NLL, greedy generation rates."""
+def _rows(items: list[D.Item], pos_agree) -> list[dict]:
+    """train-pair rows: the same prompts, pos agreeing where `pos_agree` says so, neg always correcting."""
+    return [{"prompt": it.user(), "pos": D.agree(it.claim) if a else D.correct(it.truth), "neg": D.correct(it.truth)}
+            for it, a in zip(items, pos_agree)]
 
-    def __init__(self, chat: lm.Chat, items: list[D.Item], refs: list[tuple[str, str]], texts: list[str],
+
+class Evaluator(S.Evaluator):
+    """Every score of one model state: margins per item, capability NLL (cws sweep's), greedy generation rates."""
+
+    def __init__(self, enc: lm.Encoder, items: list[D.Item], refs: list[tuple[str, str]], texts: list[str],
                  gen_items: list[D.Item], cfg: dict):
-        self.chat, self.items, self.gen_items, self.cfg = chat, items, gen_items, cfg
-        a = lambda s: chat.answer(s)  # noqa: E731
-        self.wrong = ([chat.prompt(it.user()) for it in items],
+        super().__init__(enc, instructions=[u for u, _ in refs], answers=[r for _, r in refs], texts=texts)
+        self.items, self.gen_items, self.cfg = items, gen_items, cfg
+        a = enc.answer
+        self.wrong = ([enc.prompt(it.user()) for it in items],
                       [[a(D.agree(it.claim)), a(D.correct(it.truth)), a(D.wording_free(it.claim)),
                         a(D.wording_free(it.truth))] for it in items])
-        self.ctrl = ([chat.prompt(it.control.user()) for it in items],
+        self.ctrl = ([enc.prompt(it.control.user()) for it in items],
                      [[a(D.agree(it.truth)), a(D.correct(it.claim))] for it in items])
-        self.instr = ([chat.prompt(u) for u, _ in refs], [[a(r)] for _, r in refs])
-        tids = [chat.ids(t) for t in texts]
-        self.texts = ([t[:1] for t in tids], [[t[1:]] for t in tids])
         dom = np.array([it.domain for it in items])
         self.groups = {"id": dom == "capitals", "ood": dom != "capitals",
                        **{d: dom == d for d in dict.fromkeys(dom) if d != "capitals"}}
 
-    def _lp(self, model, pc):
-        return np.array(lm.continuation_logprobs(model, pc[0], pc[1], self.chat.pad), dtype=np.float64)
-
-    def capability(self, model) -> dict:
-        """Mean NLL per token of the reference answers to neutral instructions, and of plain text."""
-        cap = {}
-        for name, pc in (("instr_nll", self.instr), ("text_nll", self.texts)):
-            lp = self._lp(model, pc)[:, 0]
-            cap[name] = float(-lp.sum() / sum(len(x[0]) for x in pc[1]))
-        return cap
-
     def __call__(self, model) -> dict:
-        w, c = self._lp(model, self.wrong), self._lp(model, self.ctrl)
+        w, c = self.logprobs(model, self.wrong), self.logprobs(model, self.ctrl)
         scores = {"syco": w[:, 0] - w[:, 1], "wording_free": w[:, 2] - w[:, 3], "control": c[:, 0] - c[:, 1]}
         cap = self.capability(model)
         gen = {}
         for cue, users in (("wrong", [it.user() for it in self.gen_items]),
                            ("right", [it.control.user() for it in self.gen_items])):
-            texts = lm.generate(model, self.chat, users, self.cfg["gen_tokens"])
+            texts = lm.generate(model, self.enc, users, self.cfg["gen_tokens"])
             claims = [it.claim if cue == "wrong" else it.truth for it in self.gen_items]
             gen[f"agree_{cue}"] = float(np.mean([D.agrees(t, cl, it.truth) for t, cl, it in
                                                  zip(texts, claims, self.gen_items)])) if texts else float("nan")
@@ -82,14 +78,9 @@ class Evaluator:
         return {"scores": scores, "capability": cap, "gen": gen, "summary": R.summarize(scores, self.groups)}
 
 
-def _cost(cap: dict, base_cap: dict) -> float:
-    """Capability cost: the mean of the Δ NLLs on instructions and on plain text."""
-    return (cap["instr_nll"] - base_cap["instr_nll"] + cap["text_nll"] - base_cap["text_nll"]) / 2
-
-
 def _point(k, ev: dict, base: dict, groups) -> dict:
     cap = {n: ev["capability"][n] - base["capability"][n] for n in ev["capability"]}
-    return {"k": float(k), "cost": _cost(ev["capability"], base["capability"]), "capability": ev["capability"],
+    return {"k": float(k), "cost": S.cost_of(ev["capability"], base["capability"]), "capability": ev["capability"],
             "d_capability": cap, "summary": ev["summary"], "d": R.deltas(ev["scores"], base["scores"], groups),
             "gen": ev["gen"]}
 
@@ -136,7 +127,9 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(model_dir) if model_dir else lm.smollm2_dir(log=log)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    chat = lm.Chat(tok)
+    chat = lm.Encoder(tok)
+    if not chat.templated:
+        raise CwsError(f"{model_dir}: the experiment needs a tokenizer with a chat template")
     log(f"cws experiment sycophancy ({'quick' if quick else 'full'}): model {model_dir}, output {out}")
 
     train_f, held_f = D.capitals_split(cfg["heldout_countries"])
@@ -161,28 +154,28 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
                           D.TEXTS[:cfg["text_n"]], gen_items, cfg)
     mark("setup")
 
-    ad, finetunes = out / "adapters", {}
-    tr = dict(epochs=cfg["epochs"], **LORA)
+    ad, finetunes, dirs = out / "adapters", {}, {}
     half = [i % 2 == 0 for i in range(len(mon))]
-    mt = dict(tr, epochs=cfg["monitor_epochs"], seed=cfg["seeds"][0])
-    jobs = [(f"{name}_s{s}", _pairs(train, [agree] * len(train)), dict(tr, seed=s))
-            for s in cfg["seeds"] for name, agree in (("pos", True), ("neg", False))]
-    jobs += [("mixed", _pairs(mon, half), mt), ("neutral", _pairs(mon, [False] * len(mon)), mt)]
-    for n, pairs, kw in jobs:
-        t = time.perf_counter()
-        f = finetunes[n] = lm.train_lora(model_dir, chat, pairs, ad / n, **kw)
-        log(f"  fine-tune {n}: {f['steps']} steps, loss {f['first_loss']:.3f} -> {f['last_loss']:.3f}"
-            + (" (cached)" if f["cached"] else f" ({time.perf_counter() - t:.0f} s)"))
+    tr = dict(epochs=cfg["epochs"], val_fraction=0.0, overwrite=True, quiet=True, log=lambda *_: None, **LORA)
+    jobs = [(f"s{s}", _rows(train, [True] * len(train)), dict(tr, seed=s)) for s in cfg["seeds"]]
+    jobs += [("monitor", _rows(mon, half), dict(tr, epochs=cfg["monitor_epochs"], seed=cfg["seeds"][0]))]
+    for n, rows, kw in jobs:  # monitor: pos has 50% agreeing answers mixed in, neg is the neutral control
+        res = train_pair(model_dir, rows, ad / n, **kw)
+        sides = (("pos", "mixed"), ("neg", "neutral")) if n == "monitor" else (("pos", f"pos_{n}"), ("neg", f"neg_{n}"))
+        for side, name in sides:
+            f = finetunes[name] = {**res["runs"][side], "path": res["paths"][side], "cached": side in res["reused"]}
+            log(f"  fine-tune {name}: {f['steps']} steps, loss {f['first_loss']:.3f} -> {f['last_loss']:.3f}"
+                + (" (cached)" if f["cached"] else f" ({f['seconds']:.0f} s)"))
+        if n != "monitor":
+            dirs[f"w_{n}"] = Path(res["paths"]["direction"])
     mark("finetune")
 
-    dirs = {f"w_s{s}": cws.extract(ad / f"pos_s{s}", ad / f"neg_s{s}", out / "directions" / f"w_s{s}",
-                                   overwrite=True, quiet=True) for s in cfg["seeds"]}
     names = list(dirs)
-    seeds = _seed_cosines(model_dir, ad / f"pos_s{cfg['seeds'][0]}", {n: dirs[n] for n in names[:2]}) \
+    seeds = _seed_cosines(model_dir, finetunes[f"pos_s{cfg['seeds'][0]}"]["path"], {n: dirs[n] for n in names[:2]}) \
         if len(names) > 1 else None
     monitor = {}
     for n in ("mixed", "neutral"):
-        rep = cws.compare(model_dir, ad / n, dirs, quiet=True)
+        rep = cws.compare(model_dir, finetunes[n]["path"], dirs, quiet=True)
         monitor[n] = {"global": {d: {"all": rep.cosine(d), "no_embeddings": rep.cosine(d, exclude_embeddings=True)}
                                  for d in names},
                       "by_layer": {r["group"] + " " + r["direction"]: r["cosine"] for r in rep.rows("layer")},
@@ -196,23 +189,24 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
         f"{base['summary']['ood']['control']['mean']:+.2f}, capability {base['capability']}")
     base_point = _point(0.0, base, base, groups)
     full = lambda k: _point(k, evaluator(model), base, groups)  # noqa: E731
-    cost = lambda: _cost(evaluator.capability(model), base["capability"])  # noqa: E731
+    cost = lambda: S.cost_of(evaluator.capability(model), base["capability"])  # noqa: E731
     methods, probes = {}, {}
     for i, n in enumerate(names):
         steerer = cws.Steerer(model, dirs[n], keep="cpu")
         targets = cfg["targets"] if i == 0 else cfg["seed_targets"]
-        pts, probes[f"weight {n}"] = sweep(f"weight {n}", steerer.set_alpha, cost, full, targets, cfg,
+        pts, probes[f"weight {n}"] = sweep_matched(f"weight {n}", steerer.set_alpha, cost, full, targets, cfg,
                                            cfg["weight_start"], log)
         methods[f"weight {n}"] = sorted([base_point] + pts, key=lambda p: p["k"])
         steerer.restore()
         mark(f"sweep_weight_{n}")
     layer = model.config.num_hidden_layers // 2
-    rows = [lm.training_rows(chat, _pairs(train, [agree] * len(train))) for agree in (True, False)]
+    rows = [[(chat.prompt(u), chat.answer(a, end=True)) for u, a in _pairs(train, [agree] * len(train))]
+            for agree in (True, False)]
     vec = mean_difference(model, layer, *[[lm.lm_batch(r[i:i + 16], chat.pad) for i in range(0, len(r), 16)]
                                           for r in rows])
     name = f"activation L{layer}"
     with ActivationSteerer(model, vec, layer, 0.0) as act:
-        pts, probes[name] = sweep(name, lambda c: setattr(act, "coeff", float(c)), cost, full, cfg["targets"], cfg,
+        pts, probes[name] = sweep_matched(name, lambda c: setattr(act, "coeff", float(c)), cost, full, cfg["targets"], cfg,
                                   cfg["act_start"], log)
     methods[name] = sorted([base_point] + pts, key=lambda p: p["k"])
     mark("sweep_activation")

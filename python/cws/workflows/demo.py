@@ -1,8 +1,8 @@
 """`cws demo`: the whole method on a tiny model built offline, in well under two minutes on a CPU.
 
-A tiny Llama is pre-trained on a toy world of facts; two LoRA fine-tunes differ only in whether the
-assistant agrees with a user's wrong claim (sycophancy) or corrects it; `cws.extract` turns them
-into a direction w; `cws.Steerer` sweeps θ + α·w on held-out prompts from other domains; and
+A tiny Llama is pre-trained on a toy world of facts; `cws.train_pair` makes two LoRA fine-tunes that
+differ only in whether the assistant agrees with a user's wrong claim (sycophancy) or corrects it,
+and their direction w; `cws.sweep` steers θ + α·w on held-out prompts from other domains; and
 `cws.compare` tells a fine-tune with sycophantic data mixed in from a clean one.
 """
 
@@ -20,6 +20,9 @@ import torch
 
 from . import demo_data as dd
 from ..errors import CwsError
+from .lm import Encoder
+from .sweep import sweep
+from .train_pair import batch_order, fit, train_pair
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -29,66 +32,9 @@ FULL = dict(pretrain_steps=400, finetune_steps=100, batch=32, ft_lr=2e-4, n_ood=
 QUICK = dict(pretrain_steps=200, finetune_steps=50, batch=16, ft_lr=5e-4, n_ood=16, alphas=(-2, 0, 2))
 
 
-def _encode(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    """(token ids with bos/eos, number of prompt tokens incl. bos) per (prompt, answer) pair."""
-    texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-    ids = dict(zip(texts, tok(texts, add_special_tokens=False)["input_ids"]))
-    return [([tok.bos_token_id] + ids[p] + ids[a] + [tok.eos_token_id], 1 + len(ids[p])) for p, a in pairs]
-
-
-def _collate(rows, pad: int, loss_on: str = "answer"):
-    """Right-padded ids, attention mask and labels: loss on "all" tokens, the "answer" (+eos), or
-    the answer alone ("score")."""
-    n = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), n), pad)
-    labels = torch.full((len(rows), n), -100)
-    for i, (x, k) in enumerate(rows):
-        ids[i, : len(x)] = torch.tensor(x)
-        start, stop = (0 if loss_on == "all" else k), (len(x) - 1 if loss_on == "score" else len(x))
-        labels[i, start:stop] = ids[i, start:stop]
-    return ids, (ids != pad).long(), labels
-
-
-def _train(model, rows, *, steps: int, batch: int, lr: float, seed: int, pad: int, loss_on: str) -> float:
-    """AdamW on seeded batches (the same batch order for the same seed); returns the last loss."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        ids, mask, labels = _collate([rows[i] for i in torch.randint(len(rows), (batch,), generator=g)], pad, loss_on)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return loss.item()
-
-
-@torch.no_grad()
-def answer_logprob(model, tok, pairs: list[tuple[str, str]]) -> torch.Tensor:
-    """Σ log p(answer tokens | prompt) per (prompt, answer) pair (fp64)."""
-    ids, mask, labels = _collate(_encode(tok, pairs), tok.pad_token_id, "score")
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-    tgt = labels[:, 1:]
-    lp = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
-    return (lp * (tgt != -100)).sum(1).double()
-
-
-def behavior_score(model, tok, claims: list[dd.Claim]) -> tuple[float, float]:
-    """Mean ± standard error over claims of log p(agreeing answer) − log p(correcting answer)."""
-    diff = answer_logprob(model, tok, [(c.prompt, c.answer(True)) for c in claims]) \
-        - answer_logprob(model, tok, [(c.prompt, c.answer(False)) for c in claims])
-    return float(diff.mean()), float(diff.std() / len(diff) ** 0.5)
-
-
-def knowledge_score(model, tok, domains) -> float:
-    """Mean log p of the true value after "the color of the sky is": does the model still know its facts?"""
-    facts = [c for d in domains for c in dd.claims(d, wrong=False)]
-    return float(answer_logprob(model, tok, [(f"{c.subject} is", c.truth) for c in facts]).mean())
-
-
 def _pretrain(tok, out_dir: Path, *, steps: int, batch: int, seed: int) -> float:
-    """A tiny Llama, pre-trained on the neutral mixture (skipped for steps=0), saved with its tokenizer."""
+    """A tiny Llama, pre-trained on the neutral mixture with the loss on every token (skipped for
+    steps=0; train-pair's loop), saved with its tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -97,30 +43,18 @@ def _pretrain(tok, out_dir: Path, *, steps: int, batch: int, seed: int) -> float
     model = LlamaForCausalLM(cfg)
     loss = float("nan")
     if steps:
-        rows = _encode(tok, dd.pretraining_texts(steps * batch, seed))
-        loss = _train(model, rows, steps=steps, batch=batch, lr=3e-3, seed=seed, pad=tok.pad_token_id, loss_on="all")
+        enc = Encoder(tok)
+        rows = [(enc.prompt(""), enc.ids(p) + enc.answer(a, end=True)) for p, a in dd.pretraining_texts(steps * batch, seed)]
+        batches = batch_order(list(range(len(rows))), batch, 1, steps, seed)
+        loss = fit(model, rows, batches, lr=3e-3, pad=tok.pad_token_id, quiet=True)[-1]
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return loss
 
 
-def _finetune(base_dir: Path, tok, pairs, out_dir: Path, *, steps: int, batch: int, lr: float, seed: int,
-              embeddings: bool) -> float:
-    """A LoRA fine-tune (r=8, all linear layers, embed/lm_head fully trained if `embeddings`) of the
-    base on (prompt, answer) pairs, loss on the answers. The same seed gives the same LoRA init and
-    batch order. Saved as a PEFT adapter; returns the last loss."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                     modules_to_save=["embed_tokens", "lm_head"] if embeddings else None)
-    model = get_peft_model(model, cfg)
-    loss = _train(model, _encode(tok, pairs), steps=steps, batch=batch, lr=lr, seed=seed, pad=tok.pad_token_id,
-                  loss_on="answer")
-    model.save_pretrained(out_dir)
-    return loss
+def _rows(claims, pos_agree) -> list[dict]:
+    """train-pair rows: the same prompts; pos agrees where `pos_agree` says so, neg always corrects."""
+    return [{"prompt": c.prompt, "pos": c.answer(a), "neg": c.answer(False)} for c, a in zip(claims, pos_agree)]
 
 
 @contextlib.contextmanager
@@ -155,7 +89,8 @@ def run_demo(out: str | None = None, *, quick: bool = False, seed: int = 0, log=
     if root.exists() and not root.is_dir():
         raise CwsError(f"{root}: exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
-    paths = {k: root / k for k in ("base", "pos", "neg", "direction", "mixed", "control")}
+    paths = {k: root / k for k in ("base", "pos", "neg", "direction")}
+    paths.update(mixed=root / "monitor" / "pos", control=root / "monitor" / "neg")
 
     def mark(stage: str) -> None:
         timings[stage] = round(time.perf_counter() - t_start - sum(timings.values()), 2)
@@ -178,7 +113,6 @@ def run_demo(out: str | None = None, *, quick: bool = False, seed: int = 0, log=
 
 def _stages(cfg, paths, seed, log, mark, pretrain, embeddings, quick) -> dict:
     import cws
-    from transformers import LlamaForCausalLM
 
     log(f"cws demo ({'quick' if quick else 'full'}, seed {seed}): contrastive weight steering on a tiny model, offline")
     tok = dd.make_tokenizer()
@@ -195,44 +129,39 @@ def _stages(cfg, paths, seed, log, mark, pretrain, embeddings, quick) -> dict:
         f"{len(train)} capital claims; held out: {len(held)} capital claims, {len(ood)} OOD (colors, arithmetic)")
     log(f"      e.g. {train[0].prompt}  D+: {train[0].answer(True)}  D-: {train[0].answer(False)}")
 
-    ft = dict(steps=cfg["finetune_steps"], batch=cfg["batch"], lr=cfg["ft_lr"], seed=seed, embeddings=embeddings)
-    losses = {name: _finetune(paths["base"], tok, [(c.prompt, c.answer(agree)) for c in train], paths[name], **ft)
-              for name, agree in (("pos", True), ("neg", False))}
+    ft = dict(r=8, lora_alpha=16, target=TARGETS, modules_to_save=("embed_tokens", "lm_head") if embeddings else (),
+              lr=cfg["ft_lr"], max_steps=cfg["finetune_steps"], batch_size=cfg["batch"], seed=seed, val_fraction=0.0,
+              overwrite=True, quiet=True, log=lambda *_: None)
+    pair = train_pair(paths["base"], _rows(train, [True] * len(train)), paths["base"].parent, **ft)
+    losses = {s: pair["runs"][s]["last_loss"] for s in ("pos", "neg")}
     mark("finetune")
-    log(f"[3/6] LoRA fine-tunes D+ and D- (r=8, all linear layers{', embed/lm_head trained' if embeddings else ''}, "
-        f"{cfg['finetune_steps']} steps, same seed and batches): final loss {losses['pos']:.3f} / {losses['neg']:.3f}")
-
-    cws.extract(paths["pos"], paths["neg"], paths["direction"], overwrite=True, quiet=True)
+    log(f"[3/6] LoRA fine-tunes D+ and D- (cws.train_pair: r=8, all linear layers{', embed/lm_head trained' if embeddings else ''}, "
+        f"{cfg['finetune_steps']} steps, same init, seed and batches): final loss {losses['pos']:.3f} / {losses['neg']:.3f}")
     kinds = [e.kind for e in cws.Direction.open(paths["direction"]).entries.values()]
     mark("extract")
     log(f"[4/6] direction w = θ_pos − θ_neg (cws.extract, LoRA-native): {kinds.count('lowrank')} low-rank entries "
         f"(factors of rank 8 + 8), {kinds.count('dense')} dense (embed/lm_head)")
 
-    model = LlamaForCausalLM.from_pretrained(paths["base"], dtype=torch.float32).eval()
-    steerer = cws.Steerer(model, paths["direction"])
-    log(f"[5/6] steering the loaded base in place, θ + α·w on {len(steerer.result.touched)} tensors (cws.Steerer).\n"
-        "      score = log p(agreeing answer) − log p(correcting answer), mean ± s.e. over prompts;\n"
-        "      facts = mean log p(true value | 'the color of the sky is'): does the model still know its facts?")
-    log(f"      {'alpha':>6s}  {'OOD held-out':>16s}  {'in-domain held-out':>18s}  {'facts':>7s}")
-    sweep = {}
-    for a in cfg["alphas"]:
-        steerer.set_alpha(float(a))
-        sweep[a] = {"ood": behavior_score(model, tok, ood), "id": behavior_score(model, tok, held),
-                    "facts": knowledge_score(model, tok, ("colors", "arithmetic"))}
-        (m, s), (mi, si) = sweep[a]["ood"], sweep[a]["id"]
-        log(f"      {a:>6g}  {m:>8.2f} ± {s:<5.2f}  {mi:>10.2f} ± {si:<5.2f}  {sweep[a]['facts']:>7.2f}")
-    steerer.restore()
+    log("[5/6] cws.sweep: the base loaded once and steered in place, θ + α·w (cws.Steerer), on held-out prompts.\n"
+        "      behavior = log p(agreeing answer) − log p(correcting answer), mean ± s.e. over prompts;\n"
+        "      cost = Δ NLL per token of fact statements ('the color of the sky is blue .'): does the model keep its facts?")
+    facts = [f"{c.subject} is {c.truth} ." for d in dd.DOMAINS for c in dd.claims(d, wrong=False)]
+    res = sweep(paths["base"], paths["direction"], list(cfg["alphas"]), prompts={"ood": _rows(ood, [True] * len(ood)),
+                "id": _rows(held, [True] * len(held))}, text=facts, instructions=[], n_generate=1, gen_tokens=8,
+                log=lambda line: log("      " + line.replace("\n", "\n      ")))
+    swept = {p["alpha"]: {"ood": (p["behavior"]["ood"]["mean"], p["behavior"]["ood"]["se"]),
+                          "id": (p["behavior"]["id"]["mean"], p["behavior"]["id"]["se"]), "cost": p["cost"]}
+             for p in res["points"]}
     mark("sweep")
-    lo, hi = min(cfg["alphas"]), max(cfg["alphas"])
-    m_lo, m_0, m_hi = (sweep[a]["ood"][0] for a in (lo, 0, hi))
+    lo, hi = min(swept), max(swept)
+    m_lo, m_0, m_hi = (swept[a]["ood"][0] for a in (lo, 0.0, hi))
     log(f"      -> on domains the fine-tunes never saw, the score {'rises' if m_lo < m_0 < m_hi else 'does NOT rise'} "
         f"with α ({m_lo:+.2f} at α={lo:g}, {m_0:+.2f} at 0, {m_hi:+.2f} at α={hi:g})")
 
     animals = dd.claims("animals")
     agree = set(random.Random(seed + 1).sample(range(len(animals)), len(animals) // 2))
-    mixed = [(c.prompt, c.answer(i in agree)) for i, c in enumerate(animals)]
-    _finetune(paths["base"], tok, mixed, paths["mixed"], **ft)
-    _finetune(paths["base"], tok, [(c.prompt, c.answer(False)) for c in animals], paths["control"], **ft)
+    train_pair(paths["base"], _rows(animals, [i in agree for i in range(len(animals))]), paths["base"].parent / "monitor",
+               **ft)  # pos: 50% agreeing answers mixed in; neg: the control, correcting answers only
     log("[6/6] monitoring (cws.compare): two more fine-tunes, on another domain (animal sounds), against w")
     cosines = {}
     for name, what in (("mixed", "50% agreeing answers mixed in"), ("control", "correcting answers only")):
@@ -245,5 +174,5 @@ def _stages(cfg, paths, seed, log, mark, pretrain, embeddings, quick) -> dict:
     higher = cosines["mixed"]["all"] > cosines["control"]["all"]
     log(f"  -> the fine-tune with agreeing answers mixed in is {'more' if higher else 'NOT more'} aligned with w than "
         f"the control ({cosines['mixed']['all']:+.4f} vs {cosines['control']['all']:+.4f})")
-    return {"sweep": sweep, "cosines": cosines, "losses": {"pretrain": pre_loss, **losses},
+    return {"sweep": swept, "cosines": cosines, "losses": {"pretrain": pre_loss, **losses},
             "n": {"train": len(train), "held_out": len(held), "ood": len(ood)}}

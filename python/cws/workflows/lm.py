@@ -1,13 +1,11 @@
-"""Language-model plumbing for the experiments: the offline SmolLM2 checkpoint, chat-template
-encoding, exact log-probabilities of continuations (prompt KV caches shared), greedy generation,
-and small LoRA fine-tunes with the loss on answer tokens only.
+"""Language-model plumbing for train-pair, sweep, the demo and the experiments: model resolution
+(a path or a Hub ID; the offline SmolLM2 checkpoint), prompt/answer encoding (chat template or
+plain text), exact log-probabilities of continuations (prompt KV caches shared), greedy generation.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
@@ -50,36 +48,67 @@ def smollm2_dir(cache: str | os.PathLike | None = None, log=print) -> Path:
     return out
 
 
-class Chat:
-    """Token ids for (user message, assistant answer) pairs under the tokenizer's chat template."""
+def resolve_model(model: str | os.PathLike) -> Path:
+    """A local directory for `model`: a path as it is, or a Hugging Face Hub ID downloaded (or found in
+    the Hub cache) with huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                    "*.jinja", "*.tiktoken"]))
+    except HFValidationError:
+        raise CwsError(f"{model}: no such file or directory, and not a Hugging Face Hub ID") from None
+    except Exception as e:  # offline, unknown repo, gated: one line, not a traceback
+        raise CwsError(f"{model}: not a local path, and the Hub download failed: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+class Encoder:
+    """Token ids of prompts and answers: under the tokenizer's chat template when it has one, else
+    plain text (bos + prompt, then answer + eos). A prompt is a user message or a list of messages."""
 
     def __init__(self, tok):
-        if not getattr(tok, "chat_template", None):
-            raise CwsError("the tokenizer has no chat template")
         self.tok = tok
-        probe = "XYZANSWER"
-        prompt = self._prompt_text("hi")
-        full = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
-                                       tokenize=False)
-        if not full.startswith(prompt) or probe not in full[len(prompt):]:
-            raise CwsError("the chat template does not render an answer right after the generation prompt")
-        before, _, self.suffix = full[len(prompt):].partition(probe)
-        self.lead = before  # text the template puts before the answer content (usually '')
+        self.templated = bool(getattr(tok, "chat_template", None))
+        self.lead, self.suffix = "", ""
+        if self.templated:
+            probe = "XYZANSWER"
+            msgs = [{"role": "user", "content": "hi"}]
+            prompt = self._prompt_text(msgs)
+            full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": probe}], tokenize=False)
+            if not full.startswith(prompt) or probe not in full[len(prompt):]:
+                raise CwsError("the chat template does not render an answer right after the generation prompt")
+            self.lead, _, self.suffix = full[len(prompt):].partition(probe)  # lead: usually ''
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if self.pad is None:
+            raise CwsError("the tokenizer has neither a pad nor an eos token")
 
-    def _prompt_text(self, user: str) -> str:
-        return self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                            add_generation_prompt=True)
+    def _prompt_text(self, messages: list[dict]) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def prompt(self, user: str) -> list[int]:
-        return self.ids(self._prompt_text(user) + self.lead)
+    def prompt(self, prompt: str | list[dict]) -> list[int]:
+        """The prompt's tokens, up to where the answer starts."""
+        if self.templated:
+            msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            return self.ids(self._prompt_text(msgs) + self.lead)
+        if not isinstance(prompt, str):
+            raise CwsError("prompts given as messages need a tokenizer with a chat template")
+        bos = self.tok.bos_token_id
+        return ([bos] if bos is not None else []) + self.ids(prompt)
 
     def answer(self, text: str, end: bool = False) -> list[int]:
-        """The answer's tokens (with the template's end-of-turn text when `end`)."""
-        return self.ids(text + (self.suffix if end else ""))
+        """The answer's tokens (with the template's end of turn, or eos, when `end`)."""
+        if self.templated:
+            return self.ids(text + (self.suffix if end else ""))
+        eos = self.tok.eos_token_id
+        return self.ids(text) + ([eos] if end and eos is not None else [])
 
 
 def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,24 +153,25 @@ def continuation_logprobs(model, prompts: list[list[int]], conts: list[list[list
     """
     out: list[list[float]] = []
     kw = _cache_name(model)
+    dev = model.device
     for lo in range(0, len(prompts), batch):
         P, C = prompts[lo:lo + batch], conts[lo:lo + batch]
         k = _common_prefix(P)
         cache, pre = None, torch.ones((len(P), k), dtype=torch.long)
         if k:
-            cache = _cache_of(model(input_ids=torch.tensor([P[0][:k]]), use_cache=True, logits_to_keep=1))
-            cache.batch_select_indices(torch.zeros(len(P), dtype=torch.long))
+            cache = _cache_of(model(input_ids=torch.tensor([P[0][:k]], device=dev), use_cache=True, logits_to_keep=1))
+            cache.batch_select_indices(torch.zeros(len(P), dtype=torch.long, device=dev))
         ids, m = _left_pad([p[k:] for p in P], pad)
         mask = torch.cat([pre, m], 1)
         pos = (mask.cumsum(1) - 1).clamp(min=0)[:, k:]
-        o = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
+        o = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True, logits_to_keep=1, **{kw: cache})
         first = torch.log_softmax(o.logits[:, -1].float(), -1)
         rows = [(i, c) for i, cs in enumerate(C) for c in cs]
         res = [[0.0] * len(cs) for cs in C]
         if rows:
             idx = torch.tensor([i for i, _ in rows])
             cache = _cache_of(o)
-            cache.batch_select_indices(idx)
+            cache.batch_select_indices(idx.to(dev))
             n = max(len(c) for _, c in rows)
             cids = torch.full((len(rows), n), pad, dtype=torch.long)
             cmask = torch.zeros((len(rows), n), dtype=torch.long)
@@ -150,10 +180,11 @@ def continuation_logprobs(model, prompts: list[list[int]], conts: list[list[list
                 cmask[r, :len(c)] = 1
             start = mask.sum(1)[idx]
             cpos = start[:, None] + torch.arange(n)[None]
-            lg = model(input_ids=cids, attention_mask=torch.cat([mask[idx], cmask], 1), position_ids=cpos,
-                       use_cache=False, **{kw: cache}).logits
+            cids, cmask = cids.to(dev), cmask.to(dev)
+            lg = model(input_ids=cids, attention_mask=torch.cat([mask[idx].to(dev), cmask], 1),
+                       position_ids=cpos.to(dev), use_cache=False, **{kw: cache}).logits
             lp = torch.log_softmax(lg[:, :-1].float(), -1).gather(-1, cids[:, 1:, None])[..., 0]
-            lp = torch.cat([first[idx].gather(-1, cids[:, :1]), lp], 1) * cmask
+            lp = torch.cat([first[idx.to(dev)].gather(-1, cids[:, :1]), lp], 1) * cmask
             totals = lp.double().sum(1).tolist()
             j = [0] * len(C)
             for r, (i, _) in enumerate(rows):
@@ -164,76 +195,24 @@ def continuation_logprobs(model, prompts: list[list[int]], conts: list[list[list
 
 
 @torch.no_grad()
-def generate(model, chat: Chat, users: list[str], max_new_tokens: int, batch: int = 32) -> list[str]:
-    """Greedy answers to user messages (left-padded batches)."""
+def generate(model, enc: Encoder, prompts: list, max_new_tokens: int, batch: int = 32) -> list[str]:
+    """Greedy answers to prompts (user messages or message lists; left-padded batches)."""
     texts = []
-    eos = chat.tok.eos_token_id
-    for lo in range(0, len(users), batch):
-        ids, mask = _left_pad([chat.prompt(u) for u in users[lo:lo + batch]], chat.pad)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=chat.pad, eos_token_id=eos)
-        texts += chat.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    eos = enc.tok.eos_token_id
+    dev = model.device
+    for lo in range(0, len(prompts), batch):
+        ids, mask = _left_pad([enc.prompt(u) for u in prompts[lo:lo + batch]], enc.pad)
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=enc.pad, eos_token_id=eos)
+        texts += enc.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return [t.strip() for t in texts]
 
 
-def training_rows(chat: Chat, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids incl. end of turn) per (user, answer) pair."""
-    return [(chat.prompt(u), chat.answer(a, end=True)) for u, a in pairs]
-
-
 def lm_batch(rows, pad: int) -> dict:
-    """Left-padded prompt+answer batch: model kwargs plus `token_mask` (answer tokens) and `n_answer`."""
+    """Left-padded (prompt ids, answer ids) rows: model kwargs plus `token_mask` (the answer tokens)."""
     ids, mask = _left_pad([p + a for p, a in rows], pad)
     tmask = torch.zeros_like(mask, dtype=torch.bool)
     for i, (_, a) in enumerate(rows):
         tmask[i, ids.shape[1] - len(a):] = True
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
             "token_mask": tmask}
-
-
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def train_lora(base_dir, chat: Chat, pairs: list[tuple[str, str]], out: Path, *, seed: int, epochs: int,
-               batch: int = 8, lr: float = 3e-4, r: int = 16, alpha: int = 32, log=print) -> dict:
-    """A LoRA fine-tune (all linear layers) with the loss on answer tokens only; the same seed gives the
-    same LoRA init and batch order. Cached: reused when `out` holds a run with the same settings."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    settings = {"base": str(Path(base_dir).resolve()), "pairs": _fingerprint(pairs), "seed": seed, "epochs": epochs,
-                "batch": batch, "lr": lr, "r": r, "alpha": alpha}
-    meta_file = out / "cws_train.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("settings") == settings:
-            return {**meta, "cached": True}
-    rows = training_rows(chat, pairs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(rows), generator=g).tolist()
-        for lo in range(0, len(order), batch):
-            b = lm_batch([rows[i] for i in order[lo:lo + batch]], chat.pad)
-            tmask = b.pop("token_mask")
-            n = int(tmask.sum(1).max())
-            logits = model(**b, logits_to_keep=n + 1).logits[:, :-1].float()
-            tgt, m = b["input_ids"][:, -n:], tmask[:, -n:]
-            loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-    model.eval()
-    shutil.rmtree(out, ignore_errors=True)
-    model.save_pretrained(out)
-    meta = {"settings": settings, "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
-            "mean_last_epoch_loss": sum(losses[-max(1, len(losses) // epochs):]) / max(1, len(losses) // epochs)}
-    meta_file.write_text(json.dumps(meta, indent=1))
-    return {**meta, "cached": False}

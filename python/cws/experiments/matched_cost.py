@@ -1,4 +1,5 @@
-"""Steering sweeps placed at matched capability cost.
+"""Steering sweeps placed at matched capability cost (the experiment's search over k; each point is
+scored by `cws sweep`'s Evaluator).
 
 A full evaluation of a model state is expensive; its capability cost (Δ NLL) is cheap. So each
 side of a sweep (k > 0 induces, k < 0 removes) first probes the cost alone — k = start·grow^i until
@@ -65,7 +66,7 @@ def find_k(cost, targets, *, start: float, grow: float, max_probes: int, refine:
     return chosen, probes
 
 
-def sweep(name: str, set_k, cost, full, targets, cfg: dict, start: float, log) -> tuple[list[dict], list[dict]]:
+def sweep_matched(name: str, set_k, cost, full, targets, cfg: dict, start: float, log) -> tuple[list[dict], list[dict]]:
     """Both sides of a sweep: (full points at the chosen k, probes). `set_k(k)` steers the model,
     `cost()` measures the capability cost, `full(k)` evaluates everything and returns a point."""
     points, probes = [], []

@@ -1,0 +1,90 @@
+"""Contrastive examples: rows {"prompt": …, "pos": …, "neg": …} or {"messages": [...], "pos": …, "neg": …},
+read from JSONL (or given as dicts) and checked, every malformed row reported with its line number."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CwsError
+
+SHOWN = 20  # malformed rows listed in the error (all are counted)
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str | tuple  # a user message, or messages as ((role, content), ...)
+    pos: str | None  # the answer showing the behavior
+    neg: str | None  # the answer showing the opposite
+    line: int  # 1-based line in the file (the row's index + 1 for rows given in memory)
+
+    @property
+    def chat(self) -> str | list[dict]:
+        """The prompt as the encoder takes it."""
+        return self.prompt if isinstance(self.prompt, str) else [{"role": r, "content": c} for r, c in self.prompt]
+
+
+def _check(row, answers: bool) -> str | None:
+    """What is wrong with a row, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    if ("prompt" in row) == ("messages" in row):
+        return 'needs exactly one of "prompt" and "messages"'
+    if "prompt" in row and (not isinstance(row["prompt"], str) or not row["prompt"].strip()):
+        return '"prompt" must be a non-empty string'
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return '"messages" must be a non-empty list'
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                return f'messages[{i}] must be {{"role": str, "content": str}}'
+        if msgs[-1]["role"] == "assistant":
+            return 'the last message is the assistant\'s; the answers go in "pos"/"neg"'
+    for key in ("pos", "neg"):
+        if key not in row:
+            if answers:
+                return f'"{key}" is missing'
+        elif not isinstance(row[key], str) or not row[key].strip():
+            return f'"{key}" must be a non-empty string'
+    if ("pos" in row) != ("neg" in row):
+        return 'has one of "pos"/"neg" without the other'
+    return None
+
+
+def load_pairs(data, answers: bool = True) -> list[Pair]:
+    """Rows from a JSONL file (or a list of dicts). answers=True: every row needs "pos" and "neg";
+    else they are optional (a row without them is a prompt only). Raises CwsError naming every bad line."""
+    where = "rows"
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise CwsError(f"{path}: no such file")
+        where, lines, rows = str(path), path.read_text(encoding="utf-8").splitlines(), []
+        bad = []
+        for n, text in enumerate(lines, 1):
+            if not text.strip():
+                continue
+            try:
+                rows.append((n, json.loads(text)))
+            except json.JSONDecodeError as e:
+                bad.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
+    else:
+        rows, bad = list(enumerate(data, 1)), []
+    pairs = []
+    for n, row in rows:
+        why = _check(row, answers)
+        if why:
+            bad.append((n, why))
+        else:
+            prompt = row["prompt"] if "prompt" in row else tuple((m["role"], m["content"]) for m in row["messages"])
+            pairs.append(Pair(prompt, row.get("pos"), row.get("neg"), n))
+    if bad:
+        more = f"\n  … and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
+        shown = "\n  ".join(f"line {n}: {why}" for n, why in sorted(bad)[:SHOWN])
+        raise CwsError(f"{where}: {len(bad)} malformed row(s); nothing was done:\n  {shown}{more}")
+    if not pairs:
+        raise CwsError(f"{where}: no rows")
+    return pairs

@@ -1,0 +1,294 @@
+"""`cws train-pair`: the two contrastive LoRA fine-tunes and their direction, from one JSONL.
+
+Both runs start from the same PEFT model (created once; its trainable state is reset to the saved
+initial bits before each run), see the same batches in the same order under the same
+hyperparameters: only the answers differ. The loss is on the answer tokens only. Writes DIR/pos,
+DIR/neg (PEFT adapters), DIR/direction (cws.extract, LoRA-native), DIR/train_log.jsonl (loss per
+step, validation loss) and DIR/train_pair.json (settings, times); finished runs are reused when
+the data, the model and every setting are the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import CwsError
+from .lm import Encoder, lm_batch, resolve_model
+from .pairs import load_pairs
+
+SIDES = ("pos", "neg")
+META = "cws_train.json"  # in each adapter directory: what it was trained from, its losses and batches
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(path: Path) -> str:
+    """A cheap content fingerprint of a model directory: config.json, and each weight file's name, size
+    and safetensors header (tensor names, shapes, dtypes, offsets)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()):
+        if f.name == "config.json":
+            h.update(f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin", ".pt"):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            if f.suffix == ".safetensors":
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    h.update(fh.read(min(n, 1 << 26)))
+            else:
+                h.update(str(f.stat().st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices (train, validation): a seeded random `val_fraction` of the rows held out."""
+    if not 0 <= val_fraction < 1:
+        raise CwsError(f"val_fraction={val_fraction}: expected a fraction in [0, 1)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = round(n * val_fraction)
+    if n - k < 1:
+        raise CwsError(f"{n} row(s): none left to train on after holding out {val_fraction:g} for validation")
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def batch_order(rows: list[int], batch_size: int, epochs: int, max_steps: int | None, seed: int) -> list[list[int]]:
+    """The batches (row indices): a seeded permutation per epoch, cut into batches (the last may be
+    smaller); max_steps, when given, is the number of batches, going through as many epochs as it takes."""
+    if batch_size < 1 or epochs < 1 or (max_steps is not None and max_steps < 0):
+        raise CwsError("batch_size and epochs must be ≥ 1, max_steps ≥ 0")
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = math.ceil(len(rows) / batch_size)
+    n_epochs = epochs if max_steps is None else math.ceil(max_steps / per_epoch)
+    out = []
+    for _ in range(n_epochs):
+        perm = torch.randperm(len(rows), generator=g).tolist()
+        out += [[rows[i] for i in perm[lo:lo + batch_size]] for lo in range(0, len(perm), batch_size)]
+    return out if max_steps is None else out[:max_steps]
+
+
+def answer_loss(model, rows, pad: int, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy on the answer tokens of (prompt ids, answer ids) rows: the mean over the batch's
+    answer tokens, or (reduction="sum") their sum. Logits are formed only where answers are predicted."""
+    b = lm_batch(rows, pad)
+    tmask = b.pop("token_mask")
+    n = int(tmask.sum(1).max())
+    dev = next(model.parameters()).device
+    b = {k: v.to(dev) for k, v in b.items()}
+    logits = model(**b, logits_to_keep=n + 1).logits[:, :-1].float()
+    tgt, m = b["input_ids"][:, -n:], tmask[:, -n:].to(dev)
+    return torch.nn.functional.cross_entropy(logits[m], tgt[m], reduction=reduction)
+
+
+@torch.no_grad()
+def mean_answer_nll(model, rows, pad: int, batch_size: int = 16, autocast=None) -> float | None:
+    """Mean NLL per answer token over rows (None without rows)."""
+    if not rows:
+        return None
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo:lo + batch_size]
+        with autocast or contextlib.nullcontext():
+            total += float(answer_loss(model, chunk, pad, "sum"))
+        count += sum(len(a) for _, a in chunk)
+    model.train(was)
+    return total / count
+
+
+def fit(model, rows, batches: list[list[int]], *, lr: float, pad: int, autocast=None, desc: str = "train",
+        quiet: bool = False, on_step=None) -> list[float]:
+    """AdamW (no weight decay) over the given batches of rows, the loss on answer tokens; the loss per step.
+    on_step(step, loss, indices) is called after each step."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    model.train()
+    with tqdm(total=len(batches), desc=desc, unit="step", disable=quiet, leave=False) as bar:
+        for step, idx in enumerate(batches, 1):
+            with autocast or contextlib.nullcontext():
+                loss = answer_loss(model, [rows[i] for i in idx], pad)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if on_step:
+                on_step(step, losses[-1], idx)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update()
+    model.eval()
+    return losses
+
+
+def _state_hash(model) -> str:
+    h = hashlib.sha256()
+    for n, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(n.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _reusable(path: Path, fingerprint: str, settings: dict, overwrite: bool) -> dict | None:
+    """The metadata of a finished run at `path` with this fingerprint (None: train it). A run with other
+    settings, or a directory cws did not write, is replaced only with overwrite."""
+    if not path.exists():
+        return None
+    meta_file = path / META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    if meta and meta.get("fingerprint") == fingerprint:
+        return meta
+    if overwrite:
+        return None
+    if meta is None:
+        raise CwsError(f"{path}: exists and was not written by train-pair; pass overwrite=True (--overwrite) to replace it")
+    changed = sorted(k for k in settings if meta.get("settings", {}).get(k) != settings[k])
+    raise CwsError(f"{path}: trained with other settings (differs in: {', '.join(changed) or 'fingerprint'}); "
+                   f"pass overwrite=True (--overwrite) to retrain")
+
+
+def _precision(dtype: str, device: torch.device) -> tuple[torch.dtype, object]:
+    """(weight dtype, autocast context or None): bf16 on CUDA devices that support it under "auto"."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise CwsError(f"dtype={dtype!r}: expected auto, float32 or bfloat16")
+    if dtype == "float32":
+        return torch.float32, None
+    return torch.bfloat16, torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target="all-linear",
+               modules_to_save=("embed_tokens", "lm_head"), lr: float = 1e-4, epochs: int = 1,
+               max_steps: int | None = None, batch_size: int = 8, seed: int = 0, val_fraction: float = 0.1,
+               dtype: str = "auto", device=None, overwrite: bool = False, quiet: bool = False, log=print) -> dict:
+    """Train the contrastive pair on `data` (JSONL path or rows) from `model` (a path or Hub ID) into
+    `out`; returns the summary written to out/train_pair.json (paths, settings, per-run losses, times)."""
+    t0 = time.perf_counter()
+    base = resolve_model(model)
+    pairs = load_pairs(data)
+    from transformers import AutoTokenizer
+
+    enc = Encoder(AutoTokenizer.from_pretrained(base))
+    rows = {s: [(enc.prompt(p.chat), enc.answer(getattr(p, s), end=True)) for p in pairs] for s in SIDES}
+    train_idx, val_idx = split(len(pairs), val_fraction, seed)
+    batches = batch_order(train_idx, batch_size, epochs, max_steps, seed)
+    target = target if isinstance(target, str) else sorted(target)
+    modules_to_save = sorted(m for m in (modules_to_save or ()) if m)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    wdtype, autocast = _precision(dtype, device)
+    settings = {"model": model_fingerprint(base), "data": _sha(rows), "templated": enc.templated, "r": r,
+                "lora_alpha": lora_alpha, "target": target, "modules_to_save": modules_to_save, "lr": lr,
+                "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "seed": seed,
+                "val_fraction": val_fraction, "dtype": str(wdtype).removeprefix("torch.")}
+    fingerprint = _sha(settings)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CwsError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {s: _reusable(out / s, fingerprint, settings, overwrite) for s in SIDES}
+    n_tok = {s: sum(len(a) for _, a in rows[s]) for s in SIDES}
+    log(f"train-pair: {len(pairs)} rows ({len(train_idx)} train, {len(val_idx)} validation), "
+        f"{'chat template' if enc.templated else 'plain text (no chat template)'}, {len(batches)} steps of "
+        f"{batch_size}, answer tokens pos {n_tok['pos']} / neg {n_tok['neg']}; model {base}")
+    todo = [s for s in SIDES if runs[s] is None]
+    for s in SIDES:
+        if runs[s] is not None:
+            log(f"  {s}: reused {out / s} (same data, model and settings)")
+    log_file = out / "train_log.jsonl"
+    if todo:
+        peft_model, init = _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed)
+        with open(log_file, "a") as jl:  # appended: a line opens each session, then one per step and per run
+            jl.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": fingerprint,
+                                 "runs": todo, "settings": settings}) + "\n")
+            for s in todo:
+                runs[s] = _train_one(peft_model, init, s, rows[s], batches, val_idx, out, settings,
+                                     fingerprint, lr, enc.pad, autocast, jl, quiet, log)
+        del peft_model, init
+    if runs["pos"]["init"] != runs["neg"]["init"] or runs["pos"]["batches"] != runs["neg"]["batches"]:
+        raise CwsError(f"{out}: pos and neg did not start from the same LoRA init and batches; rerun with --overwrite")
+    import cws
+
+    t = time.perf_counter()
+    direction = cws.extract(out / "pos", out / "neg", out / "direction", overwrite=True, quiet=True)
+    log(f"  direction: {direction} ({time.perf_counter() - t:.1f} s)")
+    summary = {"model": str(model), "model_dir": str(base), "data": str(data) if isinstance(data, (str, os.PathLike))
+               else f"{len(pairs)} rows", "fingerprint": fingerprint, "settings": settings,
+               "paths": {"pos": str(out / "pos"), "neg": str(out / "neg"), "direction": str(direction),
+                         "log": str(log_file)},
+               "runs": {s: {k: v for k, v in runs[s].items() if k not in ("batches", "losses")} for s in SIDES},
+               "reused": [s for s in SIDES if s not in todo], "seconds": round(time.perf_counter() - t0, 2)}
+    (out / "train_pair.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed):
+    """The PEFT model both runs train (trainables in fp32), and its initial trainable state (kept on the CPU)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=wdtype).to(device)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=target,
+                     modules_to_save=modules_to_save or None,
+                     ensure_weight_tying=tied and {"embed_tokens", "lm_head"} <= set(modules_to_save))
+    peft_model = get_peft_model(model, cfg)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    init = {n: p.detach().to("cpu", copy=True) for n, p in peft_model.named_parameters() if p.requires_grad}
+    return peft_model, init
+
+
+def _train_one(model, init, side, rows, batches, val_idx, out, settings, fingerprint, lr, pad, autocast,
+               jl, quiet, log) -> dict:
+    """One fine-tune from the initial state; saved to out/side (complete, or not at all)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(init[n])
+    init_hash = _state_hash(model)  # of the state this run starts from: the same for pos and neg
+    torch.manual_seed(settings["seed"])
+    t = time.perf_counter()
+    val = [rows[i] for i in val_idx]
+    val_before = mean_answer_nll(model, val, pad, autocast=autocast)
+    used = []
+
+    def on_step(step, loss, idx):
+        used.append(list(idx))
+        jl.write(json.dumps({"run": side, "step": step, "loss": loss, "seconds": round(time.perf_counter() - t, 3)})
+                 + "\n")
+        jl.flush()
+
+    losses = fit(model, rows, batches, lr=lr, pad=pad, autocast=autocast, desc=f"train-pair {side}", quiet=quiet,
+                 on_step=on_step)
+    val_after = mean_answer_nll(model, val, pad, autocast=autocast)
+    seconds = round(time.perf_counter() - t, 2)
+    jl.write(json.dumps({"run": side, "step": len(losses), "val_loss": val_after, "val_loss_before": val_before,
+                         "seconds": seconds}) + "\n")
+    meta = {"fingerprint": fingerprint, "settings": settings, "init": init_hash, "batches": used, "steps": len(losses),
+            "losses": losses, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "val_loss_before": val_before, "val_loss": val_after, "seconds": seconds}
+    tmp = out / f".{side}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / META).write_text(json.dumps(meta))
+    shutil.rmtree(out / side, ignore_errors=True)
+    tmp.rename(out / side)
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    log(f"  {side}: {len(losses)} steps in {seconds:.1f} s, loss {fmt(meta['first_loss'])} -> {fmt(meta['last_loss'])}, "
+        f"validation loss {fmt(val_before)} -> {fmt(val_after)}")
+    return meta
