@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import CwsError
@@ -118,16 +120,48 @@ def _named_directions(specs: list[str]) -> dict[str, str]:
     return out
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: raised in the main thread, so every writer aborts and cleans up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _stop(signum, frame) -> None:
+    for name in _STOP_SIGNALS:  # the first signal stops the run; later ones must not cut the cleanup short
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in _STOP_SIGNALS:
+            if hasattr(signal, name):
+                handlers[name] = signal.signal(getattr(signal, name), _stop)
     try:
         return _run(args)
     except CwsError as e:
         print(f"cws {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"cws {args.command}: interrupted; no output was left behind", file=sys.stderr)
-        return 130
+    except OSError as e:  # the environment, not the inputs (an I/O error, a vanished file)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cws {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"cws {args.command}: interrupted by {signal.Signals(signum).name}; no output was left behind",
+              file=sys.stderr)
+        return 128 + signum
+    finally:
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def _run(args) -> int:
@@ -148,7 +182,13 @@ def _run(args) -> int:
         for a, o in zip(args.alpha, outs):
             print(f"alpha {a:g}: {o}")
     elif args.command == "compare":
-        report = cws.compare(args.base, args.model, _named_directions(args.direction), **io_opts)
+        directions = _named_directions(args.direction)
+        from .io.atomic import check_report
+
+        for target in (args.json, args.csv):  # refused before the work, not after it
+            if target is not None and target != "-":
+                check_report(target, [args.base, args.model, *directions.values()])
+        report = cws.compare(args.base, args.model, directions, **io_opts)
         print(report.table(args.by, args.exclude_embeddings))
         if not args.quiet:
             gb, sec = report.meta["read_bytes"] / 1e9, report.meta["seconds"]

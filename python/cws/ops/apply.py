@@ -7,7 +7,7 @@ checkpoints. Math in fp32, stored in the model's dtype with nearest or stochasti
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -19,20 +19,31 @@ from .checks import (check_finite, check_policy, dtype_problem, missing_problem,
 from ..io.direction import Direction
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from ..io.writer import ShardedWriter, copy_model_files
+from ..io.writer import ShardedWriter, copy_model_files, open_together
 
 ROUNDINGS = ("nearest", "stochastic")
 
 
 def out_dirs(out: str | os.PathLike, alphas: list[float]) -> list[Path]:
     """One output directory per α: `out` itself for one α; `out` with `{alpha}` filled in, or
-    `out/alpha_<α>`, for several."""
+    `out/alpha_<α>`, for several. α is written as briefly as it reads (`:g`), or in full where two
+    α would otherwise share a name."""
     out = str(out)
+    names = [f"{a:g}" for a in alphas]
+    if len(set(names)) < len(names):
+        names = [repr(a) for a in alphas]
     if "{alpha}" in out:
-        return [Path(out.format(alpha=f"{a:g}")) for a in alphas]
-    if len(alphas) == 1:
-        return [Path(out)]
-    return [Path(out) / f"alpha_{a:g}" for a in alphas]
+        try:
+            dirs = [Path(out.format(alpha=n)) for n in names]
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise CwsError(f"output template {out!r}: only {{alpha}} can be filled in ({type(e).__name__}: {e})") from e
+    elif len(alphas) == 1:
+        dirs = [Path(out)]
+    else:
+        dirs = [Path(out) / f"alpha_{n}" for n in names]
+    if len(alphas) > 1 and len({str(d) for d in dirs}) < len(dirs):
+        raise CwsError(f"output template {out!r} gives several α the same directory; put {{alpha}} in it")
+    return dirs
 
 
 def apply(
@@ -65,6 +76,8 @@ def apply(
     alphas = [float(a) for a in (alpha if isinstance(alpha, (list, tuple)) else [alpha])]
     if not alphas or out is None:
         raise CwsError("apply needs at least one alpha and an output path")
+    if not all(math.isfinite(a) for a in alphas):
+        raise CwsError(f"alpha must be a finite number, got {alphas}")
     if len(set(alphas)) != len(alphas):
         raise CwsError(f"alpha values repeat: {alphas}")
     if rounding not in ROUNDINGS:
@@ -146,17 +159,18 @@ def apply(
         return [(w.write, (name, o, s.start)) for w, o in zip(writers, s.outs)]
 
     plan = [(name, info.dtype, info.shape) for name, info in m.tensors.items()]
-    dirs = out_dirs(out, alphas)
-    with contextlib.ExitStack() as stack:
-        writers = []
-        for a, d_out in zip(alphas, dirs):
-            md = provenance("apply", alpha=f"{a!r}", model=m.path, direction=inputs[1] if entries is not None else None,
-                            pos=pos and sources["pos"].path, neg=neg and sources["neg"].path, rounding=rounding,
-                            seed=seed if rounding == "stochastic" else None, skipped=",".join(skipped) or None)
-            w = stack.enter_context(ShardedWriter(d_out, plan, max_shard_size=shard, metadata=md,
-                                                  overwrite=overwrite, inputs=inputs, fsync=fsync))
+    writers = []
+    for a, d_out in zip(alphas, out_dirs(out, alphas)):
+        md = provenance("apply", alpha=f"{a!r}", model=m.path, direction=inputs[1] if entries is not None else None,
+                        pos=pos and sources["pos"].path, neg=neg and sources["neg"].path, rounding=rounding,
+                        seed=seed if rounding == "stochastic" else None, skipped=",".join(skipped) or None)
+        writers.append(ShardedWriter(d_out, plan, max_shard_size=shard, metadata=md, overwrite=overwrite,
+                                     inputs=inputs, fsync=fsync))
+    if len({w.out_dir for w in writers}) < len(writers):
+        raise CwsError(f"output {out!r} gives several α the same directory")
+    with open_together(writers):  # every α's output is committed, or none
+        for w in writers:
             if m.path.is_dir():
                 copy_model_files(m.path, w)
-            writers.append(w)
         engine.run(items, compute, max_memory=budget, desc="apply", quiet=quiet)
-    return [p.resolve() for p in dirs]
+    return [w.out_dir for w in writers]

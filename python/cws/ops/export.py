@@ -9,6 +9,7 @@ written as `modules_to_save` weights (base + α·w), without it they are left ou
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from cws_kernels import lincomb
 
 from . import engine
+from .checks import check_finite, nonfinite
 from ..io.direction import Direction
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
@@ -43,6 +45,8 @@ def export_peft(
     quiet: bool = False,
 ) -> dict[str, str]:
     """Write α·w as a PEFT adapter at `out`; returns {tensor: reason} for what could not be exported."""
+    if not math.isfinite(alpha):
+        raise CwsError(f"alpha must be a finite number, got {alpha}")
     d = direction if isinstance(direction, Direction) else Direction.open(direction)
     b = Checkpoint.open(base) if base is not None else None
     left_out: dict[str, str] = {}
@@ -69,6 +73,9 @@ def export_peft(
             keys = (f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight")
             tensors = (A.contiguous(), B.contiguous())
         for k, t in zip(keys, tensors):
+            if nonfinite(t):
+                raise CwsError(f"tensor {e.name!r}: α·w holds NaN/Inf as LoRA factors (the direction holds NaN/Inf, "
+                               f"or α·scale overflows)")
             factors[k] = t
             plan.append((k, t.dtype, tuple(t.shape)))
     for module, names in saved.items():
@@ -95,6 +102,7 @@ def export_peft(
         if not s.item.outs:
             return [(writer.write, (PREFIX + s.item.name, s.ins[0], s.start))]
         lincomb([s.ins[0], s.ins[1]], [1.0, alpha], out=s.outs[0])
+        check_finite(s.item.name, s.outs, s.ins, s.item.sliced, hint="")
         return [(writer.write, (PREFIX + s.item.name, s.outs[0], s.start))]
 
     inputs = [str(d.path)] + ([str(b.path)] if b else [])
@@ -142,6 +150,7 @@ def densify(direction: str | os.PathLike | Direction, out: str | os.PathLike, *,
         res = s.outs[-1]
         if res is not acc:
             res.copy_(acc)
+        check_finite(s.item.name, [res], s.ins, s.item.sliced + s.item.whole, hint="")
         return [(writer.write, (s.item.name, res, s.start))]
 
     meta = dict(d.meta)

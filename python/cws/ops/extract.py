@@ -263,9 +263,11 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
         writer.add_json("direction.json", meta)
         for name, low in lowrank.items():
             kb, ka = factor_keys(name)
-            B_cat, A_cat = _concat_factors(low)
-            writer.write(kb, B_cat.to(dtypes[name]).contiguous())
-            writer.write(ka, A_cat.to(dtypes[name]).contiguous())
+            B_cat, A_cat = (f.to(dtypes[name]).contiguous() for f in _concat_factors(low))
+            if not allow_nonfinite:
+                _check_factors(name, low, B_cat, A_cat)
+            writer.write(kb, B_cat)
+            writer.write(ka, A_cat)
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet)
     return Path(out).resolve()
 
@@ -280,6 +282,23 @@ def _exact_factor_dtype(low) -> torch.dtype:
         if c == 0 or abs(math.frexp(c)[0]) != 0.5:
             return torch.float32
     return dt
+
+
+def _check_factors(name: str, low, B, A) -> None:
+    """Refuse NaN/Inf in a low-rank entry's factors: name the adapter tensor holding it, or say
+    that folding the scale in overflowed the factors' dtype."""
+    from ..io.reader import read_tensor
+    from .checks import nonfinite
+
+    if not (nonfinite(B) or nonfinite(A)):
+        return
+    for d, _ in low:
+        for info in (d.B, d.A):
+            if nonfinite(read_tensor(info)):
+                raise CwsError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to proceed)")
+    dtype = str(B.dtype).replace("torch.", "")
+    raise CwsError(f"tensor {name!r}: the LoRA factors overflow {dtype} to Inf once lora_alpha/r is folded in "
+                   f"(pass --dtype float32, or --allow-nonfinite to proceed)")
 
 
 def _concat_factors(low):
