@@ -79,7 +79,7 @@ class Adapter:
     def open(cls, path: str | os.PathLike) -> Adapter:
         path = resolve(path)
         cfg_file = path / CONFIG
-        if not cfg_file.is_file():
+        if not os.path.lexists(cfg_file):
             raise CheckpointError(f"{path}: not a PEFT adapter (no {CONFIG})")
         config = read_config(cfg_file)
         if not (path / WEIGHTS).is_file():

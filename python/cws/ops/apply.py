@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import string
 from pathlib import Path
 
 from cws_kernels import add_lowrank_, lincomb, lowrank_block_rows
@@ -24,19 +25,32 @@ from ..io.writer import ShardedWriter, copy_model_files, open_together
 ROUNDINGS = ("nearest", "stochastic")
 
 
+def _fields(template: str) -> set[str]:
+    """The replacement fields of a str.format template ("{alpha}" → {"alpha"}; "{}" → {""})."""
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError:  # a lone brace: not a template
+        return set()
+
+
 def out_dirs(out: str | os.PathLike, alphas: list[float]) -> list[Path]:
     """One output directory per α: `out` itself for one α; `out` with `{alpha}` filled in, or
     `out/alpha_<α>`, for several. α is written as briefly as it reads (`:g`), or in full where two
     α would otherwise share a name."""
     out = str(out)
+    if not out.strip():
+        raise CwsError("the output path is empty")
     names = [f"{a:g}" for a in alphas]
     if len(set(names)) < len(names):
         names = [repr(a) for a in alphas]
-    if "{alpha}" in out:
+    if _fields(out):
+        if _fields(out) != {"alpha"}:
+            raise CwsError(f"output template {out!r}: only {{alpha}} can be filled in, not "
+                           f"{', '.join(sorted(_fields(out) - {'alpha'}))}")
         try:
             dirs = [Path(out.format(alpha=n)) for n in names]
         except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise CwsError(f"output template {out!r}: only {{alpha}} can be filled in ({type(e).__name__}: {e})") from e
+            raise CwsError(f"output template {out!r}: only {{alpha}} can be filled in ({e})") from e
     elif len(alphas) == 1:
         dirs = [Path(out)]
     else:
