@@ -237,13 +237,11 @@ def state_file(path):
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("mapped", [True, False])
-@pytest.mark.parametrize("change", ["replaced", "truncated"])
+@pytest.mark.parametrize("mapped, change", [(True, "replaced"), (False, "replaced"), (False, "truncated")])
 def test_input_changed_mid_run_in_process(tiny_ckpts, direction, tmp_path, monkeypatch, mapped, change):
     """The file changes between two reads of one run: refused before anything is written, never read
-    with the old header's offsets. (Truncation under a mapping is the forked test below.)"""
-    if mapped and change == "truncated":
-        pytest.skip("a mapped file is leased: its truncation waits for the run (test_truncated_while_mapped)")
+    with the old header's offsets. (A mapped file is leased: its truncation waits for the run, which
+    stops first; that is test_truncated_while_mapped_or_read.)"""
     model = save_state(state(tiny_ckpts["base"]), tmp_path / "model", like=tiny_ckpts["base"])
     shard = one_file(model)
     monkeypatch.setattr(reader, "USE_MMAP", mapped)
@@ -264,7 +262,7 @@ def test_input_changed_mid_run_in_process(tiny_ckpts, direction, tmp_path, monke
     want = "file truncated" if change == "truncated" else "the file was (replaced|modified)"
     with pytest.raises(CheckpointError, match=rf"^{esc(shard)}: tensor '.*': {want}"):
         cws.apply(model, direction, [1.0, 2.0], out, quiet=True, max_memory="4K")
-    assert calls[0] > 6 or calls[0] == 6
+    assert calls[0] >= 6
     assert leftovers(out) == []
 
 
