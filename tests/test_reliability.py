@@ -290,6 +290,18 @@ def test_truncated_while_mapped_or_read(big, tmp_path, monkeypatch, mapped):
     assert ("another process is writing to or truncating" if mapped else "file truncated") in msg, msg
 
 
+def test_files_without_a_lease_are_read_not_mapped(tiny_ckpts, direction, tmp_path, monkeypatch):
+    """Where no read lease can be had, a file is never mapped (a truncation could SIGBUS a view):
+    it is read with preadv and checks, into the same bytes."""
+    info = next(iter(read_header(sorted(Path(tiny_ckpts["base"]).glob("*.safetensors"))[0])[0].values()))
+    assert reader.MappedFiles().view(info) is not None
+    want = cws.apply(tiny_ckpts["base"], direction, 1.5, tmp_path / "mapped", quiet=True)[0]
+    monkeypatch.setattr(reader, "_take_read_lease", lambda fd: False)
+    assert reader.MappedFiles().view(info) is None
+    got = cws.apply(tiny_ckpts["base"], direction, 1.5, tmp_path / "read", quiet=True)[0]
+    assert all(torch.equal(a, b) for a, b in zip(state(want).values(), state(got).values()))
+
+
 def test_fifo_and_symlink_loop_are_refused_without_hanging(tmp_path, capsys):
     fifo = tmp_path / "x.safetensors"
     os.mkfifo(fifo)

@@ -217,7 +217,6 @@ class MappedFiles:
                 f"{info.path}: tensor {info.name!r}: file truncated (tensor ends at byte {info.end}, "
                 f"file has {min(size, len(mm))} bytes)"
             )
-        self.check()
         t = torch.frombuffer(mm, dtype=info.dtype, count=nbytes // info.dtype.itemsize, offset=offset)
         head = offset % mmap.PAGESIZE
         pages = (mm, t.data_ptr() - head, nbytes + head)  # the map is kept alive while its pages are listed

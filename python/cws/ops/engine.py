@@ -204,6 +204,8 @@ def run(
             for futures in pending:
                 for f in futures:
                     f.cancel()
+            for s in plan:  # let go of mapped views now, not when the traceback goes (their files' leases)
+                s.ins, s.outs, s.mapped = [], [], []
             raise
         finally:
             bar.close()

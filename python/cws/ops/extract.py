@@ -5,6 +5,7 @@ With equal scales the base cancels (w = s·(θ_pos − θ_neg)) and is only head
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def extract(
     from ..io.lora import is_adapter
 
     max_memory, max_shard_size = engine.parse_size(max_memory), engine.parse_size(max_shard_size)
+    if not (math.isfinite(scale_pos) and math.isfinite(scale_neg)):
+        raise CwsError(f"scale_pos={scale_pos} and scale_neg={scale_neg} must be finite numbers")
     if is_adapter(pos) or is_adapter(neg):
         return extract_lowrank(pos, neg, out, base=base, scale_pos=scale_pos, scale_neg=scale_neg, dtype=dtype,
                                include=include, exclude=exclude, on_missing=on_missing,
