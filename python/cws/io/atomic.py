@@ -150,8 +150,11 @@ def check_output(out: str | os.PathLike, inputs=(), *, overwrite: bool = False, 
     if isinstance(out, str) and not out.strip():
         raise CheckpointError(f"the {what} path is empty")
     path = resolve(out)
-    cwd = resolve(os.getcwd())
-    if path == cwd or cwd.is_relative_to(path):
+    try:
+        cwd = resolve(os.getcwd())
+    except (OSError, CheckpointError):  # the current directory was removed: nothing there to protect
+        cwd = None
+    if cwd is not None and (path == cwd or cwd.is_relative_to(path)):
         raise CheckpointError(f"{what} {path} is the current directory or holds it; choose a new path")
     out_ids = _identities(path)
     for inp in _input_paths(inputs):
