@@ -3,8 +3,8 @@
 Everything is written into a hidden temporary directory next to out_dir (cws.io.atomic: named
 after its owning process, removed by the next run on out_dir once that process is gone) and put in
 place only once every planned tensor is complete, so a killed process never leaves anything at
-out_dir; an existing output (--overwrite) is swapped out in one step. By default the files are also fsynced before that rename, so that not even a
-power loss or OS crash can leave a complete-looking output with missing data; `fsync=False`
+out_dir; an existing output (--overwrite) is swapped out in one step. By default the files are
+also fsynced before that rename, so that not even a power loss or OS crash can leave a complete-looking output with missing data; `fsync=False`
 skips that wait on the disk (for scratch outputs: a killed process is still safe, a crash not).
 Fsynced shards written front to back go to the disk with O_DIRECT (cws.io.direct), past the page
 cache; CWS_DIRECT_IO=0 writes them through the page cache instead.
@@ -117,6 +117,7 @@ class ShardedWriter:
         self._tmp: Path | None = None
         self._made: list[Path] = []  # parent directories this writer created, deepest first
         self._previous: Path | None = None  # where the output this one replaced sits until discarded
+        self._moved = False  # put in place, not yet settled
         self._lock = threading.Lock()
 
     def __enter__(self) -> ShardedWriter:
@@ -264,19 +265,21 @@ class ShardedWriter:
             raise CheckpointError(f"{out} exists; pass --overwrite")
         try:
             self._previous = atomic.put_in_place(self._tmp, out)
+            self._moved = True
+            if self.fsync:
+                _fsync_path(out.parent)
         except OSError as e:
             raise CheckpointError(f"cannot move the finished output into {out}: {e.strerror or e}") from e
-        if self.fsync:
-            _fsync_path(out.parent)
 
     def _undo_move(self) -> None:
         """Take a moved output back out of place (the previous one, if any, back in)."""
-        atomic.undo(self._tmp, self.out_dir, self._previous)
-        self._previous = None
+        if self._moved:
+            atomic.undo(self._tmp, self.out_dir, self._previous)
+            self._previous, self._moved = None, False
 
     def _settle(self) -> None:
         """After every output of the run is in place: drop what they replaced."""
-        previous, self._previous, self._tmp, self._made = self._previous, None, None, []
+        previous, self._previous, self._tmp, self._made, self._moved = self._previous, None, None, [], False
         atomic.discard(previous)
 
     def _close_fds(self) -> None:
@@ -321,15 +324,13 @@ def commit_together(writers: list[ShardedWriter]) -> None:
     """Commit several open writers as one: all are finished first, then moved into place; if any
     step fails, the outputs already moved are taken back out (their previous versions back in) and
     every writer is aborted, so a failed run commits none of them."""
-    moved = []
     try:
         for w in writers:
             w._finish()
         for w in writers:
             w._move_into_place()
-            moved.append(w)
     except BaseException:
-        for w in reversed(moved):
+        for w in reversed(writers):
             try:
                 w._undo_move()
             except OSError:
