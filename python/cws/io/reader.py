@@ -1,5 +1,6 @@
 """Reading tensor row ranges: into caller-owned CPU buffers with `os.preadv`, or as zero-copy
-views of the file mapped copy-on-write (`MappedFiles`, what the streaming engine uses)."""
+views of the file mapped copy-on-write under a read lease (`MappedFiles`, what the streaming
+engine uses). Every read first checks that the file is still the one whose header was parsed."""
 
 from __future__ import annotations
 
