@@ -66,12 +66,12 @@ def wait_for(pred, pid: int, err: Path, seconds: float = 120) -> None:
     pytest.fail("timed out")
 
 
-def uses(pid: int, path: Path) -> bool:
-    """True once process `pid` has `path` open or mapped."""
+def uses(pid: int, path: Path, mapped: bool) -> bool:
+    """True once process `pid` has `path` mapped (or, `mapped=False`, open)."""
     target = str(path)
     try:
-        if target in Path(f"/proc/{pid}/maps").read_text():
-            return True
+        if mapped:
+            return target in Path(f"/proc/{pid}/maps").read_text()
         return any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return False
@@ -278,7 +278,7 @@ def test_truncated_while_mapped_or_read(big, tmp_path, monkeypatch, mapped):
     monkeypatch.setattr(reader, "USE_MMAP", mapped)
     err = tmp_path / "err.txt"
     pid = forked(["compare", "--base", big, "--model", model, "--direction", big, "--max-memory", "1M"], err)
-    wait_for(lambda: uses(pid, shard), pid, err)
+    wait_for(lambda: uses(pid, shard, mapped), pid, err)
     cutter = threading.Thread(target=os.truncate, args=(shard, shard.stat().st_size // 2))
     cutter.start()  # blocks while the child holds its read lease, until the child lets go
     status = wait_exit(pid)
