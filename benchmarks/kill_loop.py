@@ -3,9 +3,10 @@
     python benchmarks/kill_loop.py --runs 30 --workdir /tmp/cws-kill
 
 Each run starts one command (apply with two α, fused apply, extract, compare --json, export-peft,
-densify) as a fresh `python -m cws.cli` process, kills it with SIGKILL after a random delay drawn
-from [0.8 × the interpreter's start-up, 1.1 × the command's clean duration] (so most kills land
-in the work, not in `import torch`), and checks: the inputs are byte-identical; whatever is
+densify) as a fresh `python -m cws.cli` process and kills it with SIGKILL at a random moment of its
+work: for commands that write an output, a delay drawn from [0, 1.1 × the time a clean run spends
+after its hidden temporary appears], counted from that appearance; for compare, from
+[0.8 × the interpreter's start-up, 1.1 × its clean duration]. Then it checks: the inputs are byte-identical; whatever is
 visible at the output is complete (loads); then the same command is run again to completion, and
 must remove the killed run's hidden temporaries. Prints a table of outcomes per command.
 """
@@ -107,20 +108,36 @@ def main() -> None:
     t = time.monotonic()
     subprocess.run([sys.executable, "-c", "import cws.cli, cws.ops.apply, cws.ops.compare, cws.ops.export"], check=True)
     startup = time.monotonic() - t
-    durations = {}
-    for name in commands:  # clean runs: how long each takes (only to spread the kill points)
-        cmd, _ = argv(name)
+    def started(kind) -> bool:
+        return kind == "report" or bool(hidden(root, out))
+
+    def wait_started(proc, kind) -> float:
+        """Seconds until the run's hidden temporary appears (0 for compare), or until the process ends."""
         t = time.monotonic()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        durations[name] = time.monotonic() - t
+        while not started(kind) and proc.poll() is None:
+            time.sleep(0.001)
+        return time.monotonic() - t
+
+    windows = {}
+    for name in commands:  # clean runs: how long each works (only to spread the kill points)
+        cmd, kind = argv(name)
+        t = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        to_temp = wait_started(proc, kind)
+        assert proc.wait() == 0, name
+        total = time.monotonic() - t
+        windows[name] = (0.8 * startup, 1.1 * total) if kind == "report" else (0.0, 1.1 * (total - to_temp))
         shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
     rng = random.Random(args.seed)
     counts = collections.defaultdict(collections.Counter)
     for i in range(args.runs):
         name = rng.choice(list(commands))
         cmd, kind = argv(name)
-        delay = rng.uniform(0.8 * startup, 1.1 * durations[name])
+        delay = rng.uniform(*windows[name])
+        if i % 2 and out.is_dir():  # every other run starts without an output, the others replace one
+            shutil.rmtree(out)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_started(proc, kind)
         try:
             proc.wait(delay)
             counts[name]["finished before the kill"] += 1
@@ -144,8 +161,8 @@ def main() -> None:
         c["rerun failed (must be 0)"] += rerun.returncode != 0
         c["temporaries left after the next run (must be 0)"] += bool(hidden(root, out))
         c["rerun output incomplete (must be 0)"] += not complete(kind, out)
-        print(f"run {i + 1:3d}: {name:18s} kill at {delay:5.2f} s of {durations[name]:5.2f} s: visible={visible} "
-              f"stale={len(stale)} rerun={rerun.returncode}", flush=True)
+        print(f"run {i + 1:3d}: {name:18s} kill {delay:5.2f} s into a {windows[name][1] / 1.1:5.2f} s window: "
+              f"visible={visible} stale={len(stale)} rerun={rerun.returncode}", flush=True)
     keys = sorted({k for c in counts.values() for k in c}, key=lambda k: ("must" in k, k))
     print("\n| command | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
