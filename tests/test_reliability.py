@@ -290,6 +290,39 @@ def test_truncated_while_mapped_or_read(big, tmp_path, monkeypatch, mapped):
     assert ("another process is writing to or truncating" if mapped else "file truncated") in msg, msg
 
 
+def test_a_mapped_view_outlives_a_truncation_attempt(tmp_path):
+    """The mechanism itself: a view's pages are dropped, another thread truncates the file, the view is
+    read again. Without the lease that read faults past the end of the file (SIGBUS kills the
+    process); with it the truncation waits, the read sees the bytes, `check` reports the attempt."""
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.arange(2**20, dtype=torch.float32)}, str(path))
+    info = read_header(path)[0]["w"]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            maps = reader.MappedFiles()
+            view, pages = maps.view(info)
+            reader.MappedFiles.release(pages)  # the next read faults the pages in from the file again
+            cutter = threading.Thread(target=os.truncate, args=(path, 0))
+            cutter.start()
+            time.sleep(0.3)
+            ok = view.sum().item() == float(sum(range(2**20)))
+            try:
+                maps.check()
+            except CheckpointError as e:
+                code = 3 if ok and "another process is writing to or truncating" in str(e) else 2
+            del view, pages
+            maps.close()
+            cutter.join(60)
+        finally:
+            os._exit(code)
+    status = wait_exit(pid, 60)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3, status
+    assert path.stat().st_size == 0  # the truncation went ahead once the view was gone
+
+
 def test_files_without_a_lease_are_read_not_mapped(tiny_ckpts, direction, tmp_path, monkeypatch):
     """Where no read lease can be had, a file is never mapped (a truncation could SIGBUS a view):
     it is read with preadv and checks, into the same bytes."""
