@@ -90,7 +90,6 @@ def main() -> None:
     subprocess.run([*cws, "extract", "--pos", pos, "--neg", neg, "--out", root / "dir", "-q"], check=True)
     inputs = [base, pos, neg, root / "dir"]
     before = digest(*inputs)
-    out = root / "out"
     commands = {
         "apply 2α": (["apply", "--model", base, "--direction", root / "dir", "--alpha", 1, "--alpha", -1], "models"),
         "apply --pos --neg": (["apply", "--model", base, "--pos", pos, "--neg", neg, "--alpha", 0.5], "model"),
@@ -100,30 +99,34 @@ def main() -> None:
         "densify": (["densify", root / "dir"], "direction"),
     }
 
+    outs = {name: root / f"out{i}" for i, name in enumerate(commands)}  # one output path per command
+
     def argv(name):
         cmd, kind = commands[name]
+        out = outs[name]
         where = ["--json", out] if kind == "report" else ["--out", out, "--overwrite"]
         return [*cws, *map(str, cmd), *map(str, where), "--max-memory", "1M", "-q"], kind
 
     t = time.monotonic()
     subprocess.run([sys.executable, "-c", "import cws.cli, cws.ops.apply, cws.ops.compare, cws.ops.export"], check=True)
     startup = time.monotonic() - t
-    def started(kind) -> bool:
+    def started(kind, out) -> bool:
         return kind == "report" or bool(hidden(root, out))
 
-    def wait_started(proc, kind) -> float:
+    def wait_started(proc, kind, out) -> float:
         """Seconds until the run's hidden temporary appears (0 for compare), or until the process ends."""
         t = time.monotonic()
-        while not started(kind) and proc.poll() is None:
+        while not started(kind, out) and proc.poll() is None:
             time.sleep(0.001)
         return time.monotonic() - t
 
     windows = {}
     for name in commands:  # clean runs: how long each works (only to spread the kill points)
         cmd, kind = argv(name)
+        out = outs[name]
         t = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-        to_temp = wait_started(proc, kind)
+        to_temp = wait_started(proc, kind, out)
         assert proc.wait() == 0, name
         total = time.monotonic() - t
         windows[name] = (0.8 * startup, 1.1 * total) if kind == "report" else (0.0, 1.1 * (total - to_temp))
@@ -133,11 +136,12 @@ def main() -> None:
     for i in range(args.runs):
         name = rng.choice(list(commands))
         cmd, kind = argv(name)
+        out = outs[name]
         delay = rng.uniform(*windows[name])
         if i % 2 and out.is_dir():  # every other run starts without an output, the others replace one
             shutil.rmtree(out)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_started(proc, kind)
+        wait_started(proc, kind, out)
         try:
             proc.wait(delay)
             counts[name]["finished before the kill"] += 1
