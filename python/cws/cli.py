@@ -111,11 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _named_directions(specs: list[str]) -> dict[str, str]:
     from pathlib import Path
 
+    from .io.files import resolve
+
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or Path(spec).exists():
-            name, path = Path(spec).resolve().name, spec
+            name, path = resolve(spec).name, spec
         out[name] = path
     return out
 
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     finally:
         for name, handler in handlers.items():
-            signal.signal(getattr(signal, name), handler)
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(getattr(signal, name), handler)
 
 
 def _run(args) -> int:
