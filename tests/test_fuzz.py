@@ -8,16 +8,19 @@ import struct
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from safetensors.torch import save_file
 
-from cws.errors import CwsError
-from cws.io.checkpoint import Checkpoint
-from cws.io.direction import Direction
-from cws.io.format import read_header
-from cws.io.lora import Adapter
+pytest.importorskip("hypothesis")  # the test extra installs it
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from cws.errors import CwsError  # noqa: E402
+from cws.io.checkpoint import Checkpoint  # noqa: E402
+from cws.io.direction import Direction  # noqa: E402
+from cws.io.format import read_header  # noqa: E402
+from cws.io.lora import Adapter  # noqa: E402
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
