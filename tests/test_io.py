@@ -189,9 +189,12 @@ def test_read_sees_replaced_file(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file({"w": torch.zeros(4)}, str(path))
     assert torch.equal(read_tensor(read_header(path)[0]["w"]), torch.zeros(4))
+    info = read_header(path)[0]["w"]
     path.unlink()
     save_file({"w": torch.ones(4)}, str(path))
     assert torch.equal(read_tensor(read_header(path)[0]["w"]), torch.ones(4))
+    with pytest.raises(CheckpointError, match="the file was (replaced|modified)"):
+        read_tensor(info)  # the old header's offsets are never used on the new file
 
 
 def test_mapped_views_match_safetensors(all_dtypes_file):
@@ -230,14 +233,16 @@ def test_mapped_view_of_a_truncated_or_replaced_file(tmp_path):
     infos = read_header(path)[0]
     maps = MappedFiles()
     assert torch.equal(maps.view(infos["a"])[0], torch.zeros(1024))
+    maps.close()
     path.unlink()
     save_file({"a": torch.full((1024,), 2.0), "b": torch.ones(1024)}, str(path))
-    assert torch.equal(maps.view(infos["a"])[0], torch.full((1024,), 2.0))  # a new file at the path: remapped
+    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'a': the file was (replaced|modified)"):
+        maps.view(infos["a"])  # never read with the old header's offsets
+    infos = read_header(path)[0]
     os.truncate(path, infos["b"].end - 3)  # after the header check: refused, never a SIGBUS
-    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated"):
-        MappedFiles().view(infos["b"])
-    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated"):
-        maps.view(infos["b"])  # truncated in place after it was mapped
+    for m in (MappedFiles(), maps):
+        with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated"):
+            m.view(infos["b"])
     path.unlink()
     with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'a': cannot open"):
         maps.view(infos["a"])

@@ -11,7 +11,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import CwsError
@@ -88,9 +90,16 @@ def _emit(args, text: str, **machine: str) -> None:
         if target == "-":
             sys.stdout.write(machine[opt] if machine[opt].endswith("\n") else machine[opt] + "\n")
         else:
-            from .io.report_file import write_file
+            from .io.atomic import write_report
 
-            write_file(target, machine[opt])
+            write_report(target, machine[opt], _inputs(args))
+
+
+def _inputs(args) -> list[str]:
+    """The paths a command read (a report it writes may not land on them)."""
+    names = ("model", "base", "pos", "neg", "direction", "path", "terms", "project_out")
+    values = [getattr(args, n, None) for n in names]
+    return [v for x in values for v in (x if isinstance(x, list) else [x]) if isinstance(v, str)]
 
 
 def _as_json(data) -> str:
@@ -213,7 +222,13 @@ def _compare(args) -> None:
         from .ops.plot import require_matplotlib
 
         require_matplotlib()  # before the pass, not after it
-    report = cws.compare(args.base, args.model, _named_directions(args.direction), **_io_opts(args))
+    directions = _named_directions(args.direction)
+    from .io.atomic import check_report
+
+    for target in (args.json, args.csv, args.plot):  # refused before the work, not after it
+        if target and target != "-":
+            check_report(target, [args.base, args.model, *directions.values()])
+    report = cws.compare(args.base, args.model, directions, **_io_opts(args))
     if not args.quiet:
         gb, sec = report.meta["read_bytes"] / 1e9, report.meta["seconds"]
         print(f"read {gb:.2f} GB in {sec:.2f} s ({gb / max(sec, 1e-9):.2f} GB/s)", file=sys.stderr)
@@ -228,11 +243,13 @@ def _compare(args) -> None:
 def _named_directions(specs: list[str]) -> dict[str, str]:
     from pathlib import Path
 
+    from .io.files import resolve
+
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or Path(spec).exists():
-            name, path = Path(spec).resolve().name, spec
+            name, path = resolve(spec).name, spec
         out[name] = path
     return out
 
@@ -535,20 +552,53 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: raised in the main thread, so every writer aborts and cleans up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _stop(signum, frame) -> None:
+    for name in _STOP_SIGNALS:  # the first signal stops the run; later ones must not cut the cleanup short
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_values_joined(sys.argv[1:] if argv is None else list(argv)))
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in _STOP_SIGNALS:
+            if hasattr(signal, name):
+                handlers[name] = signal.signal(getattr(signal, name), _stop)
     try:
         args.run(args)
         return 0
     except CwsError as e:
         print(f"cws {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"cws {args.command}: interrupted; no output was left behind", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # the reader went away (cws info ... | head): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:  # the environment, not the inputs (an I/O error, a vanished file)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cws {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"cws {args.command}: interrupted by {signal.Signals(signum).name}; no output was left behind",
+              file=sys.stderr)
+        return 128 + signum
+    finally:
+        for name, handler in handlers.items():
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(getattr(signal, name), handler)
 
 
 def entry() -> None:

@@ -6,12 +6,12 @@ other modules (an adapter directory still opens here as its `adapter_model.safet
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cws.errors import CheckpointError
+from cws.io.files import load_json, resolve
 from cws.io.format import TensorInfo, read_header
 from cws.io.ties import checkpoint_ties
 
@@ -39,7 +39,7 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | os.PathLike) -> Checkpoint:
         """Open a .safetensors file, a .safetensors.index.json, or a directory holding one of them."""
-        path = Path(path).expanduser().resolve()
+        path = resolve(path)
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or directory")
         target = _find_weights(path) if path.is_dir() else path
@@ -148,10 +148,7 @@ def _unsupported(file: Path) -> CheckpointError:
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
-    try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: corrupt index JSON: {e}") from e
+    doc = load_json(index, "index JSON")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: corrupt index JSON: 'weight_map' must map tensor names to shard files")

@@ -10,6 +10,7 @@ name}) where the fine-tunes tied them: the head then moved with the embedding, b
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint
+from .files import load_json, resolve
 from .format import TensorInfo
 
 FORMAT = "cws-direction"
@@ -68,7 +70,7 @@ class Direction:
     @classmethod
     def open(cls, path: str | os.PathLike) -> Direction:
         """A direction directory, or any safetensors checkpoint read as all-dense deltas."""
-        path = Path(path).expanduser().resolve()
+        path = resolve(path)
         meta_file = path / META_FILE
         ckpt = Checkpoint.open(path)
         if not meta_file.is_file():
@@ -77,10 +79,10 @@ class Direction:
             if others:
                 raise CheckpointError(f"{path}: read as a direction, but holds non-float tensors: {', '.join(others[:5])}")
             return cls(path, entries, {"format": "plain-checkpoint"}, ckpt, ckpt.ties)
+        meta = load_json(meta_file, "direction metadata")
         try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
             _check_structure(meta)
-        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except ValueError as e:
             raise CheckpointError(f"{meta_file}: corrupt direction metadata: {e}") from e
         version = meta.get("version", 0)
         if meta.get("format") != FORMAT or type(version) is not int or version > VERSION:
@@ -112,10 +114,11 @@ def _check_structure(meta: object) -> None:
         raise ValueError("'ties' must map tensor names to tensor names")
     for name, spec in tensors.items():
         shape = spec.get("shape") if isinstance(spec, dict) else None
+        scale = spec.get("scale", 1.0) if isinstance(spec, dict) else None
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or \
-                type(spec.get("scale", 1.0)) not in (int, float):
+                type(scale) not in (int, float) or not math.isfinite(scale):
             raise ValueError(f"entry {name!r} needs a shape of non-negative integers (and a numeric scale), "
-                             f"got {json.dumps(spec)[:200]}")
+                             f"got {json.dumps(spec, default=str)[:200]}")
 
 
 def _entries(meta_file: Path, meta: dict, ckpt: Checkpoint) -> dict[str, Entry]:

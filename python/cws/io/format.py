@@ -11,10 +11,11 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cws.errors import CheckpointError
+from cws.io.files import open_regular, stamp
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +62,7 @@ class TensorInfo:
     path: str
     start: int
     end: int
+    stamp: tuple | None = field(default=None, compare=False)  # the file's (dev, ino, size, mtime_ns) when parsed
 
     def __post_init__(self):
         if not isinstance(self.dtype_name, str):
@@ -101,33 +103,48 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     Returns ({name: TensorInfo} ordered by offset, `__metadata__` or {}).
     """
     path = os.fspath(path)
+    fd, st = open_regular(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte prefix)")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: not a safetensors file (header length {n} is absurd for {size} bytes)")
-            raw = f.read(n)
+        size = st.st_size
+        if size < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte prefix)")
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} is absurd for {size} bytes)")
+        raw = b"".join(_pread_all(fd, n, 8))
+        if len(raw) != n:
+            raise CheckpointError(f"{path}: file truncated while cws was reading its header")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; absurd nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise CheckpointError(f"{path}: corrupt safetensors header JSON: {why}") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: JSON is not an object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
-    infos = [_parse_entry(path, name, entry, 8 + n, size) for name, entry in header.items()]
+    infos = [_parse_entry(path, name, entry, 8 + n, size, stamp(st)) for name, entry in header.items()]
     infos.sort(key=lambda i: (i.start, i.end))
     _check_overlaps(path, infos)
     return {i.name: i for i in infos}, metadata
 
 
-def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+def _pread_all(fd: int, n: int, offset: int):
+    """Chunks of the n bytes at `offset` (fewer at end of file)."""
+    while n > 0:
+        chunk = os.pread(fd, min(n, 2**30), offset)
+        if not chunk:
+            return
+        yield chunk
+        n, offset = n - len(chunk), offset + len(chunk)
+
+
+def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int, st: tuple) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
@@ -149,7 +166,7 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int
         raise CheckpointError(
             f"{where}: file truncated (tensor ends at byte {data_start + end}, file has {size} bytes)"
         )
-    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end, st)
 
 
 def _check_overlaps(path: str, infos: list[TensorInfo]) -> None:

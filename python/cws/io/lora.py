@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint
+from .files import load_json, resolve
 from .format import TensorInfo
 
 CONFIG = "adapter_config.json"
@@ -76,15 +77,11 @@ class Adapter:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Adapter:
-        path = Path(path).expanduser().resolve()
+        path = resolve(path)
         cfg_file = path / CONFIG
-        if not cfg_file.is_file():
+        if not os.path.lexists(cfg_file):
             raise CheckpointError(f"{path}: not a PEFT adapter (no {CONFIG})")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{cfg_file}: corrupt adapter config: {e}") from e
-        _check_supported(cfg_file, config)
+        config = read_config(cfg_file)
         if not (path / WEIGHTS).is_file():
             pickled = [p.name for p in path.glob("adapter_model*.bin")]
             why = f"{pickled[0]} is a pickle file, not read for safety; re-save with safe_serialization=True" \
@@ -138,7 +135,7 @@ class Adapter:
     def _rank_alpha(self, module: str) -> tuple[int, float]:
         r = _pattern(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
         alpha = _pattern(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
-        return int(r), float(alpha)
+        return r, float(alpha)
 
     @property
     def names(self) -> list[str]:
@@ -151,6 +148,37 @@ def _pattern(patterns: dict, module: str, default):
         if module == key or module.endswith("." + key) or re.fullmatch(rf"(.*\.)?(?:{key})", module):
             return value
     return default
+
+
+def read_config(cfg_file: Path) -> dict:
+    """adapter_config.json, checked for what cws relies on: a JSON object, r a positive integer,
+    lora_alpha a finite number, rank/alpha patterns mapping valid regular expressions to those."""
+    config = load_json(cfg_file, "adapter config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_file}: corrupt adapter config: expected a JSON object, got {type(config).__name__}")
+
+    def bad(key, value, want):
+        return CheckpointError(f"{cfg_file}: {key} must be {want}, got {json.dumps(value, default=str)[:80]}")
+
+    rank_ok = lambda v: type(v) is int and v > 0  # noqa: E731
+    alpha_ok = lambda v: type(v) in (int, float) and math.isfinite(v)  # noqa: E731
+    for key, ok, want, default in (("r", rank_ok, "a positive integer", 8),
+                                   ("lora_alpha", alpha_ok, "a finite number", 8)):
+        if not ok(config.get(key, default)):
+            raise bad(key, config.get(key), want)
+    for key, ok, want in (("rank_pattern", rank_ok, "a positive integer"), ("alpha_pattern", alpha_ok, "a finite number")):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise bad(key, patterns, "an object mapping module patterns to values")
+        for pattern, value in patterns.items():
+            if not ok(value):
+                raise bad(f"{key}[{pattern!r}]", value, want)
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError) as e:
+                raise CheckpointError(f"{cfg_file}: {key} key {pattern!r} is not a valid regular expression: {e}") from e
+    _check_supported(cfg_file, config)
+    return config
 
 
 def _check_supported(cfg_file: Path, config: dict) -> None:

@@ -1,12 +1,15 @@
 """Reading tensor row ranges: into caller-owned CPU buffers with `os.preadv`, or as zero-copy
-views of the file mapped copy-on-write (`MappedFiles`, what the streaming engine uses)."""
+views of the file mapped copy-on-write under a read lease (`MappedFiles`, what the streaming
+engine uses). Every read first checks that the file is still the one whose header was parsed."""
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import math
 import mmap
 import os
+import signal
 import sys
 import threading
 from collections import OrderedDict
@@ -14,23 +17,31 @@ from collections import OrderedDict
 import torch
 
 from cws.errors import CheckpointError
+from cws.io.files import changed, open_regular
 from cws.io.format import TensorInfo
 
 _MAX_OPEN_PER_THREAD = 16
 
 
 class _OpenFiles:
-    """What is open per path (descriptors, maps), valid while the path still names the same file
-    (device and inode: a file replaced at the path is reopened, never read through a stale handle),
-    at most `limit` of them; the least recently used go first, through `drop`."""
+    """What is open per path (descriptors, maps), at most `limit` of them; the least recently used
+    go first, through `drop`. Every lookup checks that the path still names the file whose header
+    was parsed (`TensorInfo.stamp`): a file replaced, truncated or rewritten since is an error,
+    never read with the old header's offsets."""
 
     def __init__(self, limit: int, drop=lambda obj: None) -> None:
         self.items: OrderedDict[str, tuple[object, int, int]] = OrderedDict()  # path -> (obj, dev, ino)
         self.limit, self.drop = limit, drop
 
-    def get(self, path: str, st: os.stat_result, make):
-        """The object for `path` (whose os.stat is `st`); `make()` opens a new one and returns it
-        with the os.fstat of the file it opened."""
+    def get(self, info: TensorInfo, make):
+        """The object for `info.path`; `make()` opens a new one and returns it with the os.fstat
+        of the file it opened."""
+        path = info.path
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CheckpointError(f"{path}: tensor {info.name!r}: cannot open: {e.strerror or e}") from e
+        _check_unchanged(info, st)
         cached = self.items.pop(path, None)
         if cached is not None and cached[1:] == (st.st_dev, st.st_ino):
             self.items[path] = cached
@@ -38,10 +49,21 @@ class _OpenFiles:
         if cached is not None:
             self.drop(cached[0])
         obj, st = make()
+        try:
+            _check_unchanged(info, st)
+        except CheckpointError:
+            self.drop(obj)
+            raise
         self.items[path] = (obj, st.st_dev, st.st_ino)
         while len(self.items) > self.limit:
             self.drop(self.items.popitem(last=False)[1][0])
         return obj
+
+
+def _check_unchanged(info: TensorInfo, st: os.stat_result) -> None:
+    problem = changed(info.stamp, st)
+    if problem is not None:
+        raise CheckpointError(f"{info.path}: tensor {info.name!r}: {problem}; stopped before writing anything")
 
 
 class _FdCache(_OpenFiles):
@@ -50,12 +72,11 @@ class _FdCache(_OpenFiles):
     def __init__(self) -> None:
         super().__init__(_MAX_OPEN_PER_THREAD, os.close)
 
-    def fd(self, path: str) -> int:
+    def fd(self, info: TensorInfo) -> int:
         def make():
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            return fd, os.fstat(fd)
+            return open_regular(info.path)
 
-        return self.get(path, os.stat(path), make)
+        return self.get(info, make)
 
     def __del__(self, _close=os.close) -> None:  # bound early: may run at interpreter shutdown
         for fd, _, _ in self.items.values():
@@ -65,11 +86,11 @@ class _FdCache(_OpenFiles):
 _local = threading.local()
 
 
-def _fd(path: str) -> int:
+def _fd(info: TensorInfo) -> int:
     cache = getattr(_local, "cache", None)
     if cache is None:
         cache = _local.cache = _FdCache()
-    return cache.fd(path)
+    return cache.fd(info)
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -102,12 +123,13 @@ def read_into(info: TensorInfo, out: torch.Tensor, row_start: int = 0, row_end: 
     offset = info.start + row_start * info.row_bytes
     done = 0
     try:
-        fd = _fd(info.path)
+        fd = _fd(info)
         while done < len(mv):
             n = os.preadv(fd, [mv[done:]], offset + done)
             if n == 0:
                 break
             done += n
+        _check_unchanged(info, os.fstat(fd))  # also after: a change during the read is not missed
     except OSError as e:
         raise CheckpointError(f"{info.path}: tensor {info.name!r}: read failed: {e.strerror or e}") from e
     if done < len(mv):
@@ -142,6 +164,25 @@ def libc_function(name: str, *argtypes):
 _madvise = libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
+_F_SETSIG = 10  # Linux fcntl commands (not all in the fcntl module)
+_LEASE_SIGNAL = getattr(signal, "SIGURG", 0)  # a lease break must not kill the process: SIGURG is ignored by default
+
+
+def _take_read_lease(fd: int) -> bool:
+    """A read lease on the file (Linux): while it is held, another process that opens the file for
+    writing or truncates it waits (up to /proc/sys/fs/lease-break-time) until cws lets go, so a
+    mapped page can never vanish under a read (SIGBUS). False where none can be had (the file is
+    open for writing somewhere, another user's file, a file system without leases)."""
+    if not hasattr(fcntl, "F_SETLEASE") or not _LEASE_SIGNAL:
+        return False
+    try:
+        fcntl.fcntl(fd, _F_SETSIG, _LEASE_SIGNAL)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        return True
+    except OSError:
+        return False
+
+
 class MappedFiles:
     """Zero-copy row-range views of safetensors files for one streaming run.
 
@@ -150,18 +191,20 @@ class MappedFiles:
     calling thread, not later in the compute); `release` drops them from this process again
     (`MADV_DONTNEED`), so resident memory stays bounded by the slices in flight, not by the files.
     A view outlives `release` and its mapping safely (the pages fault back in from the file).
-    Files whose size no longer covers the tensor are refused: reading past the end of a mapping
-    would kill the process with SIGBUS. (A file truncated while it is mapped still does.)
+    A file is only mapped under a read lease (`check` says when another process wants to change
+    it); where no lease can be had, `view` returns None and the caller reads with checks instead.
     """
 
     def __init__(self, max_open: int = 64) -> None:
-        self._maps = _OpenFiles(max_open)  # each map holds an fd; a forgotten one is unmapped once no view is left
+        self._maps = _OpenFiles(max_open, self._forget)  # a forgotten map is unmapped once no view is left
         self._lock = threading.Lock()
         self._populate = _MADV_POPULATE_READ is not None
+        self._leases: dict[int, str] = {}  # descriptor holding a lease -> path; open until close()
 
     def view(self, info: TensorInfo, row_start: int = 0, row_end: int | None = None) -> tuple[torch.Tensor, tuple] | None:
         """(rows [row_start, row_end) of the tensor as a view of the mapped file, its pages for
-        `release`), or None where no view is made (empty, misaligned for the dtype, no madvise)."""
+        `release`), or None where no view is made (empty, misaligned for the dtype, no madvise,
+        no lease)."""
         shape, row_end = slice_shape(info, row_start, row_end)
         offset = info.start + row_start * info.row_bytes
         nbytes = (row_end - row_start) * info.row_bytes if info.shape else info.nbytes
@@ -170,7 +213,7 @@ class MappedFiles:
         mm, size = self._map(info)
         if mm is None:
             return None
-        if info.end > min(size, len(mm)):  # also a file truncated in place since it was mapped
+        if info.end > min(size, len(mm)):  # a file truncated in place since it was mapped
             raise CheckpointError(
                 f"{info.path}: tensor {info.name!r}: file truncated (tensor ends at byte {info.end}, "
                 f"file has {min(size, len(mm))} bytes)"
@@ -191,26 +234,47 @@ class MappedFiles:
         _, addr, length = pages
         _madvise(addr, length, mmap.MADV_DONTNEED)
 
+    def check(self) -> None:
+        """Raise if another process has asked to write to or truncate a mapped file (its lease is
+        being broken). It waits until this run lets go of the file, so nothing changed under a view."""
+        for fd, path in list(self._leases.items()):
+            try:
+                held = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+            except OSError:
+                held = False
+            if not held:
+                raise CheckpointError(f"{path}: another process is writing to or truncating this file while cws "
+                                      f"reads it; nothing was written")
+
     def _map(self, info: TensorInfo) -> tuple[mmap.mmap | None, int]:
-        """The file's map (None where the file system cannot map it: the caller reads instead) and
+        """The file's map (None where it cannot be mapped safely: the caller reads instead) and
         the file's size now."""
 
         def make():
-            with open(info.path, "rb") as f:
-                try:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                except (OSError, ValueError):  # e.g. an empty file, or a file system without mmap
-                    mm = None
-                return mm, os.fstat(f.fileno())
+            fd, st = open_regular(info.path)
+            mm = None
+            try:
+                if _take_read_lease(fd):
+                    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):  # e.g. an empty file, or a file system without mmap
+                pass
+            if mm is None:
+                os.close(fd)
+                return (None, None), st
+            self._leases[fd] = info.path
+            return (mm, fd), os.fstat(fd)  # after the lease: what the map shows
 
         with self._lock:
-            try:
-                st = os.stat(info.path)
-                return self._maps.get(info.path, st, make), st.st_size
-            except OSError as e:
-                raise CheckpointError(f"{info.path}: tensor {info.name!r}: cannot open: {e.strerror or e}") from e
+            mm, fd = self._maps.get(info, make)
+            return mm, (os.fstat(fd).st_size if fd is not None else 0)
+
+    def _forget(self, obj: tuple) -> None:
+        """A map dropped from the cache: its lease stays until close() (views may still read it)."""
 
     def close(self) -> None:
-        """Forget the maps; each is unmapped once no view of it is left."""
+        """Forget the maps and let go of the leases; each map is unmapped once no view of it is left."""
         with self._lock:
             self._maps.items.clear()
+            for fd in self._leases:
+                os.close(fd)
+            self._leases.clear()

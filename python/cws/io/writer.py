@@ -1,9 +1,10 @@
 """Streaming sharded safetensors writer: headers up front, slices pwritten in any order, atomic commit.
 
-Everything is written into a hidden `.{out_dir.name}.tmp-<random>` directory next to out_dir and
-renamed into place only once every planned tensor is complete, so a killed process never leaves
-anything at out_dir. By default the files are also fsynced before that rename, so that not even a
-power loss or OS crash can leave a complete-looking output with missing data; `fsync=False`
+Everything is written into a hidden temporary directory next to out_dir (cws.io.atomic: named
+after its owning process, removed by the next run on out_dir once that process is gone) and put in
+place only once every planned tensor is complete, so a killed process never leaves anything at
+out_dir; an existing output (--overwrite) is swapped out in one step. By default the files are
+also fsynced before that rename, so that not even a power loss or OS crash can leave a complete-looking output with missing data; `fsync=False`
 skips that wait on the disk (for scratch outputs: a killed process is still safe, a crash not).
 Fsynced shards written front to back go to the disk with O_DIRECT (cws.io.direct), past the page
 cache; CWS_DIRECT_IO=0 writes them through the page cache instead.
@@ -11,11 +12,11 @@ cache; CWS_DIRECT_IO=0 writes them through the page cache instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
 import os
-import secrets
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from cws.errors import CheckpointError
-from cws.io import direct
+from cws.io import atomic, direct
 from cws.io.direct import DirectStream, pwrite_all
 from cws.io.format import DTYPE_NAMES, build_header
 from cws.io.reader import byte_view, libc_function
@@ -87,10 +88,9 @@ class ShardedWriter:
         fsync: bool = True,
     ):
         self.fsync = fsync
-        self.out_dir = Path(out_dir).expanduser().resolve()
+        self.out_dir = atomic.check_output(out_dir, inputs, overwrite=overwrite)
         self.overwrite = overwrite
         self.metadata = {"format": "pt", **(metadata or {})}
-        _check_target(self.out_dir, overwrite, inputs)
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
         size = 0
         for name, dtype, shape in plan:
@@ -116,10 +116,13 @@ class ShardedWriter:
         self._streams: list[DirectStream | None] = []  # durable outputs bypass the page cache
         self._tmp: Path | None = None
         self._made: list[Path] = []  # parent directories this writer created, deepest first
+        self._previous: Path | None = None  # where the output this one replaced sits until discarded
+        self._moved = False  # put in place, not yet settled
         self._lock = threading.Lock()
 
     def __enter__(self) -> ShardedWriter:
-        tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{secrets.token_hex(4)}"
+        atomic.remove_stale(self.out_dir)
+        tmp = atomic.temp_path(self.out_dir)
         try:
             parent = self.out_dir.parent
             while not parent.exists():
@@ -204,11 +207,7 @@ class ShardedWriter:
         if exc_type is not None:
             self._abort()
             return
-        try:
-            self._commit()
-        except BaseException:
-            self._abort()
-            raise
+        commit_together([self])
 
     def _aux_path(self, name: str) -> Path:
         if self._tmp is None:
@@ -233,7 +232,8 @@ class ShardedWriter:
         return CheckpointError(f"cannot write {self.out_dir / self.shard_names[shard]}: {e.strerror or e}; "
                                f"nothing was written to {self.out_dir}")
 
-    def _commit(self) -> None:
+    def _finish(self) -> None:
+        """Check every planned tensor is complete and get the files to the disk; the output is not in place yet."""
         incomplete = [
             f"{name!r} ({slot.rows_written * slot.row_bytes}/{slot.rows * slot.row_bytes} bytes)"
             for name, slot in self._slots.items()
@@ -265,30 +265,29 @@ class ShardedWriter:
                 _fsync_path(self._tmp)
         except OSError as e:
             raise CheckpointError(f"cannot flush {self.out_dir}: {e.strerror or e}") from e
-        self._move_into_place()
 
     def _move_into_place(self) -> None:
-        out, aside = self.out_dir, None
-        if os.path.lexists(out):
-            if not self.overwrite:
-                raise CheckpointError(f"{out} exists; pass --overwrite")
-            aside = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-            os.rename(out, aside)
+        out = self.out_dir
+        if os.path.lexists(out) and not self.overwrite:
+            raise CheckpointError(f"{out} exists; pass --overwrite")
         try:
-            os.rename(self._tmp, out)
+            self._previous = atomic.put_in_place(self._tmp, out)
+            self._moved = True
+            if self.fsync:
+                _fsync_path(out.parent)
         except OSError as e:
-            if aside is not None:
-                os.rename(aside, out)
             raise CheckpointError(f"cannot move the finished output into {out}: {e.strerror or e}") from e
-        self._tmp = None
-        self._made = []
-        if self.fsync:
-            _fsync_path(out.parent)
-        if aside is not None:
-            if aside.is_dir() and not aside.is_symlink():
-                shutil.rmtree(aside)
-            else:
-                aside.unlink()
+
+    def _undo_move(self) -> None:
+        """Take a moved output back out of place (the previous one, if any, back in)."""
+        if self._moved:
+            atomic.undo(self._tmp, self.out_dir, self._previous)
+            self._previous, self._moved = None, False
+
+    def _settle(self) -> None:
+        """After every output of the run is in place: drop what they replaced."""
+        previous, self._previous, self._tmp, self._made, self._moved = self._previous, None, None, [], False
+        atomic.discard(previous)
 
     def _close_fds(self) -> None:
         for stream in self._streams:
@@ -312,14 +311,42 @@ class ShardedWriter:
         self._made = []
 
 
-def _check_target(out: Path, overwrite: bool, inputs: list[str] | tuple[str, ...]) -> None:
-    """Refuse an existing output (unless overwrite) and any overlap between output and inputs."""
-    for inp in inputs:
-        inp = Path(inp).expanduser().resolve()
-        if out == inp or out.is_relative_to(inp) or inp.is_relative_to(out):
-            raise CheckpointError(f"output {out} overlaps input {inp}; choose another output directory")
-    if os.path.lexists(out) and not overwrite:
-        raise CheckpointError(f"{out} exists; pass --overwrite")
+@contextlib.contextmanager
+def open_together(writers: list[ShardedWriter]):
+    """Open several writers for one run: committed together when the block succeeds
+    (`commit_together`), all aborted when it fails."""
+    opened = []
+    try:
+        for w in writers:
+            opened.append(w.__enter__())
+        yield opened
+    except BaseException:
+        for w in reversed(opened):  # the last opened first: parents made by the first go last
+            w._abort()
+        raise
+    commit_together(opened)
+
+
+def commit_together(writers: list[ShardedWriter]) -> None:
+    """Commit several open writers as one: all are finished first, then moved into place; if any
+    step fails, the outputs already moved are taken back out (their previous versions back in) and
+    every writer is aborted, so a failed run commits none of them."""
+    try:
+        for w in writers:
+            w._finish()
+        for w in writers:
+            w._move_into_place()
+    except BaseException:
+        for w in reversed(writers):
+            try:
+                w._undo_move()
+            except OSError:
+                pass
+        for w in reversed(writers):
+            w._abort()
+        raise
+    for w in writers:
+        w._settle()
 
 
 def _fsync_path(path: Path) -> None:

@@ -7,10 +7,11 @@ checkpoints. Math in fp32, stored in the model's dtype with nearest or stochasti
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import math
 import os
+import string
 import tempfile
 from pathlib import Path
 
@@ -27,22 +28,46 @@ from ..io.checkpoint import Checkpoint
 from ..io.hub import describe, resolve
 from ..io.lora import is_adapter
 from ..io.ties import read_config, split_ties
-from ..io.writer import ShardedWriter, copy_model_files
+from ..io.writer import ShardedWriter, copy_model_files, open_together
 from .card import model_card, steered_config
 
 ROUNDINGS = ("nearest", "stochastic")
 log = logging.getLogger("cws")
 
 
+def _fields(template: str) -> set[str]:
+    """The replacement fields of a str.format template ("{alpha}" → {"alpha"}; "{}" → {""})."""
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError:  # a lone brace: not a template
+        return set()
+
+
 def out_dirs(out: str | os.PathLike, alphas: list[float]) -> list[Path]:
     """One output directory per α: `out` itself for one α; `out` with `{alpha}` filled in, or
-    `out/alpha_<α>`, for several."""
+    `out/alpha_<α>`, for several. α is written as briefly as it reads (`:g`), or in full where two
+    α would otherwise share a name."""
     out = str(out)
-    if "{alpha}" in out:
-        return [Path(out.format(alpha=f"{a:g}")) for a in alphas]
-    if len(alphas) == 1:
-        return [Path(out)]
-    return [Path(out) / f"alpha_{a:g}" for a in alphas]
+    if not out.strip():
+        raise CwsError("the output path is empty")
+    names = [f"{a:g}" for a in alphas]
+    if len(set(names)) < len(names):
+        names = [repr(a) for a in alphas]
+    if _fields(out):
+        if _fields(out) != {"alpha"}:
+            raise CwsError(f"output template {out!r}: only {{alpha}} can be filled in, not "
+                           f"{', '.join(sorted(_fields(out) - {'alpha'}))}")
+        try:
+            dirs = [Path(out.format(alpha=n)) for n in names]
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise CwsError(f"output template {out!r}: only {{alpha}} can be filled in ({e})") from e
+    elif len(alphas) == 1:
+        dirs = [Path(out)]
+    else:
+        dirs = [Path(out) / f"alpha_{n}" for n in names]
+    if len(alphas) > 1 and len({str(d) for d in dirs}) < len(dirs):
+        raise CwsError(f"output template {out!r} gives several α the same directory; put {{alpha}} in it")
+    return dirs
 
 
 def apply(
@@ -78,6 +103,8 @@ def apply(
     alphas = [float(a) for a in (alpha if isinstance(alpha, (list, tuple)) else [alpha])]
     if not alphas or out is None:
         raise CwsError("apply needs at least one alpha and an output path")
+    if not all(math.isfinite(a) for a in alphas):
+        raise CwsError(f"alpha must be a finite number, got {alphas}")
     if len(set(alphas)) != len(alphas):
         raise CwsError(f"alpha values repeat: {alphas}")
     if rounding not in ROUNDINGS:
@@ -195,24 +222,25 @@ def apply(
         return [(w.write, (name, o, s.start)) for w, o in zip(writers, s.outs)]
 
     plan = [(name, info.dtype, info.shape) for name, info in targets]
-    dirs = out_dirs(out, alphas)
     config = read_config(m.root)
-    with contextlib.ExitStack() as stack:
-        writers = []
-        for a, d_out in zip(alphas, dirs):
-            md = provenance("apply", alpha=f"{a!r}", model=m.path,
-                            direction=inputs[1] if direction is not None and not _made_from else None,
-                            pos=provenance_of.get("pos"), neg=provenance_of.get("neg"), rounding=rounding,
-                            seed=seed if rounding == "stochastic" else None, skipped=",".join(skipped) or None,
-                            untied=",".join(untied) or None)
-            w = stack.enter_context(ShardedWriter(d_out, plan, max_shard_size=shard, metadata=md,
-                                                  overwrite=overwrite, inputs=inputs, fsync=fsync))
+    writers = []
+    for a, d_out in zip(alphas, out_dirs(out, alphas)):
+        md = provenance("apply", alpha=f"{a!r}", model=m.path,
+                        direction=inputs[1] if direction is not None and not _made_from else None,
+                        pos=provenance_of.get("pos"), neg=provenance_of.get("neg"), rounding=rounding,
+                        seed=seed if rounding == "stochastic" else None, skipped=",".join(skipped) or None,
+                        untied=",".join(untied) or None)
+        writers.append(ShardedWriter(d_out, plan, max_shard_size=shard, metadata=md, overwrite=overwrite,
+                                     inputs=inputs, fsync=fsync))
+    if len({w.out_dir for w in writers}) < len(writers):
+        raise CwsError(f"output {out!r} gives several α the same directory")
+    with open_together(writers):  # every α's output is committed, or none
+        for a, w in zip(alphas, writers):
             if m.path.is_dir():
                 copy_model_files(m.path, w)
             if config is not None:
                 w.add_json("config.json", steered_config(config, bool(untied)))
             w.add_text("README.md", model_card(model_spec, a, provenance_of, rounding, list(untied)))
-            writers.append(w)
         engine.run(items, compute, max_memory=budget, desc="apply", quiet=quiet)
     for a, (changed, nonzero) in zip(alphas, rounding_counts):
         if nonzero and changed < nonzero / 2:
@@ -222,7 +250,7 @@ def apply(
     if skipped:
         log.warning("cws apply: %d direction tensor(s) the model lacks were not applied (--on-missing skip): %s",
                     len(skipped), ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
-    return [p.resolve() for p in dirs]
+    return [w.out_dir for w in writers]
 
 
 def update_support(kind: str, ins: list) -> int:

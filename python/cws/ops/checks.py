@@ -95,7 +95,7 @@ def nonfinite(t: torch.Tensor) -> bool:
     return not bool(torch.isfinite(t).all())
 
 
-def check_finite(name: str, outs, ins, infos) -> None:
+def check_finite(name: str, outs, ins, infos, hint: str = "pass --allow-nonfinite to proceed") -> None:
     """Raise if an output slice of tensor `name` holds NaN/Inf: name the input that holds it, or say
     that the result overflowed its dtype.
 
@@ -106,6 +106,6 @@ def check_finite(name: str, outs, ins, infos) -> None:
         return
     for x, info in zip(ins, infos):
         if nonfinite(x):
-            raise CwsError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to proceed)")
+            raise CwsError(f"{info.path}: tensor {info.name!r} holds NaN/Inf" + (f" ({hint})" if hint else ""))
     dtype = str(outs[0].dtype).replace("torch.", "")
-    raise CwsError(f"tensor {name!r}: the result overflows {dtype} to Inf (pass --allow-nonfinite to proceed)")
+    raise CwsError(f"tensor {name!r}: the result overflows {dtype} to Inf" + (f" ({hint})" if hint else ""))

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -33,16 +34,20 @@ ALIGN = 64  # byte alignment of each view inside an arena
 DEFAULT_MAX_MEMORY = 256 * 2**20
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
           "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
+MAX_SIZE = 2**62
 
 
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like '256M', '5GB', '1.5GiB' (K/M/G alone are binary)."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_SIZE:
         return size
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(size))
     if not m or m.group(2).upper() not in _UNITS:
         raise CwsError(f"cannot read size {size!r}; use e.g. 256M, 2GB, 1.5GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    n = int(Fraction(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n > MAX_SIZE:
+        raise CwsError(f"size {size!r} is larger than any machine (at most 2**62 bytes)")
+    return n
 
 
 @dataclass
@@ -183,17 +188,24 @@ def run(
                 s.outs = out_arenas[k % NBUF].views([(dt, (s.stop - s.start, *shape[1:]) if shape else ())
                                                      for dt, shape in s.item.outs])
                 done = sum(t.nbytes for t in s.ins)
-                for fn, args in compute(s):
+                writes = compute(s)
+                if maps is not None:
+                    maps.check()  # an input being changed by another process: stop before writing
+                for fn, args in writes:
                     pending[k % NBUF].append(writing.submit(fn, *args))
                 if s.mapped:  # after this slice's writes (the writer runs in order)
                     pending[k % NBUF].append(writing.submit(release, s))
                 bar.update(done)
             for futures in pending:
                 drain(futures)
+            if maps is not None:
+                maps.check()
         except BaseException:
             for futures in pending:
                 for f in futures:
                     f.cancel()
+            for s in plan:  # let go of mapped views now, not when the traceback goes (their files' leases)
+                s.ins, s.outs, s.mapped = [], [], []
             raise
         finally:
             bar.close()

@@ -11,6 +11,7 @@ makes them (PEFT would merge LoRA on both into the one tied tensor twice).
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from cws_kernels import add_lowrank_, lincomb, lowrank_block_rows
 
 from . import engine
+from .checks import check_finite, nonfinite
 from ..io.direction import Direction
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
@@ -48,6 +50,8 @@ def export_peft(
     from ..io.hub import resolve
     from ..io.ties import split_ties
 
+    if not math.isfinite(alpha):
+        raise CwsError(f"alpha must be a finite number, got {alpha}")
     d = direction if isinstance(direction, Direction) else Direction.open(resolve(direction, "direction"))
     b = Checkpoint.open(resolve(base, "base")) if base is not None else None
     left_out: dict[str, str] = {}
@@ -86,6 +90,9 @@ def export_peft(
             keys = (f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight")
             tensors = (A.contiguous(), B.contiguous())
         for k, t in zip(keys, tensors):
+            if nonfinite(t):
+                raise CwsError(f"tensor {e.name!r}: α·w holds NaN/Inf as LoRA factors (the direction holds NaN/Inf, "
+                               f"or α·scale overflows)")
             factors[k] = t
             plan.append((k, t.dtype, tuple(t.shape)))
     for module, names in saved.items():
@@ -120,6 +127,7 @@ def export_peft(
         else:
             s.outs[0].copy_(s.ins[0])
             add_lowrank_(s.outs[0], s.ins[1], s.ins[2], alpha * s.item.data.scale)
+        check_finite(s.item.name, s.outs, s.ins, s.item.sliced + s.item.whole, hint="")
         return [(writer.write, (PREFIX + s.item.name, s.outs[0], s.start))]
 
     inputs = [str(d.path)] + ([str(b.path)] if b else [])
@@ -175,6 +183,7 @@ def densify(direction: str | os.PathLike | Direction, out: str | os.PathLike, *,
         res = s.outs[-1]
         if res is not acc:
             res.copy_(acc)
+        check_finite(s.item.name, [res], s.ins, s.item.sliced + s.item.whole, hint="")
         return [(writer.write, (s.item.name, res, s.start))]
 
     meta = dict(d.meta)

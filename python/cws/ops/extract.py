@@ -5,6 +5,7 @@ With equal scales the base cancels (w = s·(θ_pos − θ_neg)) and is only head
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def extract(
     max_memory, max_shard_size = engine.parse_size(max_memory), engine.parse_size(max_shard_size)
     pos, neg = resolve(pos, "fine-tune", "pos"), resolve(neg, "fine-tune", "neg")
     base = resolve(base, "base") if base is not None else None
+    if not (math.isfinite(scale_pos) and math.isfinite(scale_neg)):
+        raise CwsError(f"scale_pos={scale_pos} and scale_neg={scale_neg} must be finite numbers")
     if is_adapter(pos) or is_adapter(neg):
         base_note = ""
         if base is None:
@@ -262,9 +265,11 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
         writer.add_json("direction.json", meta)
         for name, low in lowrank.items():
             kb, ka = factor_keys(name)
-            B_cat, A_cat = concat_factors(low)
-            writer.write(kb, B_cat.to(dtypes[name]).contiguous())
-            writer.write(ka, A_cat.to(dtypes[name]).contiguous())
+            B_cat, A_cat = (f.to(dtypes[name]).contiguous() for f in concat_factors(low))
+            if not allow_nonfinite:
+                _check_factors(name, low, B_cat, A_cat)
+            writer.write(kb, B_cat)
+            writer.write(ka, A_cat)
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet)
     return Path(out).resolve()
 
@@ -302,6 +307,23 @@ def exact_factor_dtype(low) -> torch.dtype:
         if c == 0 or abs(math.frexp(c)[0]) != 0.5:
             return torch.float32
     return dt
+
+
+def _check_factors(name: str, low, B, A) -> None:
+    """Refuse NaN/Inf in a low-rank entry's factors: name the adapter tensor holding it, or say
+    that folding the scale in overflowed the factors' dtype."""
+    from ..io.reader import read_tensor
+    from .checks import nonfinite
+
+    if not (nonfinite(B) or nonfinite(A)):
+        return
+    for d, _ in low:
+        for info in (d.B, d.A):
+            if nonfinite(read_tensor(info)):
+                raise CwsError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to proceed)")
+    dtype = str(B.dtype).replace("torch.", "")
+    raise CwsError(f"tensor {name!r}: the LoRA factors overflow {dtype} to Inf once lora_alpha/r is folded in "
+                   f"(pass --dtype float32, or --allow-nonfinite to proceed)")
 
 
 def concat_factors(low):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -13,10 +12,11 @@ from ..io.checkpoint import Checkpoint
 
 def info(path: str | os.PathLike) -> dict:
     """A description of `path`: kind, files, tensor count, bytes, dtypes, metadata and per-tensor rows."""
+    from ..io.files import resolve as resolve_path
     from ..io.hub import resolve
-    from ..io.lora import is_adapter
+    from ..io.lora import is_adapter, read_config
 
-    path = Path(resolve(path)).expanduser().resolve()
+    path = resolve_path(resolve(path))
     if (path / META_FILE).is_file():
         d = Direction.open(path)
         tensors = [{"name": e.name, "shape": list(e.shape), "kind": e.kind, "rank": e.rank,
@@ -31,7 +31,7 @@ def info(path: str | os.PathLike) -> dict:
                     "dtype": i.dtype_name, "bytes": i.nbytes} for i in ckpt.tensors.values()]
         meta = {}
         if is_adapter(path):
-            meta = json.loads((path / "adapter_config.json").read_text())
+            meta = read_config(path / "adapter_config.json")
     return {"path": str(path), "kind": kind, "files": [Path(f).name for f in ckpt.files],
             "tensors": len(tensors), "bytes": sum(t["bytes"] for t in tensors),
             "dtypes": dict(Counter(t["dtype"] for t in tensors)),

@@ -6,7 +6,7 @@ import io
 import os
 
 from ..errors import CwsError
-from ..io.report_file import write_file
+from ..io.atomic import write_report
 from .report import Report, _stats
 
 
@@ -46,4 +46,4 @@ def plot_layers(report: Report, path: str | os.PathLike) -> None:
     proj_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    write_file(path, buf.getvalue())
+    write_report(path, buf.getvalue(), report.inputs())

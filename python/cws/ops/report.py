@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..io.atomic import write_report
 from ..io.layout import is_embedding, layer_of, module_of
-from ..io.report_file import write_file
 
 BY = ("tensor", "layer", "module", "global")
 FIELDS = ("group", "direction", "cosine", "projection", "dot", "update_norm", "direction_norm")
@@ -79,7 +79,7 @@ class Report:
     def to_json(self, path=None) -> str:
         text = json.dumps(_finite(self.to_dict()), indent=2, default=str)
         if path:
-            write_file(path, text + "\n")
+            write_report(path, text + "\n", self.inputs())
         return text
 
     def to_csv(self, path=None, by: str = "tensor") -> str:
@@ -88,8 +88,13 @@ class Report:
         w.writeheader()
         w.writerows(self.rows(by))
         if path:
-            write_file(path, buf.getvalue())
+            write_report(path, buf.getvalue(), self.inputs())
         return buf.getvalue()
+
+    def inputs(self) -> list[str]:
+        """The checkpoints this report was computed from (a report file may not land on them)."""
+        m = self.meta
+        return [p for p in (m.get("base"), m.get("model"), *(m.get("directions") or {}).values()) if p]
 
     def table(self, by: str = "layer", exclude_embeddings: bool = False) -> str:
         """A readable table: groups down, cosine and projection per direction across (names never cut)."""
