@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
 
 from . import __version__
@@ -118,10 +121,39 @@ def _named_directions(specs: list[str]) -> dict[str, str]:
     return out
 
 
+DISTRIBUTED = ("apply", "extract", "compare")  # the commands that stream across torchrun's ranks
+
+
+@contextlib.contextmanager
+def _ranks(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group for a streaming command; ranks other
+    than 0 print nothing but errors."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    if args.command not in DISTRIBUTED:
+        raise CwsError(f"runs in one process; launch it without torchrun (across ranks: {', '.join(DISTRIBUTED)})")
+    import torch.distributed as dist
+
+    from .ops.dist import init_from_env
+
+    joined = init_from_env()
+    try:
+        with contextlib.ExitStack() as stack:
+            if dist.get_rank():
+                args.quiet = True
+                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            yield
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        with _ranks(args):
+            return _run(args)
     except CwsError as e:
         print(f"cws {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from cws_kernels import add_lowrank_, lincomb, lowrank_block_rows
 
-from . import engine
+from . import dist, engine
 from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, provenance,
                      raise_problems, shape_problem, tensor_seed)
 from ..io.direction import Direction
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from ..io.writer import ShardedWriter, copy_model_files
+from ..io.writer import copy_model_files
 
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -147,16 +147,17 @@ def apply(
 
     plan = [(name, info.dtype, info.shape) for name, info in m.tensors.items()]
     dirs = out_dirs(out, alphas)
+    mine = dist.split_items(items)  # all of them, unless this is one rank of several
     with contextlib.ExitStack() as stack:
         writers = []
         for a, d_out in zip(alphas, dirs):
             md = provenance("apply", alpha=f"{a!r}", model=m.path, direction=inputs[1] if entries is not None else None,
                             pos=pos and sources["pos"].path, neg=neg and sources["neg"].path, rounding=rounding,
                             seed=seed if rounding == "stochastic" else None, skipped=",".join(skipped) or None)
-            w = stack.enter_context(ShardedWriter(d_out, plan, max_shard_size=shard, metadata=md,
-                                                  overwrite=overwrite, inputs=inputs, fsync=fsync))
+            w = stack.enter_context(dist.writer(d_out, plan, [it.name for it in mine], max_shard_size=shard,
+                                                metadata=md, overwrite=overwrite, inputs=inputs, fsync=fsync))
             if m.path.is_dir():
                 copy_model_files(m.path, w)
             writers.append(w)
-        engine.run(items, compute, max_memory=budget, desc="apply", quiet=quiet)
+        engine.run(mine, compute, max_memory=budget, desc="apply", quiet=quiet or dist.rank_world()[0] > 0)
     return [p.resolve() for p in dirs]
