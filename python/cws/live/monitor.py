@@ -22,7 +22,8 @@ from cws_kernels import lowrank_inner_stacked
 from ..ops.compare import vector_gram
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from .params import live_params, load_direction, lora_modules, lora_updates
+from .dist import Part, Ranks, direction_parts, gram_pieces, part_of, restrict, unwrap
+from .params import live_params, lora_modules, lora_updates
 from ..ops.report import Report
 
 logger = logging.getLogger("cws.monitor")
@@ -32,6 +33,13 @@ def _dir_vector(entry):
     if entry is None:
         return None
     return ("dense", [(entry[1], 1.0)]) if entry[0] == "dense" else entry
+
+
+def _whole(v, factors):
+    """The update's vector with its factors (held by index in `measure`) filled in."""
+    if v is None or v[0] != "lowrank" or not isinstance(v[1], int):
+        return v
+    return ("lowrank", factors[v[1]], factors[v[2]], v[3])
 
 
 def _signature(vectors) -> tuple:
@@ -98,7 +106,7 @@ class WeightMonitor(TrainerCallback):
 
     def __init__(self, directions, every: int = 10, *, reference="cpu", threshold: float | None = None,
                  metric: str = "cos_no_embed", action: str = "warn", jsonl: str | os.PathLike | None = None,
-                 per_layer: bool = True):
+                 per_layer: bool = True, distributed: bool | None = None):
         if not isinstance(directions, dict) or all(isinstance(v, torch.Tensor) for v in directions.values()):
             directions = {"direction": directions}
         if action not in ("warn", "stop"):
@@ -106,6 +114,7 @@ class WeightMonitor(TrainerCallback):
         self.directions = directions
         self.every, self.reference, self.threshold = max(1, int(every)), reference, threshold
         self.metric, self.action, self.jsonl, self.per_layer = metric, action, jsonl, per_layer
+        self.distributed = distributed
         self.trainer = None
         self.history: list[dict] = []
         self.last_report: Report | None = None
@@ -114,10 +123,16 @@ class WeightMonitor(TrainerCallback):
 
     # -- measuring ---------------------------------------------------------------------------
     def start(self, model) -> None:
-        """Take θ_0 (full fine-tuning) and load the directions beside the model's parameters."""
+        """Take θ_0 (full fine-tuning) and load the directions beside the model's parameters (under
+        FSDP2: this rank's blocks of both)."""
+        model = unwrap(model)
         params = live_params(model)
-        device = next(iter(params.values())).device
-        self._dirs = {k: load_direction(v, device) for k, v in self.directions.items()}
+        self._ranks = Ranks(self.distributed)
+        self._parts = {n: part_of(p) for n, p in params.items()}
+        self._shapes = {n: tuple(p.shape) for n, p in params.items()}
+        self._device = device = next(iter(self._parts.values())).local.device
+        regions = {n: part.region for n, part in self._parts.items()}
+        self._dirs = {k: direction_parts(v, regions, device) for k, v in self.directions.items()}
         self._plan = None  # the low-rank tensors' Gram plan, made at the first measurement
         for entries in self._dirs.values():  # factors in fp64 once, not at every measurement
             for name, e in entries.items():
@@ -129,15 +144,27 @@ class WeightMonitor(TrainerCallback):
             self._theta0 = None
         elif self.reference in ("cpu", "device"):
             dev = "cpu" if self.reference == "cpu" else None
-            self._theta0 = {n: p.detach().to(dev or p.device, copy=True) for n, p in params.items()}
+            self._theta0 = {n: part.local.detach().to(dev or part.local.device, copy=True)
+                            for n, part in self._parts.items()}
         else:
             self._theta0 = Checkpoint.open(self.reference)
 
+    def _theta0_of(self, name: str, part: Part) -> torch.Tensor:
+        if isinstance(self._theta0, dict):
+            return self._theta0[name]
+        if part.region is None:
+            return self._theta0.read(name)
+        rows = self._theta0.read(name, part.region[0].start, part.region[0].stop)
+        return rows[(slice(None), *part.region[1:])]
+
     @torch.no_grad()
     def measure(self, model) -> dict[str, float]:
-        """Metrics of the current update: cws/<direction>/{cos, cos_no_embed, proj, ...}."""
+        """Metrics of the current update: cws/<direction>/{cos, cos_no_embed, proj, ...}.
+
+        Under torch.distributed: a collective (every rank calls it at the same step)."""
         if self._dirs is None:
             self.start(model)
+        model = unwrap(model)
         report = Report(list(self._dirs))
         if self._lora:
             updates = lora_updates(model, self._modules)
@@ -145,28 +172,54 @@ class WeightMonitor(TrainerCallback):
         else:
             params = live_params(model)
             names = set(params) | {n for d in self._dirs.values() for n in d}
-        batch = []
+        if self._ranks.world > 1 and not self._ranks._owner:
+            self._ranks.plan({n: self._parts[n].local.numel() if n in self._parts else 1 for n in names})
+        batch, dense, factors = [], [], []  # factors: the update's low-rank factors, made whole by the reduce
         for name in sorted(names):
+            part = self._parts.get(name)
             if self._lora:
                 tau = updates.get(name)
+                if tau is not None and tau[0] == "dense":
+                    tau = ("dense", [(part_of(t).local, c) for t, c in tau[1]])
             elif name in params:
-                p = params[name].detach()
-                p0 = self._theta0[name] if isinstance(self._theta0, dict) else self._theta0.read(name)
-                tau = ("dense", [(p, 1.0), (p0.to(p.device), -1.0)])
+                p0, live = self._theta0_of(name, part), part_of(params[name]).local
+                tau = ("dense", [(live, 1.0), (p0.to(live.device), -1.0)])
             else:
                 tau = None
             vectors = [tau] + [_dir_vector(d.get(name)) for d in self._dirs.values()]
             if all(v is None for v in vectors):
                 continue
+            if tau is not None and tau[0] == "lowrank":  # factors by index until they are whole
+                factors += [tau[1], tau[2]]
+                vectors[0] = ("lowrank", len(factors) - 2, len(factors) - 1, tau[3])
             if all(v is None or v[0] == "lowrank" for v in vectors):
                 batch.append((name, vectors))
             else:
-                report.add(name, vector_gram(vectors))
+                dense.append((name, vectors, part))
+        if any(v[0] is not None and v[0][0] == "lowrank" for _, v, _ in dense):  # rare: τ's factors needed first
+            _, factors = self._ranks.reduce([], factors, self._device)
+        grams = [self._partial_gram(name, vectors, part, factors) for name, vectors, part in dense]
+        grams, factors = self._ranks.reduce(grams, factors, self._device)
+        for (name, _, _), G in zip(dense, grams):
+            report.add(name, G)
+        batch = [(name, [_whole(v, factors) if k == 0 else v for k, v in enumerate(vectors)]) for name, vectors in batch]
         if self._plan is None or not self._plan.matches(batch):
             self._plan = _LowRankPlan(batch)
         self._plan.add_to(batch, report)
         self.last_report = report
         return self._metrics(report)
+
+    def _partial_gram(self, name, vectors, part, factors) -> torch.Tensor:
+        """The Gram matrix of this rank's block of a tensor (zeros where another rank counts it)."""
+        if not self._ranks.counts(name, part):
+            return torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
+        region = part.region if part is not None else None
+        vectors = [_whole(v, factors) if k == 0 else v for k, v in enumerate(vectors)]
+        vectors = [restrict(v, region) if v is not None and v[0] == "lowrank" else v for v in vectors]
+        if region is None or any(v is not None and v[0] == "lowrank" for v in vectors):
+            return vector_gram(vectors)
+        return sum(vector_gram([v and ("dense", [(t.reshape(-1)[cut], c) for t, c in v[1]]) for v in vectors])
+                   for cut in gram_pieces(part, self._shapes[name]))
 
     def _metrics(self, report: Report) -> dict[str, float]:
         out = {}
@@ -202,17 +255,18 @@ class WeightMonitor(TrainerCallback):
         metrics = self.measure(model)
         record = {"step": state.global_step, **metrics}
         self.history.append(record)
-        if self.jsonl:
+        lead = self._ranks.rank == 0  # only rank 0 writes and warns; every rank stops alike
+        if self.jsonl and lead:
             with open(self.jsonl, "a") as f:
                 f.write(json.dumps({k: (v if v == v else None) for k, v in record.items()}) + "\n")
         if self.trainer is not None:
             self.trainer.log(dict(metrics))
         if self.threshold is not None:
             hits = {k: v for k, v in metrics.items() if k.endswith("/" + self.metric) and v > self.threshold}
-            if hits:
+            if hits and lead:
                 logger.warning("cws: step %d: %s above threshold %g", state.global_step, hits, self.threshold)
-                if self.action == "stop":
-                    control.should_training_stop = True
+            if hits and self.action == "stop":
+                control.should_training_stop = True
         return control
 
 
