@@ -90,17 +90,25 @@ def restrict(entry: tuple, region: Region | None) -> tuple:
     return ("lowrank", B[region[0]], A[:, region[1]], scale)
 
 
-def direction_parts(direction, regions: dict[str, Region | None], device=None) -> dict[str, tuple]:
-    """`load_direction` with dense entries cut to this rank's blocks (`regions` by tensor name) as they
-    are read, so a rank holds its share of a dense direction; low-rank factors stay whole (small)."""
-    if not isinstance(direction, (str, Direction)) and not hasattr(direction, "__fspath__"):
+def direction_parts(direction, parts: dict[str, Part], shapes: dict[str, tuple], device=None) -> dict[str, tuple]:
+    """`load_direction` with dense entries cut to this rank's blocks of the model's tensors (`parts`,
+    of full `shapes`) as they are read, so a rank holds its share of a dense direction; low-rank
+    factors stay whole (small). A direction entry whose shape does not fit its tensor is an error."""
+    if isinstance(direction, dict):
         entries = load_direction(direction, device)
-        return {n: restrict(e, regions.get(n)) if e[0] == "dense" else e for n, e in entries.items()}
-    d = direction if isinstance(direction, Direction) else Direction.open(direction)
+        full = {n: e[1].shape if e[0] == "dense" else (e[1].shape[0], e[2].shape[1]) for n, e in entries.items()}
+    else:
+        d = direction if isinstance(direction, Direction) else Direction.open(direction)
+        entries, full = d.entries, {n: e.shape for n, e in d.entries.items()}
+    for name, shape in full.items():
+        if name in shapes and tuple(shape) != tuple(shapes[name]):
+            raise CwsError(f"{name}: direction {list(shape)} does not fit the model's {list(shapes[name])}")
     out = {}
-    for name, e in d.entries.items():
-        region = regions.get(name)
-        if e.kind != "dense":
+    for name, e in entries.items():
+        region = parts[name].region if name in parts else None
+        if isinstance(e, tuple):
+            out[name] = restrict(e, region) if e[0] == "dense" else e
+        elif e.kind != "dense":
             out[name] = ("lowrank", read_tensor(e.B).to(device), read_tensor(e.A).to(device), e.scale)
         elif region is None:
             out[name] = ("dense", read_tensor(e.dense).to(device))

@@ -131,8 +131,7 @@ class WeightMonitor(TrainerCallback):
         self._parts = {n: part_of(p) for n, p in params.items()}
         self._shapes = {n: tuple(p.shape) for n, p in params.items()}
         self._device = device = next(iter(self._parts.values())).local.device
-        regions = {n: part.region for n, part in self._parts.items()}
-        self._dirs = {k: direction_parts(v, regions, device) for k, v in self.directions.items()}
+        self._dirs = {k: direction_parts(v, self._parts, self._shapes, device) for k, v in self.directions.items()}
         self._plan = None  # the low-rank tensors' Gram plan, made at the first measurement
         for entries in self._dirs.values():  # factors in fp64 once, not at every measurement
             for name, e in entries.items():
