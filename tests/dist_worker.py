@@ -167,6 +167,13 @@ def check_steer(out: Path):
     dirs = directions(base, seed=3)
     sharded = shard(copy.deepcopy(base))
     pristine = {n: p.to_local().clone() for n, p in sharded.named_parameters()}
+    try:  # the kernels refuse a DTensor (its data_ptr() is 0: the native loops crashed on it)
+        from cws_kernels import gram
+
+        gram([next(sharded.parameters())], [[1.0]])
+        raise AssertionError("gram took a DTensor")
+    except TypeError as e:
+        assert "to_local" in str(e)
     for rounding in ("nearest", "stochastic"):
         for name, w in dirs.items():
             s = Steerer(sharded, w, rounding=rounding, seed=11)
