@@ -154,8 +154,35 @@ def check_monitor(out: Path):
     ref = WeightMonitor(dirs, distributed=False)
     ref.start(plain)
     close(mon.measure(lora), ref.measure(plain), "LoRA FSDP2")
+    check_trainer(base, dirs, out)
     if rank == 0:
         (out / "monitor.ok").write_text("ok")
+
+
+def check_trainer(base, dirs, out: Path):
+    """The HF Trainer under torchrun on CPU (it wraps the model in DDP there): the monitor as a callback
+    logs every step; the JSONL gets one line per step, from rank 0."""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from cws import WeightMonitor
+
+    class Tokens(Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    mon = WeightMonitor(dirs, every=1, jsonl=out / "trainer.jsonl")
+    args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=2, max_steps=2,
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=copy.deepcopy(base), args=args, train_dataset=Tokens(), callbacks=[mon])
+    trainer.train()
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, mon.history)
+    assert len(got[0]) == 2 and got[0] == got[1], "ranks disagree"
 
 
 def check_steer(out: Path):

@@ -46,11 +46,12 @@ def files(root: Path) -> dict[str, bytes]:
 
 def test_monitor_ddp_fsdp2_lora(tmp_path):
     """DDP, FSDP2 and LoRA-under-FSDP2 metrics equal one process's (1e-9); one all_reduce per
-    measurement; the JSONL comes from rank 0 only."""
+    measurement; the JSONL comes from rank 0 only, also from the HF Trainer (DDP on CPU)."""
     ok(torchrun(WORKER, "monitor", tmp_path))
     assert (tmp_path / "monitor.ok").exists()
     lines = (tmp_path / "ddp.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
+    assert [json.loads(x)["step"] for x in (tmp_path / "trainer.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_steerer_fsdp2_bit_exact(tmp_path):
@@ -73,6 +74,18 @@ def test_torchrun_extract_apply_byte_identical(tiny_ckpts, tmp_path):
                       "--alpha", "-2", "--out", two / "steered", "--max-shard-size", "40KB", "--rounding", "stochastic"))
     assert files(one / "steered") == files(two / "steered")
     assert run.stdout.count("alpha 1:") == 1  # printed by rank 0 only
+
+
+def test_torchrun_extract_lora_byte_identical(tiny_ckpts, tmp_path):
+    """A LoRA-native direction (factors written by rank 0, dense embed/lm_head split across ranks) and
+    an adapter compare: the same as one process."""
+    from tiny import tiny_model, train_lora
+
+    base = tiny_model(0)
+    pos, neg = train_lora(base, tmp_path / "pos", seed=1), train_lora(base, tmp_path / "neg", seed=2)
+    cws.extract(pos, neg, tmp_path / "one", quiet=True)
+    ok(torchrun("-m", "cws", "extract", "--pos", pos, "--neg", neg, "--out", tmp_path / "two"))
+    assert files(tmp_path / "one") == files(tmp_path / "two")
 
 
 def test_python_api_in_process_group_compare_equal(tiny_ckpts, tmp_path):
