@@ -44,6 +44,15 @@ def files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def test_shares_contiguous_and_balanced():
+    from cws.ops.dist import shares
+
+    assert shares([1] * 10, 2) == [0] * 5 + [1] * 5
+    assert shares([10, 1, 1, 1], 2) == [0, 1, 1, 1]
+    assert shares([3, 3, 3, 3, 3, 3], 4) == [0, 1, 1, 2, 3, 3]
+    assert shares([0, 0], 2) == [0, 0] and shares([], 3) == []
+
+
 def test_monitor_ddp_fsdp2_lora(tmp_path):
     """DDP, FSDP2 and LoRA-under-FSDP2 metrics equal one process's (1e-9); one all_reduce per
     measurement; the JSONL comes from rank 0 only, also from the HF Trainer (DDP on CPU)."""

@@ -106,8 +106,8 @@ def direction_parts(direction, parts: dict[str, Part], shapes: dict[str, tuple],
     out = {}
     for name, e in entries.items():
         region = parts[name].region if name in parts else None
-        if isinstance(e, tuple):
-            out[name] = restrict(e, region) if e[0] == "dense" else e
+        if isinstance(e, tuple):  # a copy of the block, not a view that would keep the whole alive
+            out[name] = ("dense", e[1][region].clone()) if e[0] == "dense" and region is not None else e
         elif e.kind != "dense":
             out[name] = ("lowrank", read_tensor(e.B).to(device), read_tensor(e.A).to(device), e.scale)
         elif region is None:

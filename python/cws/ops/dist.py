@@ -30,6 +30,19 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+_GLOO: list = []  # a gloo group over the default group's ranks, made once where that one is not gloo
+
+
+def cpu_group():
+    """The process group for the streaming jobs' small CPU exchanges: the default group if it is gloo
+    (None), else a gloo group over the same ranks (e.g. beside NCCL in a training script)."""
+    if dist.get_backend() == "gloo":
+        return None
+    if not _GLOO:
+        _GLOO.append(dist.new_group(backend="gloo"))
+    return _GLOO[0]
+
+
 def init_from_env() -> bool:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT) with the gloo
     backend (streaming jobs exchange only small CPU tensors); True if this call joined it."""
@@ -72,7 +85,7 @@ def agree(error: BaseException | None, payload=None) -> list:
             raise error
         return [payload]
     got = [None] * world
-    dist.all_gather_object(got, (None if error is None else _message(error), payload))
+    dist.all_gather_object(got, (None if error is None else _message(error), payload), group=cpu_group())
     for r, (msg, _) in enumerate(got):
         if msg is not None:
             raise CwsError(f"rank {r}: {msg}") from error
@@ -105,9 +118,9 @@ class RankWriter(ShardedWriter):
                 made = [str(self._tmp)]
             except BaseException as e:
                 made = [("error", _message(e))]
-                dist.broadcast_object_list(made, src=0)
+                dist.broadcast_object_list(made, src=0, group=cpu_group())
                 raise
-        dist.broadcast_object_list(made, src=0)
+        dist.broadcast_object_list(made, src=0, group=cpu_group())
         if isinstance(made[0], tuple):
             raise CwsError(f"rank 0: {made[0][1]}")
         if self.rank:
@@ -194,7 +207,7 @@ def merge_report(report: Report, names: list[str], read_bytes: int, error: BaseE
     for i, name in enumerate(names):
         if name in report.grams:
             grams[i] = report.grams[name]
-    dist.all_reduce(grams)
+    dist.all_reduce(grams, group=cpu_group())
     out = Report(report.directions, meta={**report.meta, "read_bytes": sum(metas), "ranks": world})
     for name, G in zip(names, grams):
         out.grams[name] = G
