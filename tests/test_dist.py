@@ -53,6 +53,22 @@ def test_shares_contiguous_and_balanced():
     assert shares([0, 0], 2) == [0, 0] and shares([], 3) == []
 
 
+def test_fsdp1_refused_with_a_message():
+    """FSDP1's flat parameters are refused by name (FSDP1 itself needs an accelerator to run, so the
+    wrapper is planted, not built)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from tiny import tiny_model
+
+    model = tiny_model(0)
+    flat = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(flat)
+    model.add_module("fsdp1", flat)
+    for make in (lambda: cws.WeightMonitor({"w": {}}).start(model), lambda: cws.Steerer(model, {})):
+        with pytest.raises(cws.CwsError, match="FSDP1 .* use FSDP2|FSDP1 .*fully_shard"):
+            make()
+
+
 def test_monitor_ddp_fsdp2_lora(tmp_path):
     """DDP, FSDP2 and LoRA-under-FSDP2 metrics equal one process's (1e-9); one all_reduce per
     measurement; the JSONL comes from rank 0 only, also from the HF Trainer (DDP on CPU)."""

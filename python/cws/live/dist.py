@@ -156,13 +156,13 @@ class Ranks:
 
     def __init__(self, enabled: bool | None = None):
         self.rank, self.world = rank_world() if enabled is not False else (0, 1)
-        self._owner: dict[str, int] = {}
+        self.owner: dict[str, int] = {}
 
     def plan(self, sizes: dict[str, int]) -> None:
         """Tensors whose whole is on every rank (DDP parameters, direction-only entries): contiguous
         runs of about equal bytes, one per rank, over the names in order."""
         names = sorted(sizes)
-        self._owner = dict(zip(names, shares([sizes[n] for n in names], self.world)))
+        self.owner = dict(zip(names, shares([sizes[n] for n in names], self.world)))
 
     def counts(self, name: str, part: Part | None) -> bool:
         """Whether this rank adds tensor `name` (its block of it, under FSDP2) to the sums."""
@@ -170,14 +170,14 @@ class Ranks:
             return True
         if part is not None and part.sharded:
             return part.counted
-        return self._owner.get(name, 0) == self.rank
+        return self.owner.get(name, 0) == self.rank
 
     def reduce(self, grams: list[torch.Tensor], factors: list[torch.Tensor], device) -> tuple[list, list]:
         """Sum the partial Gram matrices over ranks and make every sharded LoRA factor whole, in one
         all_reduce (fp64: the factors' values are kept exactly); plain factors pass through."""
-        if self.world == 1:
-            return grams, factors
         parts = [part_of(f) if isinstance(f, DTensor) else None for f in factors]
+        if self.world == 1 or not grams and not any(parts):  # (the same on every rank)
+            return grams, [f if p is None else p.local for f, p in zip(factors, parts)]  # one rank: whole
         sizes = [g.numel() for g in grams] + [f.numel() if p is not None else 0 for f, p in zip(factors, parts)]
         buf = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
         views, at = [], 0

@@ -171,7 +171,7 @@ class WeightMonitor(TrainerCallback):
         else:
             params = live_params(model)
             names = set(params) | {n for d in self._dirs.values() for n in d}
-        if self._ranks.world > 1 and not self._ranks._owner:
+        if self._ranks.world > 1 and not self._ranks.owner:
             self._ranks.plan({n: self._parts[n].local.numel() if n in self._parts else 1 for n in names})
         batch, dense, factors = [], [], []  # factors: the update's low-rank factors, made whole by the reduce
         for name in sorted(names):

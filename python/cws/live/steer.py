@@ -20,7 +20,7 @@ from cws_kernels import add_lowrank_, lincomb
 from ..ops.checks import name_filter, tensor_seed
 from ..errors import CwsError
 from ..io.layout import layer_of
-from .dist import Part, add_lowrank_part_, direction_parts, part_of, row_offset
+from .dist import Part, add_lowrank_part_, direction_parts, part_of, row_offset, unwrap
 from .params import live_params
 
 KEEPS = ("cpu", "device", "checkpoint")
@@ -63,12 +63,13 @@ class SteerResult:
 
 
 def _targets(model, direction, include, exclude, layers) -> tuple[list[Target], SteerResult]:
-    params = live_params(model)
+    params = live_params(unwrap(model))
     keep = name_filter(include, exclude)
     layers = set(layers) if layers is not None else None
     device = next(iter(params.values())).device if params else None
-    parts = {name: part_of(p) for name, p in params.items()}
-    entries = direction_parts(direction, parts, {n: p.shape for n, p in params.items()}, device)
+    wanted = {n: p for n, p in params.items() if keep(n) and (layers is None or layer_of(n) in layers)}
+    parts = {name: part_of(p) for name, p in wanted.items()}  # filtered-out entries are neither cut nor checked
+    entries = direction_parts(direction, parts, {n: p.shape for n, p in wanted.items()}, device)
     result = SteerResult()
     targets, seen = [], {}
     for name, delta in entries.items():
