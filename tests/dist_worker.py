@@ -156,11 +156,17 @@ def check_monitor(out: Path):
     fully_shard(lora)
     mon = WeightMonitor(dirs)
     mon.start(lora)
+    native = WeightMonitor({"mixed": dirs["mixed"]})  # low-rank where LoRA trains: one all_reduce
+    native.start(lora)
     train(lora)
     gathered(lora, plain)
     ref = WeightMonitor(dirs, distributed=False)
     ref.start(plain)
     close(mon.measure(lora), ref.measure(plain), "LoRA FSDP2")
+    with counted() as calls:
+        got = native.measure(lora)
+    assert calls == [1], f"{calls} all_reduce calls in one LoRA measurement"
+    close(got, {k: v for k, v in ref.measure(plain).items() if "/mixed/" in k}, "LoRA FSDP2, LoRA-native")
     check_trainer(base, dirs, out)
     if rank == 0:
         (out / "monitor.ok").write_text("ok")
