@@ -132,14 +132,14 @@ def test_python_api_in_process_group_compare_equal(tiny_ckpts, tmp_path):
 
 def test_failing_rank_commits_nothing(tiny_ckpts, tmp_path):
     """A NaN in the last tensor (rank 1's share): both ranks exit non-zero with rank 1's message and
-    no output, finished or temporary, is left."""
+    no output (neither α's), finished or temporary, is left."""
     sd = state(tiny_ckpts["base"])
     last = list(Checkpoint.open(tiny_ckpts["base"]).tensors)[-1]
     sd[last][0, 0] = float("nan")
     bad = save_state(sd, tmp_path / "bad", like=tiny_ckpts["base"])
     out = tmp_path / "out" / "steered"
     run = torchrun("-m", "cws", "apply", "--model", bad, "--pos", tiny_ckpts["pos"], "--neg", tiny_ckpts["neg"],
-                   "--alpha", "1", "--out", out)
+                   "--alpha", "1", "--alpha", "2", "--out", out)
     assert run.returncode != 0
     assert run.stderr.count(f"cws apply: error: rank 1: {bad.resolve() / 'model.safetensors'}: tensor {last!r} "
                             f"holds NaN/Inf") == 2, run.stderr[-3000:]

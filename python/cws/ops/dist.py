@@ -72,23 +72,30 @@ def split_items(items: list) -> list:
     return [it for it, r in zip(items, owner) if r == rank]
 
 
+class RankError(CwsError):
+    """A failure on some rank, raised on every rank: "rank R: <that rank's message>"."""
+
+
 def _message(e: BaseException) -> str:
     return str(e) if isinstance(e, CwsError) else f"{type(e).__name__}: {e}"
 
 
 def agree(error: BaseException | None, payload=None) -> list:
     """Collective: every rank says whether it failed (and hands in `payload`); raises on every rank
-    the lowest failing rank's message, else returns every rank's payload."""
+    the lowest failing rank's message, else returns every rank's payload. A RankError (an agreed
+    failure, re-raised through later collective exits) passes on unchanged."""
     rank, world = rank_world()
     if world == 1:
         if error is not None:
             raise error
         return [payload]
     got = [None] * world
-    dist.all_gather_object(got, (None if error is None else _message(error), payload), group=cpu_group())
-    for r, (msg, _) in enumerate(got):
-        if msg is not None:
-            raise CwsError(f"rank {r}: {msg}") from error
+    mine = None if error is None else (isinstance(error, RankError), _message(error))
+    dist.all_gather_object(got, (mine, payload), group=cpu_group())
+    failed = sorted((m[0], r, m[1]) for r, (m, _) in enumerate(got) if m is not None)
+    if failed:
+        agreed, r, msg = failed[0]  # a rank's own failure before one already agreed on
+        raise RankError(msg if agreed else f"rank {r}: {msg}") from error
     return [p for _, p in got]
 
 
