@@ -84,7 +84,7 @@ def agree(error: BaseException | None, payload=None) -> list:
     """Collective: every rank says whether it failed (and hands in `payload`); raises on every rank
     the lowest failing rank's message, else returns every rank's payload. A RankError (an agreed
     failure, re-raised through later collective exits) passes on unchanged."""
-    rank, world = rank_world()
+    world = rank_world()[1]
     if world == 1:
         if error is not None:
             raise error
@@ -126,10 +126,10 @@ class RankWriter(ShardedWriter):
             except BaseException as e:
                 made = [("error", _message(e))]
                 dist.broadcast_object_list(made, src=0, group=cpu_group())
-                raise
+                raise RankError(f"rank 0: {made[0][1]}") from e
         dist.broadcast_object_list(made, src=0, group=cpu_group())
         if isinstance(made[0], tuple):
-            raise CwsError(f"rank 0: {made[0][1]}")
+            raise RankError(f"rank 0: {made[0][1]}")
         if self.rank:
             try:
                 self._attach(Path(made[0]))
