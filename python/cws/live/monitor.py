@@ -17,12 +17,13 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from cws_kernels import lowrank_inner_stacked
+from cws_kernels import lincomb, lowrank_inner, lowrank_inner_stacked
+from torch.distributed.tensor import DTensor
 
 from ..ops.compare import vector_gram
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from .dist import Part, Ranks, direction_parts, gram_pieces, part_of, restrict, unwrap
+from .dist import Part, Ranks, direction_parts, gram_pieces, part_of, restrict, row_offset, unwrap
 from .params import live_params, lora_modules, lora_updates
 from ..ops.report import Report
 
@@ -40,6 +41,18 @@ def _whole(v, factors):
     if v is None or v[0] != "lowrank" or not isinstance(v[1], int):
         return v
     return ("lowrank", factors[v[1]], factors[v[2]], v[3])
+
+
+def _finish_lowrank_tau(G, vectors, factors, BtD) -> None:
+    """Fill row/column 0 of G for a low-rank τ = s·B·A from whole factors: ⟨τ,τ⟩ and ⟨τ, low-rank w⟩
+    by the trace identity, ⟨τ, dense w⟩ = s·⟨A, BᵀD⟩ from the summed BᵀD."""
+    _, B, A, s = _whole(vectors[0], factors)
+    G[0, 0] = lowrank_inner(B, A, B, A, s, s)
+    for k, v in enumerate(vectors[1:], 1):
+        if v is None:
+            continue
+        G[0, k] = G[k, 0] = lowrank_inner(B, A, v[1], v[2], s, v[3]) if v[0] == "lowrank" else \
+            float((BtD[k - 1] * A.double().cpu()).sum()) * s
 
 
 def _signature(vectors) -> tuple:
@@ -195,11 +208,19 @@ class WeightMonitor(TrainerCallback):
                 batch.append((name, vectors))
             else:
                 dense.append((name, vectors, part))
-        if any(v[0] is not None and v[0][0] == "lowrank" for _, v, _ in dense):  # rare: τ's factors needed first
-            _, factors = self._ranks.reduce([], factors, self._device)
-        grams = [self._partial_gram(name, vectors, part, factors) for name, vectors, part in dense]
-        grams, factors = self._ranks.reduce(grams, factors, self._device)
-        for (name, _, _), G in zip(dense, grams):
+        split = [self._rows_of_B(name, vectors, part, factors) for name, vectors, part in dense]
+        if any(v[0] is not None and v[0][0] == "lowrank" and not b for (_, v, _), b in zip(dense, split)):
+            _, factors = self._ranks.reduce([], factors, self._device)  # rare: B not sharded like the tensor
+            split = [False] * len(dense)
+        grams, btd = [], []  # btd: the BᵀD partials of a τ split that way
+        for (name, vectors, part), b in zip(dense, split):
+            grams.append(self._partial_gram(name, [None, *vectors[1:]] if b else vectors, part, factors))
+            btd.append(self._BtD(name, vectors, part, factors) if b else [])
+        sums, factors = self._ranks.reduce(grams + [p for ps in btd for p in ps], factors, self._device)  # the one
+        grams, rest = sums[: len(grams)], iter(sums[len(grams):])
+        for G, (name, vectors, _), ps in zip(grams, dense, btd):
+            if ps:
+                _finish_lowrank_tau(G, vectors, factors, [next(rest) for _ in ps])
             report.add(name, G)
         batch = [(name, [_whole(v, factors) if k == 0 else v for k, v in enumerate(vectors)]) for name, vectors in batch]
         if self._plan is None or not self._plan.matches(batch):
@@ -207,6 +228,29 @@ class WeightMonitor(TrainerCallback):
         self._plan.add_to(batch, report)
         self.last_report = report
         return self._metrics(report)
+
+    def _rows_of_B(self, name, vectors, part, factors) -> bool:
+        """Whether τ is low-rank here with its B factor sharded by the same rows as the tensor: then
+        ⟨s·B·A, D⟩ = s·⟨A, BᵀD⟩ with BᵀD summed over ranks in the one all_reduce, beside A."""
+        tau = vectors[0]
+        if tau is None or tau[0] != "lowrank" or part is None or part.region is None or \
+                row_offset(part.region, self._shapes[name]) is None:
+            return False
+        B = factors[tau[1]]
+        return isinstance(B, DTensor) and part_of(B).region is not None and part_of(B).region[0] == part.region[0]
+
+    def _BtD(self, name, vectors, part, factors) -> list[torch.Tensor]:
+        """(r, in) fp64 Bᵀ·D over this rank's rows for each direction vector (zeros unless dense)."""
+        B = part_of(factors[vectors[0][1]]).local.double()  # (rows, r)
+        cols = factors[vectors[0][2]].shape[1]
+        out = []
+        for v in vectors[1:]:
+            if v is None or v[0] != "dense" or not self._ranks.counts(name, part):
+                out.append(torch.zeros(B.shape[1], cols, dtype=torch.float64))
+            else:  # D formed in fp32 as vector_gram forms it to meet the factors
+                D = lincomb([t for t, _ in v[1]], [c for _, c in v[1]], out_dtype=torch.float32)
+                out.append((B.T @ D.reshape(B.shape[0], -1).double()).cpu())
+        return out
 
     def _partial_gram(self, name, vectors, part, factors) -> torch.Tensor:
         """The Gram matrix of this rank's block of a tensor (zeros where another rank counts it)."""
