@@ -13,6 +13,7 @@ import os
 import warnings
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import native
 
@@ -38,7 +39,11 @@ def _env(name: str, default: str, allowed: tuple[str, ...]) -> str:
 
 
 def backend_for(tensors, backend: str | None = None) -> str:
-    """'triton' or 'torch' for a call on these tensors (all on one device)."""
+    """'triton' or 'torch' for a call on these tensors (all on one device, plain tensors)."""
+    for t in tensors:
+        if is_traceable_wrapper_subclass(t):  # a DTensor's data_ptr() is 0: the native loops would crash
+            raise TypeError(f"cws_kernels works on plain tensors, got a {type(t).__name__}; pass its local "
+                            f"shard (DTensor.to_local())")
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")

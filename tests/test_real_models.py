@@ -211,7 +211,9 @@ def test_monitor_jsonl_is_written_by_rank_zero_only(tied_full, tmp_path, monkeyp
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     for rank in (1, 0):
         monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
-        mon = cws.WeightMonitor({"w": p["dir"]}, every=1)
+        # distributed=False: no reduction across the (pretended) ranks; the JSONL rule alone is under test
+        # (tests/test_dist.py checks it under a real torchrun)
+        mon = cws.WeightMonitor({"w": p["dir"]}, every=1, distributed=False)
         mon.on_step_end(SimpleNamespace(output_dir=str(tmp_path / f"rank{rank}")), state_, TrainerControl(), model=model)
     assert not (tmp_path / "rank1").exists() and (tmp_path / "rank0" / "cws_monitor.jsonl").is_file()
 

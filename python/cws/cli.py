@@ -7,6 +7,8 @@ Nothing heavy is imported until a command runs, so `--help` (and `info`) answer 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -570,6 +572,34 @@ def _stop(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+DISTRIBUTED = ("apply", "extract", "compare")  # the commands that stream across torchrun's ranks
+
+
+@contextlib.contextmanager
+def _ranks(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group for a streaming command; ranks other
+    than 0 print nothing but errors."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    if args.command not in DISTRIBUTED:
+        raise CwsError(f"runs in one process; launch it without torchrun (across ranks: {', '.join(DISTRIBUTED)})")
+    import torch.distributed as dist
+
+    from .ops.dist import init_from_env
+
+    joined = init_from_env()
+    try:
+        with contextlib.ExitStack() as stack:
+            if dist.get_rank():
+                args.quiet = True
+                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            yield
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_values_joined(sys.argv[1:] if argv is None else list(argv)))
     handlers = {}
@@ -578,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(signal, name):
                 handlers[name] = signal.signal(getattr(signal, name), _stop)
     try:
-        args.run(args)
+        with _ranks(args):
+            args.run(args)
         return 0
     except CwsError as e:
         print(f"cws {args.command}: error: {e}", file=sys.stderr)

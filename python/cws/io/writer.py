@@ -75,6 +75,8 @@ class ShardedWriter:
     Metadata always carries "format": "pt" (older transformers refuse files without it).
     """
 
+    direct_io = True  # fsynced shards bypass the page cache; off where several processes share a shard
+
     def __init__(
         self,
         out_dir: str | os.PathLike,
@@ -141,7 +143,7 @@ class ShardedWriter:
                 try:
                     self._fds.append(os.open(tmp / self.shard_names[i], flags, 0o644))
                     self._streams.append(DirectStream(tmp / self.shard_names[i], self._fds[-1])
-                                         if self.fsync and direct.ENABLED else None)
+                                         if self.fsync and self.direct_io and direct.ENABLED else None)
                 except OSError as e:
                     target = self.out_dir / self.shard_names[i]
                     raise CheckpointError(f"cannot create {target}: {e.strerror or e}") from e

@@ -17,12 +17,14 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from cws_kernels import lowrank_inner_stacked
+from cws_kernels import lincomb, lowrank_inner, lowrank_inner_stacked
+from torch.distributed.tensor import DTensor
 
 from ..ops.compare import vector_gram
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from .params import live_params, load_direction, lora_modules, lora_updates, merge_ties, tied_names
+from .dist import Part, Ranks, direction_parts, gram_pieces, part_of, restrict, row_offset, unwrap
+from .params import live_params, lora_modules, lora_updates, merge_ties, tied_names
 from ..ops.report import Report
 
 logger = logging.getLogger("cws.monitor")
@@ -32,6 +34,25 @@ def _dir_vector(entry):
     if entry is None:
         return None
     return ("dense", [(entry[1], 1.0)]) if entry[0] == "dense" else entry
+
+
+def _whole(v, factors):
+    """The update's vector with its factors (held by index in `measure`) filled in."""
+    if v is None or v[0] != "lowrank" or not isinstance(v[1], int):
+        return v
+    return ("lowrank", factors[v[1]], factors[v[2]], v[3])
+
+
+def _finish_lowrank_tau(G, vectors, factors, BtD) -> None:
+    """Fill row/column 0 of G for a low-rank τ = s·B·A from whole factors: ⟨τ,τ⟩ and ⟨τ, low-rank w⟩
+    by the trace identity, ⟨τ, dense w⟩ = s·⟨A, BᵀD⟩ from the summed BᵀD."""
+    _, B, A, s = _whole(vectors[0], factors)
+    G[0, 0] = lowrank_inner(B, A, B, A, s, s)
+    for k, v in enumerate(vectors[1:], 1):
+        if v is None:
+            continue
+        G[0, k] = G[k, 0] = lowrank_inner(B, A, v[1], v[2], s, v[3]) if v[0] == "lowrank" else \
+            float((BtD[k - 1] * A.double().cpu()).sum()) * s
 
 
 def _signature(vectors) -> tuple:
@@ -100,7 +121,7 @@ class WeightMonitor(TrainerCallback):
 
     def __init__(self, directions, every: int = 10, *, reference="cpu", threshold: float | None = None,
                  metric: str = "cos_no_embed", action: str = "warn", jsonl: str | os.PathLike | bool | None = None,
-                 per_layer: bool = True):
+                 per_layer: bool = True, distributed: bool | None = None):
         if not isinstance(directions, dict) or all(isinstance(v, torch.Tensor) for v in directions.values()):
             directions = {"direction": directions}
         if action not in ("warn", "stop"):
@@ -108,6 +129,7 @@ class WeightMonitor(TrainerCallback):
         self.directions = directions
         self.every, self.reference, self.threshold = max(1, int(every)), reference, threshold
         self.metric, self.action, self.jsonl, self.per_layer = metric, action, jsonl, per_layer
+        self.distributed = distributed
         self.trainer = None
         self.history: list[dict] = []
         self.last_report: Report | None = None
@@ -116,10 +138,15 @@ class WeightMonitor(TrainerCallback):
 
     # -- measuring ---------------------------------------------------------------------------
     def start(self, model) -> None:
-        """Take θ_0 (full fine-tuning) and load the directions beside the model's parameters."""
+        """Take θ_0 (full fine-tuning) and load the directions beside the model's parameters (under
+        FSDP2: this rank's blocks of both)."""
+        model = unwrap(model)
         params = live_params(model)
-        device = next(iter(params.values())).device
-        self._dirs = {k: load_direction(v, device) for k, v in self.directions.items()}
+        self._ranks = Ranks(self.distributed)
+        self._parts = {n: part_of(p) for n, p in params.items()}
+        self._shapes = {n: tuple(p.shape) for n, p in params.items()}
+        self._device = device = next(iter(self._parts.values())).local.device
+        self._dirs = {k: direction_parts(v, self._parts, self._shapes, device) for k, v in self.directions.items()}
         self._plan = None  # the low-rank tensors' Gram plan, made at the first measurement
         self._tied = merge_ties(tied_names(params), list(self._dirs.values()))
         for entries in self._dirs.values():  # factors in fp64 once, not at every measurement
@@ -133,18 +160,29 @@ class WeightMonitor(TrainerCallback):
         elif self.reference in ("cpu", "device"):
             dev = "cpu" if self.reference == "cpu" else None
             copies = {}  # one copy per tensor, tied names included
-            self._theta0 = {n: copies.setdefault(id(p), p.detach().to(dev or p.device, copy=True))
-                            for n, p in params.items()}
+            self._theta0 = {n: copies.setdefault(id(params[n]), part.local.detach().to(dev or part.local.device, copy=True))
+                            for n, part in self._parts.items()}
         else:
             from ..io.hub import resolve
 
             self._theta0 = Checkpoint.open(resolve(self.reference, "model", "reference"))
 
+    def _theta0_of(self, name: str, part: Part) -> torch.Tensor:
+        if isinstance(self._theta0, dict):
+            return self._theta0[name]
+        if part.region is None:
+            return self._theta0.read(name)
+        rows = self._theta0.read(name, part.region[0].start, part.region[0].stop)
+        return rows[(slice(None), *part.region[1:])]
+
     @torch.no_grad()
     def measure(self, model) -> dict[str, float]:
-        """Metrics of the current update: cws/<direction>/{cos, cos_no_embed, proj, ...}."""
+        """Metrics of the current update: cws/<direction>/{cos, cos_no_embed, proj, ...}.
+
+        Under torch.distributed: a collective (every rank calls it at the same step)."""
         if self._dirs is None:
             self.start(model)
+        model = unwrap(model)
         report = Report(list(self._dirs))
         if self._lora:
             updates = lora_updates(model, self._modules)
@@ -153,28 +191,85 @@ class WeightMonitor(TrainerCallback):
             params = live_params(model)
             in_dirs = {n for d in self._dirs.values() for n in d}
             names = (set(params) - self._tied) | in_dirs  # a tied tensor once, unless a direction splits it
-        batch = []
+        if self._ranks.world > 1 and not self._ranks.owner:
+            self._ranks.plan({n: self._parts[n].local.numel() if n in self._parts else 1 for n in names})
+        batch, dense, factors = [], [], []  # factors: the update's low-rank factors, made whole by the reduce
         for name in sorted(names):
+            part = self._parts.get(name)
             if self._lora:
                 tau = updates.get(name)
+                if tau is not None and tau[0] == "dense":
+                    tau = ("dense", [(part_of(t).local, c) for t, c in tau[1]])
             elif name in params:
-                p = params[name].detach()
-                p0 = self._theta0[name] if isinstance(self._theta0, dict) else self._theta0.read(name)
-                tau = ("dense", [(p, 1.0), (p0.to(p.device), -1.0)])
+                p0, live = self._theta0_of(name, part), part_of(params[name]).local
+                tau = ("dense", [(live, 1.0), (p0.to(live.device), -1.0)])
             else:
                 tau = None
             vectors = [tau] + [_dir_vector(d.get(name)) for d in self._dirs.values()]
             if all(v is None for v in vectors):
                 continue
+            if tau is not None and tau[0] == "lowrank":  # factors by index until they are whole
+                factors += [tau[1], tau[2]]
+                vectors[0] = ("lowrank", len(factors) - 2, len(factors) - 1, tau[3])
             if all(v is None or v[0] == "lowrank" for v in vectors):
                 batch.append((name, vectors))
             else:
-                report.add(name, vector_gram(vectors))
+                dense.append((name, vectors, part))
+        split = [self._rows_of_B(name, vectors, part, factors) for name, vectors, part in dense]
+        if any(v[0] is not None and v[0][0] == "lowrank" and not b for (_, v, _), b in zip(dense, split)):
+            _, factors = self._ranks.reduce([], factors, self._device)  # rare: B not sharded like the tensor
+            split = [False] * len(dense)
+        grams, btd = [], []  # btd: the BᵀD partials of a τ split that way
+        for (name, vectors, part), b in zip(dense, split):
+            grams.append(self._partial_gram(name, [None, *vectors[1:]] if b else vectors, part, factors))
+            btd.append(self._BtD(name, vectors, part, factors) if b else [])
+        sums, factors = self._ranks.reduce(grams + [p for ps in btd for p in ps], factors, self._device)  # the one
+        grams, rest = sums[: len(grams)], iter(sums[len(grams):])
+        for G, (name, vectors, _), ps in zip(grams, dense, btd):
+            if ps:
+                _finish_lowrank_tau(G, vectors, factors, [next(rest) for _ in ps])
+            report.add(name, G)
+        batch = [(name, [_whole(v, factors) if k == 0 else v for k, v in enumerate(vectors)]) for name, vectors in batch]
         if self._plan is None or not self._plan.matches(batch):
             self._plan = _LowRankPlan(batch)
         self._plan.add_to(batch, report)
         self.last_report = report
         return self._metrics(report)
+
+    def _rows_of_B(self, name, vectors, part, factors) -> bool:
+        """Whether τ is low-rank here with its B factor sharded by the same rows as the tensor: then
+        ⟨s·B·A, D⟩ = s·⟨A, BᵀD⟩ with BᵀD summed over ranks in the one all_reduce, beside A."""
+        tau = vectors[0]
+        if tau is None or tau[0] != "lowrank" or part is None or part.region is None or \
+                row_offset(part.region, self._shapes[name]) is None:
+            return False
+        B = factors[tau[1]]
+        return isinstance(B, DTensor) and part_of(B).region is not None and part_of(B).region[0] == part.region[0]
+
+    def _BtD(self, name, vectors, part, factors) -> list[torch.Tensor]:
+        """(r, in) fp64 Bᵀ·D over this rank's rows for each direction vector (zeros unless dense)."""
+        B = part_of(factors[vectors[0][1]]).local.double()  # (rows, r)
+        cols = factors[vectors[0][2]].shape[1]
+        out = []
+        for v in vectors[1:]:
+            if v is None or v[0] != "dense" or not self._ranks.counts(name, part):
+                out.append(torch.zeros(B.shape[1], cols, dtype=torch.float64))
+            else:  # D formed in fp32 as vector_gram forms it to meet the factors
+                D = lincomb([t for t, _ in v[1]], [c for _, c in v[1]], out_dtype=torch.float32)
+                out.append((B.T @ D.reshape(B.shape[0], -1).double()).cpu())
+        return out
+
+    def _partial_gram(self, name, vectors, part, factors) -> torch.Tensor:
+        """The Gram matrix of this rank's block of a tensor (zeros where another rank counts it)."""
+        if not self._ranks.counts(name, part):
+            return torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
+        region = part.region if part is not None else None
+        vectors = [_whole(v, factors) if k == 0 else v for k, v in enumerate(vectors)]
+        vectors = [restrict(v, region) if v is not None and v[0] == "lowrank" else v for v in vectors]
+        if region is None or any(v is not None and v[0] == "lowrank" for v in vectors):
+            return vector_gram(vectors)
+        return sum(vector_gram([v and ("dense", [(t.reshape(-1)[cut], c) for t, c in v[1]]) for v in vectors])
+                   for cut in gram_pieces(part, self._shapes[name]))
 
     def _metrics(self, report: Report) -> dict[str, float]:
         out = {}
@@ -210,7 +305,8 @@ class WeightMonitor(TrainerCallback):
         metrics = self.measure(model)
         record = {"step": state.global_step, **metrics}
         self.history.append(record)
-        path = self._jsonl_path(args)
+        lead = self._ranks.rank == 0  # only rank 0 writes and warns; every rank stops alike
+        path = self._jsonl_path(args) if lead else None
         if path is not None:
             with open(path, "a") as f:
                 f.write(json.dumps({k: (v if v == v else None) for k, v in record.items()}) + "\n")
@@ -218,10 +314,10 @@ class WeightMonitor(TrainerCallback):
             self.trainer.log(dict(metrics))
         if self.threshold is not None:
             hits = {k: v for k, v in metrics.items() if k.endswith("/" + self.metric) and v > self.threshold}
-            if hits:
+            if hits and lead:
                 logger.warning("cws: step %d: %s above threshold %g", state.global_step, hits, self.threshold)
-                if self.action == "stop":
-                    control.should_training_stop = True
+            if hits and self.action == "stop":
+                control.should_training_stop = True
         return control
 
     def _jsonl_path(self, args):

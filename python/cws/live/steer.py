@@ -20,7 +20,8 @@ from cws_kernels import add_lowrank_, lincomb
 from ..ops.checks import name_filter, tensor_seed
 from ..errors import CwsError
 from ..io.layout import layer_of
-from .params import live_params, load_direction
+from .dist import Part, add_lowrank_part_, direction_parts, part_of, row_offset, unwrap
+from .params import live_params
 
 KEEPS = ("cpu", "device", "checkpoint")
 
@@ -45,6 +46,11 @@ class Target:
     name: str
     param: torch.nn.Parameter
     delta: tuple  # ("dense", w) or ("lowrank", B, A, scale), on the parameter's device
+    part: Part  # the block of the parameter this process holds (all of it, unless FSDP2 shards it)
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.part.local
 
 
 @dataclass
@@ -57,11 +63,13 @@ class SteerResult:
 
 
 def _targets(model, direction, include, exclude, layers) -> tuple[list[Target], SteerResult]:
-    params = live_params(model)
+    params = live_params(unwrap(model))
     keep = name_filter(include, exclude)
     layers = set(layers) if layers is not None else None
     device = next(iter(params.values())).device if params else None
-    entries = load_direction(direction, device)
+    wanted = {n: p for n, p in params.items() if keep(n) and (layers is None or layer_of(n) in layers)}
+    parts = {name: part_of(p) for name, p in wanted.items()}  # filtered-out entries are neither cut nor checked
+    entries = direction_parts(direction, parts, {n: p.shape for n, p in wanted.items()}, device)
     result = SteerResult()
     targets, seen = [], {}
     for name, delta in entries.items():
@@ -72,32 +80,35 @@ def _targets(model, direction, include, exclude, layers) -> tuple[list[Target], 
         if not keep(name) or (layers is not None and layer_of(name) not in layers):
             result.filtered.append(name)
             continue
-        shape = delta[1].shape if delta[0] == "dense" else (delta[1].shape[0], delta[2].shape[1])
-        if tuple(shape) != tuple(p.shape):
-            raise CwsError(f"{name}: direction {list(shape)} does not fit the model's {list(p.shape)}")
         if id(p) in seen:  # one tied tensor: steered once, if the direction moves both names alike
-            if entries[seen[id(p)]] is delta:
+            if _same(entries[seen[id(p)]], delta):
                 continue
             raise CwsError(f"{name} and {seen[id(p)]} are one tied tensor in this model, but the direction changes "
                            f"them differently; untie the model first (cws.untie(model)) or exclude one of them")
         seen[id(p)] = name
         delta = tuple(t.to(p.device) if isinstance(t, torch.Tensor) else t for t in delta)
-        targets.append(Target(name, p, delta))
+        targets.append(Target(name, p, delta, parts[name]))
         result.touched.append(name)
     return targets, result
 
 
 def _steer_one(t: Target, source: torch.Tensor, alpha: float, rounding: str, seed: int) -> None:
     """t.param ← source + α·delta (source may be the parameter itself, or its pristine copy)."""
-    out = t.param.data
+    out, region = t.data, t.part.region
     s = tensor_seed(seed, t.name)
     if t.delta[0] == "dense":
-        lincomb([source, t.delta[1]], [1.0, alpha], out=out, rounding=rounding, seed=s)
+        offset = row_offset(region, t.param.shape)  # this block's first element in the whole tensor
+        if offset is None and rounding == "stochastic":
+            raise CwsError(f"{t.name}: stochastic rounding needs this rank's block to be whole rows")
+        lincomb([source, t.delta[1]], [1.0, alpha], out=out, rounding=rounding, seed=s, offset=offset or 0)
     else:
         _, B, A, scale = t.delta
         if source is not out:
             out.copy_(source)
-        add_lowrank_(out, B, A, alpha * scale, rounding=rounding, seed=s)
+        if region is None:
+            add_lowrank_(out, B, A, alpha * scale, rounding=rounding, seed=s)
+        else:
+            add_lowrank_part_(out, B, A, alpha * scale, region, rounding=rounding, seed=s)
 
 
 @torch.no_grad()
@@ -112,7 +123,7 @@ def steer(model, direction, alpha: float | Sequence[float] | Callable = 1.0, *, 
     for t in targets:
         a = alpha_for(alpha, t.name)
         if a != 0.0:
-            _steer_one(t, t.param.data, a, rounding, seed)
+            _steer_one(t, t.data, a, rounding, seed)
     return result
 
 
@@ -138,7 +149,7 @@ class Steerer:
                 self.pristine = None
             else:
                 dev = "cpu" if keep == "cpu" else None
-                self.pristine = {t.name: t.param.detach().to(dev or t.param.device, copy=True) for t in self.targets}
+                self.pristine = {t.name: t.data.to(dev or t.data.device, copy=True) for t in self.targets}
 
     @property
     def kept_bytes(self) -> int:
@@ -147,8 +158,8 @@ class Steerer:
 
     def _source(self, t: Target) -> torch.Tensor:
         if self._ckpt is not None:
-            return self._ckpt.read(t.name).to(t.param.device)
-        return self.pristine[t.name].to(t.param.device)
+            return _read_part(self._ckpt, t).to(t.data.device)
+        return self.pristine[t.name].to(t.data.device)
 
     @torch.no_grad()
     def set_alpha(self, alpha) -> None:
@@ -157,7 +168,7 @@ class Steerer:
             a = alpha_for(alpha, t.name)
             src = self._source(t)
             if a == 0.0:
-                t.param.data.copy_(src)
+                t.data.copy_(src)
             else:
                 _steer_one(t, src, a, self.rounding, self.seed)
         self.alpha = alpha
@@ -180,10 +191,25 @@ def _open_matching(path, targets):
     ckpt = Checkpoint.open(path)
     for t in targets:
         info = ckpt.lookup(t.name)
-        if info is None or info.dtype != t.param.dtype or not torch.equal(ckpt.read(t.name).to(t.param.device), t.param.data):
+        if info is None or info.dtype != t.param.dtype or not torch.equal(_read_part(ckpt, t).to(t.data.device), t.data):
             raise CwsError(f"{ckpt.path}: {t.name} differs from the loaded model's; keep='checkpoint' needs the "
                            f"exact checkpoint (same dtype) the model was loaded from")
     return ckpt
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Whether two direction entries are the same delta (one object, or equal parts)."""
+    return a is b or (len(a) == len(b) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+        for x, y in zip(a, b)))
+
+
+def _read_part(ckpt, t: Target) -> torch.Tensor:
+    """This process's block of a target's tensor, read from a checkpoint (only its rows)."""
+    region = t.part.region
+    if region is None:
+        return ckpt.read(t.name)
+    return ckpt.read(t.name, region[0].start, region[0].stop)[(slice(None), *region[1:])].contiguous()
 
 
 @contextlib.contextmanager

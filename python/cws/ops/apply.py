@@ -7,6 +7,7 @@ checkpoints. Math in fp32, stored in the model's dtype with nearest or stochasti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import torch
 
 from cws_kernels import add_lowrank_, lincomb, lowrank_block_rows
 
-from . import engine
+from . import dist, engine
 from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, provenance,
                      raise_problems, shape_problem, tensor_seed)
 from ..io.direction import Direction
@@ -28,7 +29,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.hub import describe, resolve
 from ..io.lora import is_adapter
 from ..io.ties import read_config, split_ties
-from ..io.writer import ShardedWriter, copy_model_files, open_together
+from ..io.writer import copy_model_files, open_together
 from .card import model_card, steered_config
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -223,6 +224,8 @@ def apply(
 
     plan = [(name, info.dtype, info.shape) for name, info in targets]
     config = read_config(m.root)
+    mine = dist.split_items(items)  # all of them, unless this is one rank of several
+    lead = dist.rank_world()[0] == 0
     writers = []
     for a, d_out in zip(alphas, out_dirs(out, alphas)):
         md = provenance("apply", alpha=f"{a!r}", model=m.path,
@@ -230,18 +233,22 @@ def apply(
                         pos=provenance_of.get("pos"), neg=provenance_of.get("neg"), rounding=rounding,
                         seed=seed if rounding == "stochastic" else None, skipped=",".join(skipped) or None,
                         untied=",".join(untied) or None)
-        writers.append(ShardedWriter(d_out, plan, max_shard_size=shard, metadata=md, overwrite=overwrite,
-                                     inputs=inputs, fsync=fsync))
+        writers.append(dist.writer(d_out, plan, [it.name for it in mine], max_shard_size=shard, metadata=md,
+                                   overwrite=overwrite, inputs=inputs, fsync=fsync))
     if len({w.out_dir for w in writers}) < len(writers):
         raise CwsError(f"output {out!r} gives several α the same directory")
-    with open_together(writers):  # every α's output is committed, or none
+    # one process: every α's output is committed, or none; across ranks each α commits after a barrier
+    with open_together(writers) if dist.rank_world()[1] == 1 else contextlib.ExitStack() as stack:
+        if dist.rank_world()[1] > 1:
+            for w in writers:
+                stack.enter_context(w)
         for a, w in zip(alphas, writers):
             if m.path.is_dir():
                 copy_model_files(m.path, w)
             if config is not None:
                 w.add_json("config.json", steered_config(config, bool(untied)))
             w.add_text("README.md", model_card(model_spec, a, provenance_of, rounding, list(untied)))
-        engine.run(items, compute, max_memory=budget, desc="apply", quiet=quiet)
+        engine.run(mine, compute, max_memory=budget, desc="apply", quiet=quiet or not lead)
     for a, (changed, nonzero) in zip(alphas, rounding_counts):
         if nonzero and changed < nonzero / 2:
             log.warning("cws apply: alpha %g: nearest rounding kept %.1f%% of the non-zero update (%d of %d elements "

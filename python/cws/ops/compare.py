@@ -17,7 +17,7 @@ import torch
 
 from cws_kernels import gram, lincomb, lowrank_dense_inner, lowrank_inner
 
-from . import engine
+from . import dist, engine
 from .checks import check_policy, missing_problem, name_filter, raise_problems, shape_problem
 from ..io.direction import Direction
 from ..errors import CwsError
@@ -270,8 +270,14 @@ def compare(
         report.add(s.item.name, G)
         return []
 
-    read = engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="compare", quiet=quiet,
-                      writes=False)
-    report.meta.update(read_bytes=read, seconds=time.perf_counter() - started)  # headers and the pass
+    read, error = 0, None
+    try:  # on one rank of several: this rank's run of the tensors, then one all_reduce of the Grams
+        read = engine.run(dist.split_items(items), compute, max_memory=engine.parse_size(max_memory),
+                          desc="compare", quiet=quiet or dist.rank_world()[0] > 0, writes=False)
+    except Exception as e:
+        error = e
+    report = dist.merge_report(report, [it.name for it in items], read, error)
+    report.meta.update(seconds=time.perf_counter() - started)  # headers and the pass
+    report.meta.setdefault("read_bytes", read)
     return report
 

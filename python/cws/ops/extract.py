@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 
-from . import engine
+from . import dist, engine
 from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, provenance,
                      raise_problems, shape_problem)
 from ..io.direction import PREFIX, direction_meta, factor_keys
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from ..io.writer import ShardedWriter
 from cws_kernels import add_lowrank_, lincomb
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -148,10 +147,12 @@ def extract(
     inputs = [str(c.path) for c in sources.values()]
     md = provenance("extract", pos=sources["pos"].path, neg=sources["neg"].path, base=base,
                     scale_pos=scale_pos, scale_neg=scale_neg)
-    with ShardedWriter(out, plan, prefix=PREFIX, metadata=md, overwrite=overwrite, inputs=inputs,
-                       max_shard_size=engine.parse_size(max_shard_size), fsync=fsync) as writer:
+    mine = dist.split_items(items)  # all of them, unless this is one rank of several
+    with dist.writer(out, plan, [it.name for it in mine], prefix=PREFIX, metadata=md, overwrite=overwrite,
+                     inputs=inputs, max_shard_size=engine.parse_size(max_shard_size), fsync=fsync) as writer:
         writer.add_json("direction.json", meta)
-        engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet)
+        engine.run(mine, compute, max_memory=engine.parse_size(max_memory), desc="extract",
+                   quiet=quiet or dist.rank_world()[0] > 0)
     return Path(out).resolve()
 
 
@@ -260,17 +261,22 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
                           scales={"pos": scale_pos, "neg": scale_neg}, on_missing=on_missing)
     md = provenance("extract", pos=sides["pos"].path, neg=sides["neg"].path, base=base, scale_pos=scale_pos,
                     scale_neg=scale_neg, lowrank=len(lowrank))
-    with ShardedWriter(out, plan, prefix=PREFIX, metadata=md, overwrite=overwrite, inputs=inputs,
-                       max_shard_size=engine.parse_size(max_shard_size), fsync=fsync) as writer:
+    mine = dist.split_items(items)  # all of them, unless this is one rank of several; rank 0 writes the factors
+    lead = dist.rank_world()[0] == 0
+    factors = [k for name in lowrank for k in factor_keys(name)] if lead else []
+    with dist.writer(out, plan, [it.name for it in mine] + factors, prefix=PREFIX, metadata=md,
+                     overwrite=overwrite, inputs=inputs, max_shard_size=engine.parse_size(max_shard_size),
+                     fsync=fsync) as writer:
         writer.add_json("direction.json", meta)
-        for name, low in lowrank.items():
+        for name, low in lowrank.items() if lead else ():
             kb, ka = factor_keys(name)
             B_cat, A_cat = (f.to(dtypes[name]).contiguous() for f in concat_factors(low))
             if not allow_nonfinite:
                 _check_factors(name, low, B_cat, A_cat)
             writer.write(kb, B_cat)
             writer.write(ka, A_cat)
-        engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet)
+        engine.run(mine, compute, max_memory=engine.parse_size(max_memory), desc="extract",
+                   quiet=quiet or not lead)
     return Path(out).resolve()
 
 
