@@ -397,3 +397,28 @@ def test_compare_full_tied_fine_tune_counts_the_tied_tensor_once(tied_full, tmp_
     for name in (EMBED, HEAD):
         want = (tau * split[name].double()).sum().item()
         assert report.grams[name][0, 1].item() == pytest.approx(want, rel=1e-6), name
+
+
+def test_adapters_trained_tied_give_a_tied_direction(tmp_path):
+    """PEFT's ensure_weight_tying trains a tied model's embed_tokens and lm_head as one tensor and saves it
+    twice: the direction keeps it once with a tie, and apply keeps the model tied, equal to PEFT's merge."""
+    from safetensors.torch import load_file
+
+    base = tiny_model(0, dtype=torch.float32, tie_word_embeddings=True)
+    base.save_pretrained(tmp_path / "base")
+    pos = train_lora(base, tmp_path / "pos", seed=1, ensure_weight_tying=True)
+    neg = train_lora(base, tmp_path / "neg", seed=2, ensure_weight_tying=True)
+    d = cws.extract(pos, neg, tmp_path / "dir", quiet=True)
+    meta = json.loads((d / "direction.json").read_text())
+    assert meta["ties"] == {"lm_head.weight": "model.embed_tokens.weight"} and "lm_head.weight" not in meta["tensors"]
+    out = cws.apply(tmp_path / "base", d, [1.0], tmp_path / "out", quiet=True)[0]
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    assert json.loads((out / "config.json").read_text()).get("tie_word_embeddings", True) is True
+    steered = type(base).from_pretrained(out)
+    assert steered.lm_head.weight.data_ptr() == steered.model.embed_tokens.weight.data_ptr()
+    key = "base_model.model.model.embed_tokens.weight"
+    delta = load_file(pos / "adapter_model.safetensors")[key].double() - load_file(neg / "adapter_model.safetensors")[key].double()
+    want = base.model.embed_tokens.weight.detach().double() + delta
+    got = steered.model.embed_tokens.weight.detach().double()
+    # fp32: w = fl(pos − neg), then fl(base + w): at most half an ulp of each
+    assert ((got - want).abs() <= 2**-24 * (delta.abs() + want.abs()) * (1 + 2**-20)).all()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint
-from .files import load_json, resolve
+from .files import changed, load_json, open_regular, resolve
+from .layout import module_of
 from .format import TensorInfo
 
 CONFIG = "adapter_config.json"
@@ -74,6 +75,7 @@ class Adapter:
     lora: dict[str, LoraDelta] = field(default_factory=dict)
     full: dict[str, TensorInfo] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)
+    ties: dict[str, str] = field(default_factory=dict)  # {lm_head: embed}: saved once-trained tied copies
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Adapter:
@@ -89,7 +91,18 @@ class Adapter:
             raise CheckpointError(f"{path}: {why}")
         ad = cls(path, config, Checkpoint.open(path / WEIGHTS))
         ad._map_keys()
+        ad._find_ties()
         return ad
+
+    def _find_ties(self) -> None:
+        """With PEFT's ensure_weight_tying, a tied model's embed_tokens and lm_head are trained as one
+        tensor and saved twice: record the tie where the two saved copies are the same bits."""
+        if not self.config.get("ensure_weight_tying"):
+            return
+        heads = [n for n in self.full if module_of(n) == "head"]
+        embeds = [n for n in self.full if module_of(n) == "embed"]
+        if len(heads) == 1 and len(embeds) == 1 and same_bits(self.full[heads[0]], self.full[embeds[0]]):
+            self.ties = {heads[0]: embeds[0]}
 
     def _map_keys(self) -> None:
         factors: dict[str, dict[str, TensorInfo]] = {}
@@ -140,6 +153,26 @@ class Adapter:
     @property
     def names(self) -> list[str]:
         return list(self.lora) + list(self.full)
+
+
+def same_bits(a: TensorInfo, b: TensorInfo, chunk: int = 64 * 2**20) -> bool:
+    """Whether two stored tensors hold the same bytes (same dtype and shape), read in chunks."""
+    if a.shape != b.shape or a.dtype_name != b.dtype_name:
+        return False
+    (fa, sa), (fb, sb) = open_regular(a.path), open_regular(b.path)
+    try:
+        for info, st in ((a, sa), (b, sb)):
+            why = changed(info.stamp, st)
+            if why:
+                raise CheckpointError(f"{info.path}: {why}")
+        for off in range(0, a.nbytes, chunk):
+            n = min(chunk, a.nbytes - off)
+            if os.pread(fa, n, a.start + off) != os.pread(fb, n, b.start + off):
+                return False
+        return True
+    finally:
+        os.close(fa)
+        os.close(fb)
 
 
 def _pattern(patterns: dict, module: str, default):

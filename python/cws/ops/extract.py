@@ -196,11 +196,17 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     for side in sides.values():
         for key, why in getattr(side, "ignored", {}).items():
             omitted[key] = why
+    # Adapters that trained a tied model's embed_tokens and lm_head as one tensor (PEFT's
+    # ensure_weight_tying) on both sides: the direction keeps that tensor once and records the tie.
+    side_ties = [getattr(x, "ties", {}) for x in sides.values()]
+    ties = {h: e for h, e in side_ties[0].items() if all(t.get(h) == e for t in side_ties[1:]) and keep(e)}
     for name in names:
         base_info = b.lookup(name) if b is not None else None
         if not keep(name):
             omitted[name] = "excluded by --include/--exclude"
             continue
+        if name in ties:
+            continue  # the same tensor as its embedding, recorded in `ties`
         dense, low = [], []
         for label, side in sides.items():
             d, lr = _side_terms(side, name, coef[label], base_info)
@@ -258,7 +264,8 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     meta = direction_meta(tensors, omitted, dtype=str(factor_dtype or "auto").replace("torch.", ""),
                           formula="w = scale_pos*(pos - base) - scale_neg*(neg - base)",
                           sources={k: str(x.path) for k, x in sides.items()} | ({"base": str(b.path)} if b else {}),
-                          scales={"pos": scale_pos, "neg": scale_neg}, on_missing=on_missing)
+                          scales={"pos": scale_pos, "neg": scale_neg}, on_missing=on_missing,
+                          **({"ties": {h: e for h, e in ties.items() if e in tensors}} if ties else {}))
     md = provenance("extract", pos=sides["pos"].path, neg=sides["neg"].path, base=base, scale_pos=scale_pos,
                     scale_neg=scale_neg, lowrank=len(lowrank))
     mine = dist.split_items(items)  # all of them, unless this is one rank of several; rank 0 writes the factors
