@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from . import engine
-from .checks import check_finite, name_filter, nonfinite, provenance, raise_problems
+from .checks import name_filter, provenance, raise_problems
 from .compare import build_item, direction_vector, slice_gram
-from .extract import concat_factors, dense_item, dense_slice, exact_factor_dtype, parse_dtype
+from .extract import dense_item, dense_writes, direction_plan, parse_dtype, write_factors
 from ..errors import CwsError
-from ..io.direction import PREFIX, Direction, direction_meta, factor_keys
+from ..io.direction import PREFIX, Direction, direction_meta
 from ..io.format import TensorInfo
+from ..io.hub import resolve
 from ..io.layout import layer_of
 from ..io.writer import ShardedWriter
 
@@ -40,6 +41,10 @@ class _Factors:
     @property
     def rank(self) -> int:
         return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.B.shape[0], self.A.shape[1]
 
 
 def parse_terms(terms) -> list[tuple[Direction, float]]:
@@ -62,7 +67,7 @@ def parse_terms(terms) -> list[tuple[Direction, float]]:
             d, c = t, 1.0
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
             raise CwsError(f"term {t!r}: the coefficient must be a finite number, got {c!r}")
-        out.append((d if isinstance(d, Direction) else Direction.open(d), float(c)))
+        out.append((d if isinstance(d, Direction) else Direction.open(resolve(d, "direction")), float(c)))
     if not out:
         raise CwsError("combine needs at least one direction")
     return out
@@ -138,7 +143,7 @@ def combine(
     max_memory = engine.parse_size(max_memory)
     b = None
     if project_out is not None:
-        b = project_out if isinstance(project_out, Direction) else Direction.open(project_out)
+        b = project_out if isinstance(project_out, Direction) else Direction.open(resolve(project_out, "direction"))
     coef_b, groups = projection(terms, b, by, keep=keep, max_memory=max_memory, quiet=quiet) if b else ({}, {})
 
     names = list(dict.fromkeys(n for d, _ in terms + ([(b, 0.0)] if b else []) for n in d.entries))
@@ -173,18 +178,10 @@ def combine(
     if not tensors:
         raise CwsError("the combination is zero on every tensor: nothing to write")
 
-    dtypes = {name: factor_dtype or exact_factor_dtype(low) for name, low in lowrank.items()}
-    plan = [(it.name, out_dtype, it.outs[0][1]) for it in items]
-    for name, low in lowrank.items():
-        r, (rows, cols) = sum(f.rank for f, _ in low), (low[0][0].B.shape[0], low[0][0].A.shape[1])
-        kb, ka = factor_keys(name)
-        plan += [(kb, dtypes[name], (rows, r)), (ka, dtypes[name], (r, cols))]
+    plan, dtypes = direction_plan(items, lowrank, out_dtype, factor_dtype)
 
     def compute(s: engine.Slice):
-        result = dense_slice(s)
-        if not allow_nonfinite:
-            check_finite(s.item.name, [result], s.ins, s.item.sliced + s.item.whole)
-        return [(writer.write, (s.item.name, result, s.start))]
+        return dense_writes(s, writer, allow_nonfinite)
 
     sources = [str(d.path) for d, _ in terms]
     meta = direction_meta(
@@ -200,11 +197,6 @@ def combine(
                        max_shard_size=engine.parse_size(max_shard_size), fsync=fsync) as writer:
         writer.add_json("direction.json", meta)
         for name, low in lowrank.items():
-            B_cat, A_cat = concat_factors(low)
-            if not allow_nonfinite and (nonfinite(B_cat) or nonfinite(A_cat)):
-                raise CwsError(f"tensor {name!r}: NaN/Inf in the low-rank factors (pass --allow-nonfinite to proceed)")
-            kb, ka = factor_keys(name)
-            writer.write(kb, B_cat.to(dtypes[name]).contiguous())
-            writer.write(ka, A_cat.to(dtypes[name]).contiguous())
+            write_factors(writer, name, low, dtypes[name], allow_nonfinite)
         engine.run(items, compute, max_memory=max_memory, desc="combine", quiet=quiet)
     return Path(out).resolve()

@@ -247,18 +247,10 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     raise_problems(problems)
     if not tensors:
         raise CwsError(f"no tensors to extract between {pos} and {neg}")
-    plan = [(it.name, out_dtype, it.outs[0][1]) for it in items]
-    dtypes = {name: factor_dtype or exact_factor_dtype(low) for name, low in lowrank.items()}
-    for name, low in lowrank.items():
-        r, (rows, cols) = sum(d.rank for d, _ in low), low[0][0].shape
-        kb, ka = factor_keys(name)
-        plan += [(kb, dtypes[name], (rows, r)), (ka, dtypes[name], (r, cols))]
+    plan, dtypes = direction_plan(items, lowrank, out_dtype, factor_dtype)
 
     def compute(s: engine.Slice):
-        result = dense_slice(s)
-        if not allow_nonfinite:
-            check_finite(s.item.name, [result], s.ins, s.item.sliced + s.item.whole)
-        return [(writer.write, (s.item.name, result, s.start))]
+        return dense_writes(s, writer, allow_nonfinite)
 
     inputs = [str(x.path) for x in sides.values()] + ([str(b.path)] if b is not None else [])
     meta = direction_meta(tensors, omitted, dtype=str(factor_dtype or "auto").replace("torch.", ""),
@@ -276,12 +268,7 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
                      fsync=fsync) as writer:
         writer.add_json("direction.json", meta)
         for name, low in lowrank.items() if lead else ():
-            kb, ka = factor_keys(name)
-            B_cat, A_cat = (f.to(dtypes[name]).contiguous() for f in concat_factors(low))
-            if not allow_nonfinite:
-                _check_factors(name, low, B_cat, A_cat)
-            writer.write(kb, B_cat)
-            writer.write(ka, A_cat)
+            write_factors(writer, name, low, dtypes[name], allow_nonfinite)
         engine.run(mine, compute, max_memory=engine.parse_size(max_memory), desc="extract",
                    quiet=quiet or not lead)
     return Path(out).resolve()
@@ -308,6 +295,36 @@ def base_from_adapters(pos, neg) -> tuple[Path | None, str]:
         return resolve(spec, "base", "base (from adapter_config.json)", cache_only=True), ""
     except CwsError as e:
         return None, f" (adapter_config.json names {spec!r}, which is neither a local path nor in the Hub cache: {e})"
+
+
+def direction_plan(items, lowrank: dict, out_dtype, factor_dtype) -> tuple[list, dict]:
+    """The write plan of a direction: the dense items in `out_dtype`, then each low-rank entry's
+    B (rows, Σr) and A (Σr, cols) in `factor_dtype` (None: exact_factor_dtype); and those dtypes."""
+    plan = [(it.name, out_dtype, it.outs[0][1]) for it in items]
+    dtypes = {name: factor_dtype or exact_factor_dtype(low) for name, low in lowrank.items()}
+    for name, low in lowrank.items():
+        r, (rows, cols) = sum(d.rank for d, _ in low), low[0][0].shape
+        kb, ka = factor_keys(name)
+        plan += [(kb, dtypes[name], (rows, r)), (ka, dtypes[name], (r, cols))]
+    return plan, dtypes
+
+
+def write_factors(writer, name: str, low, dtype, allow_nonfinite: bool) -> None:
+    """Write a low-rank entry's concatenated factors (Σ cᵢ·BᵢAᵢ = B·A) in `dtype`, NaN/Inf refused."""
+    B_cat, A_cat = (f.to(dtype).contiguous() for f in concat_factors(low))
+    if not allow_nonfinite:
+        _check_factors(name, low, B_cat, A_cat)
+    kb, ka = factor_keys(name)
+    writer.write(kb, B_cat)
+    writer.write(ka, A_cat)
+
+
+def dense_writes(s: engine.Slice, writer, allow_nonfinite: bool) -> list:
+    """The engine's compute for a `dense_item`: the slice formed (NaN/Inf refused) and its write."""
+    result = dense_slice(s)
+    if not allow_nonfinite:
+        check_finite(s.item.name, [result], s.ins, s.item.sliced + s.item.whole)
+    return [(writer.write, (s.item.name, result, s.start))]
 
 
 def exact_factor_dtype(low) -> torch.dtype:
