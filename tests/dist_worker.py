@@ -16,10 +16,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import tiny_model  # noqa: E402
 
-# Layer matrices sharded in whole multiples of 1024 elements (the gram kernel's fp32 blocks); the
-# embeddings' second shard starts inside a block (100 rows × 64), the norms' shards are half blocks
-SHAPE = dict(hidden_size=64, intermediate_size=128, vocab_size=200)
-REL = 1e-9  # the sharded sums differ from the single-process ones only in fp64 summation order
+# Shards that start inside the gram kernel's 1024-element blocks: 203 rows of the embeddings (102 + 101
+# rows × 48), 24 rows of q_proj (12 × 48 = 576), 96 of gate_proj, norms of 48 (two halves of one block);
+# ALIGNED shards its matrices in whole blocks (64 × 64: 2048 a rank), its embeddings still inside one
+SHAPE = dict(hidden_size=48, intermediate_size=96, vocab_size=203)
+ALIGNED = dict(hidden_size=64, intermediate_size=128, vocab_size=200)
+REL = 1e-9  # every gram block is summed as one process sums it; the sums differ only in fp64 order
 
 
 def directions(model, seed=1):
@@ -66,15 +68,22 @@ def gathered(sharded, plain):
 
 
 def close(a: dict, b: dict, what: str):
-    """Cosines to 1e-9 of their scale (‖τ‖·‖w‖, i.e. absolute), projections to 1e-9 of ‖τ‖, norms to
-    1e-9 relative. Tensors whose shards start on the gram kernel's 1024-element blocks give the
-    single-process sums up to fp64 order; a block split between ranks (the norms here) is summed in
-    two fp32 parts, within the kernel's ~1e-7 of that tensor's ‖τ‖·‖w‖."""
+    """Every metric to 1e-9 of its own value. Only a value that is ~0 (|cos| < 1e-6, or a projection
+    under 1e-6 of ‖τ‖) gets an absolute floor: 1e-9 of that bound, i.e. 1e-15 for a cosine."""
     assert a.keys() == b.keys(), (what, sorted(set(a) ^ set(b)))
     for k in a:
-        scale = 1.0 if "cos" in k else b[k.rsplit("/", 1)[0] + "/update_norm"] if "/proj" in k else abs(b[k])
-        if not abs(a[k] - b[k]) <= REL * scale:
+        floor = 1e-6 * (b[k.rsplit("/", 1)[0] + "/update_norm"] if "/proj" in k else 1.0 if "cos" in k else 0.0)
+        if not abs(a[k] - b[k]) <= REL * max(abs(b[k]), floor):
             raise AssertionError(f"{what}: {k}: distributed {a[k]!r} vs single-process {b[k]!r}")
+
+
+def same_grams(got, ref, what: str):
+    """Every tensor's Gram matrix to 1e-12 of the norms (‖vᵢ‖·‖vⱼ‖): the same fp32 block sums."""
+    assert got.grams.keys() == ref.grams.keys(), what
+    for name, G in ref.grams.items():
+        scale = G.diagonal().sqrt().outer(G.diagonal().sqrt())
+        err = ((got.grams[name] - G).abs() / scale.clamp_min(1e-300)).max().item()
+        assert err <= 1e-12, f"{what}: {name}: Gram off by {err:.2g} of the norms"
 
 
 class counted:
@@ -111,6 +120,7 @@ def check_monitor(out: Path):
     ref.start(ddp.module)
     train(ddp)
     close(mon.measure(ddp), ref.measure(ddp.module), "DDP")
+    same_grams(mon.last_report, ref.last_report, "DDP")
 
     class State:
         global_step = 1
@@ -118,25 +128,9 @@ def check_monitor(out: Path):
     mon.on_step_end(None, State(), type("C", (), {"should_training_stop": False})(), model=ddp)
 
     # FSDP2: DTensor parameters, θ₀ and the dense direction kept as this rank's rows
-    sharded = shard(copy.deepcopy(base))
-    mon = WeightMonitor(dirs)
-    mon.start(sharded)
-    train(sharded)
-    plain = gathered(sharded, copy.deepcopy(base))
-    ref = WeightMonitor(dirs, distributed=False)
-    ref.start(base)
-    with counted() as calls:
-        got = mon.measure(sharded)
-    assert calls == [1], f"{calls} all_reduce calls in one measurement"
-    close(got, ref.measure(plain), "FSDP2")
-    for name, G in ref.last_report.grams.items():  # per tensor: block-aligned layer matrices to fp64 order;
-        # a gram block split between ranks (embeddings, norms) is two fp32 sums: the kernel's accuracy
-        scale = G.diagonal().sqrt().outer(G.diagonal().sqrt())
-        tol = 1e-12 if base.get_parameter(name).ndim == 2 and "embed" not in name and "lm_head" not in name else 1e-6
-        err = ((mon.last_report.grams[name] - G).abs() / scale.clamp_min(1e-300)).max().item()
-        assert err <= tol, f"{name}: Gram off by {err:.2g} of the norms"
-    local = sum(t.numel() for t in mon._theta0.values())
-    assert local < sum(p.numel() for p in base.parameters()), "θ₀ should be kept sharded"
+    for shape in (SHAPE, ALIGNED):
+        check_fsdp2(tiny_model(0, dtype=torch.float32, **shape), f"FSDP2 {shape}")
+        check_fsdp2(tiny_model(0, dtype=torch.bfloat16, **shape), f"FSDP2 bf16 {shape}")
 
     # LoRA under FSDP2: sharded factors made whole in the measurement's one all_reduce
     from peft import LoraConfig, get_peft_model
@@ -166,6 +160,7 @@ def check_monitor(out: Path):
         got = mon.measure(lora)
     assert calls == [1], f"{calls} all_reduce calls in one LoRA measurement"
     close(got, ref.measure(plain), "LoRA FSDP2")
+    same_grams(mon.last_report, ref.last_report, "LoRA FSDP2")
     with counted() as calls:
         got = native.measure(lora)
     assert calls == [1], f"{calls} all_reduce calls in one LoRA measurement"
@@ -173,6 +168,28 @@ def check_monitor(out: Path):
     check_trainer(base, dirs, out)
     if rank == 0:
         (out / "monitor.ok").write_text("ok")
+
+
+def check_fsdp2(base, what: str):
+    """A full fine-tune sharded with FSDP2, against the dense and the mixed direction: every metric and
+    every tensor's Gram matrix as one process gives them, in one all_reduce, θ₀ kept sharded."""
+    from cws import WeightMonitor
+
+    dirs = directions(base)
+    sharded = shard(copy.deepcopy(base))
+    mon = WeightMonitor(dirs)
+    mon.start(sharded)
+    train(sharded)
+    plain = gathered(sharded, copy.deepcopy(base))
+    ref = WeightMonitor(dirs, distributed=False)
+    ref.start(base)
+    with counted() as calls:
+        got = mon.measure(sharded)
+    assert calls == [1], f"{what}: {calls} all_reduce calls in one measurement"
+    close(got, ref.measure(plain), what)
+    same_grams(mon.last_report, ref.last_report, what)
+    local = sum(t.numel() for t in mon._theta0.values())
+    assert local < sum(p.numel() for p in base.parameters()), "θ₀ should be kept sharded"
 
 
 def check_trainer(base, dirs, out: Path):

@@ -10,6 +10,8 @@ refused.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,16 +70,65 @@ def row_offset(region: Region | None, shape) -> int | None:
     return region[0].start * (int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 1)
 
 
-def gram_pieces(part: Part, shape) -> list[slice]:
-    """Flat ranges of this rank's block cut where the full tensor's `gram` blocks (GRAM_BLOCK elements
-    from its start) begin, so that every whole block gives the single-process partial sum bit for
-    bit; only blocks split between two ranks (at most one per end) are summed differently."""
+@dataclass
+class Cut:
+    """This rank's block of a tensor, flattened, against the `gram` kernel's blocks (GRAM_BLOCK elements
+    from the full tensor's start): `own`, the local run of blocks it holds whole and sums alone; the
+    blocks split between ranks, laid end to end in a buffer of `size` elements (`blocks`: their ranges
+    there, the same on every rank), and `frags`: (local slice, buffer slice) of this rank's parts of them."""
+
+    own: slice
+    frags: list[tuple[slice, slice]]
+    blocks: list[slice]
+    size: int
+
+
+def _flat_ranges(p: DTensor) -> list[tuple[int, int]] | None:
+    """[start, stop) in the flattened full tensor of each counted rank's block of `p` (Replicate mesh
+    dimensions at 0); None where a block is not a run of whole rows."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    mesh_shape = tuple(p.device_mesh.shape)
+    out = []
+    for coord in itertools.product(*(([0] if pl.is_replicate() else range(n)) for n, pl in zip(mesh_shape, p.placements))):
+        shape, offset = _compute_local_shape_and_global_offset(p.shape, mesh_shape, list(coord), p.placements)
+        if not math.prod(shape):
+            continue
+        start = row_offset(tuple(slice(o, o + n) for o, n in zip(offset, shape)), p.shape)
+        if start is None:
+            return None
+        out.append((start, start + math.prod(shape)))
+    return out
+
+
+def gram_cut(p: torch.Tensor, part: Part) -> Cut:
+    """Where this rank's block of `p` meets the `gram` blocks: every block within it is summed by this
+    rank alone, bit for bit as in one process; a block that two ranks' blocks share (a shard boundary
+    inside it) is made whole across ranks and summed once. Blocks not of whole rows: all `own`."""
     n = part.local.numel()
-    start = row_offset(part.region, shape)
-    if start is None or not start % GRAM_BLOCK:
-        return [slice(0, n)]
-    head = min(n, -start % GRAM_BLOCK)
-    return [s for s in (slice(0, head), slice(head, n)) if s.stop > s.start]
+    ranges = _flat_ranges(p) if part.sharded and part.region is not None else None
+    if ranges is None:
+        return Cut(slice(0, n), [], [], 0)
+    total = math.prod(p.shape)
+    shared = sorted({s // GRAM_BLOCK for s, _ in ranges if s % GRAM_BLOCK})
+    blocks, at = [], 0
+    for b in shared:
+        m = min(GRAM_BLOCK, total - b * GRAM_BLOCK)
+        blocks.append(slice(at, at + m))
+        at += m
+    start = row_offset(part.region, p.shape)
+    lo, hi, frags = start, start + n, []
+    for b, place in zip(shared, blocks):
+        first = b * GRAM_BLOCK
+        a, z = max(lo, first), min(start + n, first + place.stop - place.start)
+        if a >= z:
+            continue
+        frags.append((slice(a - start, z - start), slice(place.start + a - first, place.start + z - first)))
+        if a == lo:  # the block holding this rank's first element (the blocks come in order)
+            lo = z
+        else:  # the block holding its last
+            hi = a
+    return Cut(slice(lo - start, max(lo, hi) - start), frags, blocks, at)
 
 
 def restrict(entry: tuple, region: Region | None) -> tuple:

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from ..ops.compare import vector_gram
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from .dist import Part, Ranks, direction_parts, gram_pieces, part_of, restrict, row_offset, unwrap
+from .dist import Part, Ranks, direction_parts, gram_cut, part_of, restrict, row_offset, unwrap
 from .params import live_params, lora_modules, lora_updates, merge_ties, tied_names
 from ..ops.report import Report
 
@@ -53,6 +53,20 @@ def _finish_lowrank_tau(G, vectors, factors, BtD) -> None:
             continue
         G[0, k] = G[k, 0] = lowrank_inner(B, A, v[1], v[2], s, v[3]) if v[0] == "lowrank" else \
             float((BtD[k - 1] * A.double().cpu()).sum()) * s
+
+
+def _dense_inputs(vectors) -> list[torch.Tensor]:
+    """The distinct tensors of the dense vectors, in the order `vector_gram` meets them."""
+    seen = {}
+    for v in vectors:
+        for t, _ in v[1] if v is not None and v[0] == "dense" else []:
+            seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _flat_dense(v, cut: slice):
+    """A dense vector's flat range `cut`; None for any other vector."""
+    return ("dense", [(t.reshape(-1)[cut], c) for t, c in v[1]]) if v is not None and v[0] == "dense" else None
 
 
 def _signature(vectors) -> tuple:
@@ -144,6 +158,7 @@ class WeightMonitor(TrainerCallback):
         params = live_params(model)
         self._ranks = Ranks(self.distributed)
         self._parts = {n: part_of(p) for n, p in params.items()}
+        self._cuts = {n: gram_cut(p, self._parts[n]) for n, p in params.items()}
         self._shapes = {n: tuple(p.shape) for n, p in params.items()}
         self._device = device = next(iter(self._parts.values())).local.device
         self._dirs = {k: direction_parts(v, self._parts, self._shapes, device) for k, v in self.directions.items()}
@@ -219,15 +234,21 @@ class WeightMonitor(TrainerCallback):
         if any(v[0] is not None and v[0][0] == "lowrank" and not b for (_, v, _), b in zip(dense, split)):
             _, factors = self._ranks.reduce([], factors, self._device)  # rare: B not sharded like the tensor
             split = [False] * len(dense)
-        grams, btd = [], []  # btd: the BᵀD partials of a τ split that way
+        grams, btd, shared = [], [], []  # btd: the BᵀD partials of a τ split that way; shared: see _partial_gram
         for (name, vectors, part), b in zip(dense, split):
-            grams.append(self._partial_gram(name, [None, *vectors[1:]] if b else vectors, part, factors))
+            G, frags = self._partial_gram(name, [None, *vectors[1:]] if b else vectors, part, factors)
+            grams.append(G)
+            shared.append(frags)
             btd.append(self._BtD(name, vectors, part, factors) if b else [])
-        sums, factors = self._ranks.reduce(grams + [p for ps in btd for p in ps], factors, self._device)  # the one
+        extra = [p for ps in btd for p in ps] + [f for f in shared if f is not None]
+        sums, factors = self._ranks.reduce(grams + extra, factors, self._device)  # the one
         grams, rest = sums[: len(grams)], iter(sums[len(grams):])
         for G, (name, vectors, _), ps in zip(grams, dense, btd):
             if ps:
                 _finish_lowrank_tau(G, vectors, factors, [next(rest) for _ in ps])
+        for G, (name, vectors, _), frags, ps in zip(grams, dense, shared, btd):
+            if frags is not None:
+                G += self._shared_gram(name, [None, *vectors[1:]] if ps else vectors, next(rest))
             report.add(name, G)
         batch = [(name, [_whole(v, factors) if k == 0 else v for k, v in enumerate(vectors)]) for name, vectors in batch]
         if self._plan is None or not self._plan.matches(batch):
@@ -259,17 +280,44 @@ class WeightMonitor(TrainerCallback):
                 out.append((B.T @ D.reshape(B.shape[0], -1).double()).cpu())
         return out
 
-    def _partial_gram(self, name, vectors, part, factors) -> torch.Tensor:
-        """The Gram matrix of this rank's block of a tensor (zeros where another rank counts it)."""
-        if not self._ranks.counts(name, part):
-            return torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
+    def _partial_gram(self, name, vectors, part, factors) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Gram matrix of this rank's block of a tensor (zeros where another rank counts it) without
+        the `gram` blocks it shares with other ranks, and a buffer (fp64, exact) holding its elements of
+        those blocks at their places, zeros elsewhere: summed over ranks, it holds them whole."""
+        K = len(vectors)
         region = part.region if part is not None else None
         vectors = [_whole(v, factors) if k == 0 else v for k, v in enumerate(vectors)]
         vectors = [restrict(v, region) if v is not None and v[0] == "lowrank" else v for v in vectors]
-        if region is None or any(v is not None and v[0] == "lowrank" for v in vectors):
-            return vector_gram(vectors)
-        return sum(vector_gram([v and ("dense", [(t.reshape(-1)[cut], c) for t, c in v[1]]) for v in vectors])
-                   for cut in gram_pieces(part, self._shapes[name]))
+        cut = self._cuts.get(name) if region is not None else None
+        inputs = _dense_inputs(vectors)
+        frags = torch.zeros(len(inputs), cut.size, dtype=torch.float64, device=self._device) \
+            if cut is not None and cut.size and inputs else None
+        if not self._ranks.counts(name, part):
+            return torch.zeros(K, K, dtype=torch.float64), frags
+        if cut is None:
+            return vector_gram(vectors), frags
+        for row, t in zip(frags if frags is not None else [], inputs):
+            for here, there in cut.frags:
+                row[there] = t.reshape(-1)[here]
+        dense = [k for k, v in enumerate(vectors) if v is not None and v[0] == "dense"]
+        own = vector_gram([_flat_dense(v, cut.own) for v in vectors])
+        if len(dense) == sum(v is not None for v in vectors):
+            return own, frags
+        G = vector_gram(vectors)  # low-rank entries over the rank's rows; dense pairs by whole blocks
+        idx = torch.tensor(dense, dtype=torch.long)
+        G[idx[:, None], idx[None, :]] = own[idx[:, None], idx[None, :]]
+        return G, frags
+
+    def _shared_gram(self, name, vectors, frags) -> torch.Tensor:
+        """The dense pairs' Gram entries over the blocks split between ranks, each block made whole
+        (`frags` summed over ranks) and summed by `gram` as one process sums it; the same on every rank."""
+        inputs, frags = _dense_inputs(vectors), frags.to(self._device)
+        G = torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
+        for block in self._cuts[name].blocks:
+            whole = {id(t): row[block].to(t.dtype) for row, t in zip(frags, inputs)}
+            G += vector_gram([("dense", [(whole[id(t)], c) for t, c in v[1]]) if v is not None and v[0] == "dense"
+                              else None for v in vectors])
+        return G
 
     def _metrics(self, report: Report) -> dict[str, float]:
         out = {}
