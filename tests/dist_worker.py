@@ -192,6 +192,13 @@ def check_fsdp2(base, what: str):
     assert local < sum(p.numel() for p in base.parameters()), "θ₀ should be kept sharded"
 
 
+def check_fsdp2_only(out: Path):
+    """check_fsdp2 on the shape whose shards start inside gram blocks (run on 3 ranks by test_dist.py)."""
+    check_fsdp2(tiny_model(0, dtype=torch.float32, **SHAPE), f"FSDP2 on {dist.get_world_size()} ranks")
+    if dist.get_rank() == 0:
+        (out / "fsdp2.ok").write_text("ok")
+
+
 def check_trainer(base, dirs, out: Path):
     """The HF Trainer under torchrun on CPU (it wraps the model in DDP there): the monitor as a callback
     logs every step; the JSONL gets one line per step, from rank 0."""
@@ -276,6 +283,6 @@ def check_api(out: Path):
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
-        {"monitor": check_monitor, "steer": check_steer, "api": check_api}[sys.argv[1]](Path(sys.argv[2]))
+        {"monitor": check_monitor, "fsdp2": check_fsdp2_only, "steer": check_steer, "api": check_api}[sys.argv[1]](Path(sys.argv[2]))
     finally:
         dist.destroy_process_group()

@@ -22,15 +22,15 @@ from tiny import save_state, state
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def torchrun(*args, timeout=120) -> subprocess.CompletedProcess:
-    """Run `args` on 2 ranks; the children import this checkout's cws and cws_kernels."""
+def torchrun(*args, timeout=120, ranks=2) -> subprocess.CompletedProcess:
+    """Run `args` on 2 (or `ranks`) ranks; the children import this checkout's cws and cws_kernels."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     paths = [str(Path(cws.__file__).parents[1]), str(Path(cws_kernels.__file__).parents[1])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
            "--master-port", str(port), *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -77,6 +77,13 @@ def test_monitor_ddp_fsdp2_lora(tmp_path):
     lines = (tmp_path / "ddp.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
     assert [json.loads(x)["step"] for x in (tmp_path / "trainer.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_monitor_fsdp2_three_ranks(tmp_path):
+    """Three FSDP2 ranks: a norm weight's one gram block is shared by all three (the middle rank's shard
+    lies inside it), the embeddings' blocks by two: metrics to 1e-9 relative, Grams to 1e-12."""
+    ok(torchrun(WORKER, "fsdp2", tmp_path, ranks=3))
+    assert (tmp_path / "fsdp2.ok").exists()
 
 
 def test_steerer_fsdp2_bit_exact(tmp_path):
