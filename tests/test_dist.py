@@ -5,6 +5,7 @@ result against the single-process one; the streaming jobs are checked here, byte
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -51,6 +52,46 @@ def test_shares_contiguous_and_balanced():
     assert shares([10, 1, 1, 1], 2) == [0, 1, 1, 1]
     assert shares([3, 3, 3, 3, 3, 3], 4) == [0, 1, 1, 2, 3, 3]
     assert shares([0, 0], 2) == [0, 0] and shares([], 3) == []
+
+
+@pytest.mark.parametrize("world", [2, 3, 5, 8])
+@pytest.mark.parametrize("shape", [(48,), (203, 48), (7, 1000), (24, 96), (64, 64), (3, 5), (1030, 3)])
+def test_gram_cut_tiles_every_block_once(shape, world):
+    """FSDP2 row shards on `world` ranks (no process group: the cut is a function of the placements):
+    each rank's own run is whole gram blocks (or ends at the tensor's end); the blocks a shard starts
+    inside are shared, laid out alike on every rank, and the ranks' fragments tile each exactly once."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    from cws.live.dist import GRAM_BLOCK, Part, gram_cut
+
+    total, row = math.prod(shape), math.prod(shape[1:])
+    p = SimpleNamespace(shape=torch.Size(shape), device_mesh=SimpleNamespace(shape=(world,)), placements=(Shard(0),))
+    blocks = sorted({offset[0] * row // GRAM_BLOCK for rank in range(world)
+                     for local, offset in [_compute_local_shape_and_global_offset(shape, (world,), [rank], (Shard(0),))]
+                     if local[0] and offset[0] * row % GRAM_BLOCK})
+    cover = torch.zeros(total, dtype=torch.long)  # how often each element is summed
+    slots = torch.full((sum(min(GRAM_BLOCK, total - b * GRAM_BLOCK) for b in blocks),), -1)  # element per slot
+    for rank in range(world):
+        local, offset = _compute_local_shape_and_global_offset(shape, (world,), [rank], (Shard(0),))
+        start = offset[0] * row
+        region = None if tuple(local) == shape else tuple(slice(o, o + m) for o, m in zip(offset, local))
+        cut = gram_cut(p, Part(torch.empty(local), region, True, True))
+        assert cut.size == len(slots) and len(cut.blocks) == len(blocks)
+        own = range(start + cut.own.start, start + cut.own.stop)
+        if len(own):
+            assert own.start % GRAM_BLOCK == 0 and (own.stop % GRAM_BLOCK == 0 or own.stop == total)
+        cover[own.start : own.stop] += 1
+        for here, there in cut.frags:
+            cover[start + here.start : start + here.stop] += 1
+            assert (slots[there] == -1).all()
+            slots[there] = torch.arange(start + here.start, start + here.stop)
+    assert torch.equal(cover, torch.ones(total, dtype=torch.long))
+    expect = torch.cat([torch.arange(b * GRAM_BLOCK, min(total, (b + 1) * GRAM_BLOCK)) for b in blocks] or
+                       [torch.zeros(0, dtype=torch.long)])
+    assert torch.equal(slots, expect)
 
 
 def test_fsdp1_refused_with_a_message():

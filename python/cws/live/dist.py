@@ -10,6 +10,7 @@ refused.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -83,22 +84,22 @@ class Cut:
     size: int
 
 
-def _flat_ranges(p: DTensor) -> list[tuple[int, int]] | None:
-    """[start, stop) in the flattened full tensor of each counted rank's block of `p` (Replicate mesh
-    dimensions at 0); None where a block is not a run of whole rows."""
+@functools.lru_cache(maxsize=None)
+def _flat_ranges(shape: tuple, mesh_shape: tuple, placements: tuple) -> tuple[tuple[int, int], ...] | None:
+    """[start, stop) in the flattened full tensor of each counted rank's block (Replicate mesh
+    dimensions at 0) of a DTensor so placed; None where a block is not a run of whole rows."""
     from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
-    mesh_shape = tuple(p.device_mesh.shape)
     out = []
-    for coord in itertools.product(*(([0] if pl.is_replicate() else range(n)) for n, pl in zip(mesh_shape, p.placements))):
-        shape, offset = _compute_local_shape_and_global_offset(p.shape, mesh_shape, list(coord), p.placements)
-        if not math.prod(shape):
+    for coord in itertools.product(*(([0] if pl.is_replicate() else range(n)) for n, pl in zip(mesh_shape, placements))):
+        local, offset = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coord), placements)
+        if not math.prod(local):
             continue
-        start = row_offset(tuple(slice(o, o + n) for o, n in zip(offset, shape)), p.shape)
+        start = row_offset(tuple(slice(o, o + n) for o, n in zip(offset, local)), shape)
         if start is None:
             return None
-        out.append((start, start + math.prod(shape)))
-    return out
+        out.append((start, start + math.prod(local)))
+    return tuple(out)
 
 
 def gram_cut(p: torch.Tensor, part: Part) -> Cut:
@@ -106,7 +107,8 @@ def gram_cut(p: torch.Tensor, part: Part) -> Cut:
     rank alone, bit for bit as in one process; a block that two ranks' blocks share (a shard boundary
     inside it) is made whole across ranks and summed once. Blocks not of whole rows: all `own`."""
     n = part.local.numel()
-    ranges = _flat_ranges(p) if part.sharded and part.region is not None else None
+    ranges = _flat_ranges(tuple(p.shape), tuple(p.device_mesh.shape), tuple(p.placements)) \
+        if part.sharded and part.region is not None else None
     if ranges is None:
         return Cut(slice(0, n), [], [], 0)
     total = math.prod(p.shape)
