@@ -282,6 +282,7 @@ def check_api(out: Path):
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
-        {"monitor": check_monitor, "fsdp2": check_fsdp2_only, "steer": check_steer, "api": check_api}[sys.argv[1]](Path(sys.argv[2]))
+        checks = {"monitor": check_monitor, "fsdp2": check_fsdp2_only, "steer": check_steer, "api": check_api}
+        checks[sys.argv[1]](Path(sys.argv[2]))
     finally:
         dist.destroy_process_group()

@@ -91,7 +91,8 @@ def _flat_ranges(shape: tuple, mesh_shape: tuple, placements: tuple) -> tuple[tu
     from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
     out = []
-    for coord in itertools.product(*(([0] if pl.is_replicate() else range(n)) for n, pl in zip(mesh_shape, placements))):
+    axes = [[0] if pl.is_replicate() else range(n) for n, pl in zip(mesh_shape, placements)]
+    for coord in itertools.product(*axes):
         local, offset = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coord), placements)
         if not math.prod(local):
             continue
