@@ -9,7 +9,8 @@ pool of seeded Gaussians; pos/neg = bf16(base + 1e-3·noise)), so no model is ev
 Deleted at the end unless --keep (a kept set is reused).
 
 Before every run the page cache is dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`, root only;
-otherwise the script says so and the runs are not cold). Floors, measured in the same run:
+otherwise the script says so and the runs are not cold), then, untimed, the Python tools import their
+libraries again: the data is cold, not torch (a user's next command finds it warm). Floors, measured in the same run:
 `cat` of base+pos+neg one after another; one `cat` per file, all at once; `dd iflag=direct bs=64M`
 of every input file, one after another; `dd oflag=direct conv=fsync` of one output's size (the
 durable write). An op's floor is max(its input bytes at the best read floor's GB/s, the durable
@@ -143,8 +144,9 @@ def direct_io_works(file, outdir):
 class Run:
     """One provider: a command, the directories it reads, what it writes (removed before and after)."""
 
-    def __init__(self, name, kind, cmd, inputs, out=None, out_bytes=0, keep_out=False):
-        self.name, self.kind, self.cmd, self.inputs, self.out = name, kind, cmd, inputs, out
+    def __init__(self, name, kind, cmd, inputs, out=None, out_bytes=0, keep_out=False, warm=None):
+        """warm: a command run after the cache drop, untimed (the tool's interpreter and libraries)."""
+        self.name, self.kind, self.cmd, self.inputs, self.out, self.warm = name, kind, cmd, inputs, out, warm
         self.in_bytes, self.out_bytes, self.keep_out = nbytes(inputs), out_bytes, keep_out
         self.walls, self.rss, self.flush = [], [], []
 
@@ -152,6 +154,8 @@ class Run:
         remove(self.out)
         self.in_bytes = nbytes(self.inputs)  # compare's direction exists only once extract has run
         note = drop_caches() if cold else "page cache not dropped (--warm)"
+        if self.warm:
+            subprocess.run(self.warm, env=env, check=True, stdout=subprocess.DEVNULL)
         log = logdir / (self.name.replace(" ", "_").replace("/", "_") + ".log")
         wall, rss = run_once(self.cmd, env, log, discard_stdout=self.cmd[0] in ("cat", "sh"))
         self.walls.append(wall)
@@ -245,19 +249,23 @@ def main():
                      ["dd", "if=/dev/zero", f"of={out / 'dd.bin'}", "bs=64M", f"count={ckpt}", "iflag=count_bytes",
                       "oflag=direct", "conv=fsync", "status=none"], [], out / "dd.bin", ckpt)]
     d = out / "direction"  # extract's output, the direction compare reads (kept until compare is done)
+    warm = [sys.executable, "-c", "import torch, safetensors, cws.cli, cws.ops.apply, cws.ops.extract, cws.ops.compare"]
     runs += [Run("cws apply --pos --neg", "cws", [*cws, "apply", "--model", base, "--pos", pos, "--neg", neg, "--alpha",
-                 "1", "--out", str(out / "apply"), "-q"], three, out / "apply", ckpt),
+                 "1", "--out", str(out / "apply"), "-q"], three, out / "apply", ckpt, warm=warm),
              Run("cws extract --pos --neg --dtype bfloat16", "cws", [*cws, "extract", "--pos", pos, "--neg", neg,
-                 "--dtype", "bfloat16", "--out", str(d), "-q"], [paths["pos"], paths["neg"]], d, ckpt, keep_out=True),
+                 "--dtype", "bfloat16", "--out", str(d), "-q"], [paths["pos"], paths["neg"]], d, ckpt, keep_out=True,
+                 warm=warm),
              Run("cws compare", "cws", [*cws, "compare", "--base", base, "--model", pos, "--direction", str(d), "-q",
-                 "--json", str(out / "compare.json")], [paths["base"], paths["pos"], d])]
+                 "--json", str(out / "compare.json")], [paths["base"], paths["pos"], d], warm=warm)]
     mk_info = None
     if not args.skip_mergekit:
-        mk_cmd, mk_out, mk_info = mergekit_setup(mergekit_venv(args.mergekit_venv), paths, work)
+        venv = mergekit_venv(args.mergekit_venv)
+        mk_cmd, mk_out, mk_info = mergekit_setup(venv, paths, work)
         if mk_cmd is None:
             print("mergekit: not importable here nor in --mergekit-venv; left out")
         else:
-            runs.append(Run("mergekit task_arithmetic --lazy-unpickle", "mergekit", mk_cmd, three, mk_out, ckpt))
+            runs.append(Run("mergekit task_arithmetic --lazy-unpickle", "mergekit", mk_cmd, three, mk_out, ckpt,
+                            warm=[str(Path(venv) / "bin" / "python"), "-c", "import torch, mergekit.merge"]))
 
     notes = set()
     print(f"measuring {len(runs)} runs x {args.reps} reps, each from a dropped page cache:", flush=True)

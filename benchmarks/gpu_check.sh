@@ -42,11 +42,11 @@ part() {
     [ "$rc" -eq 0 ] || FAILED+=("$name (rc $rc)")
 }
 
-part triton_tests 210 env CWS_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+part triton_tests 240 env CWS_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
     --junitxml="$WORK/triton.xml"
-part kernels 120 "$PY" benchmarks/bench_kernels.py --n 1000000000 --reps 5 --device cuda --json "$WORK/kernels.json"
-part steer 90 "$PY" benchmarks/bench_gpu_steer.py --device cuda --json "$WORK/steer.json"
-part monitor 50 "$PY" benchmarks/bench_monitor.py --device cuda --reference device --hidden 2048 --layers 8 \
+part kernels 100 "$PY" benchmarks/bench_kernels.py --n 1000000000 --reps 5 --device cuda --json "$WORK/kernels.json"
+part steer 80 "$PY" benchmarks/bench_gpu_steer.py --device cuda --json "$WORK/steer.json"
+part monitor 60 "$PY" benchmarks/bench_monitor.py --device cuda --reference device --hidden 1024 --layers 8 \
     --vocab 32000 --steps 20 --json "$WORK/monitor.json"
 
 "$PY" - "$WORK" "$((SECONDS - START))" <<'EOF'
