@@ -160,10 +160,11 @@ class Run:
         wall, rss = run_once(self.cmd, env, log, discard_stdout=self.cmd[0] in ("cat", "sh"))
         self.walls.append(wall)
         self.rss.append(rss)
-        if self.out is not None and Path(self.out).exists():
+        if self.out is not None and Path(self.out).is_dir():
+            self.out_bytes = nbytes([self.out])  # the weights it wrote (the write floor scales to them)
             self.flush.append(fsync_tree(self.out))  # what it still owed the disk (cws owes nothing)
-            if not self.keep_out:
-                remove(self.out)
+        if not self.keep_out:
+            remove(self.out)
         return note
 
     def row(self):

@@ -20,7 +20,8 @@ def load(name):
 def scale(d):
     """The cold 7B-class runs against the disk's floors (bench_scale.py)."""
     data, fl, env = d["data"], d["floors"], d["env"]
-    cold = "page cache dropped before each run" if env["cold"] else "NOT cold (the page cache could not be dropped)"
+    cold = ("page cache dropped before each run (the tools' libraries then re-imported, untimed)" if env["cold"]
+            else "NOT cold (the page cache could not be dropped)")
     out = [f"Cold runs, Llama-2-7B-shaped bf16 checkpoints of {data['checkpoint_GB']:.1f} GB each ({data['layers']} "
            f"layers, {data['shards']} shards), {cold}, median of {data['reps']}, {env['cpus']} CPU cores "
            f"(`{env['command']}`):", "",
