@@ -3,11 +3,12 @@
 On CPU: the native C loops (the default when built), the chunked eager ops and the
 `torch.compile`d loops; the ratios use the default (native where built).
 
-    python benchmarks/bench_kernels.py [--n 100000000] [--reps 7]
+    python benchmarks/bench_kernels.py [--n 100000000] [--reps 7] [--device cuda] [--json PATH]
 
 Bandwidth is bytes moved / time: copy reads and writes n elements; lincomb reads 3 and writes 1;
-gram reads 2. Prints a table and writes benchmarks/results/kernels.json (+ a CSV row per line).
-Runs the Triton kernels as well when a CUDA device is present.
+gram reads 2. Prints a table and writes --json (default benchmarks/results/kernels.json; + a CSV
+row per line beside it). On a CUDA device (the default where one exists) runs the Triton kernels
+and sets each bandwidth against the device's theoretical memory bandwidth.
 """
 
 import argparse
@@ -42,15 +43,34 @@ def timeit(fn, reps):
     return statistics.median(times), q[0], q[3]
 
 
+def peak_GBps(dev):
+    """The CUDA device's theoretical memory bandwidth in GB/s (double data rate × bus width), or None."""
+    if torch.device(dev).type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(dev)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+    try:
+        from torch.cuda._device_limits import GPULimits  # private; newer torch
+
+        return GPULimits(torch.device(dev).index or 0).get_memory_bandwidth_Bps() / 1e9
+    except Exception:
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000_000)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", type=Path, default=RESULTS / "kernels.json")
     args = ap.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py: error: --device cuda but torch sees no CUDA device")
     n, dev = args.n, args.device
-    g = torch.Generator().manual_seed(0)
-    a, b, c = (torch.randn(n, generator=g).to(torch.bfloat16).to(dev) for _ in range(3))
+    g = torch.Generator(device=dev).manual_seed(0)  # on a GPU, 3e9 draws take seconds there, minutes here
+    a, b, c = (torch.randn(n, generator=g, device=dev).to(torch.bfloat16) for _ in range(3))
     out = torch.empty(n, dtype=torch.bfloat16, device=dev)
     alpha = 0.7
     e = 2  # bytes per bf16 element
@@ -112,12 +132,22 @@ def main():
         print(f"{k}: {v:.2f}")
     for k, v in accuracy.items():
         print(f"gram max relative error vs fp64, {k}: {v:.2e}")
-    RESULTS.mkdir(exist_ok=True)
+    peak = peak_GBps(dev)
+    if peak:
+        for r in rows:
+            r["of_peak"] = r["GBps"] / peak
+        ratios.update({"copy_vs_peak_bandwidth": copy_bw / peak, "lincomb_vs_peak_bandwidth": ratios[
+            "lincomb_vs_copy_bandwidth"] * copy_bw / peak, "gram_vs_peak_bandwidth": ratios["gram_vs_copy_bandwidth"]
+            * copy_bw / peak})
+        print(f"device memory bandwidth {peak:.0f} GB/s: copy {copy_bw / peak:.0%}, "
+              f"lincomb {ratios['lincomb_vs_peak_bandwidth']:.0%}, gram {ratios['gram_vs_peak_bandwidth']:.0%} of it")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     env = {"device": dev, "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "machine": platform.machine(), "n": n, "cws_kernels": K.__version__}
-    (RESULTS / "kernels.json").write_text(json.dumps({"env": env, "rows": rows, "ratios": ratios,
-                                                     "gram_relative_error": accuracy}, indent=2))
-    with open(RESULTS / "kernels.csv", "a") as f:
+           "machine": platform.machine(), "n": n, "cws_kernels": K.__version__, "peak_GBps": peak,
+           "device_name": torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else platform.processor()}
+    args.json.write_text(json.dumps({"env": env, "rows": rows, "ratios": ratios, "gram_relative_error": accuracy},
+                                    indent=2))
+    with open(args.json.with_suffix(".csv"), "a") as f:
         for r in rows:
             f.write(",".join(str(x) for x in [time.strftime("%Y-%m-%d"), dev, torch.__version__, n, r["op"],
                                                r["provider"], f"{r['ms']:.3f}", f"{r['GBps']:.2f}"]) + "\n")

@@ -54,18 +54,20 @@ def make_base(path: Path, layers: int, g):
     (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": HIDDEN}))
 
 
-def make_adapter(path: Path, layers: int, rank: int, g):
+def make_adapter(path: Path, layers: int, rank: int, g, modules=MODULES, vocab=VOCAB, hidden=HIDDEN):
+    """A random rank-r PEFT LoRA adapter on `modules` ({"self_attn.q_proj": (out, in), ...}) of every
+    layer, with embed_tokens and lm_head (vocab × hidden, bf16) in modules_to_save."""
     path.mkdir(parents=True, exist_ok=True)
     sd = {}
     for i in range(layers):
-        for m, (out_f, in_f) in MODULES.items():
+        for m, (out_f, in_f) in modules.items():
             key = f"base_model.model.model.layers.{i}.{m}"
             sd[f"{key}.lora_A.weight"] = 0.01 * torch.randn(rank, in_f, generator=g)
             sd[f"{key}.lora_B.weight"] = 0.01 * torch.randn(out_f, rank, generator=g)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        sd[f"base_model.model.{name}"] = (0.02 * torch.randn(VOCAB, HIDDEN, generator=g)).bfloat16()
+        sd[f"base_model.model.{name}"] = (0.02 * torch.randn(vocab, hidden, generator=g)).bfloat16()
     save_file(sd, path / "adapter_model.safetensors")
-    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": [m.split(".")[1] for m in MODULES],
+    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": [m.split(".")[1] for m in modules],
            "modules_to_save": ["embed_tokens", "lm_head"], "use_rslora": False, "fan_in_fan_out": False}
     (path / "adapter_config.json").write_text(json.dumps(cfg))
 

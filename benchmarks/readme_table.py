@@ -1,8 +1,9 @@
 """The README's performance section, rendered from the benchmark results (never typed by hand).
 
-    python benchmarks/readme_table.py        # reads benchmarks/results/{kernels,streaming,lora,monitor}.json
+    python benchmarks/readme_table.py        # reads benchmarks/results/{scale,kernels,streaming,lora,monitor}.json
 
-Prints Markdown; a missing results file is named and skipped.
+Prints Markdown; a missing results file is named and skipped (scale.json, from the cold 7B runs of
+bench_scale.py, silently: it needs a quiet machine and tens of GB of disk).
 """
 
 import json
@@ -14,6 +15,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def load(name):
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def scale(d):
+    """The cold 7B-class runs against the disk's floors (bench_scale.py)."""
+    data, fl, env = d["data"], d["floors"], d["env"]
+    cold = ("page cache dropped before each run (the tools' libraries then re-imported, untimed)" if env["cold"]
+            else "NOT cold (the page cache could not be dropped)")
+    out = [f"Cold runs, Llama-2-7B-shaped bf16 checkpoints of {data['checkpoint_GB']:.1f} GB each ({data['layers']} "
+           f"layers, {data['shards']} shards), {cold}, median of {data['reps']}, {env['cpus']} CPU cores "
+           f"(`{env['command']}`):", "",
+           "| run | wall s | GB/s | peak RSS MB | wall / floor |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        x = d["ratios"].get(r["provider"])
+        rate = f"{r['in_GBps']:.2f}" if r["in_GB"] else f"{r['out_GB'] / r['wall_s']:.2f} written"
+        rss = f"{r['peak_rss_MB']:.0f}" if r["kind"] in ("cws", "mergekit") else "—"
+        out.append(f"| `{r['provider']}` | {r['wall_s']:.1f} | {rate} | {rss} | "
+                   + (f"{x['wall_over_floor']:.2f}× |" if x else "— |"))
+    write = f"the durable write of its output ({fl['write_GB']:.1f} GB in {fl['write_s']:.1f} s)" if fl["write_s"] \
+        else "no write floor (O_DIRECT refused)"
+    out += ["", f"An op's floor is the larger of its input bytes at {fl['best_read_GBps']:.2f} GB/s (the best cold read "
+            f"here: {fl['best_read']}) and {write}: the disk reads and writes at once. GB/s: input bytes / wall."]
+    return out
 
 
 def kernels(d):
@@ -130,7 +153,7 @@ def monitor(d):
 
 
 def main():
-    parts = []
+    parts = [scale(load("scale"))] if load("scale") else []
     for name, fn in (("kernels", kernels), ("streaming", streaming), ("lora", lora), ("monitor", monitor)):
         d = load(name)
         parts.append(fn(d) if d else [f"({RESULTS / (name + '.json')} missing: run benchmarks/bench_{name}.py)"])

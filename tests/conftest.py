@@ -1,8 +1,10 @@
 import os
 
 # The Triton kernels run on CPU only through the interpreter; this must be set before any
-# @triton.jit function is defined, so before cws_kernels is imported anywhere.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# @triton.jit function is defined, so before cws_kernels is imported anywhere. CWS_TEST_DEVICE=cuda
+# (benchmarks/gpu_check.sh) runs test_triton_kernels.py's kernels compiled, on that device, instead.
+if os.environ.get("CWS_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -1,5 +1,8 @@
 """Triton kernels (run by the interpreter on CPU tensors) against cws_kernels.reference.
 
+CWS_TEST_DEVICE=cuda runs every Triton call compiled on that device instead (benchmarks/gpu_check.sh):
+inputs are made on the CPU, moved there with their strides for the call, and checked on the CPU.
+
 lincomb must reproduce the reference bits exactly (nearest and stochastic rounding); gram must be
 within a stated error of the fp64 reference and bit-identical across reruns. NaN payloads are not
 compared: torch itself writes bf16 NaN as 0xFFFF on its vectorised path and 0x7FC0 on its scalar
@@ -14,10 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cws_kernels import gram, lincomb, reference
+from cws_kernels import gram as _gram
+from cws_kernels import lincomb as _lincomb
+from cws_kernels import reference
 from cws_kernels.lincomb import to_fp32
 
 pytest.importorskip("triton")
+DEVICE = torch.device(os.environ.get("CWS_TEST_DEVICE", "cpu"))
+if DEVICE.type != "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    raise RuntimeError(f"CWS_TEST_DEVICE={DEVICE} runs compiled kernels: unset TRITON_INTERPRET")
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError(f"CWS_TEST_DEVICE={DEVICE} but torch sees no CUDA device")
 # The interpreter runs kernels as numpy ops, which warn on the Inf/NaN the special-value tests feed.
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
 
@@ -30,6 +40,32 @@ BITS = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
 
 def _name(dt):
     return str(dt).removeprefix("torch.")
+
+
+def on_device(x: torch.Tensor) -> torch.Tensor:
+    """x on DEVICE with the same shape, strides and storage offset (a strided view stays one)."""
+    whole = x.new_empty(0).set_(x.untyped_storage()).to(DEVICE)
+    return whole.as_strided(x.shape, x.stride(), x.storage_offset())
+
+
+def lincomb(xs, cs, *, out=None, backend=None, **kw):
+    """cws_kernels.lincomb; a Triton call runs on DEVICE (`out` aliasing an input stays in place
+    there) and its result comes back to the CPU (into `out` when given)."""
+    if DEVICE.type == "cpu" or backend != "triton":
+        return _lincomb(xs, cs, out=out, backend=backend, **kw)
+    moved = {id(x): on_device(x) for x in [*xs, *([out] if out is not None else [])]}
+    got = _lincomb([moved[id(x)] for x in xs], cs, out=out if out is None else moved[id(out)], backend=backend, **kw)
+    if out is None:
+        return got.cpu()
+    assert got is moved[id(out)], "lincomb(out=...) must return out"
+    return out.copy_(got)
+
+
+def gram(xs, C, *, backend=None):
+    """cws_kernels.gram; a Triton call reads its inputs on DEVICE (the result is on the CPU either way)."""
+    if DEVICE.type == "cpu" or backend != "triton":
+        return _gram(xs, C, backend=backend)
+    return _gram([on_device(x) for x in xs], C, backend=backend)
 
 
 def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:

@@ -1,0 +1,77 @@
+"""benchmarks/bench_scale.py: checkpoints written tensor by tensor that cws and transformers read back,
+pos/neg a few ulps off base, and each op's floor and wall/floor ratio."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """bench_scale with a pico Llama (hidden 64) cut into 1000-element chunks from a 16K pool."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_scale
+
+    monkeypatch.setattr(bench_scale, "SEVEN_B", dict(hidden=64, intermediate=176, vocab=100, heads=4))
+    monkeypatch.setattr(bench_scale, "KV_HEADS", 4)
+    monkeypatch.setattr(bench_scale, "CHUNK", 1000)
+    monkeypatch.setattr(bench_scale, "POOL", 1 << 14)
+    return bench_scale
+
+
+def test_checkpoints_are_sharded_complete_and_close(bench, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from cws.io.checkpoint import Checkpoint
+
+    pool = torch.randn(bench.POOL, generator=torch.Generator().manual_seed(0))
+    for kind in ("base", "pos", "neg"):
+        bench.make_checkpoint(tmp_path / kind, kind, 2, 30_000, pool)
+    tensors = bench.layout(bench.SEVEN_B, 2, bench.KV_HEADS)
+    index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(n for n, _ in tensors)
+    shards = sorted((tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) == len(set(index["weight_map"].values())) > 1
+    ck = {k: Checkpoint.open(tmp_path / k) for k in ("base", "pos", "neg")}
+    for i, (name, shape) in enumerate(tensors):
+        base = ck["base"].read(name)
+        assert base.dtype == torch.bfloat16 and tuple(base.shape) == shape
+        # what was written is the chunks, in order (the header's offsets and the data agree)
+        assert torch.equal(base.reshape(-1), torch.cat(list(bench.chunks("base", i, name, math.prod(shape), pool))))
+        if name.endswith("norm.weight"):  # ~1 + 0.02·x: 1e-3 of noise is below half a bf16 ulp (2^-8) there
+            assert (base.double() - 1).abs().max() < 0.2
+            continue
+        for kind in ("pos", "neg"):  # bf16(base + 1e-3·noise): at most the noise plus one rounding away
+            d = ck[kind].read(name).double() - base.double()
+            assert 0 < d.abs().max() <= bench.NOISE * pool.abs().max() + base.double().abs().max() * 2**-8
+        assert not torch.equal(ck["pos"].read(name), ck["neg"].read(name))
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    assert torch.equal(model.lm_head.weight, ck["base"].read("lm_head.weight"))
+
+
+def test_floor_is_the_best_cold_read_or_the_durable_write(bench):
+    rows = [  # (provider, kind, in GB, out GB, wall s)
+        ("cat one after another", "read floor", 3.0, 0.0, 6.0),  # 0.5 GB/s
+        ("cat at once", "read floor", 3.0, 0.0, 3.0),  # 1.0 GB/s
+        ("dd direct", "read floor", 3.0, 0.0, 2.5),  # 1.2 GB/s: the best
+        ("dd write", "write floor", 0.0, 1.0, 4.0),
+        ("cws apply", "cws", 3.0, 1.0, 5.0),  # read 2.5 s, write 4 s: floor 4 s
+        ("cws compare", "cws", 3.0, 0.0, 3.0),  # no output: floor 2.5 s
+        ("cws extract", "cws", 0.6, 1.0, 6.0),  # read 0.5 s, write 4 s
+    ]
+    by = {p: {"provider": p, "kind": k, "in_GB": i, "out_GB": o, "wall_s": w, "in_GBps": i / w, "flush_s": 0.5}
+          for p, k, i, o, w in rows}
+    fl = bench.floors(by, 1e9)
+    assert fl["best_read"] == "dd direct" and fl["best_read_GBps"] == pytest.approx(1.2, rel=1e-15)
+    assert fl["write_s"] == 4.0
+    r = bench.ratios(by, fl)
+    assert set(r) == {"cws apply", "cws compare", "cws extract"}
+    assert r["cws apply"]["floor_s"] == pytest.approx(4.0) and r["cws apply"]["wall_over_floor"] == pytest.approx(1.25)
+    assert r["cws apply"]["wall_plus_flush_over_floor"] == pytest.approx(5.5 / 4)
+    assert r["cws compare"]["floor_s"] == pytest.approx(2.5) and r["cws compare"]["wall_over_floor"] == pytest.approx(1.2)
+    assert r["cws extract"]["read_floor_s"] == pytest.approx(0.5) and r["cws extract"]["wall_over_floor"] == pytest.approx(1.5)
