@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CwsError
-from .lm import Encoder, lm_batch, resolve_model
-from .pairs import load_pairs
+from ..io.atomic import check_output, write_report
+from .lm import Encoder, lm_batch, load_tokenizer, resolve_model
+from .pairs import SHOWN, load_pairs
 
 SIDES = ("pos", "neg")
 META = "cws_train.json"  # in each adapter directory: what it was trained from, its losses and batches
@@ -179,10 +180,9 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     t0 = time.perf_counter()
     base = resolve_model(model)
     pairs = load_pairs(data)
-    from transformers import AutoTokenizer
-
-    enc = Encoder(AutoTokenizer.from_pretrained(base))
+    enc = Encoder(load_tokenizer(base))
     rows = {s: [(enc.prompt(p.chat), enc.answer(getattr(p, s), end=True)) for p in pairs] for s in SIDES}
+    _check_lengths(base, pairs, rows, data)
     train_idx, val_idx = split(len(pairs), val_fraction, seed)
     batches = batch_order(train_idx, batch_size, epochs, max_steps, seed)
     target = target if isinstance(target, str) else sorted(target)
@@ -197,6 +197,9 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CwsError(f"{out}: exists and is not a directory")
+    inputs = [base] + ([data] if isinstance(data, (str, os.PathLike)) else [])
+    for name in (*SIDES, "direction", "train_log.jsonl", "train_pair.json"):  # none on an input or inside one
+        check_output(out / name, inputs, overwrite=True, what="train-pair output")
     out.mkdir(parents=True, exist_ok=True)
     runs = {s: _reusable(out / s, fingerprint, settings, overwrite) for s in SIDES}
     n_tok = {s: sum(len(a) for _, a in rows[s]) for s in SIDES}
@@ -230,8 +233,24 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
                          "log": str(log_file)},
                "runs": {s: {k: v for k, v in runs[s].items() if k not in ("batches", "losses")} for s in SIDES},
                "reused": [s for s in SIDES if s not in todo], "seconds": round(time.perf_counter() - t0, 2)}
-    (out / "train_pair.json").write_text(json.dumps(summary, indent=1))
+    write_report(out / "train_pair.json", json.dumps(summary, indent=1), inputs)
     return summary
+
+
+def _check_lengths(base, pairs, rows, data) -> None:
+    """Refuse rows whose prompt + answer is longer than the model's context, naming their lines."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", None)
+    if not limit:
+        return
+    bad = [(p.line, max(len(a) + len(b) for a, b in (rows[s][i] for s in SIDES))) for i, p in enumerate(pairs)]
+    bad = [(n, k) for n, k in bad if k > limit]
+    if bad:
+        shown = "\n  ".join(f"line {n}: {k} tokens" for n, k in bad[:SHOWN])
+        raise CwsError(f"{data if isinstance(data, (str, os.PathLike)) else 'rows'}: {len(bad)} row(s) longer than the "
+                       f"model's context of {limit} tokens; nothing was done:\n  {shown}"
+                       f"{f'{chr(10)}  … and {len(bad) - SHOWN} more' if len(bad) > SHOWN else ''}")
 
 
 def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed):
