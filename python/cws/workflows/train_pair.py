@@ -35,8 +35,8 @@ def _sha(obj) -> str:
 
 
 def model_fingerprint(path: Path) -> str:
-    """A cheap content fingerprint of a model directory: config.json, and each weight file's name, size
-    and safetensors header (tensor names, shapes, dtypes, offsets)."""
+    """A content fingerprint of a model directory: config.json, and each weight file's name, size and
+    bytes (safetensors: all of them, a read of the model; others: their modification time)."""
     h = hashlib.sha256()
     for f in sorted(Path(path).iterdir()):
         if f.name == "config.json":
@@ -45,8 +45,7 @@ def model_fingerprint(path: Path) -> str:
             h.update(f"{f.name}:{f.stat().st_size}".encode())
             if f.suffix == ".safetensors":
                 with open(f, "rb") as fh:
-                    n = int.from_bytes(fh.read(8), "little")
-                    h.update(fh.read(min(n, 1 << 26)))
+                    h.update(hashlib.file_digest(fh, "sha256").digest())
             else:
                 h.update(str(f.stat().st_mtime_ns).encode())
     return h.hexdigest()[:16]
@@ -150,7 +149,8 @@ def _reusable(path: Path, fingerprint: str, settings: dict, overwrite: bool) -> 
     meta_file = path / META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
     if meta and meta.get("fingerprint") == fingerprint:
-        return meta
+        done = all((path / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
+        return meta if done else None  # our own run with its adapter files gone: trained again
     if overwrite:
         return None
     if meta is None:
