@@ -133,3 +133,12 @@ def test_json_on_stdout_for_train_pair_and_sweep(model_dir, pair, tmp_path, caps
     assert main(["sweep", "--model", str(model_dir), "--direction", pair["direction"], "--alpha", "1",
                  "--json", str(model_dir / "config.json")]) == 2  # a report onto an input: refused before the sweep
     assert "overlaps input" in capsys.readouterr().err and (model_dir / "config.json").read_bytes() == config
+
+
+def test_training_progress_is_plain_lines_in_a_log(model_dir, tmp_path, monkeypatch, capsys):
+    """stderr a file (pytest's capture, SLURM): each step's report is a whole line, no tqdm redraws."""
+    monkeypatch.setenv("CWS_PROGRESS_INTERVAL", "0")
+    train_pair(model_dir, ROWS, tmp_path / "run", **{**FAST, "quiet": False})
+    lines = capsys.readouterr().err.split("\n")
+    assert "train-pair pos: 100% 1/1 steps [00:00<00:00, loss=" in "\n".join(lines)
+    assert not [ln for ln in lines if "train-pair" in ln and ("\r" in ln or "step/s" in ln)]

@@ -111,13 +111,14 @@ def fit(model, rows, batches: list[list[int]], *, lr: float, pad: int, autocast=
         quiet: bool = False, on_step=None) -> list[float]:
     """AdamW (no weight decay) over the given batches of rows, the loss on answer tokens; the loss per step.
     on_step(step, loss, indices) is called after each step."""
-    from tqdm.auto import tqdm
+    from ..ops.progress import progress
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     model.train()
-    with tqdm(total=len(batches), desc=desc, unit="step", disable=quiet, leave=False) as bar:
+    bar = progress(len(batches), desc, disable=quiet, unit="steps")  # plain periodic lines in a log file
+    try:
         for step, idx in enumerate(batches, 1):
             with autocast or contextlib.nullcontext():
                 loss = answer_loss(model, [rows[i] for i in idx], pad)
@@ -128,7 +129,9 @@ def fit(model, rows, batches: list[list[int]], *, lr: float, pad: int, autocast=
             if on_step:
                 on_step(step, losses[-1], idx)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            bar.update()
+            bar.update(1)
+    finally:
+        bar.close()
     model.eval()
     return losses
 
