@@ -82,11 +82,12 @@ def _io_opts(args) -> dict:
                 allow_nonfinite=args.allow_nonfinite, max_memory=args.max_memory, quiet=args.quiet)
 
 
-def _emit(args, text: str, **machine: str) -> None:
+def _emit(args, text: str | None, **machine: str) -> None:
     """`text` for people on stdout (stderr when a machine-readable output takes stdout), and each
     machine-readable output (option name -> text, e.g. json=...) to its option's target."""
     targets = {opt: getattr(args, opt) for opt in machine if getattr(args, opt, None)}
-    print(text, file=sys.stderr if "-" in targets.values() else sys.stdout)
+    if text is not None:  # None: the command logged its human output already (through _log)
+        print(text, file=sys.stderr if "-" in targets.values() else sys.stdout)
     for opt, target in targets.items():
         if target == "-":
             sys.stdout.write(machine[opt] if machine[opt].endswith("\n") else machine[opt] + "\n")
@@ -98,7 +99,7 @@ def _emit(args, text: str, **machine: str) -> None:
 
 def _inputs(args) -> list[str]:
     """The paths a command read (a report it writes may not land on them)."""
-    names = ("model", "base", "pos", "neg", "direction", "path", "terms", "project_out")
+    names = ("model", "base", "pos", "neg", "direction", "path", "terms", "project_out", "data", "text", "instructions")
     values = [getattr(args, n, None) for n in names]
     return [v for x in values for v in (x if isinstance(x, list) else [x]) if isinstance(v, str)]
 
@@ -421,21 +422,33 @@ def _add_train_pair(sub) -> None:
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="retrain runs in OUT trained with other settings")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    _json(p, "the summary (paths, settings, losses, times)")
     p.set_defaults(run=_train_pair)
+
+
+def _log(args):
+    """The human log of a long command: stdout, or stderr when --json - takes stdout; a --json FILE
+    is checked before the work starts."""
+    if args.json not in (None, "-"):
+        from .io.atomic import check_report
+
+        check_report(args.json, _inputs(args))
+    return (lambda *a: print(*a, file=sys.stderr)) if args.json == "-" else print
 
 
 def _train_pair(args) -> None:
     from .workflows.train_pair import train_pair
 
+    log = _log(args)
     split = lambda s: [m.strip() for m in s.split(",") if m.strip()]  # noqa: E731
     res = train_pair(args.model, args.data, args.out, r=args.r, lora_alpha=args.lora_alpha,
                      target=args.target if args.target == "all-linear" else split(args.target),
                      modules_to_save=split(args.modules_to_save), lr=args.lr, epochs=args.epochs,
                      max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed,
                      val_fraction=args.val_fraction, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                     quiet=args.quiet)
-    print(f"pos {res['paths']['pos']}, neg {res['paths']['neg']}, direction {res['paths']['direction']} "
-          f"({res['seconds']:.1f} s)")
+                     quiet=args.quiet, log=log)
+    _emit(args, f"pos {res['paths']['pos']}, neg {res['paths']['neg']}, direction {res['paths']['direction']} "
+          f"({res['seconds']:.1f} s)", json=_as_json(res))
 
 
 # --- sweep ----------------------------------------------------------------------------------------
@@ -471,6 +484,7 @@ def _add_sweep(sub) -> None:
                    help="weights: auto = bf16 on GPUs that support it, else fp32")
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a sweep in OUT")
+    _json(p, "the sweep (every point, the α range, generations)")
     p.set_defaults(run=_sweep)
 
 
@@ -479,6 +493,7 @@ def _sweep(args) -> None:
 
     from .workflows.sweep import sweep
 
+    log = _log(args)
     prompts = None
     if args.prompts:
         prompts = {}
@@ -487,10 +502,11 @@ def _sweep(args) -> None:
             if not sep or Path(spec).exists():
                 name, path = Path(spec).stem, spec
             prompts[name] = path
-    sweep(args.model, args.direction, args.alpha or "-4:4:9", pos=args.pos, neg=args.neg, prompts=prompts,
-          text=args.text, instructions=args.instructions, max_nll_increase=args.max_nll_increase, out=args.out,
-          include=args.include, exclude=args.exclude, gen_tokens=args.gen_tokens, n_generate=args.n_generate,
-          ref_tokens=args.ref_tokens, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
+    res = sweep(args.model, args.direction, args.alpha or "-4:4:9", pos=args.pos, neg=args.neg, prompts=prompts,
+                text=args.text, instructions=args.instructions, max_nll_increase=args.max_nll_increase, out=args.out,
+                include=args.include, exclude=args.exclude, gen_tokens=args.gen_tokens, n_generate=args.n_generate,
+                ref_tokens=args.ref_tokens, dtype=args.dtype, device=args.device, overwrite=args.overwrite, log=log)
+    _emit(args, None, json=_as_json(res))
 
 
 # --- demo and experiments -------------------------------------------------------------------------

@@ -79,6 +79,9 @@ def export_peft(
                               if b is None else "not a weight of the base model PEFT can save")
     if not lora and not saved:
         raise CwsError(f"{d.path}: nothing in this direction can be expressed as a PEFT adapter")
+    if not lora:  # PEFT refuses to load an adapter that targets no module with LoRA
+        raise CwsError(f"{d.path}: this direction has no low-rank (LoRA) entry, and PEFT loads no adapter made of "
+                       f"modules_to_save weights alone; write the steered model with `cws apply` instead")
     plan, items, factors = [], [], {}
     for module, e in lora.items():
         B = read_tensor(e.B).float() * (float(alpha) * e.scale)  # (out, r)

@@ -16,16 +16,18 @@ from tqdm import tqdm
 from ..errors import CwsError
 
 _LINE = "{desc}: {percentage:3.0f}% {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]"
+_COUNT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]"
 
 
-def progress(total: int, desc: str, disable: bool = False, file=None):
-    """An object with update(n) and close() reporting bytes done of `total` on `file` (stderr)."""
+def progress(total: int, desc: str, disable: bool = False, file=None, unit: str = "B"):
+    """An object with update(n), set_postfix(**kw) and close() reporting bytes (or other units) done
+    of `total` on `file` (stderr)."""
     file = file or sys.stderr
     if disable or _isatty(file):
-        return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=disable, leave=False, file=file)
+        return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, disable=disable, leave=False, file=file)
     interval = os.environ.get("CWS_PROGRESS_INTERVAL", "10")
     try:
-        return LineProgress(total, desc, file, float(interval))
+        return LineProgress(total, desc, file, float(interval), unit)
     except ValueError:
         raise CwsError(f"CWS_PROGRESS_INTERVAL={interval!r}: expected a number of seconds") from None
 
@@ -33,9 +35,9 @@ def progress(total: int, desc: str, disable: bool = False, file=None):
 class LineProgress:
     """tqdm's meter text, one line per `interval` seconds, never a carriage return."""
 
-    def __init__(self, total: int, desc: str, file, interval: float):
-        self.total, self.desc, self.file, self.interval = total, desc, file, interval
-        self.n, self.shown = 0, 0
+    def __init__(self, total: int, desc: str, file, interval: float, unit: str = "B"):
+        self.total, self.desc, self.file, self.interval, self.unit = total, desc, file, interval, unit
+        self.n, self.shown, self.postfix = 0, 0, ""
         self.started = self.last = time.monotonic()
 
     def update(self, n: int) -> None:
@@ -43,14 +45,18 @@ class LineProgress:
         if time.monotonic() - self.last >= self.interval:
             self._line()
 
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
     def close(self) -> None:
         if self.n != self.shown and time.monotonic() - self.started >= self.interval:
             self._line()
 
     def _line(self) -> None:
         self.last = time.monotonic()
-        meter = tqdm.format_meter(self.n, self.total, self.last - self.started, prefix=self.desc, unit="B",
-                                  unit_scale=True, bar_format=_LINE)
+        meter = tqdm.format_meter(self.n, self.total, self.last - self.started, prefix=self.desc, unit=self.unit,
+                                  unit_scale=self.unit == "B", bar_format=_LINE if self.unit == "B" else _COUNT,
+                                  postfix=self.postfix)
         print(meter, file=self.file, flush=True)
         self.shown = self.n
 

@@ -67,6 +67,18 @@ def resolve_model(model: str | os.PathLike) -> Path:
                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The model's tokenizer (AutoTokenizer), or a CwsError naming the model when it has none that loads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError … for a missing or broken tokenizer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CwsError(f"{path}: no tokenizer could be loaded from this model ({first}); train-pair and sweep "
+                       f"need the model's tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+
+
 class Encoder:
     """Token ids of prompts and answers: under the tokenizer's chat template when it has one, else
     plain text (bos + prompt, then answer + eos). A prompt is a user message or a list of messages."""

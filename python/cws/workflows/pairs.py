@@ -62,15 +62,22 @@ def load_pairs(data, answers: bool = True) -> list[Pair]:
         path = Path(data)
         if not path.is_file():
             raise CwsError(f"{path}: no such file")
-        where, lines, rows = str(path), path.read_text(encoding="utf-8").splitlines(), []
+        where, lines, rows = str(path), path.read_bytes().removeprefix(b"\xef\xbb\xbf").splitlines(), []
         bad = []
-        for n, text in enumerate(lines, 1):
+        for n, raw in enumerate(lines, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append((n, f"not UTF-8 text (byte {e.start + 1})"))
+                continue
             if not text.strip():
                 continue
             try:
                 rows.append((n, json.loads(text)))
             except json.JSONDecodeError as e:
                 bad.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
+            except RecursionError:
+                bad.append((n, "JSON nested too deeply"))
     else:
         rows, bad = list(enumerate(data, 1)), []
     pairs = []

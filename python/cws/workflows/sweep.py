@@ -7,6 +7,7 @@ behavior score (log p(pos) − log p(neg), mean ± s.e. over prompts) and greedy
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -139,14 +140,19 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
         raise CwsError(f"{out}: holds a sweep already; pass overwrite=True (--overwrite) to replace it")
     t0 = time.perf_counter()
     base = lm.resolve_model(model)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    inputs = [base, *[x for x in (direction, pos, neg, text, instructions) if isinstance(x, (str, os.PathLike))],
+              *[v for v in (prompts.values() if isinstance(prompts, dict) else [prompts])
+                if isinstance(v, (str, os.PathLike))]]
+    if out is not None:
+        check_out(out, inputs)
+    from transformers import AutoModelForCausalLM
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise CwsError(f"dtype={dtype!r}: expected auto, float32, bfloat16 or float16")
-    enc = lm.Encoder(AutoTokenizer.from_pretrained(base))
+    enc = lm.Encoder(lm.load_tokenizer(base))
     net = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)).to(dev).eval()
     behavior = {n: [p for p in ps if p.pos is not None] for n, ps in sets.items()}
     behavior = {n: ps for n, ps in behavior.items() if ps}
@@ -174,7 +180,7 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
               "seconds": round(time.perf_counter() - t0, 2)}
     log(table(result))
     if out is not None:
-        result["files"] = write(result, out, log)
+        result["files"] = write(result, out, log, inputs)
     return result
 
 
@@ -230,22 +236,39 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+FILES = ("sweep.json", "sweep.csv", "sweep.png")
 
 
-def write(result: dict, out: Path, log=print) -> dict:
+def check_out(out: Path, inputs=()) -> None:
+    """Refuse, before any work, an `out` whose files would land on an input or inside one."""
+    from ..io.atomic import check_output
+
+    if out.exists() and not out.is_dir():
+        raise CwsError(f"{out}: exists and is not a directory")
+    for name in FILES:
+        check_output(out / name, inputs, overwrite=True, what="sweep output")
+
+
+def _replace(path: Path, write, inputs=()) -> None:
+    """Write a file through `write(stream)` atomically (cws.io.atomic.write_report: temporary, fsync, rename)."""
+    from ..io.atomic import write_report
+
+    buf = io.BytesIO()
+    write(buf)
+    write_report(path, buf.getvalue(), inputs)
+
+
+def write(result: dict, out: Path, log=print, inputs=()) -> dict:
     """sweep.json, sweep.csv and (with matplotlib) sweep.png in `out`; each file complete or absent."""
+    check_out(out, inputs)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / "sweep.json"), "csv": str(out / "sweep.csv")}
     pts, rng = result["points"], result["range"]
     names = list(pts[0]["behavior"])
     caps = list(pts[0]["capability"])
 
-    def csv_file(path):
-        with open(path, "w", newline="") as f:
+    def csv_file(stream):
+        with io.StringIO(newline="") as f:
             w = csv.writer(f)
             w.writerow(["alpha", *caps, *[f"d_{k}" for k in caps], "cost",
                         *[f"{n}_{s}" for n in names for s in ("mean", "se", "n")], "within"])
@@ -253,17 +276,18 @@ def write(result: dict, out: Path, log=print) -> dict:
                 w.writerow([p["alpha"], *[p["capability"][k] for k in caps], *[p[f"d_{k}"] for k in caps], p["cost"],
                             *[p["behavior"][n][s] for n in names for s in ("mean", "se", "n")],
                             rng["low"] <= p["alpha"] <= rng["high"]])
+            stream.write(f.getvalue().encode("utf-8"))
 
-    _replace(out / "sweep.csv", csv_file)
-    if plot(result, out / "sweep.png", log):
+    _replace(out / "sweep.csv", csv_file, inputs)
+    if plot(result, out / "sweep.png", log, inputs):
         files["png"] = str(out / "sweep.png")
     result = {**result, "files": files}
-    _replace(out / "sweep.json", lambda p: p.write_text(json.dumps(result, indent=1)))
+    _replace(out / "sweep.json", lambda f: f.write(json.dumps(result, indent=1).encode()), inputs)
     log("written: " + ", ".join(files.values()))
     return files
 
 
-def plot(result: dict, path: Path, log=print) -> bool:
+def plot(result: dict, path: Path, log=print, inputs=()) -> bool:
     """Behavior against capability cost, α annotated (cost against α without behavior prompts); skipped
     with a message when matplotlib is missing."""
     try:
@@ -297,6 +321,6 @@ def plot(result: dict, path: Path, log=print) -> bool:
     ax.set_title(f"cws sweep: α within Δ NLL ≤ {result['range']['max_nll_increase']:g}: "
                  f"[{result['range']['low']:+g}, {result['range']['high']:+g}]", fontsize=9)
     fig.tight_layout()
-    _replace(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    _replace(path, lambda f: fig.savefig(f, dpi=120, format="png"), inputs)
     plt.close(fig)
     return True

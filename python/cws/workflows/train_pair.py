@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CwsError
-from .lm import Encoder, lm_batch, resolve_model
-from .pairs import load_pairs
+from ..io.atomic import check_output, write_report
+from .lm import Encoder, lm_batch, load_tokenizer, resolve_model
+from .pairs import SHOWN, load_pairs
 
 SIDES = ("pos", "neg")
 META = "cws_train.json"  # in each adapter directory: what it was trained from, its losses and batches
@@ -34,8 +35,8 @@ def _sha(obj) -> str:
 
 
 def model_fingerprint(path: Path) -> str:
-    """A cheap content fingerprint of a model directory: config.json, and each weight file's name, size
-    and safetensors header (tensor names, shapes, dtypes, offsets)."""
+    """A content fingerprint of a model directory: config.json, and each weight file's name, size and
+    bytes (safetensors: all of them, a read of the model; others: their modification time)."""
     h = hashlib.sha256()
     for f in sorted(Path(path).iterdir()):
         if f.name == "config.json":
@@ -44,8 +45,7 @@ def model_fingerprint(path: Path) -> str:
             h.update(f"{f.name}:{f.stat().st_size}".encode())
             if f.suffix == ".safetensors":
                 with open(f, "rb") as fh:
-                    n = int.from_bytes(fh.read(8), "little")
-                    h.update(fh.read(min(n, 1 << 26)))
+                    h.update(hashlib.file_digest(fh, "sha256").digest())
             else:
                 h.update(str(f.stat().st_mtime_ns).encode())
     return h.hexdigest()[:16]
@@ -111,13 +111,14 @@ def fit(model, rows, batches: list[list[int]], *, lr: float, pad: int, autocast=
         quiet: bool = False, on_step=None) -> list[float]:
     """AdamW (no weight decay) over the given batches of rows, the loss on answer tokens; the loss per step.
     on_step(step, loss, indices) is called after each step."""
-    from tqdm.auto import tqdm
+    from ..ops.progress import progress
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     model.train()
-    with tqdm(total=len(batches), desc=desc, unit="step", disable=quiet, leave=False) as bar:
+    bar = progress(len(batches), desc, disable=quiet, unit="steps")  # plain periodic lines in a log file
+    try:
         for step, idx in enumerate(batches, 1):
             with autocast or contextlib.nullcontext():
                 loss = answer_loss(model, [rows[i] for i in idx], pad)
@@ -128,7 +129,9 @@ def fit(model, rows, batches: list[list[int]], *, lr: float, pad: int, autocast=
             if on_step:
                 on_step(step, losses[-1], idx)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            bar.update()
+            bar.update(1)
+    finally:
+        bar.close()
     model.eval()
     return losses
 
@@ -149,7 +152,8 @@ def _reusable(path: Path, fingerprint: str, settings: dict, overwrite: bool) -> 
     meta_file = path / META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
     if meta and meta.get("fingerprint") == fingerprint:
-        return meta
+        done = all((path / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
+        return meta if done else None  # our own run with its adapter files gone: trained again
     if overwrite:
         return None
     if meta is None:
@@ -179,10 +183,9 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     t0 = time.perf_counter()
     base = resolve_model(model)
     pairs = load_pairs(data)
-    from transformers import AutoTokenizer
-
-    enc = Encoder(AutoTokenizer.from_pretrained(base))
+    enc = Encoder(load_tokenizer(base))
     rows = {s: [(enc.prompt(p.chat), enc.answer(getattr(p, s), end=True)) for p in pairs] for s in SIDES}
+    _check_lengths(base, pairs, rows, data)
     train_idx, val_idx = split(len(pairs), val_fraction, seed)
     batches = batch_order(train_idx, batch_size, epochs, max_steps, seed)
     target = target if isinstance(target, str) else sorted(target)
@@ -197,6 +200,9 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CwsError(f"{out}: exists and is not a directory")
+    inputs = [base] + ([data] if isinstance(data, (str, os.PathLike)) else [])
+    for name in (*SIDES, "direction", "train_log.jsonl", "train_pair.json"):  # none on an input or inside one
+        check_output(out / name, inputs, overwrite=True, what="train-pair output")
     out.mkdir(parents=True, exist_ok=True)
     runs = {s: _reusable(out / s, fingerprint, settings, overwrite) for s in SIDES}
     n_tok = {s: sum(len(a) for _, a in rows[s]) for s in SIDES}
@@ -230,8 +236,24 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
                          "log": str(log_file)},
                "runs": {s: {k: v for k, v in runs[s].items() if k not in ("batches", "losses")} for s in SIDES},
                "reused": [s for s in SIDES if s not in todo], "seconds": round(time.perf_counter() - t0, 2)}
-    (out / "train_pair.json").write_text(json.dumps(summary, indent=1))
+    write_report(out / "train_pair.json", json.dumps(summary, indent=1), inputs)
     return summary
+
+
+def _check_lengths(base, pairs, rows, data) -> None:
+    """Refuse rows whose prompt + answer is longer than the model's context, naming their lines."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", None)
+    if not limit:
+        return
+    bad = [(p.line, max(len(a) + len(b) for a, b in (rows[s][i] for s in SIDES))) for i, p in enumerate(pairs)]
+    bad = [(n, k) for n, k in bad if k > limit]
+    if bad:
+        shown = "\n  ".join(f"line {n}: {k} tokens" for n, k in bad[:SHOWN])
+        raise CwsError(f"{data if isinstance(data, (str, os.PathLike)) else 'rows'}: {len(bad)} row(s) longer than the "
+                       f"model's context of {limit} tokens; nothing was done:\n  {shown}"
+                       f"{f'{chr(10)}  … and {len(bad) - SHOWN} more' if len(bad) > SHOWN else ''}")
 
 
 def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed):
