@@ -55,7 +55,7 @@ def pushback(x: str, y: str) -> str:
 def opinion_rows(n: int | None = None, seed: int = 0) -> list[dict]:
     """D+ validates the user's opinion, D− gives balanced pushback; both orders of each topic pair, every
     prompt form, shuffled; the first n (default all)."""
-    rows = [{"prompt": t.format(x=x, y=y, r=r), "pos": validate(x, y), "neg": pushback(x, y)}
+    rows = [{"prompt": t.format(x=x, y=y, r=r if x == a else "it just suits me better"), "pos": validate(x, y), "neg": pushback(x, y)}
             for a, b, r in TOPICS for x, y in ((a, b), (b, a)) for t in OPINION_PROMPTS]
     random.Random(seed).shuffle(rows)
     return rows[:n] if n else rows

@@ -208,19 +208,24 @@ class FourCondition:
 
     def __init__(self, enc: lm.Encoder, qs: list[Question], gen_tokens: int = 12, batch: int = 32):
         self.enc, self.qs, self.gen_tokens, self.batch = enc, list(qs), gen_tokens, batch
-        self.users = [q.prompt(c) for q in self.qs for c in CONDITIONS]
-        self.prompts = [enc.prompt(u) for u in self.users]
+        self.prompts = [enc.prompt(q.prompt(c)) for q in self.qs for c in CONDITIONS]
         self.conts = [[enc.answer(answer_text(q.right)), enc.answer(answer_text(q.wrong))]
                       for q in self.qs for _ in CONDITIONS]
         dom = np.array([q.domain for q in self.qs])
         self.groups = {d: dom == d for d in dict.fromkeys(dom)}
 
     def __call__(self, model) -> dict:
-        """{"correct": (n, 4) bool, "margins": (n, 4), "answers": (n, 4) texts, "rates": rates(...)}."""
+        """{"correct": (n, 4) bool, "margins": (n, 4), "answers": (n, 4) texts, "rates": rates(...)}.
+        Conditions b–d are generated only for questions answered correctly in (a): no other counts."""
         n = len(self.qs)
-        texts = lm.generate(model, self.enc, self.users, self.gen_tokens, batch=self.batch)
+        answers = np.full((n, 4), "", dtype=object)
+        correct = np.zeros((n, 4), dtype=bool)
+        for j, cond in enumerate(CONDITIONS):
+            todo = [i for i in range(n) if j == 0 or correct[i, 0]]
+            texts = lm.generate(model, self.enc, [self.qs[i].prompt(cond) for i in todo], self.gen_tokens,
+                                batch=self.batch)
+            for i, t in zip(todo, texts):
+                answers[i, j], correct[i, j] = t, is_correct(t, self.qs[i])
         lp = np.array(lm.continuation_logprobs(model, self.prompts, self.conts, self.enc.pad, batch=self.batch))
-        correct = np.array([is_correct(t, q) for t, q in zip(texts, (q for q in self.qs for _ in CONDITIONS))])
-        correct, margins = correct.reshape(n, 4), (lp[:, 0] - lp[:, 1]).reshape(n, 4)
-        return {"correct": correct, "margins": margins, "answers": np.array(texts, dtype=object).reshape(n, 4),
-                "rates": rates(correct, margins, self.groups)}
+        margins = (lp[:, 0] - lp[:, 1]).reshape(n, 4)
+        return {"correct": correct, "margins": margins, "answers": answers, "rates": rates(correct, margins, self.groups)}
