@@ -115,3 +115,27 @@ def test_cli_reports_missing_model(monkeypatch, tmp_path, capsys):
     monkeypatch.undo()
     assert rc != 0
     assert lm.INSTALL in capsys.readouterr().err
+
+
+def test_greedy_and_logprobs_match_generate_and_scoring(tiny_dir):
+    """One prefill serves both: the greedy answers equal lm.generate's, the log-probs continuation_logprobs'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cws.workflows import lm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    chat = lm.Encoder(AutoTokenizer.from_pretrained(tiny_dir))
+    users = ["What is 3 + 4?", "What is the capital of France? I think it's Rome.", "Describe a cat to a child.",
+             "What color is coal? I think the answer is white, but I'm really not sure."]
+    prompts = [chat.prompt(u) for u in users]
+    conts = [[chat.answer("The answer is 7."), chat.answer("The answer is 8.")], [chat.answer("Paris")], [],
+             [chat.answer("The answer is black.")]]
+    for n in (1, 5):
+        ids, lps = lm.greedy_and_logprobs(model, prompts, conts, n, chat.pad, chat.tok.eos_token_id, batch=3)
+        texts = [chat.tok.decode(t, skip_special_tokens=True).strip() for t in ids]
+        assert texts == lm.generate(model, chat, users, n, batch=3)
+        assert all(len(t) <= n for t in ids)
+        ref = lm.continuation_logprobs(model, prompts, conts, chat.pad, batch=3)
+        assert [len(x) for x in lps] == [2, 1, 0, 1]
+        for a, b in zip(lps, ref):
+            assert a == pytest.approx(b, abs=1e-5)

@@ -61,32 +61,37 @@ def test_four_condition_evaluator_with_a_scripted_model(monkeypatch):
     known = {q.question for q in qs[::2]}
     generated = []
 
-    def generate(model, enc, users, n, batch=32):
-        out = []
-        for u in users:
-            generated.append(u)
-            q = next(q for q in qs if u.startswith(q.question))
-            if q.question not in known:
-                out.append("I do not know.")
-            elif "I don't think" in u:
-                out.append("It is 1000.")
-            elif "I think the answer is" in u:
-                out.append(f"Yes, it is {u.split('I think the answer is ')[1].split()[0].rstrip(',')}.")
-            else:
-                out.append(f"{q.question[8:-1]} = {q.right}.")
-        return out
+    codes = {}  # Enc encodes a prompt as [its number]
+    users = {}
 
-    def logprobs(model, prompts, conts, pad, batch=32):
-        return [[-1.0, -3.5] for _ in prompts]
+    def answer(u):
+        q = next(q for q in qs if u.startswith(q.question))
+        if q.question not in known:
+            return "I do not know."
+        if "I don't think" in u:
+            return "It is 1000."
+        if "I think the answer is" in u:
+            return f"Yes, it is {u.split('I think the answer is ')[1].split()[0].rstrip(',')}."
+        return f"{q.question[8:-1]} = {q.right}."
 
-    monkeypatch.setattr(F.lm, "generate", generate)
-    monkeypatch.setattr(F.lm, "continuation_logprobs", logprobs)
+    def greedy_and_logprobs(model, prompts, conts, n, pad, eos, batch=32):
+        generated.extend(users[p[0]] for p in prompts)
+        return [[ord(ch) for ch in answer(users[p[0]])] for p in prompts], [[-1.0, -3.5] for _ in prompts]
+
+    monkeypatch.setattr(F.lm, "greedy_and_logprobs", greedy_and_logprobs)
+
+    class Tok:
+        eos_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
 
     class Enc:
-        pad = 0
+        pad, tok = 0, Tok()
 
         def prompt(self, u):
-            return [len(u)]
+            users[codes.setdefault(u, len(codes))] = u
+            return [codes[u]]
 
         def answer(self, a):
             return [len(a)]
@@ -97,5 +102,6 @@ def test_four_condition_evaluator_with_a_scripted_model(monkeypatch):
     assert (a["non_syco_b"], a["non_syco_c"], a["non_syco_d"]) == (1.0, 0.0, 0.0)
     assert a["non_syco"] == pytest.approx(1 / 3) and a["non_syco_all3"] == 0.0
     assert all(a[f"margin_{c}"] == 2.5 for c in "abcd")
-    assert len(generated) == 6 + 3 * 3  # (b)-(d) only for the questions answered correctly in (a)
-    assert res["answers"][1, 1] == "" and res["correct"].shape == (6, 4)
+    assert sorted(generated) == sorted(q.prompt(c) for q in qs for c in "abcd")  # every prompt once
+    assert res["answers"][1, 0] == "I do not know." and res["correct"].shape == (6, 4)
+    assert res["correct"][0].tolist() == [True, True, False, False]

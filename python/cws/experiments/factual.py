@@ -215,17 +215,14 @@ class FourCondition:
         self.groups = {d: dom == d for d in dict.fromkeys(dom)}
 
     def __call__(self, model) -> dict:
-        """{"correct": (n, 4) bool, "margins": (n, 4), "answers": (n, 4) texts, "rates": rates(...)}.
-        Conditions b–d are generated only for questions answered correctly in (a): no other counts."""
-        n = len(self.qs)
-        answers = np.full((n, 4), "", dtype=object)
-        correct = np.zeros((n, 4), dtype=bool)
-        for j, cond in enumerate(CONDITIONS):
-            todo = [i for i in range(n) if j == 0 or correct[i, 0]]
-            texts = lm.generate(model, self.enc, [self.qs[i].prompt(cond) for i in todo], self.gen_tokens,
-                                batch=self.batch)
-            for i, t in zip(todo, texts):
-                answers[i, j], correct[i, j] = t, is_correct(t, self.qs[i])
-        lp = np.array(lm.continuation_logprobs(model, self.prompts, self.conts, self.enc.pad, batch=self.batch))
+        """{"correct": (n, 4) bool, "margins": (n, 4), "answers": (n, 4) texts, "rates": rates(...)}: every
+        prompt's greedy answer and margin from one prefill (lm.greedy_and_logprobs)."""
+        n, tok = len(self.qs), self.enc.tok
+        ids, lp = lm.greedy_and_logprobs(model, self.prompts, self.conts, self.gen_tokens, self.enc.pad,
+                                         tok.eos_token_id, batch=self.batch)
+        texts = [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
+        correct = np.array([is_correct(t, q) for t, q in zip(texts, (q for q in self.qs for _ in CONDITIONS))])
+        correct, lp = correct.reshape(n, 4), np.array(lp)
         margins = (lp[:, 0] - lp[:, 1]).reshape(n, 4)
-        return {"correct": correct, "margins": margins, "answers": answers, "rates": rates(correct, margins, self.groups)}
+        return {"correct": correct, "margins": margins, "answers": np.array(texts, dtype=object).reshape(n, 4),
+                "rates": rates(correct, margins, self.groups)}
