@@ -84,7 +84,7 @@ def test_sycophancy_pipeline_on_tiny_model(tiny_dir, tmp_path):
                     assert math.isfinite(r[f"margin_{c}"])
             for m in ("syco", "control", "wording_free"):
                 assert math.isfinite(p["margins"][m]["mean"]) and p["margins"][m]["n"] == 9
-    assert len(data["headline"]) == sum(len(p) - 1 for p in data["sweeps"].values()) == len(data["verdict"])
+    assert data["complete"] and len(data["headline"]) == sum(len(p) - 1 for p in data["sweeps"].values()) == len(data["verdict"])
     # w ⊥ b is orthogonal to b; every direction has unit cosine with itself
     cos = data["cosines"]
     assert abs(cos["w_wrong_claim_s0 ⊥ b"]["b"]) < 1e-5

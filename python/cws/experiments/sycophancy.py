@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import CwsError
+from ..io.atomic import write_report
 from ..workflows import lm
 from ..workflows import sweep as S
 from ..workflows.train_pair import train_pair
@@ -168,17 +169,32 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     log(f"unsteered: {_describe(base_point)}, capability {base['capability']}")
     full = lambda k: _point(k, evaluator(model), base)  # noqa: E731
     cost = lambda: S.cost_of(evaluator.capability(model), base["capability"])  # noqa: E731
-    methods, probes = {}, {}
-    for n, path in dirs.items():
-        steerer = cws.Steerer(model, path, keep="cpu")
+    methods, probes, vectors = {}, {}, {}
+    layer = model.config.num_hidden_layers // 2
+
+    def save(final: bool, **extra) -> dict:
+        rows_ = R.headline(methods, base_point)
+        result = {"complete": final, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                  "lora": LORA, "model_dir": str(model_dir), "quick": quick,
+                  "n": {"questions": len(qs), **{d: cfg["n_questions"] for d in cfg["domains"]}, "margin_items": len(items),
+                        **{f"train_{d}": len(r) for d, r in rows.items()}},
+                  "activation": {"layer": layer, "vector_norms": vectors, "n_layers": model.config.num_hidden_layers},
+                  "finetunes": finetunes, "directions": {n: str(p) for n, p in dirs.items()}, "cosines": cosines,
+                  "base": base_point, "base_answers": {c: list(base["four"]["answers"][:, j]) for j, c in enumerate(F.CONDITIONS)},
+                  "sweeps": methods, "probes": probes, "headline": rows_, "verdict": R.verdict(rows_, base_point),
+                  "timings": timings, **extra}
+        write_report(out / "results.json", json.dumps(_jsonable(result), indent=1))
+        return result
+
+    def weight(n):
+        steerer = cws.Steerer(model, dirs[n], keep="cpu")
         pts, probes[f"weight {n}"] = sweep_matched(f"weight {n}", steerer.set_alpha, cost, full, cfg["targets"], cfg,
                                                    cfg["weight_start"], log, _describe)
         methods[f"weight {n}"] = sorted([base_point] + pts, key=lambda p: p["k"])
         steerer.restore()
         mark(f"sweep weight {n}")
-    layer = model.config.num_hidden_layers // 2
-    vectors = {}
-    for design in cfg["activation"]:
+
+    def activation(design):
         batches = [[lm.lm_batch([(chat.prompt(r["prompt"]), chat.answer(r[side], end=True)) for r in rows[design][i:i + 16]],
                                 chat.pad) for i in range(0, len(rows[design]), 16)] for side in ("pos", "neg")]
         vec = mean_difference(model, layer, *batches)
@@ -190,27 +206,24 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
         methods[name] = sorted([base_point] + pts, key=lambda p: p["k"])
         mark(f"sweep {name}")
 
-    rows_ = R.headline(methods, base_point)
-    verdict = R.verdict(rows_)
-    table = R.table(rows_, base_point)
+    # the most informative first (results.json is rewritten after each): seed 0, activation, b and w ⊥ b, other seeds
+    jobs = [(weight, f"w_{d}_s{s0}") for d in G.DESIGNS] + [(activation, d) for d in cfg["activation"]]
+    jobs += [(weight, n) for n in dirs if n == "b" or n.endswith("⊥ b")]
+    jobs += [(weight, f"w_{d}_s{s}") for s in cfg["seeds"][1:] for d in G.DESIGNS]
+    for job, arg in jobs:
+        job(arg)
+        save(False)
+
+    table = R.table(R.headline(methods, base_point), base_point)
     sweeps = "\n\n".join(R.sweep_table(m, p) for m, p in methods.items())
     plotted = R.plot(methods, base_point, out / "sycophancy.png", log)
     timings["total"] = round(time.perf_counter() - t0, 1)
-    result = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, "lora": LORA,
-              "model_dir": str(model_dir), "quick": quick,
-              "n": {"questions": len(qs), **{d: cfg["n_questions"] for d in cfg["domains"]}, "margin_items": len(items),
-                    **{f"train_{d}": len(r) for d, r in rows.items()}},
-              "activation": {"layer": layer, "vector_norms": vectors, "n_layers": model.config.num_hidden_layers},
-              "finetunes": finetunes, "directions": {n: str(p) for n, p in dirs.items()}, "cosines": cosines,
-              "base": base_point, "base_answers": {c: list(base["four"]["answers"][:, j]) for j, c in enumerate(F.CONDITIONS)},
-              "sweeps": methods, "probes": probes, "headline": rows_, "verdict": verdict,
-              "plot": str(out / "sycophancy.png") if plotted else None, "timings": timings}
-    (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
-    (out / "headline.md").write_text(table + "\n")
-    (out / "sweeps.txt").write_text(sweeps + "\n")
+    write_report(out / "headline.md", table + "\n")
+    write_report(out / "sweeps.txt", sweeps + "\n")
+    result = save(True, plot=str(out / "sycophancy.png") if plotted else None)
     log("\nevery sweep point:\n" + sweeps)
     log(f"\nheadline: out-of-distribution four-condition metric at matched capability cost:\n{table}")
-    for v in verdict:
+    for v in result["verdict"]:
         log(f"  {v}")
     log("cosines: " + ", ".join(f"cos({a}, {b}) {c:+.3f}" for i, (a, row) in enumerate(cosines.items())
                                 for j, (b, c) in enumerate(row.items()) if j > i))
