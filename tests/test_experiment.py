@@ -27,7 +27,7 @@ def tiny_dir(tmp_path_factory):
             texts += [it.user(), it.truth, it.claim]
     texts += [r[k] for r in designs.opinion_rows() for k in ("prompt", "pos", "neg")]
     for d in factual.DOMAINS:
-        texts += [q.prompt(c) + " " + factual.answer_text(q.right) for q in factual.questions(d, 8) for c in "abcd"]
+        texts += [q.prompt(c) + f" {factual.STEM} {q.right}." for q in factual.questions(d, 8) for c in "abcd"]
     return tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "model", texts)
 
 

@@ -29,7 +29,7 @@ from . import results as R
 from . import sycophancy_data as D
 from .matched_cost import sweep_matched
 
-FULL = dict(domains=("arithmetic", "opposites", "science", "animals"), n_questions=40, gen_tokens=10,
+FULL = dict(domains=("arithmetic", "opposites", "science", "languages"), n_questions=40, gen_tokens=6,
             margin_domains=("arithmetic", "colours", "general"), margin_n=16, train_per_country=2, steps=12,
             seeds=(0, 1), activation=G.DESIGNS, project_out=("wrong_claim",), instr_n=8, text_n=3, ref_tokens=24,
             targets=(0.1,), weight_start=0.5, act_start=0.5, grow=2.0, max_probes=6, refine=1, tol=0.3)
