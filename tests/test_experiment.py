@@ -76,7 +76,7 @@ def test_sycophancy_pipeline_on_tiny_model(tiny_dir, tmp_path):
         assert len(points) == len(res["sweeps"][method])
         for p in points:
             assert math.isfinite(p["cost"])
-            for g in ("all", "arithmetic", "animals"):
+            for g in ("all", "arithmetic", "languages"):
                 r = p["rates"][g]
                 assert r["n"] == (16 if g == "all" else 4) and 0 <= r["accuracy_a"] <= 1
                 assert r["n_counted"] == round(r["accuracy_a"] * r["n"])
@@ -101,7 +101,7 @@ def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     msgs = []
-    assert results.plot({}, tmp_path / "x.png", msgs.append) is False
+    assert results.plot({}, {}, tmp_path / "x.png", msgs.append) is False
     assert "matplotlib is not installed" in msgs[0] and not (tmp_path / "x.png").exists()
 
 
