@@ -30,12 +30,12 @@ from . import sycophancy_data as D
 from .matched_cost import sweep_matched
 
 FULL = dict(domains=("arithmetic", "opposites", "science", "languages"), n_questions=40, gen_tokens=6,
-            margin_domains=("arithmetic", "colours", "general"), margin_n=16, train_per_country=2, steps=12,
-            seeds=(0, 1), activation=G.DESIGNS, project_out=("wrong_claim",), instr_n=8, text_n=3, ref_tokens=24,
-            targets=(0.1,), weight_start=0.5, act_start=0.5, grow=2.0, max_probes=6, refine=1, tol=0.3)
+            margin_domains=("arithmetic", "colours", "general"), margin_n=12, train_per_country=2, steps=8,
+            seeds=(0, 1), activation=G.DESIGNS, project_out=("wrong_claim",), instr_n=6, text_n=2, ref_tokens=20,
+            targets=(0.1,), weight_start=1.0, act_start=1.0, grow=2.0, max_probes=5, refine=1, tol=0.3)
 # --quick: one LoRA seed, fewer questions and steps, activation steering for design (i) only
-QUICK = dict(FULL, n_questions=10, margin_n=4, train_per_country=1, steps=6, seeds=(0,), activation=("wrong_claim",),
-             instr_n=4, text_n=2, ref_tokens=16, max_probes=4)
+QUICK = dict(FULL, n_questions=10, margin_n=4, train_per_country=1, steps=4, seeds=(0,), activation=("wrong_claim",),
+             instr_n=4, ref_tokens=16, max_probes=4)
 LORA = dict(r=32, lora_alpha=16, lr=1e-3, batch_size=8, target=lm.LORA_TARGETS, modules_to_save=())
 
 
@@ -172,8 +172,12 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     methods, probes, vectors = {}, {}, {}
     layer = model.config.num_hidden_layers // 2
 
-    def save(final: bool, **extra) -> dict:
+    def save(final: bool) -> dict:
+        """results.json, headline.md, sweeps.txt and the plot of what is done so far (`complete` says if all)."""
         rows_ = R.headline(methods, base_point)
+        plotted = R.plot(methods, base_point, out / "sycophancy.png", log if final else lambda *_: None)
+        write_report(out / "headline.md", R.table(rows_, base_point) + "\n")
+        write_report(out / "sweeps.txt", "\n\n".join(R.sweep_table(m, p) for m, p in methods.items()) + "\n")
         result = {"complete": final, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
                   "lora": LORA, "model_dir": str(model_dir), "quick": quick,
                   "n": {"questions": len(qs), **{d: cfg["n_questions"] for d in cfg["domains"]}, "margin_items": len(items),
@@ -182,7 +186,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
                   "finetunes": finetunes, "directions": {n: str(p) for n, p in dirs.items()}, "cosines": cosines,
                   "base": base_point, "base_answers": {c: list(base["four"]["answers"][:, j]) for j, c in enumerate(F.CONDITIONS)},
                   "sweeps": methods, "probes": probes, "headline": rows_, "verdict": R.verdict(rows_, base_point),
-                  "timings": timings, **extra}
+                  "plot": str(out / "sycophancy.png") if plotted else None, "timings": timings}
         write_report(out / "results.json", json.dumps(_jsonable(result), indent=1))
         return result
 
@@ -214,20 +218,17 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
         job(arg)
         save(False)
 
-    table = R.table(R.headline(methods, base_point), base_point)
-    sweeps = "\n\n".join(R.sweep_table(m, p) for m, p in methods.items())
-    plotted = R.plot(methods, base_point, out / "sycophancy.png", log)
     timings["total"] = round(time.perf_counter() - t0, 1)
-    write_report(out / "headline.md", table + "\n")
-    write_report(out / "sweeps.txt", sweeps + "\n")
-    result = save(True, plot=str(out / "sycophancy.png") if plotted else None)
+    result = save(True)
+    table = R.table(result["headline"], base_point)
+    sweeps = "\n\n".join(R.sweep_table(m, p) for m, p in methods.items())
     log("\nevery sweep point:\n" + sweeps)
     log(f"\nheadline: out-of-distribution four-condition metric at matched capability cost:\n{table}")
     for v in result["verdict"]:
         log(f"  {v}")
     log("cosines: " + ", ".join(f"cos({a}, {b}) {c:+.3f}" for i, (a, row) in enumerate(cosines.items())
                                 for j, (b, c) in enumerate(row.items()) if j > i))
-    log(f"written: {out}/results.json, headline.md, sweeps.txt" + (", sycophancy.png" if plotted else ""))
+    log(f"written: {out}/results.json, headline.md, sweeps.txt" + (", sycophancy.png" if result["plot"] else ""))
     log(f"done in {timings['total']:.0f} s (" + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total") + ")")
     return result
 
