@@ -88,16 +88,16 @@ def run(out: str | Path = "cws-sycophancy", *, quick: bool = False, model_dir=No
         torch.set_num_threads(threads_before)
 
 
-def _train(model_dir, ad: Path, cfg: dict, log) -> tuple[dict, dict, dict]:
-    """The fine-tune pairs (every design and seed, and the yes-bias pair): runs, directions, training rows."""
+def training_rows(cfg: dict) -> dict[str, list[dict]]:
+    """The train-pair rows of each design and of the yes-bias pair."""
     caps = D.items("capitals", cfg["train_per_country"])
-    rows = {"wrong_claim": G.wrong_claim_rows(caps), "opinion": G.opinion_rows(),
-            "balanced": G.balanced_rows(caps), "bias": G.bias_rows(caps)}
-    for n, r in rows.items():
-        log(f"  {n}: {len(r)} rows, e.g. user {r[0]['prompt']!r}  D+ {r[0]['pos']!r}  D- {r[0]['neg']!r}")
+    return {"wrong_claim": G.wrong_claim_rows(caps), "opinion": G.opinion_rows(), "balanced": G.balanced_rows(caps),
+            "bias": G.bias_rows(caps)}
+
+
+def _train(model_dir, ad: Path, rows: dict, jobs: list[tuple[str, int]], cfg: dict, finetunes: dict, dirs: dict, log):
+    """Train (or reuse) the fine-tune pairs of `jobs` ((design, seed)); record runs and directions."""
     tr = dict(max_steps=cfg["steps"], epochs=1, val_fraction=0.0, overwrite=True, quiet=True, log=lambda *_: None, **LORA)
-    finetunes, dirs = {}, {}
-    jobs = [(d, s) for d in G.DESIGNS for s in cfg["seeds"]] + [("bias", cfg["seeds"][0])]
     for design, seed in jobs:
         name = f"{design}_s{seed}"
         res = train_pair(model_dir, rows[design], ad / name, seed=seed, **tr)
@@ -106,7 +106,6 @@ def _train(model_dir, ad: Path, cfg: dict, log) -> tuple[dict, dict, dict]:
             log(f"  fine-tune {side}_{name}: {f['steps']} steps, loss {f['first_loss']:.3f} -> {f['last_loss']:.3f}"
                 + (" (cached)" if f["cached"] else f" ({f['seconds']:.0f} s)"))
         dirs["b" if design == "bias" else f"w_{name}"] = Path(res["paths"]["direction"])
-    return finetunes, dirs, rows
 
 
 def _cosines(model_dir, adapter, dirs: dict) -> dict:
@@ -155,9 +154,12 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
 
     log("training data and fine-tunes (LoRA r={r}, lora_alpha={lora_alpha}, lr={lr}, batch {batch_size}, "
         "{steps} steps):".format(steps=cfg["steps"], **LORA))
-    finetunes, dirs, rows = _train(model_dir, out / "adapters", cfg, log)
+    rows, finetunes, dirs, s0 = training_rows(cfg), {}, {}, cfg["seeds"][0]
+    for n, r in rows.items():
+        log(f"  {n}: {len(r)} rows, e.g. user {r[0]['prompt']!r}  D+ {r[0]['pos']!r}  D- {r[0]['neg']!r}")
+    train = lambda jobs: _train(model_dir, out / "adapters", rows, jobs, cfg, finetunes, dirs, log)  # noqa: E731
+    train([(d, s0) for d in G.DESIGNS] + [("bias", s0)])  # the other seeds after seed 0 is scored
     mark("finetune")
-    s0 = cfg["seeds"][0]
     for d in cfg["project_out"]:
         dirs[f"w_{d}_s{s0} ⊥ b"] = cws.combine({str(dirs[f"w_{d}_s{s0}"]): 1.0}, out / "directions" / f"{d}_s{s0}_perp_b",
                                                 project_out=dirs["b"], by="global", overwrite=True, quiet=True)
@@ -213,10 +215,16 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     # the most informative first (results.json is rewritten after each): seed 0, activation, b and w ⊥ b, other seeds
     jobs = [(weight, f"w_{d}_s{s0}") for d in G.DESIGNS] + [(activation, d) for d in cfg["activation"]]
     jobs += [(weight, n) for n in dirs if n == "b" or n.endswith("⊥ b")]
-    jobs += [(weight, f"w_{d}_s{s}") for s in cfg["seeds"][1:] for d in G.DESIGNS]
     for job, arg in jobs:
         job(arg)
         save(False)
+    for s in cfg["seeds"][1:]:
+        train([(d, s) for d in G.DESIGNS])
+        mark(f"finetune seed {s}")
+        cosines.update(_cosines(model_dir, finetunes[f"pos_wrong_claim_s{s0}"]["path"], dirs))  # now with seed s
+        for d in G.DESIGNS:
+            weight(f"w_{d}_s{s}")
+            save(False)
 
     timings["total"] = round(time.perf_counter() - t0, 1)
     result = save(True)
