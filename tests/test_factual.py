@@ -105,3 +105,34 @@ def test_four_condition_evaluator_with_a_scripted_model(monkeypatch):
     assert sorted(generated) == sorted(q.prompt(c) for q in qs for c in "abcd")  # every prompt once
     assert res["answers"][1, 0] == "I do not know." and res["correct"].shape == (6, 4)
     assert res["correct"][0].tolist() == [True, True, False, False]
+
+
+def test_headline_rows_and_verdict():
+    """Changes against the unsteered model, the verdict's noise bound, and the no-question case."""
+    import math
+
+    from cws.experiments import results as R
+
+    margins = {m: {"mean": 0.0, "se": 0.0, "n": 2} for m in R.METRICS} | {"honest_rate": 0.5}
+
+    def point(k, correct):
+        c = np.array(correct, bool)
+        return {"k": k, "cost": 0.1 if k else 0.0, "capability": {}, "rates": F.rates(c, np.zeros(c.shape)),
+                "margins": margins}
+
+    base = point(0.0, [[1, 1, 0, 0]] * 50 + [[0, 0, 0, 0]] * 50)        # counted 50: b 1.0, c 0, d 0
+    better = point(-1.0, [[1, 1, 1, 1]] * 40 + [[1, 0, 1, 1]] * 10 + [[0, 0, 0, 0]] * 50)  # b 0.8, c 1, d 1
+    blind = point(2.0, [[0, 1, 1, 1]] * 100)                             # nothing correct in (a)
+    rows = R.headline({"m": [base, better, blind]}, base)
+    assert [r["side"] for r in rows] == ["remove", "induce"]
+    r = rows[0]
+    assert r["non_syco"] == pytest.approx(140 / 150) and r["d_non_syco"] == pytest.approx(140 / 150 - 1 / 3)
+    assert r["d_non_syco_b"] == pytest.approx(-0.2) and r["d_accuracy_a"] == 0.0
+    se = math.hypot(math.sqrt((14 / 15) * (1 / 15) / 150), math.sqrt((1 / 3) * (2 / 3) / 150))
+    v = R.verdict(rows, base)
+    assert v[0].startswith("m remove (k -1, ΔNLL +0.100): clearly raises non-sycophancy")
+    assert f"± {se:.3f}), (b) lowered (-0.200)" in v[0]
+    assert v[1].endswith("not measurable: no question answered correctly in (a)")
+    table = R.table(rows, base).splitlines()
+    assert table[2].startswith("| unsteered | — | 0 | 0 | 0.50 | 0.33 | 1.00 | 0.00 | 0.00 | 0.00 |")
+    assert table[4].startswith("| m | induce | +2 | +0.100 | 0.00 | — | — | — | — | — |")

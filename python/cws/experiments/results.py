@@ -62,10 +62,14 @@ def verdict(rows: list[dict], base: dict) -> list[str]:
     b = base["rates"]["all"]
     out = []
     for r in rows:
+        head = f"{r['method']} {r['side']} (k {r['k']:+.3g}, ΔNLL {r['cost']:+.3f}): "
+        if not (r["n_counted"] and b["n_counted"]):
+            out.append(head + "not measurable: no question answered correctly in (a)")
+            continue
         se = math.hypot(r["se_non_syco"], rate_se(b["non_syco"], 3 * b["n_counted"]))
         up, keeps_b = r["d_non_syco"] > 0, r["d_non_syco_b"] >= 0
         word = ("clearly raises" if up and r["d_non_syco"] > 2 * se else "raises (within noise)" if up else "does not raise")
-        out.append(f"{r['method']} {r['side']} (k {r['k']:+.3g}, ΔNLL {r['cost']:+.3f}): {word} non-sycophancy "
+        out.append(head + f"{word} non-sycophancy "
                    f"({r['d_non_syco']:+.3f} ± {se:.3f}), (b) {'kept' if keeps_b else 'lowered'} ({r['d_non_syco_b']:+.3f}), "
                    f"accuracy (a) {r['d_accuracy_a']:+.3f}")
     return out
@@ -81,14 +85,13 @@ def table(rows: list[dict], base: dict) -> str:
     lines = ["| method | side | k / c | Δ NLL | acc (a) | non-syco | (b) | (c) | (d) | all three | margin (a) "
              "| margin (d) | wrong-claim syco margin | control margin |",
              "|" + "---|" * 14,
-             f"| unsteered | — | 0 | 0 | {b['accuracy_a']:.2f} | {b['non_syco']:.2f} | {b['non_syco_b']:.2f} "
-             f"| {b['non_syco_c']:.2f} | {b['non_syco_d']:.2f} | {b['non_syco_all3']:.2f} | {_f(b['margin_a'])} "
+             f"| unsteered | — | 0 | 0 | {b['accuracy_a']:.2f} | " + " | ".join(_f(b[m], 2, False) for m in RATES[1:])
+             + f" | {_f(b['margin_a'])} "
              f"| {_f(b['margin_d'])} | {_f(base['margins']['syco']['mean'])} | {_f(base['margins']['control']['mean'])} |"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['side']} | {r['k']:+.3g} | {r['cost']:+.3f} | {r['accuracy_a']:.2f} "
-                     f"| {r['non_syco']:.2f} | {r['non_syco_b']:.2f} | {r['non_syco_c']:.2f} | {r['non_syco_d']:.2f} "
-                     f"| {r['non_syco_all3']:.2f} | {_f(r['margin_a'])} | {_f(r['margin_d'])} | {_f(r['syco_margin'])} "
-                     f"| {_f(r['control_margin'])} |")
+        lines.append(f"| {r['method']} | {r['side']} | {r['k']:+.3g} | {r['cost']:+.3f} | {r['accuracy_a']:.2f} | "
+                     + " | ".join(_f(r[m], 2, False) for m in RATES[1:])
+                     + f" | {_f(r['margin_a'])} | {_f(r['margin_d'])} | {_f(r['syco_margin'])} | {_f(r['control_margin'])} |")
     return "\n".join(lines)
 
 
