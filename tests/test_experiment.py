@@ -91,9 +91,11 @@ def test_sycophancy_pipeline_on_tiny_model(tiny_dir, tmp_path):
     assert all(abs(cos[n][n] - 1) < 1e-9 for n in cos)
     assert data["n"]["train_opinion"] >= 120 and len(data["base_answers"]["a"]) == 16
 
-    # a second run reuses the cached fine-tunes
-    res2 = sycophancy.run(out, quick=True, model_dir=tiny_dir, overrides=TINY, threads=1, log=lambda *_: None)
-    assert all(f["cached"] for f in res2["finetunes"].values())
+    # a second run reuses the cached fine-tunes; `only` sweeps the methods named (here one of seed 1)
+    res2 = sycophancy.run(out, quick=True, model_dir=tiny_dir, threads=1, log=lambda *_: None,
+                          overrides=dict(TINY, only=("weight b", "weight w_opinion_s1")))
+    assert all(f["cached"] for f in res2["finetunes"].values()) and len(res2["finetunes"]) == 10
+    assert set(res2["sweeps"]) == {"weight b", "weight w_opinion_s1"} and res2["complete"]
 
 
 def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
