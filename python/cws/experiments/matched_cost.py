@@ -66,9 +66,17 @@ def find_k(cost, targets, *, start: float, grow: float, max_probes: int, refine:
     return chosen, probes
 
 
-def sweep_matched(name: str, set_k, cost, full, targets, cfg: dict, start: float, log) -> tuple[list[dict], list[dict]]:
+def _describe(p: dict) -> str:
+    s = p["summary"]["ood"]
+    return (f"OOD syco {s['syco']['mean']:+.2f}, control {s['control']['mean']:+.2f}, wording-free "
+            f"{s['wording_free']['mean']:+.2f}, honest {s['honest_rate']:.2f}")
+
+
+def sweep_matched(name: str, set_k, cost, full, targets, cfg: dict, start: float, log,
+                  describe=_describe) -> tuple[list[dict], list[dict]]:
     """Both sides of a sweep: (full points at the chosen k, probes). `set_k(k)` steers the model,
-    `cost()` measures the capability cost, `full(k)` evaluates everything and returns a point."""
+    `cost()` measures the capability cost, `full(k)` evaluates everything and returns a point;
+    `describe(point)` is its log line."""
     points, probes = [], []
     for sign in (1.0, -1.0):
         def c(k):
@@ -87,9 +95,6 @@ def sweep_matched(name: str, set_k, cost, full, targets, cfg: dict, start: float
             set_k(sign * k)
             p = full(sign * k)
             points.append(p)
-            s = p["summary"]["ood"]
-            log(f"  {name} k={sign * k:+.4g}: ΔNLL {p['cost']:+.3f}, OOD syco {s['syco']['mean']:+.2f}, control "
-                f"{s['control']['mean']:+.2f}, wording-free {s['wording_free']['mean']:+.2f}, honest "
-                f"{s['honest_rate']:.2f}  ({time.perf_counter() - t:.0f} s)")
+            log(f"  {name} k={sign * k:+.4g}: ΔNLL {p['cost']:+.3f}, {describe(p)}  ({time.perf_counter() - t:.0f} s)")
     set_k(0.0)
     return points, sorted(probes, key=lambda p: p["k"])

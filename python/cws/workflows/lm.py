@@ -154,6 +154,54 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return k
 
 
+def _prefill(model, P: list[list[int]], pad: int, kw: str):
+    """One forward of a chunk of prompts: their common prefix once (its KV cache shared), then each
+    prompt's own tokens left-padded after it. Returns (output with the cache, attention mask)."""
+    dev = model.device
+    k = _common_prefix(P)
+    cache, pre = None, torch.ones((len(P), k), dtype=torch.long)
+    if k:
+        cache = _cache_of(model(input_ids=torch.tensor([P[0][:k]], device=dev), use_cache=True, logits_to_keep=1))
+        cache.batch_select_indices(torch.zeros(len(P), dtype=torch.long, device=dev))
+    ids, m = _left_pad([p[k:] for p in P], pad)
+    mask = torch.cat([pre, m], 1)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, k:]
+    o = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True,
+              logits_to_keep=1, **{kw: cache})
+    return o, mask
+
+
+def _score(model, cache, mask, first, C: list[list[list[int]]], pad: int, kw: str) -> list[list[float]]:
+    """Σ log p of each continuation of each prompt from the prompts' KV cache (consumed) and the log-probs
+    of their next token (`first`)."""
+    dev = model.device
+    rows = [(i, c) for i, cs in enumerate(C) for c in cs]
+    res = [[0.0] * len(cs) for cs in C]
+    if not rows:
+        return res
+    idx = torch.tensor([i for i, _ in rows])
+    cache.batch_select_indices(idx.to(dev))
+    n = max(len(c) for _, c in rows)
+    cids = torch.full((len(rows), n), pad, dtype=torch.long)
+    cmask = torch.zeros((len(rows), n), dtype=torch.long)
+    for r, (_, c) in enumerate(rows):
+        cids[r, :len(c)] = torch.tensor(c)
+        cmask[r, :len(c)] = 1
+    start = mask.sum(1)[idx]
+    cpos = start[:, None] + torch.arange(n)[None]
+    cids, cmask = cids.to(dev), cmask.to(dev)
+    lg = model(input_ids=cids, attention_mask=torch.cat([mask[idx].to(dev), cmask], 1),
+               position_ids=cpos.to(dev), use_cache=False, **{kw: cache}).logits
+    lp = torch.log_softmax(lg[:, :-1].float(), -1).gather(-1, cids[:, 1:, None])[..., 0]
+    lp = torch.cat([first[idx.to(dev)].gather(-1, cids[:, :1]), lp], 1) * cmask
+    totals = lp.double().sum(1).tolist()
+    j = [0] * len(C)
+    for r, (i, _) in enumerate(rows):
+        res[i][j[i]] = totals[r]
+        j[i] += 1
+    return res
+
+
 @torch.no_grad()
 def continuation_logprobs(model, prompts: list[list[int]], conts: list[list[list[int]]], pad: int,
                           batch: int = 32) -> list[list[float]]:
@@ -165,45 +213,45 @@ def continuation_logprobs(model, prompts: list[list[int]], conts: list[list[list
     """
     out: list[list[float]] = []
     kw = _cache_name(model)
+    for lo in range(0, len(prompts), batch):
+        o, mask = _prefill(model, prompts[lo:lo + batch], pad, kw)
+        out.extend(_score(model, _cache_of(o), mask, torch.log_softmax(o.logits[:, -1].float(), -1),
+                          conts[lo:lo + batch], pad, kw))
+    return out
+
+
+@torch.no_grad()
+def greedy_and_logprobs(model, prompts: list[list[int]], conts: list[list[list[int]]], max_new_tokens: int, pad: int,
+                        eos: int | None, batch: int = 32) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy answers (token ids, up to max_new_tokens, cut before eos) and continuation_logprobs of
+    the same prompts from one prefill per prompt (the common prefix once per chunk)."""
+    import copy
+
+    ids_out: list[list[int]] = []
+    lps: list[list[float]] = []
+    kw = _cache_name(model)
     dev = model.device
     for lo in range(0, len(prompts), batch):
-        P, C = prompts[lo:lo + batch], conts[lo:lo + batch]
-        k = _common_prefix(P)
-        cache, pre = None, torch.ones((len(P), k), dtype=torch.long)
-        if k:
-            cache = _cache_of(model(input_ids=torch.tensor([P[0][:k]], device=dev), use_cache=True, logits_to_keep=1))
-            cache.batch_select_indices(torch.zeros(len(P), dtype=torch.long, device=dev))
-        ids, m = _left_pad([p[k:] for p in P], pad)
-        mask = torch.cat([pre, m], 1)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)[:, k:]
-        o = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True, logits_to_keep=1, **{kw: cache})
+        o, mask = _prefill(model, prompts[lo:lo + batch], pad, kw)
+        cache = _cache_of(o)
         first = torch.log_softmax(o.logits[:, -1].float(), -1)
-        rows = [(i, c) for i, cs in enumerate(C) for c in cs]
-        res = [[0.0] * len(cs) for cs in C]
-        if rows:
-            idx = torch.tensor([i for i, _ in rows])
+        lps.extend(_score(model, copy.deepcopy(cache), mask, first, conts[lo:lo + batch], pad, kw))
+        nxt = o.logits[:, -1].argmax(-1)
+        done = nxt == eos if eos is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        steps = [nxt]
+        mask = mask.to(dev)
+        while len(steps) < max_new_tokens and not bool(done.all()):
+            mask = torch.cat([mask, torch.ones((len(mask), 1), dtype=mask.dtype, device=dev)], 1)
+            o = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
+                      use_cache=True, **{kw: cache})
             cache = _cache_of(o)
-            cache.batch_select_indices(idx.to(dev))
-            n = max(len(c) for _, c in rows)
-            cids = torch.full((len(rows), n), pad, dtype=torch.long)
-            cmask = torch.zeros((len(rows), n), dtype=torch.long)
-            for r, (_, c) in enumerate(rows):
-                cids[r, :len(c)] = torch.tensor(c)
-                cmask[r, :len(c)] = 1
-            start = mask.sum(1)[idx]
-            cpos = start[:, None] + torch.arange(n)[None]
-            cids, cmask = cids.to(dev), cmask.to(dev)
-            lg = model(input_ids=cids, attention_mask=torch.cat([mask[idx].to(dev), cmask], 1),
-                       position_ids=cpos.to(dev), use_cache=False, **{kw: cache}).logits
-            lp = torch.log_softmax(lg[:, :-1].float(), -1).gather(-1, cids[:, 1:, None])[..., 0]
-            lp = torch.cat([first[idx.to(dev)].gather(-1, cids[:, :1]), lp], 1) * cmask
-            totals = lp.double().sum(1).tolist()
-            j = [0] * len(C)
-            for r, (i, _) in enumerate(rows):
-                res[i][j[i]] = totals[r]
-                j[i] += 1
-        out.extend(res)
-    return out
+            nxt = torch.where(done, pad, o.logits[:, -1].argmax(-1))
+            steps.append(nxt)
+            if eos is not None:
+                done |= nxt == eos
+        toks = torch.stack(steps, 1).tolist()
+        ids_out.extend(t[:t.index(eos)] if eos in t else t for t in toks)
+    return ids_out, lps
 
 
 @torch.no_grad()
