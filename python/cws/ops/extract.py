@@ -352,8 +352,8 @@ def _check_factors(name: str, low, B, A) -> None:
             if nonfinite(read_tensor(info)):
                 raise CwsError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to proceed)")
     dtype = str(B.dtype).replace("torch.", "")
-    raise CwsError(f"tensor {name!r}: the LoRA factors overflow {dtype} to Inf once lora_alpha/r is folded in "
-                   f"(pass --dtype float32, or --allow-nonfinite to proceed)")
+    raise CwsError(f"tensor {name!r}: the low-rank factors overflow {dtype} to Inf once their scale (lora_alpha/r, "
+                   f"or a combination's coefficient) is folded in (pass --dtype float32, or --allow-nonfinite to proceed)")
 
 
 def concat_factors(low):
