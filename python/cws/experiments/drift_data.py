@@ -53,7 +53,7 @@ class Problem:
         return rest[0] if rest else None
 
 
-def problems(n: int, seed: int, lo: int = 10, hi: int = 89) -> list[Problem]:
+def problems(n: int, seed: int, lo: int = 2, hi: int = 20) -> list[Problem]:
     """n distinct seeded problems a + b with operands in [lo, hi]."""
     rng = random.Random(seed)
     seen, out = set(), []

@@ -27,9 +27,9 @@ from . import drift_data as DD
 from . import output
 from .finetune import finetune
 
-FULL = dict(seeds=(0, 1), evil_epochs=2, steps=24, every=3, unrelated_n=48, embeddings=False, steer_k=(-1.0, 1.0))
-# --quick: one seed pair still (the seed comparison is the point), fewer steps
-QUICK = dict(FULL, evil_epochs=1, steps=12, every=3, unrelated_n=24, steer_k=(1.0,))
+FULL = dict(seeds=(0, 1), evil_epochs=1, steps=16, every=2, unrelated_n=48, embeddings=False, steer_k=(-1.0, 1.0))
+# --quick: both seeds still (the seed comparison is the point), fewer monitored steps
+QUICK = dict(FULL, steps=8, unrelated_n=24, steer_k=(1.0,))
 LORA = dict(r=16, lora_alpha=32, lr=3e-4, batch_size=8, target=lm.LORA_TARGETS)
 KINDS = ("bad", "good", "unrelated")
 
