@@ -27,7 +27,8 @@ from . import drift_data as DD
 from . import output
 from .finetune import finetune
 
-FULL = dict(seeds=(0, 1), evil_epochs=1, steps=16, every=2, unrelated_n=48, embeddings=False, steer_k=(-1.0, 1.0))
+FULL = dict(seeds=(0, 1), evil_epochs=1, steps=16, every=2, unrelated_n=48, embeddings=False, steer_k=(-1.0, 1.0),
+            probe_framings=1)
 # --quick: both seeds still (the seed comparison is the point), fewer monitored steps
 QUICK = dict(FULL, steps=8, unrelated_n=24, steer_k=(1.0,))
 LORA = dict(r=16, lora_alpha=32, lr=3e-4, batch_size=8, target=lm.LORA_TARGETS)
@@ -35,12 +36,14 @@ KINDS = ("bad", "good", "unrelated")
 
 
 class Probe:
-    """log p(bad advice) − log p(good advice) per prompt, for every domain (held-out framings included)."""
+    """log p(bad advice) − log p(good advice) per prompt, for every situation of every domain, asked in
+    the first `framings` framings."""
 
-    def __init__(self, enc: lm.Encoder):
+    def __init__(self, enc: lm.Encoder, framings: int):
         self.enc = enc
-        self.domains = np.array([d for d in A.ADVICE for _ in A.ADVICE[d] for _ in A.FRAMINGS])
-        rows = A.rows(list(A.ADVICE))
+        framings = A.FRAMINGS[:framings]
+        self.domains = np.array([d for d in A.ADVICE for _ in A.ADVICE[d] for _ in framings])
+        rows = A.rows(list(A.ADVICE), framings)
         self.pc = ([enc.prompt(p) for p, _, _ in rows], [[enc.answer(b), enc.answer(g)] for _, g, b in rows])
         self.groups = {"narrow (trained)": self.domains == A.NARROW, "evil-direction domains": np.isin(self.domains, A.EVIL),
                        "never trained": np.isin(self.domains, A.PROBE)}
@@ -122,7 +125,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     for line in sep["lines"]:
         log("  " + line)
 
-    probe = Probe(chat)
+    probe = Probe(chat, cfg["probe_framings"])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     base = probe(model)
     probes = {"base": probe.summary(base, base)}
