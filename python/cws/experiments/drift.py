@@ -27,8 +27,8 @@ from . import sycophancy_data as D
 from .finetune import adapter_update, finetune, merged
 from .matched_cost import find_k
 
-FULL = dict(train_n=160, test_n=24, task_steps=30, w_per_fact=2, gen_tokens=20, instr_n=8, text_n=3, ref_tokens=32,
-            targets=(0.05, 0.2), weight_start=0.5, act_start=0.5, grow=2.0, max_probes=5, refine=1, tol=0.25, seed=0)
+FULL = dict(train_n=160, test_n=24, task_steps=30, w_per_fact=1, gen_tokens=20, instr_n=8, text_n=3, ref_tokens=32,
+            targets=(0.05, 0.2), weight_start=0.5, act_start=0.5, grow=2.0, max_probes=4, refine=1, tol=0.25, seed=0)
 # --quick: fewer problems, steps and targets
 QUICK = dict(FULL, train_n=96, test_n=16, task_steps=16, w_per_fact=1, instr_n=6, text_n=3, ref_tokens=20,
              targets=(0.1,), max_probes=5)
