@@ -160,6 +160,10 @@ def test_monitor_pipeline_on_tiny_model(advice_dir, tmp_path):
     res2 = monitor.run(out, quick=True, model_dir=advice_dir, overrides=MONITOR, threads=1, log=lambda *_: None)
     assert all(f["cached"] for f in res2["finetunes"].values())
     assert res2["traces"] == res["traces"]
+    # a retrained direction re-runs the monitored fine-tunes (their traces measure it)
+    res3 = monitor.run(out, quick=True, model_dir=advice_dir, overrides={**MONITOR, "evil_epochs": 2}, threads=1,
+                       log=lambda *_: None)
+    assert not any(res3["finetunes"][n]["cached"] for n in res3["traces"])
 
 
 @pytest.mark.parametrize("name", ["drift", "monitor"])

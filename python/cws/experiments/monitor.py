@@ -96,11 +96,12 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
         f"{len(narrow)} {A.NARROW} prompts (bad / good advice) and {len(unrelated)} additions; probe on "
         f"{', '.join(A.PROBE)} (never trained)")
 
-    ad, dirs, finetunes = out / "adapters", {}, {}
+    ad, dirs, fingerprints, finetunes = out / "adapters", {}, {}, {}
     for s in cfg["seeds"]:
         res = train_pair(model_dir, evil_rows, ad / f"evil_s{s}", seed=s, epochs=cfg["evil_epochs"], val_fraction=0.0,
                          overwrite=True, quiet=True, log=lambda *_: None, modules_to_save=save, **LORA)
         dirs[f"w_evil_s{s}"] = Path(res["paths"]["direction"])
+        fingerprints[f"w_evil_s{s}"] = res["fingerprint"]  # a retrained direction re-runs the monitored fine-tunes
         for side in ("pos", "neg"):
             r = res["runs"][side]
             finetunes[f"evil_{side}_s{s}"] = {**r, "path": res["paths"][side], "cached": side in res["reused"]}
@@ -112,7 +113,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
         for kind in KINDS:
             monitor = cws.WeightMonitor(dirs, jsonl=False)
             ft = finetune(model_dir, data[kind], ad / f"{kind}_s{s}", seed=s, steps=cfg["steps"], modules_to_save=save,
-                          trace=monitor.measure, trace_every=cfg["every"], trace_key=sorted(dirs), log=log, **LORA)
+                          trace=monitor.measure, trace_every=cfg["every"], trace_key=fingerprints, log=log, **LORA)
             name = f"{kind}_s{s}"
             traces[name] = ft["trace"]
             finetunes[name] = {k: v for k, v in ft.items() if k != "trace"}
@@ -149,7 +150,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
         log("  " + line)
 
     text = "\n".join(sep["lines"] + [""] + lines)
-    plotted = plot(traces, dirs, cfg["seeds"], out / "monitor.png", log)
+    plotted = plot(traces, dirs, cfg["seeds"], sep["pairs"], out / "monitor.png", log)
     timings["total"] = round(time.perf_counter() - t0, 1)
     result = {"config": cfg, "lora": LORA, "model_dir": str(model_dir), "quick": quick,
               "domains": {"evil": list(A.EVIL), "narrow": A.NARROW, "probe": list(A.PROBE)},
@@ -226,7 +227,7 @@ def probe_lines(probes: dict, groups: dict) -> list[str]:
     return lines
 
 
-def plot(traces: dict, dirs: dict, seeds, path: Path, log=print) -> bool:
+def plot(traces: dict, dirs: dict, seeds, pairs: list[dict], path: Path, log=print) -> bool:
     """Cosines over training (cross-seed, same-seed, without embeddings) and the final per-layer
     bad − mean(controls) (PNG)."""
     plt = output.pyplot(log)
@@ -251,7 +252,7 @@ def plot(traces: dict, dirs: dict, seeds, path: Path, log=print) -> bool:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=6)
     ax = axes[3]
-    for n, r in enumerate(separation(traces, dirs, seeds)["pairs"]):
+    for n, r in enumerate(pairs):
         ax.plot(range(len(r["by_layer_bad_minus_controls"])), r["by_layer_bad_minus_controls"], marker=".",
                 ls="-" if not r["same_seed"] else "--", color=f"C{n + 3}",
                 label=f"{r['direction']} / seed {r['finetune_seed']}{' (same seed)' if r['same_seed'] else ''}")
