@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CwsError
 from ..workflows import lm, reference
 from ..workflows import sweep as S
 from ..workflows.train_pair import train_pair
+from .common import Clock, setup, with_threads
 from . import drift_data as DD
 from . import output
 from . import sycophancy_data as D
@@ -132,29 +132,18 @@ def run(out: str | Path = "cws-drift", *, quick: bool = False, model_dir=None, o
     model_dir: any local HF causal LM with a chat template (default: SmolLM2-135M-Instruct).
     overrides: sizes to change (see FULL). threads: torch threads while it runs (None: as is, e.g. from
     OMP_NUM_THREADS)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _run(out, quick, model_dir, overrides, log)
-    finally:
-        torch.set_num_threads(before)
+    return with_threads(threads, _run, out, quick, model_dir, overrides, log)
 
 
 def _run(out, quick, model_dir, overrides, log) -> dict:
     import cws
     from cws.live.activation import ActivationSteerer, mean_difference
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     cfg = {**(QUICK if quick else FULL), **(overrides or {})}
-    t0, timings = time.perf_counter(), {}
-    mark = lambda s: timings.__setitem__(s, round(time.perf_counter() - t0 - sum(timings.values()), 1))  # noqa: E731
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(model_dir) if model_dir else lm.smollm2_dir(log=log)
-    chat = lm.Encoder(AutoTokenizer.from_pretrained(model_dir))
-    if not chat.templated:
-        raise CwsError(f"{model_dir}: the experiment needs a tokenizer with a chat template")
+    clock = Clock()
+    mark, timings = clock.mark, clock.timings
+    out, model_dir, tok, chat = setup(out, model_dir, log)
     log(f"cws experiment drift ({'quick' if quick else 'full'}): model {model_dir}, output {out}")
     train, test = DD.split(cfg["train_n"], cfg["test_n"], cfg["seed"])
     w_items = D.items("capitals", cfg["w_per_fact"])
@@ -216,7 +205,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
 
     sweeps = table(pre_point, methods)
     plotted = plot(pre_point, methods, out / "drift.png", log)
-    timings["total"] = round(time.perf_counter() - t0, 1)
+    clock.total()
     result = {"config": cfg, "lora": LORA, "model_dir": str(model_dir), "quick": quick,
               "n": {"train": len(train), "test": len(test), "direction_rows": len(rows)},
               "examples": {"task": [train[0].ask("right"), train[0].agree(train[0].right)],

