@@ -8,6 +8,7 @@ import torch
 import cws
 from cws.errors import CwsError
 from cws.io.layout import layer_of
+from test_lora import dense_entries as fp64  # every entry as an fp64 dense delta
 from tiny import perturbed, save, tiny_model, train_lora
 
 
@@ -23,18 +24,6 @@ def dirs(tmp_path_factory):
            "v": cws.extract(ad["c"], ad["d"], root / "v", quiet=True)}
     pos, neg = save(perturbed(base, 7), root / "pos"), save(perturbed(base, 8), root / "neg")
     out["dense"] = cws.extract(pos, neg, root / "dense", quiet=True)
-    return out
-
-
-def fp64(direction) -> dict[str, torch.Tensor]:
-    """Every entry as an fp64 dense delta."""
-    d = cws.Direction.open(direction)
-    out = {}
-    for name, e in d.entries.items():
-        if e.kind == "dense":
-            out[name] = d.checkpoint.read(name).double()
-        else:
-            out[name] = d.checkpoint.read(e.B.name).double() @ d.checkpoint.read(e.A.name).double() * e.scale
     return out
 
 
