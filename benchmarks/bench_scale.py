@@ -206,6 +206,24 @@ def ratios(by, fl):
     return out
 
 
+def per_rep_ratios(runs):
+    """wall / floor of every op in each rep, against the floors measured in that same rep (the disk
+    of a shared VM drifts over minutes: a rep's own floor is the fairer yardstick), and their median."""
+    reads = [r for r in runs if r.kind == "read floor"]
+    write = next((r for r in runs if r.kind == "write floor"), None)
+    out = {}
+    for r in runs:
+        if r.kind not in ("cws", "mergekit"):
+            continue
+        per = []
+        for i, wall in enumerate(r.walls):
+            gbps = max(x.in_bytes / x.walls[i] for x in reads if i < len(x.walls))
+            write_s = write.walls[i] * r.out_bytes / write.out_bytes if write and r.out_bytes and i < len(write.walls) else 0.0
+            per.append(wall / max(r.in_bytes / gbps, write_s))
+        out[r.name] = {"wall_over_floor_each_rep": per, "median": statistics.median(per)}
+    return out
+
+
 def mergekit_venv(arg):
     """mergekit's venv: this interpreter's when it imports mergekit, else --mergekit-venv."""
     return sys.prefix if importlib.util.find_spec("mergekit") else arg
@@ -220,6 +238,7 @@ def main():
     ap.add_argument("--shard-gb", type=float, default=2.1, help="largest input shard, GB (24 layers: 5 shards)")
     ap.add_argument("--mergekit-venv", default="/tmp/mk-venv")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--mergekit-reps", type=int, default=1, help="reps that run mergekit too (default 1: it is slow)")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache (a quick check of the script)")
     args = ap.parse_args()
     command = " ".join([Path(sys.executable).name, *sys.argv])
@@ -272,6 +291,8 @@ def main():
     print(f"measuring {len(runs)} runs x {args.reps} reps, each from a dropped page cache:", flush=True)
     for rep in range(args.reps):
         for r in runs:
+            if r.kind == "mergekit" and rep >= args.mergekit_reps:
+                continue
             if r.name == "cws compare" and not (d / "direction.json").exists():
                 raise SystemExit("cws compare needs the direction cws extract writes; extract left none")
             note = r.measure(env, logdir, not args.warm)
@@ -285,6 +306,9 @@ def main():
     by = {r["provider"]: r for r in rows}
     fl = floors(by, ckpt)
     rat = ratios(by, fl)
+    for name, x in per_rep_ratios(runs).items():
+        rat[name]["wall_over_floor_each_rep"] = x["wall_over_floor_each_rep"]
+        rat[name]["wall_over_floor_median_of_reps"] = x["median"]
     targets = {}
     for name, x in rat.items():
         if by[name]["kind"] == "cws":
@@ -304,6 +328,9 @@ def main():
               + (f"{x['floor_s']:8.2f} {x['wall_over_floor']:10.2f}" if x else f"{'':8s} {'':10s}"))
     print(f"floor: inputs at {fl['best_read_GBps']:.2f} GB/s ({fl['best_read']}), "
           + (f"durable write of {ckpt / 1e9:.2f} GB in {fl['write_s']:.2f} s" if fl["write_s"] else "no write floor"))
+    for name, x in rat.items():
+        print(f"{name}: wall / floor of the same rep " + ", ".join(f"{v:.2f}" for v in x["wall_over_floor_each_rep"])
+              + f" (median {x['wall_over_floor_median_of_reps']:.2f})")
     print("targets:")
     for k, (v, ok) in targets.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {k}: {v:.3f}")

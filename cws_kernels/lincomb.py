@@ -5,11 +5,13 @@
 
 import struct
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from . import cpu, native
 from ._dispatch import backend_for, cpu_impl
+from .reference import tally_ref
 from .rounding import fold_seed
 
 MAX_INPUTS = 8
@@ -38,6 +40,68 @@ def _check_alias(inputs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
             raise ValueError(f"lincomb: out overlaps inputs[{i}] without being it; use a separate out")
 
 
+class Tally(NamedTuple):
+    """What `lincomb_tally` counted in the outputs it stored."""
+
+    nonfinite: int  # outputs that are NaN or ±Inf
+    changed: int  # outputs whose value differs from inputs[0]'s
+    support: int  # elements where inputs[1] != inputs[2] (three or more inputs) or inputs[1] != 0 (two)
+
+
+def lincomb_tally(
+    inputs: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    *,
+    out: torch.Tensor,
+    rounding: str = "nearest",
+    seed: int | None = None,
+    offset: int = 0,
+    backend: str | None = None,
+) -> Tally:
+    """`lincomb` into `out` (not one of the inputs), and a `Tally` of the stored result.
+
+    This is θ + α·w with its checks in one pass: whether the result holds NaN/Inf, and how many
+    elements the update could change (support) against how many it did (changed) after rounding.
+    The native CPU loops count while each tile is in cache; elsewhere the counts are torch ops
+    after the lincomb (reference.tally_ref, the definition)."""
+    inputs, coeffs = list(inputs), [to_fp32(c) for c in coeffs]
+    _validate(inputs, coeffs, out, None, rounding, seed)
+    if out.numel() == 0:
+        return Tally(0, 0, 0)
+    if any(x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for x in inputs):
+        raise ValueError("lincomb_tally: out must not share memory with an input")
+    contiguous = all(t.is_contiguous() for t in [*inputs, out])
+    if backend_for([*inputs, out], backend) == "torch" and cpu_impl(out.numel(), contiguous) == "native":
+        return Tally(*native.lincomb_tally_native(inputs, coeffs, out, rounding, fold_seed(seed or 0), offset))
+    lincomb(inputs, coeffs, out=out, rounding=rounding, seed=seed, offset=offset, backend=backend)
+    return Tally(*tally_ref(inputs, out))
+
+
+def _validate(inputs, coeffs, out, out_dtype, rounding, seed) -> None:
+    if not 1 <= len(inputs) <= MAX_INPUTS:
+        raise ValueError(f"lincomb takes 1 to {MAX_INPUTS} inputs, got {len(inputs)}")
+    if len(coeffs) != len(inputs):
+        raise ValueError(f"lincomb: {len(inputs)} inputs but {len(coeffs)} coefficients")
+    shape = inputs[0].shape
+    for i, x in enumerate(inputs):
+        if x.shape != shape:
+            raise ValueError(f"lincomb: inputs[{i}] has shape {tuple(x.shape)}, inputs[0] has {tuple(shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"lincomb: inputs[{i}] is {x.dtype}; expected one of fp32, bf16, fp16")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"lincomb: rounding={rounding!r}, expected 'nearest' or 'stochastic'")
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("lincomb: rounding='stochastic' needs a seed (reproducibility is part of the contract)")
+    if out is None:
+        return
+    if out.shape != shape:
+        raise ValueError(f"lincomb: out has shape {tuple(out.shape)}, inputs have {tuple(shape)}")
+    if out_dtype is not None and out.dtype != out_dtype:
+        raise ValueError(f"lincomb: out is {out.dtype} but out_dtype={out_dtype}")
+    if out.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lincomb: out dtype {out.dtype}; expected one of fp32, bf16, fp16")
+
+
 def lincomb(
     inputs: Sequence[torch.Tensor],
     coeffs: Sequence[float],
@@ -58,28 +122,10 @@ def lincomb(
     """
     inputs = list(inputs)
     coeffs = [to_fp32(c) for c in coeffs]
-    if not 1 <= len(inputs) <= MAX_INPUTS:
-        raise ValueError(f"lincomb takes 1 to {MAX_INPUTS} inputs, got {len(inputs)}")
-    if len(coeffs) != len(inputs):
-        raise ValueError(f"lincomb: {len(inputs)} inputs but {len(coeffs)} coefficients")
-    shape = inputs[0].shape
-    for i, x in enumerate(inputs):
-        if x.shape != shape:
-            raise ValueError(f"lincomb: inputs[{i}] has shape {tuple(x.shape)}, inputs[0] has {tuple(shape)}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"lincomb: inputs[{i}] is {x.dtype}; expected one of fp32, bf16, fp16")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"lincomb: rounding={rounding!r}, expected 'nearest' or 'stochastic'")
-    if rounding == "stochastic" and seed is None:
-        raise ValueError("lincomb: rounding='stochastic' needs a seed (reproducibility is part of the contract)")
+    _validate(inputs, coeffs, out, out_dtype, rounding, seed)
     if out is None:
-        out = torch.empty(shape, dtype=out_dtype or inputs[0].dtype, device=inputs[0].device)
-    elif out.shape != shape:
-        raise ValueError(f"lincomb: out has shape {tuple(out.shape)}, inputs have {tuple(shape)}")
-    elif out_dtype is not None and out.dtype != out_dtype:
-        raise ValueError(f"lincomb: out is {out.dtype} but out_dtype={out_dtype}")
-    if out.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"lincomb: out dtype {out.dtype}; expected one of fp32, bf16, fp16")
+        out = torch.empty(inputs[0].shape, dtype=out_dtype or inputs[0].dtype, device=inputs[0].device)
+        _validate(inputs, coeffs, out, out_dtype, rounding, seed)
     _check_alias(inputs, out)
     if out.numel() == 0:
         return out

@@ -160,6 +160,42 @@ CLONES void cws_lincomb(int64_t start, int64_t stop, int n_in, const void *const
     }
 }
 
+/* cws_lincomb, plus a tally of what it stored, counted while each tile is in L1 (no second pass):
+ * tally[0] += outputs that are NaN or +-Inf; tally[1] += outputs whose value differs from xs[0]'s;
+ * tally[2] += elements where xs[1] != xs[2] (n_in >= 3) or xs[1] != 0 (n_in == 2): the support of
+ * the update `apply` adds. Comparisons are of values, as torch's `!=` (NaN differs from itself,
+ * -0 equals +0). `out` must not be an input. */
+CLONES void cws_lincomb_tally(int64_t start, int64_t stop, int n_in, const void *const *xs, const int *codes,
+                              const float *coefs, void *out, int out_code, int rounding, uint32_t key, int64_t offset,
+                              int64_t *tally) {
+    float acc[TILE] __attribute__((aligned(64)));
+    float a[TILE] __attribute__((aligned(64)));
+    float b[TILE] __attribute__((aligned(64)));
+    int64_t nonfinite = 0, changed = 0, support = 0;
+    for (int64_t s = start; s < stop; s += TILE) {
+        int n = stop - s < TILE ? (int)(stop - s) : TILE;
+        for (int j = 0; j < n_in; j++) axpy_tile(acc, xs[j], codes[j], coefs[j], j == 0, s, n);
+        if (rounding == 1 && out_code != F32) store_stochastic(out, out_code, s, acc, n, key, offset);
+        else store_nearest(out, out_code, s, acc, n);
+        axpy_tile(a, out, out_code, 1.0f, 1, s, n); /* x * 1 is x exactly, NaN and -0 included */
+        axpy_tile(b, xs[0], codes[0], 1.0f, 1, s, n);
+        for (int i = 0; i < n; i++) {
+            nonfinite += (a[i] - a[i]) != 0.0f; /* NaN for NaN and +-Inf, 0 otherwise */
+            changed += a[i] != b[i];
+        }
+        if (n_in >= 2) {
+            axpy_tile(a, xs[1], codes[1], 1.0f, 1, s, n);
+            if (n_in >= 3) {
+                axpy_tile(b, xs[2], codes[2], 1.0f, 1, s, n);
+                for (int i = 0; i < n; i++) support += a[i] != b[i];
+            } else {
+                for (int i = 0; i < n; i++) support += a[i] != 0.0f;
+            }
+        }
+    }
+    tally[0] += nonfinite, tally[1] += changed, tally[2] += support;
+}
+
 /* Lane l of a block's sum holds its elements l, l + 16, ... in order; the lanes meet in a fixed tree. */
 INLINE float reduce_lanes(f32x16 s) {
     float lane[LANES];

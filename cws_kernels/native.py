@@ -39,6 +39,8 @@ def load(path) -> ctypes.CDLL:
     lib.cws_lincomb.restype = None
     lib.cws_lincomb.argtypes = [_i64, _i64, ctypes.c_int, _ptrs, ctypes.POINTER(ctypes.c_int),
                                 ctypes.POINTER(_f32), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint32, _i64]
+    lib.cws_lincomb_tally.restype = None
+    lib.cws_lincomb_tally.argtypes = [*lib.cws_lincomb.argtypes, ctypes.c_void_p]
     lib.cws_gram.restype = None
     lib.cws_gram.argtypes = [_i64, _i64, _i64, _i64, _ptrs, ctypes.POINTER(ctypes.c_int), ctypes.c_int,
                              ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int), ctypes.POINTER(_f32),
@@ -86,6 +88,26 @@ def lincomb_native(inputs, coeffs, out, rounding, key, offset):
                         CODES[out.dtype], stochastic, key, offset)
 
     _run(_parts(n), part)
+
+
+def lincomb_tally_native(inputs, coeffs, out, rounding, key, offset) -> tuple[int, int, int]:
+    """lincomb_native, returning (non-finite outputs, outputs ≠ inputs[0], support of the update)
+    counted in the same pass (native.c: cws_lincomb_tally); `out` is not an input."""
+    lib = _lib()
+    n = out.numel()
+    ptrs, codes = _inputs(inputs)
+    c = (_f32 * 8)(*coeffs)
+    stochastic = int(rounding == "stochastic" and out.dtype != torch.float32)
+    parts = _parts(n)
+    tallies = torch.zeros(len(parts), 3, dtype=torch.int64)
+    index = {p: i for i, p in enumerate(parts)}
+
+    def part(a, b):
+        lib.cws_lincomb_tally(a * CHUNK, min(n, b * CHUNK), len(inputs), ptrs, codes, c, out.data_ptr(),
+                              CODES[out.dtype], stochastic, key, offset, tallies[index[(a, b)]].data_ptr())
+
+    _run(parts, part)
+    return tuple(int(v) for v in tallies.sum(0))
 
 
 def gram_native(inputs, combos) -> torch.Tensor:

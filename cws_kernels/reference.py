@@ -35,6 +35,22 @@ def lincomb_ref(inputs, coeffs, out_dtype, rounding="nearest", seed=0, offset=0)
     return round_stochastic(acc, out_dtype, index, fold_seed(seed))
 
 
+def tally_ref(inputs, out) -> tuple[int, int, int]:
+    """What `lincomb_tally` counts beside `out`: outputs that are NaN/Inf, outputs whose value differs
+    from inputs[0]'s, and the update's support (inputs[1] != inputs[2], or inputs[1] != 0 with two
+    inputs; 0 with one). Value comparisons, as torch's `!=`."""
+    x0 = inputs[0]
+    nonfinite = int((~torch.isfinite(out)).sum())
+    changed = int((out.float() != x0.float()).sum())
+    if len(inputs) >= 3:
+        support = int((inputs[1].float() != inputs[2].float()).sum())
+    elif len(inputs) == 2:
+        support = int((inputs[1].float() != 0).sum())
+    else:
+        support = 0
+    return nonfinite, changed, support
+
+
 def lincomb_fp64(inputs, coeffs) -> torch.Tensor:
     """Σ cᵢ·xᵢ in fp64 with the coefficients as given (not rounded to fp32)."""
     acc = torch.zeros(inputs[0].shape, dtype=torch.float64)

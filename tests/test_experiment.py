@@ -69,7 +69,7 @@ def test_sycophancy_pipeline_on_tiny_model(tiny_dir, tmp_path):
 
     weights = {f"weight w_{d}_s{s}" for d in ("wrong_claim", "opinion", "balanced") for s in (0, 1)}
     acts = {f"activation {d} L1" for d in ("wrong_claim", "opinion", "balanced")}
-    assert set(data["sweeps"]) == weights | acts | {"weight b", "weight w_wrong_claim_s0 ⊥ b"}
+    assert set(data["sweeps"]) == weights | acts | {"weight w_wrong_claim_s0 ⊥ b"}  # b itself: only when asked
     for method, points in data["sweeps"].items():
         ks = [p["k"] for p in points]
         assert 0.0 in ks and len(ks) > 1, method  # the unsteered point and at least one side's matched point

@@ -167,6 +167,52 @@ def test_lincomb_special_values(out, impl, monkeypatch):
     assert torch.isnan(sr[0]) and sr[1] == float("inf") and sr[2] == -float("inf")
 
 
+def _tally_by_hand(xs, out):
+    """The three counts, written out element by element in Python (independent of tally_ref)."""
+    o, x = out.float().tolist(), [t.float().tolist() for t in xs]
+    nonfinite = sum(v != v or abs(v) == float("inf") for v in o)
+    changed = sum(not (a == b) for a, b in zip(o, x[0]))  # NaN differs from itself, -0 == +0
+    if len(xs) >= 3:
+        support = sum(not (a == b) for a, b in zip(x[1], x[2]))
+    else:
+        support = sum(not (a == 0) for a in x[1]) if len(xs) == 2 else 0
+    return nonfinite, changed, support
+
+
+@pytest.mark.parametrize("impl", ["eager", "native"])
+@pytest.mark.parametrize("dtypes,out", [(("bf16", "bf16", "bf16"), "bf16"), (("bf16", "fp32"), "bf16"),
+                                        (("fp16", "fp16", "fp16"), "fp16"), (("fp32", "bf16", "bf16"), "fp32")])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_lincomb_tally_bits_and_counts(impl, dtypes, out, rounding):
+    n = 40_000 + 3  # several tiles and a ragged tail
+    xs = make(n, dtypes, seed=3)
+    xs[1][::7] = 0  # unchanged elements: a zero delta, equal pos and neg
+    if len(xs) == 3:
+        xs[2][::5] = xs[1][::5]
+    sv = special_values(DT[dtypes[0]]).to(DT[dtypes[0]])
+    xs[0][: len(sv)] = sv  # NaN, ±Inf, ±0, subnormals, values that overflow once an update is added
+    xs[1][3], xs[1][4] = -0.0, float("nan")  # -0 counts as zero; NaN as a change
+    cs = [1.0, 1e-2, -1e-2][: len(xs)]
+    o = torch.empty(n, dtype=DT[out])
+    with K.use_cpu_impl(impl):
+        t = K.lincomb_tally(xs, cs, out=o, rounding=rounding, seed=5, offset=11)
+    assert_bits_equal(o, lincomb_ref(xs, cs, DT[out], rounding, 5, 11), "lincomb_tally stores lincomb's bits")
+    assert tuple(t) == _tally_by_hand(xs, o)
+    assert t.nonfinite >= 3 and 0 < t.changed < n and 0 < t.support < n
+
+
+def test_lincomb_tally_overflow_and_bad_input():
+    big = torch.full((3000,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16)
+    o = torch.empty_like(big)
+    t = K.lincomb_tally([big, big], [1.0, 1.0], out=o)  # every sum overflows bf16 to +Inf
+    assert t == (3000, 3000, 3000) and torch.isinf(o).all()
+    with pytest.raises(ValueError, match="share memory"):
+        K.lincomb_tally([big, big], [1.0, 1.0], out=big)
+    with pytest.raises(ValueError, match="shape"):
+        K.lincomb_tally([big, big[:10]], [1.0, 1.0], out=o)
+    assert K.lincomb_tally([big[:0]], [1.0], out=o[:0]) == (0, 0, 0)
+
+
 def test_stochastic_rounding_reproducible_offset_and_unbiased():
     theta = torch.ones(4096, dtype=torch.bfloat16)
     w = torch.full((4096,), 1e-3)

@@ -113,6 +113,29 @@ def test_mapped_and_copied_reads_give_identical_outputs(tiny_ckpts, direction, m
     assert runs[True] == runs[False]
 
 
+def test_readahead_changes_no_output_and_advises_every_slice_once(tiny_ckpts, direction, monkeypatch, tmp_path):
+    from cws.io import reader
+    from cws.ops import engine
+
+    advised = []
+    real = reader.MappedFiles.advise
+    monkeypatch.setattr(reader.MappedFiles, "advise", lambda self, *r: (advised.append(r), real(self, *r))[1])
+    runs = {}
+    for ahead in (0, 1, 10**9):  # none; one slice ahead; everything at once
+        monkeypatch.setattr(engine, "READAHEAD", ahead)
+        advised.clear()
+        out = tmp_path / f"ra{ahead}"
+        runs[ahead] = digest(cws.apply(tiny_ckpts["base"], None, 1.0, out, pos=tiny_ckpts["pos"], neg=tiny_ckpts["neg"],
+                                       max_memory=8192, quiet=True)[0])
+        keys = [(i.path, i.name, a, b) for i, a, b in advised]
+        assert len(keys) == len(set(keys)), "a range was advised twice"
+        if ahead:  # every input range of every slice was asked for, before it was mapped
+            assert len({(p, n) for p, n, _, _ in keys}) == 3 * len(state(tiny_ckpts["base"]))
+        else:
+            assert not keys
+    assert runs[0] == runs[1] == runs[10**9]
+
+
 def test_apply_without_fsync_writes_the_same_model(tiny_ckpts, direction, tmp_path):
     a = cws.apply(tiny_ckpts["base"], direction, 1.5, tmp_path / "a", quiet=True)[0]
     b = cws.apply(tiny_ckpts["base"], direction, 1.5, tmp_path / "b", fsync=False, quiet=True)[0]

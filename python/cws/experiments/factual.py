@@ -221,7 +221,7 @@ class FourCondition:
     """Scores one model state on the four-condition set: greedy answers after the stem (correct or not)
     and margins."""
 
-    def __init__(self, enc: lm.Encoder, qs: list[Question], gen_tokens: int = 12, batch: int = 32):
+    def __init__(self, enc: lm.Encoder, qs: list[Question], gen_tokens: int = 12, batch: int = 64):
         self.enc, self.qs, self.gen_tokens, self.batch = enc, list(qs), gen_tokens, batch
         stem = enc.answer(STEM)
         self.prompts = [enc.prompt(q.prompt(c)) + stem for q in self.qs for c in CONDITIONS]

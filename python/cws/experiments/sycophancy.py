@@ -31,7 +31,10 @@ from .matched_cost import sweep_matched
 FULL = dict(domains=("arithmetic", "opposites", "science", "languages"), n_questions=40, gen_tokens=6,
             margin_domains=("arithmetic", "colours", "general"), margin_n=12, train_per_country=2, steps=8,
             seeds=(0, 1), activation=G.DESIGNS, project_out=("wrong_claim",), instr_n=6, text_n=2, ref_tokens=20,
-            targets=(0.1,), weight_start=1.0, act_start=1.0, grow=2.0, max_probes=5, refine=1, tol=0.3, only=None)
+            targets=(0.1,), weight_start=1.0, act_start=1.0, grow=2.0, max_probes=5, refine=1, tol=0.3, sweep_b=False,
+            only=None)
+# sweep_b: also steer with the yes-bias direction b itself (b is always made: for w ⊥ b and the cosines;
+#          naming "weight b" in `only` sweeps it too)
 # only: method names to sweep (e.g. ("weight b", "activation opinion L15")); None: all
 # --quick: one LoRA seed, fewer questions and steps, activation steering for design (i) only
 QUICK = dict(FULL, n_questions=10, margin_n=4, train_per_country=1, steps=4, seeds=(0,), activation=("wrong_claim",),
@@ -202,7 +205,8 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
 
     # the most informative first (results.json is rewritten after each): seed 0, activation, b and w ⊥ b, other seeds
     jobs = [(weight, f"w_{d}_s{s0}") for d in G.DESIGNS] + [(activation, d) for d in cfg["activation"]]
-    jobs += [(weight, n) for n in dirs if n == "b" or n.endswith("⊥ b")]
+    sweep_b = cfg["sweep_b"] or "weight b" in (cfg.get("only") or ())  # b itself: when asked for
+    jobs += [(weight, n) for n in dirs if (n == "b" and sweep_b) or n.endswith("⊥ b")]
     wanted = lambda job, arg: not cfg.get("only") or (  # noqa: E731
         f"weight {arg}" if job is weight else f"activation {arg} L{layer}") in cfg["only"]
     for job, arg in jobs:

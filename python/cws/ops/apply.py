@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cws_kernels import add_lowrank_, lincomb, lowrank_block_rows
+from cws_kernels import add_lowrank_, lincomb_tally, lowrank_block_rows
 
 from . import dist, engine
 from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, provenance,
@@ -204,17 +204,23 @@ def apply(
         theta = s.ins[0]
         offset = s.start * (theta.numel() // max(s.stop - s.start, 1))
         seed_t = tensor_seed(seed, name)
-        for a, o in zip(alphas, s.outs):
-            if kind == "dense":
-                lincomb([theta, s.ins[1]], [1.0, a], out=o, rounding=rounding, seed=seed_t, offset=offset)
-            elif kind == "fused":
-                lincomb([theta, s.ins[1], s.ins[2]], [1.0, a, -a], out=o, rounding=rounding, seed=seed_t, offset=offset)
-            else:  # low-rank: W + α·scale·B·A, B·A formed per block of rows
-                o.copy_(theta)
-                add_lowrank_(o, s.ins[1], s.ins[2], a * s.item.data[1].scale, rounding=rounding, seed=seed_t,
-                             offset=offset)
-        if count_rounding and theta.dtype.itemsize <= 2:
-            nonzero = update_support(kind, s.ins)
+        counted = count_rounding and theta.dtype.itemsize <= 2
+        if kind in ("dense", "fused"):  # θ + α·w, and its checks counted in the same pass
+            for a, o, counts in zip(alphas, s.outs, rounding_counts):
+                xs, cs = ([theta, s.ins[1]], [1.0, a]) if kind == "dense" else ([theta, *s.ins[1:3]], [1.0, a, -a])
+                tally = lincomb_tally(xs, cs, out=o, rounding=rounding, seed=seed_t, offset=offset)
+                if counted and a != 0.0:
+                    counts[0] += tally.changed
+                    counts[1] += tally.support
+                if tally.nonfinite and not allow_nonfinite:
+                    check_finite(name, [o], s.ins, s.item.sliced + s.item.whole)  # raises, naming the input
+            return [(w.write, (name, o, s.start)) for w, o in zip(writers, s.outs)]
+        for a, o in zip(alphas, s.outs):  # low-rank: W + α·scale·B·A, B·A formed per block of rows
+            o.copy_(theta)
+            add_lowrank_(o, s.ins[1], s.ins[2], a * s.item.data[1].scale, rounding=rounding, seed=seed_t,
+                         offset=offset)
+        if counted:
+            nonzero = lowrank_support(s.ins[1], s.ins[2])
             for a, o, counts in zip(alphas, s.outs, rounding_counts):
                 counts[0] += int(torch.count_nonzero(o != theta)) if a != 0.0 else 0
                 counts[1] += nonzero if a != 0.0 else 0
@@ -260,14 +266,9 @@ def apply(
     return [w.out_dir for w in writers]
 
 
-def update_support(kind: str, ins: list) -> int:
-    """Elements of a slice the update can change: non-zero delta elements (dense, fused), or the
-    rows of B times the columns of A that are not all zero (low-rank)."""
-    if kind == "dense":
-        return int(torch.count_nonzero(ins[1]))
-    if kind == "fused":
-        return int(torch.count_nonzero(ins[1] != ins[2]))
-    B, A = ins[1], ins[2]
+def lowrank_support(B: torch.Tensor, A: torch.Tensor) -> int:
+    """Elements of a low-rank slice the update can change: the rows of B times the columns of A that
+    are not all zero (dense and fused updates count theirs in lincomb_tally)."""
     return int((B != 0).any(1).sum()) * int((A != 0).any(0).sum())
 
 

@@ -7,6 +7,15 @@ with CWS_MMAP=0 or where a view cannot be made, read into reused byte arenas); o
 reused arenas and are written behind in a writer thread. Reading, compute and writing overlap;
 NBUF slices are in flight, and peak memory is ≈ NBUF × the largest slice, which the budget
 bounds (`max_memory`), independent of model size.
+
+Cold inputs: before prefaulting a slice, the reader asks the kernel for the next READAHEAD bytes
+of every input file at once (POSIX_FADV_WILLNEED), so a disk that serves parallel requests
+faster than one stream gets several, one per file; those pages sit in the page cache (reclaimable,
+not this process's RSS) until the slice that maps them. On 7B-shaped cold checkpoints here this
+halved `cws compare` (in-process, 8.9 GB: 15-24 s without, 7-12 s with). What is left on the 2-core
+VM these figures come from is CPU, not the disk: the first read of a page the disk has just filled
+costs ~2 µs there (0.5-1.5 s per GB, on whichever thread touches it first; `cat` pays the same in
+the kernel), which the compute thread pays on top of its kernel.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from .progress import progress
 
 NBUF = 3  # arenas in rotation: one being read, one being computed, one being written
 ALIGN = 64  # byte alignment of each view inside an arena
+READAHEAD = int(os.environ.get("CWS_READAHEAD", 512 * 2**20))  # input bytes asked of the disk beyond the slice being read
 DEFAULT_MAX_MEMORY = 256 * 2**20
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
           "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
@@ -150,10 +160,31 @@ def run(
     pending: list[list[Future]] = [[] for _ in range(NBUF)]
     maps = reader.MappedFiles() if reader.USE_MMAP else None
 
+    def reads_of(s: Slice) -> list[tuple[TensorInfo, int, int]]:
+        return ([(i, s.start, s.stop) if i.shape else (i, 0, i.rows) for i in s.item.sliced]
+                + [(i, 0, i.rows) for i in s.item.whole])
+
+    advised = [0, 0]  # slices advised so far, their input bytes
+
+    def advise(k: int) -> None:
+        """Ask the disk for slices k+1... of every input file, READAHEAD bytes ahead, all at once."""
+        while advised[0] < len(plan) and (advised[0] <= k or advised[1] - spans[k + 1] < READAHEAD):
+            for r in reads_of(plan[advised[0]]):
+                maps.advise(*r)
+            advised[1] += sizes[advised[0]]
+            advised[0] += 1
+
+    sizes = [sum(i.row_bytes * (s.stop - s.start) if i.shape else i.nbytes for i in s.item.sliced)
+             + s.item.whole_bytes() for s in plan]
+    spans = [0]
+    for n in sizes:
+        spans.append(spans[-1] + n)
+
     def read(k: int) -> Slice:
         s = plan[k]
-        reads = [(i, s.start, s.stop) if i.shape else (i, 0, i.rows) for i in s.item.sliced]
-        reads += [(i, 0, i.rows) for i in s.item.whole]
+        reads = reads_of(s)
+        if maps is not None and READAHEAD > 0:
+            advise(k)
         mapped = [maps.view(*r) if maps is not None else None for r in reads]
         copied = [r for r, m in zip(reads, mapped) if m is None]
         arena = iter(in_arenas[k % NBUF].views([(i.dtype, _slice_shape(i, a, b)) for i, a, b in copied]))

@@ -17,7 +17,7 @@ from .checks import (check_finite, check_policy, dtype_problem, missing_problem,
 from ..io.direction import PREFIX, direction_meta, factor_keys
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from cws_kernels import add_lowrank_, lincomb
+from cws_kernels import add_lowrank_, lincomb, lincomb_tally
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -133,9 +133,8 @@ def extract(
 
     def compute(s: engine.Slice):
         xs = s.ins[: len(s.item.sliced)]
-        lincomb(xs, s.item.data, out=s.outs[0])
-        if not allow_nonfinite:
-            check_finite(s.item.name, s.outs, xs, s.item.sliced)
+        if lincomb_tally(xs, s.item.data, out=s.outs[0]).nonfinite and not allow_nonfinite:
+            check_finite(s.item.name, s.outs, xs, s.item.sliced)  # raises, naming the input
         return [(writer.write, (s.item.name, s.outs[0], s.start))]
 
     meta = direction_meta(
