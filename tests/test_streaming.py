@@ -134,6 +134,13 @@ def test_readahead_changes_no_output_and_advises_every_slice_once(tiny_ckpts, di
         else:
             assert not keys
     assert runs[0] == runs[1] == runs[10**9]
+    monkeypatch.setenv("CWS_READAHEAD", "64K")  # the environment overrides, in the sizes --max-memory takes
+    assert digest(cws.apply(tiny_ckpts["base"], None, 1.0, tmp_path / "env", pos=tiny_ckpts["pos"],
+                            neg=tiny_ckpts["neg"], max_memory=8192, quiet=True)[0]) == runs[0]
+    monkeypatch.setenv("CWS_READAHEAD", "lots")
+    with pytest.raises(cws.CwsError, match="cannot read size 'lots'"):
+        cws.apply(tiny_ckpts["base"], None, 1.0, tmp_path / "bad", pos=tiny_ckpts["pos"], neg=tiny_ckpts["neg"], quiet=True)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_apply_without_fsync_writes_the_same_model(tiny_ckpts, direction, tmp_path):

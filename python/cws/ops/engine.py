@@ -40,7 +40,7 @@ from .progress import progress
 
 NBUF = 3  # arenas in rotation: one being read, one being computed, one being written
 ALIGN = 64  # byte alignment of each view inside an arena
-READAHEAD = int(os.environ.get("CWS_READAHEAD", 512 * 2**20))  # input bytes asked of the disk beyond the slice being read
+READAHEAD = 512 * 2**20  # input bytes asked of the disk beyond the slice being read (CWS_READAHEAD overrides)
 DEFAULT_MAX_MEMORY = 256 * 2**20
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
           "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
@@ -165,10 +165,12 @@ def run(
                 + [(i, 0, i.rows) for i in s.item.whole])
 
     advised = [0, 0]  # slices advised so far, their input bytes
+    env = os.environ.get("CWS_READAHEAD")
+    readahead = READAHEAD if env is None else parse_size(env)
 
     def advise(k: int) -> None:
-        """Ask the disk for slices k+1... of every input file, READAHEAD bytes ahead, all at once."""
-        while advised[0] < len(plan) and (advised[0] <= k or advised[1] - spans[k + 1] < READAHEAD):
+        """Ask the disk for slices k+1... of every input file, `readahead` bytes ahead, all at once."""
+        while advised[0] < len(plan) and (advised[0] <= k or advised[1] - spans[k + 1] < readahead):
             for r in reads_of(plan[advised[0]]):
                 maps.advise(*r)
             advised[1] += sizes[advised[0]]
@@ -183,7 +185,7 @@ def run(
     def read(k: int) -> Slice:
         s = plan[k]
         reads = reads_of(s)
-        if maps is not None and READAHEAD > 0:
+        if maps is not None and readahead > 0:
             advise(k)
         mapped = [maps.view(*r) if maps is not None else None for r in reads]
         copied = [r for r, m in zip(reads, mapped) if m is None]
