@@ -217,3 +217,20 @@ def test_cli_end_to_end(tiny_ckpts, direction, tmp_path, capsys):
     assert cli(["info", str(direction), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["kind"] == "direction" and doc["kinds"] == {"dense": len(state(direction))}
+
+
+def test_compute_threads_take_every_core_with_the_native_loops(monkeypatch):
+    from cws.ops import engine
+    from cws_kernels import native
+
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for available, writes, want in [(True, True, 4), (True, False, 4), (False, True, 2), (False, False, 3)]:
+            monkeypatch.setattr(native, "available", lambda a=available: a)
+            with engine._compute_threads(writes):
+                assert torch.get_num_threads() == want, (available, writes)
+            assert torch.get_num_threads() == 4  # restored
+    finally:
+        torch.set_num_threads(before)

@@ -15,7 +15,7 @@ not this process's RSS) until the slice that maps them. On 7B-shaped cold checkp
 halved `cws compare` (in-process, 8.9 GB: 15-24 s without, 7-12 s with). What is left on the 2-core
 VM these figures come from is CPU, not the disk: the first read of a page the disk has just filled
 costs ~2 µs there (0.5-1.5 s per GB, on whichever thread touches it first; `cat` pays the same in
-the kernel), which the compute thread pays on top of its kernel.
+the kernel), which the compute pays on top of its kernel, on every core (`_compute_threads`).
 """
 
 from __future__ import annotations
@@ -111,11 +111,17 @@ class _Arena:
 
 @contextlib.contextmanager
 def _compute_threads(writes: bool) -> Iterator[None]:
-    """Leave a core to the reader thread, and one to the writer when there are writes: torch's idle
-    intra-op threads spin, and on 2 cores that spinning cost apply ~2 s of CPU per GB written."""
+    """Threads for the compute while streaming. With the native loops (Python threads that block, no
+    spinning) the compute gets every core: on a VM its first read of freshly read pages costs CPU (see
+    above), and the reader and writer mostly wait on the disk (7B cold, 2 cores: apply 83 -> 54 s,
+    compare 51 -> 38 s). Without them, torch's idle intra-op threads spin, so one core is left to the
+    reader and one to the writer when there are writes (that spinning cost apply ~2 s of CPU per GB)."""
+    from cws_kernels import native
+
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(before, cores - 1 - writes)))
+    spare = 0 if native.available() else 1 + writes
+    torch.set_num_threads(max(1, min(before, cores - spare)))
     try:
         yield
     finally:
