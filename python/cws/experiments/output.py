@@ -22,8 +22,8 @@ def jsonable(x):
         return jsonable(x.tolist())
     if isinstance(x, (np.floating, float)):
         return float(x) if np.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
     return x
 
 

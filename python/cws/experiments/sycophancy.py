@@ -23,6 +23,7 @@ from ..workflows import sweep as S
 from ..workflows.train_pair import train_pair
 from .common import Clock, setup, with_threads
 from . import designs as G
+from . import output
 from . import factual as F
 from . import results as R
 from . import sycophancy_data as D
@@ -180,7 +181,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
                   "base": base_point, "base_answers": {c: list(base["four"]["answers"][:, j]) for j, c in enumerate(F.CONDITIONS)},
                   "sweeps": methods, "probes": probes, "headline": rows_, "verdict": R.verdict(rows_, base_point),
                   "plot": str(out / "sycophancy.png") if plotted else None, "timings": timings}
-        write_report(out / "results.json", json.dumps(_jsonable(result), indent=1))
+        output.write_json(out / "results.json", result)
         return result
 
     def weight(n):
@@ -238,16 +239,3 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     log(f"done in {timings['total']:.0f} s (" + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total") + ")")
     return result
 
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        return float(x) if np.isfinite(x) else None
-    if isinstance(x, (np.integer, np.bool_)):
-        return x.item()
-    return x
