@@ -65,7 +65,8 @@ def lincomb_tally(
     The native CPU loops count while each tile is in cache; elsewhere the counts are torch ops
     after the lincomb (reference.tally_ref, the definition)."""
     inputs, coeffs = list(inputs), [to_fp32(c) for c in coeffs]
-    _validate(inputs, coeffs, out, None, rounding, seed)
+    _validate_inputs(inputs, coeffs, rounding, seed)
+    _validate_out(out, inputs[0].shape, None)
     if out.numel() == 0:
         return Tally(0, 0, 0)
     if any(x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for x in inputs):
@@ -77,7 +78,7 @@ def lincomb_tally(
     return Tally(*tally_ref(inputs, out))
 
 
-def _validate(inputs, coeffs, out, out_dtype, rounding, seed) -> None:
+def _validate_inputs(inputs, coeffs, rounding, seed) -> None:
     if not 1 <= len(inputs) <= MAX_INPUTS:
         raise ValueError(f"lincomb takes 1 to {MAX_INPUTS} inputs, got {len(inputs)}")
     if len(coeffs) != len(inputs):
@@ -92,8 +93,9 @@ def _validate(inputs, coeffs, out, out_dtype, rounding, seed) -> None:
         raise ValueError(f"lincomb: rounding={rounding!r}, expected 'nearest' or 'stochastic'")
     if rounding == "stochastic" and seed is None:
         raise ValueError("lincomb: rounding='stochastic' needs a seed (reproducibility is part of the contract)")
-    if out is None:
-        return
+
+
+def _validate_out(out, shape, out_dtype) -> None:
     if out.shape != shape:
         raise ValueError(f"lincomb: out has shape {tuple(out.shape)}, inputs have {tuple(shape)}")
     if out_dtype is not None and out.dtype != out_dtype:
@@ -122,10 +124,10 @@ def lincomb(
     """
     inputs = list(inputs)
     coeffs = [to_fp32(c) for c in coeffs]
-    _validate(inputs, coeffs, out, out_dtype, rounding, seed)
+    _validate_inputs(inputs, coeffs, rounding, seed)
     if out is None:
         out = torch.empty(inputs[0].shape, dtype=out_dtype or inputs[0].dtype, device=inputs[0].device)
-        _validate(inputs, coeffs, out, out_dtype, rounding, seed)
+    _validate_out(out, inputs[0].shape, out_dtype)
     _check_alias(inputs, out)
     if out.numel() == 0:
         return out

@@ -236,19 +236,14 @@ class MappedFiles:
         nbytes = (row_end - row_start) * info.row_bytes if info.shape else info.nbytes
         if nbytes == 0 or not hasattr(os, "posix_fadvise"):
             return
-        mm, _ = self._map(info)
-        fd = self._fd_of(info.path)
-        if mm is None or fd is None:
+        with self._lock:
+            mm, fd = self._open(info)
+        if mm is None:
             return
         try:
             os.posix_fadvise(fd, info.start + row_start * info.row_bytes, nbytes, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass  # only speed is at stake
-
-    def _fd_of(self, path: str) -> int | None:
-        with self._lock:
-            cached = self._maps.items.get(path)
-        return cached[0][1] if cached is not None else None
 
     @staticmethod
     def release(pages: tuple) -> None:
@@ -271,6 +266,13 @@ class MappedFiles:
     def _map(self, info: TensorInfo) -> tuple[mmap.mmap | None, int]:
         """The file's map (None where it cannot be mapped safely: the caller reads instead) and
         the file's size now."""
+        with self._lock:
+            mm, fd = self._open(info)
+            return mm, (os.fstat(fd).st_size if fd is not None else 0)
+
+    def _open(self, info: TensorInfo) -> tuple[mmap.mmap | None, int | None]:
+        """The file's map and the descriptor holding its lease (both None where it cannot be mapped
+        safely), opened on first use; the caller holds the lock."""
 
         def make():
             fd, st = open_regular(info.path)
@@ -286,9 +288,7 @@ class MappedFiles:
             self._leases[fd] = info.path
             return (mm, fd), os.fstat(fd)  # after the lease: what the map shows
 
-        with self._lock:
-            mm, fd = self._maps.get(info, make)
-            return mm, (os.fstat(fd).st_size if fd is not None else 0)
+        return self._maps.get(info, make)
 
     def _forget(self, obj: tuple) -> None:
         """A map dropped from the cache: its lease stays until close() (views may still read it)."""

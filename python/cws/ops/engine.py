@@ -182,8 +182,7 @@ def run(
             advised[1] += sizes[advised[0]]
             advised[0] += 1
 
-    sizes = [sum(i.row_bytes * (s.stop - s.start) if i.shape else i.nbytes for i in s.item.sliced)
-             + s.item.whole_bytes() for s in plan]
+    sizes = [sum((b - a) * i.row_bytes if i.shape else i.nbytes for i, a, b in reads_of(s)) for s in plan]
     spans = [0]
     for n in sizes:
         spans.append(spans[-1] + n)
@@ -226,7 +225,6 @@ def run(
                     ahead = reading.submit(read, k + 1)
                 s.outs = out_arenas[k % NBUF].views([(dt, (s.stop - s.start, *shape[1:]) if shape else ())
                                                      for dt, shape in s.item.outs])
-                done = sum(t.nbytes for t in s.ins)
                 writes = compute(s)
                 if maps is not None:
                     maps.check()  # an input being changed by another process: stop before writing
@@ -234,7 +232,7 @@ def run(
                     pending[k % NBUF].append(writing.submit(fn, *args))
                 if s.mapped:  # after this slice's writes (the writer runs in order)
                     pending[k % NBUF].append(writing.submit(release, s))
-                bar.update(done)
+                bar.update(sizes[k])
             for futures in pending:
                 drain(futures)
             if maps is not None:
