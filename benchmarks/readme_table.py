@@ -25,22 +25,32 @@ def scale(d):
     out = [f"Cold runs, Llama-2-7B-shaped bf16 checkpoints of {data['checkpoint_GB']:.1f} GB each ({data['layers']} "
            f"layers, {data['shards']} shards), {cold}, median of {data['reps']}, {env['cpus']} CPU cores "
            f"(`{env['command']}`):", "",
-           "| run | wall s | GB/s | peak RSS MB | wall / floor | each rep / its own floor |", "|---|---|---|---|---|---|"]
+           "| run | wall s | GB/s | peak RSS MB | wall / floor (each rep) | wall / read+write floor (each rep) |",
+           "|---|---|---|---|---|---|"]
     for r in d["rows"]:
         x = d["ratios"].get(r["provider"])
         rate = f"{r['in_GBps']:.2f}" if r["in_GB"] else f"{r['out_GB'] / r['wall_s']:.2f} written"
         rss = f"{r['peak_rss_MB']:.0f}" if r["kind"] in ("cws", "mergekit") else "—"
-        each = ", ".join(f"{v:.2f}" for v in x.get("wall_over_floor_each_rep", [])) if x else ""
         runs = len(r.get("wall_s_all", [])) or data["reps"]
         note = f" ({runs} run{'s' * (runs > 1)})" if runs < data["reps"] else ""
-        out.append(f"| `{r['provider']}`{note} | {r['wall_s']:.1f} | {rate} | {rss} | "
-                   + (f"{x['wall_over_floor']:.2f}× | {each or '—'} |" if x else "— | — |"))
+        cells = ["—", "—"]
+        if x:
+            for i, key in enumerate(("floor", "shared_floor")):
+                each = ", ".join(f"{v:.2f}" for v in x.get(f"wall_over_{key}_each_rep", []))
+                if f"wall_over_{key}" in x:
+                    cells[i] = f"{x[f'wall_over_{key}']:.2f}×" + (f" ({each})" if each else "")
+        out.append(f"| `{r['provider']}`{note} | {r['wall_s']:.1f} | {rate} | {rss} | {cells[0]} | {cells[1]} |")
     write = f"the durable write of its output ({fl['write_GB']:.1f} GB in {fl['write_s']:.1f} s)" if fl["write_s"] \
         else "no write floor (O_DIRECT refused)"
     out += ["", f"An op's floor is the larger of its input bytes at {fl['best_read_GBps']:.2f} GB/s (the best cold read "
-            f"here: {fl['best_read']}) and {write}: the disk reads and writes at once. GB/s: input bytes / wall. "
-            "wall / floor compares medians; the last column divides each rep by the floors measured in that rep "
-            "(a shared cloud disk drifts over minutes)."]
+            f"here: {fl['best_read']}) and {write}, as if the disk read and wrote at once at full speed each. "
+            "GB/s: input bytes / wall. wall / floor compares medians; in brackets each rep is divided by the floors "
+            "measured in that rep (a shared cloud disk drifts over minutes)."]
+    if fl.get("read_write_s"):
+        out += ["", f"This disk shares its bandwidth between reads and writes: reading base+pos+neg while writing one "
+                f"output took {fl['read_write_s']:.1f} s ({fl['read_write_GB'] / fl['read_write_s']:.2f} GB/s read + "
+                "written). The read+write floor of an op that writes is that time scaled to its bytes read + written "
+                "(never below its floor): what the disk can do for it."]
     return out
 
 

@@ -75,3 +75,37 @@ def test_floor_is_the_best_cold_read_or_the_durable_write(bench):
     assert r["cws apply"]["wall_plus_flush_over_floor"] == pytest.approx(5.5 / 4)
     assert r["cws compare"]["floor_s"] == pytest.approx(2.5) and r["cws compare"]["wall_over_floor"] == pytest.approx(1.2)
     assert r["cws extract"]["read_floor_s"] == pytest.approx(0.5) and r["cws extract"]["wall_over_floor"] == pytest.approx(1.5)
+
+
+def test_shared_floor_is_reading_and_writing_at_once_scaled_to_the_op(bench):
+    """A disk that shares its bandwidth: reading 3 GB while writing 1 GB took 5 s (0.8 GB/s in all), so
+    an op that reads 3 and writes 1 cannot beat 5 s, one that reads 0.6 and writes 1 not 2 s; an op that
+    writes nothing keeps the read floor; the shared floor is never below the other."""
+    rows = [("dd direct", "read floor", 3.0, 0.0, 2.5), ("dd write", "write floor", 0.0, 1.0, 4.0),
+            ("cat + dd at once", "read+write floor", 3.0, 1.0, 5.0),
+            ("cws apply", "cws", 3.0, 1.0, 6.0), ("cws extract", "cws", 0.6, 1.0, 6.0),
+            ("cws compare", "cws", 3.0, 0.0, 3.0), ("tiny", "cws", 0.3, 0.1, 1.0)]
+    by = {p: {"provider": p, "kind": k, "in_GB": i, "out_GB": o, "wall_s": w, "in_GBps": i / w if i else 0.0,
+              "flush_s": 0.0} for p, k, i, o, w in rows}
+    fl = bench.floors(by, 1e9)
+    assert fl["read_write_s"] == 5.0 and fl["read_write_GB"] == 4.0
+    r = bench.ratios(by, fl)
+    assert r["cws apply"]["floor_s"] == pytest.approx(4.0) and r["cws apply"]["shared_floor_s"] == pytest.approx(5.0)
+    assert r["cws apply"]["wall_over_shared_floor"] == pytest.approx(1.2)
+    assert r["cws extract"]["shared_floor_s"] == pytest.approx(4.0)  # the write floor (4 s) beats 1.6 GB at 0.8 GB/s
+    assert r["cws compare"]["shared_floor_s"] == r["cws compare"]["floor_s"] == pytest.approx(2.5)
+    assert r["tiny"]["shared_floor_s"] == pytest.approx(0.5)  # 0.4 GB at 0.8 GB/s, above its write floor 0.4 s
+
+
+def test_per_rep_ratios_use_each_reps_own_floors(bench):
+    def run(name, kind, in_b, out_b, walls):
+        r = bench.Run(name, kind, ["true"], [])
+        r.in_bytes, r.out_bytes, r.walls = in_b, out_b, walls
+        return r
+
+    runs = [run("dd direct", "read floor", 3e9, 0, [2.5, 5.0]), run("dd write", "write floor", 0, 1e9, [4.0, 8.0]),
+            run("both", "read+write floor", 3e9, 1e9, [5.0, 10.0]), run("cws apply", "cws", 3e9, 1e9, [6.0, 6.0])]
+    r = bench.per_rep_ratios(runs)["cws apply"]
+    assert r["wall_over_floor_each_rep"] == pytest.approx([1.5, 0.75])  # floors 4 s, then 8 s
+    assert r["wall_over_shared_floor_each_rep"] == pytest.approx([1.2, 0.6])  # 5 s, then 10 s
+    assert r["median_shared"] == pytest.approx(0.9)

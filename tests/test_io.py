@@ -265,6 +265,123 @@ def test_mapped_files_fall_back_and_forget_old_maps(tmp_path, monkeypatch):
     assert MappedFiles().view(infos[0]) is None
 
 
+def _direct_slots(reads):
+    from cws.io import direct
+    from cws.ops.engine import _Arena
+
+    return _Arena().views([(torch.uint8, (direct.DirectReads.span(*r)[1],)) for r in reads], direct.ALIGN)
+
+
+def test_direct_reads_match_safetensors(all_dtypes_file):
+    """O_DIRECT reads of every dtype and shape, whole and row ranges, at every offset the file has (the
+    last tensor's aligned span runs past the end of the file), cut into 4 KiB pieces read by 3 threads."""
+    from cws.io import direct
+
+    path, tensors = all_dtypes_file
+    infos, _ = read_header(path)
+    reads, want = [], []
+    with safe_open(str(path), "pt") as f:
+        for name, info in infos.items():
+            t = f.get_tensor(name)
+            ranges = [(0, info.rows)] + ([(1, t.shape[0]), (t.shape[0] // 2, t.shape[0])] if t.dim() else [])
+            for lo, hi in [(lo, hi) for lo, hi in ranges if lo <= hi]:
+                reads.append((info, lo, hi))
+                want.append(t[lo:hi] if t.dim() else t)
+    reader_ = direct.DirectReads(threads=3, chunk=4096)
+    if reader_._fd(reads[0][0]) is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    got = reader_.read(reads, _direct_slots(reads))
+    direct_ok = 0
+    for (info, lo, _), g, w in zip(reads, got, want):
+        if (info.start + lo * info.row_bytes) % info.dtype.itemsize:
+            assert g is None  # misaligned for its dtype: the caller reads it another way
+            continue
+        assert _same(g, w), info.name
+        direct_ok += 1
+    assert direct_ok > len(reads) // 2
+    assert infos[max(infos, key=lambda n: infos[n].end)].end == path.stat().st_size  # the last one was read
+    reader_.close()
+
+
+def test_direct_reads_refuse_what_they_cannot_do(tmp_path):
+    from cws.io import direct
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.arange(3000, dtype=torch.float32), "b": torch.ones(5000)}, str(path))
+    infos = read_header(path)[0]
+    r = direct.DirectReads()
+    if r._fd(infos["a"]) is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    slot = _direct_slots([(infos["a"], 0, 3000)])[0]
+    buf = torch.empty(slot.numel() + 1, dtype=torch.uint8)  # a slot that is not page-aligned: not read
+    assert r.read([(infos["a"], 0, 3000)], [buf[1:] if buf.data_ptr() % 4096 == 0 else buf[: slot.numel()]]) == [None]
+    assert torch.equal(r.read([(infos["a"], 0, 3000)], [slot])[0], torch.arange(3000, dtype=torch.float32))
+    fd = r._fd(infos["b"])
+    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated \(wanted 20000 bytes"):
+        direct.DirectReads._pread(infos["b"], fd, torch.empty(24576, dtype=torch.uint8), 0, 24576,
+                                  path.stat().st_size, 20000)  # starts at the end of the file
+    os.truncate(path, infos["b"].end - 3)
+    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated"):
+        r.read([(infos["b"], 0, 5000)], _direct_slots([(infos["b"], 0, 5000)]))
+    path.unlink()
+    save_file({"a": torch.zeros(3000), "b": torch.ones(5000)}, str(path))
+    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'a': the file was (replaced|modified)"):
+        r.read([(infos["a"], 0, 3000)], [slot])  # never with the old header's offsets
+    r.close()
+
+
+def refuse_o_direct(monkeypatch):
+    """Make fcntl(F_SETFL, O_DIRECT) fail with EINVAL, as on a file system without O_DIRECT."""
+    import fcntl
+
+    from cws.io import direct
+
+    real = fcntl.fcntl
+
+    def fake(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(direct.fcntl, "fcntl", fake)
+
+
+def test_direct_reads_on_a_file_system_without_o_direct(tmp_path, monkeypatch):
+    """No O_DIRECT: no direct view (the engine reads those ranges another way), no descriptor left open."""
+    from cws.io import direct
+
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(path))
+    info = read_header(path)[0]["w"]
+    refuse_o_direct(monkeypatch)
+    before = len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").is_dir() else None
+    r = direct.DirectReads()
+    assert r.read([(info, 0, 4096)], _direct_slots([(info, 0, 4096)])) == [None]
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) == before
+    r.close()
+
+
+def test_cached_fraction_follows_the_page_cache(tmp_path):
+    from cws.io import direct
+
+    path = tmp_path / "x.bin"
+    path.write_bytes(os.urandom(64 * 4096))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped from the cache
+        cold = direct.cached_fraction([str(path)])
+        os.pread(fd, 64 * 4096, 0)
+    finally:
+        os.close(fd)
+    assert direct.cached_fraction([str(path)]) == 1.0
+    if cold == 1.0:
+        pytest.skip("this file system keeps its pages (tmpfs): nothing to drop")
+    assert cold < 0.5
+    assert direct.cached_fraction([]) == 1.0 and direct.cached_fraction([str(path), str(tmp_path / "gone")]) is None
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
 def test_released_pages_leave_resident_memory(tmp_path):
     def rss_file():

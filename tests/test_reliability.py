@@ -237,16 +237,22 @@ def state_file(path):
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("mapped, change", [(True, "replaced"), (False, "replaced"), (False, "truncated")])
-def test_input_changed_mid_run_in_process(tiny_ckpts, direction, tmp_path, monkeypatch, mapped, change):
+@pytest.mark.parametrize("how, change", [("mapped", "replaced"), ("copied", "replaced"), ("copied", "truncated"),
+                                         ("direct", "replaced"), ("direct", "truncated")])
+def test_input_changed_mid_run_in_process(tiny_ckpts, direction, tmp_path, monkeypatch, how, change):
     """The file changes between two reads of one run: refused before anything is written, never read
     with the old header's offsets. (A mapped file is leased: its truncation waits for the run, which
     stops first; that is test_truncated_while_mapped_or_read.)"""
+    from cws.io import direct
+
     model = save_state(state(tiny_ckpts["base"]), tmp_path / "model", like=tiny_ckpts["base"])
     shard = one_file(model)
-    monkeypatch.setattr(reader, "USE_MMAP", mapped)
+    monkeypatch.setattr(reader, "USE_MMAP", how == "mapped")
+    monkeypatch.setenv("CWS_DIRECT_READ", "1" if how == "direct" else "0")
     calls = [0]
-    target = reader.MappedFiles.view if mapped else reader.read_into
+    owner, name = {"mapped": (reader.MappedFiles, "view"), "copied": (reader, "read_into"),
+                   "direct": (direct.DirectReads, "start")}[how]
+    target = getattr(owner, name)
 
     def hooked(*a, **k):
         calls[0] += 1
@@ -257,7 +263,7 @@ def test_input_changed_mid_run_in_process(tiny_ckpts, direction, tmp_path, monke
                 os.truncate(shard, shard.stat().st_size // 2)
         return target(*a, **k)
 
-    monkeypatch.setattr(reader.MappedFiles if mapped else reader, "view" if mapped else "read_into", hooked)
+    monkeypatch.setattr(owner, name, hooked)
     out = tmp_path / "out"
     want = "file truncated" if change == "truncated" else "the file was (replaced|modified)"
     with pytest.raises(CheckpointError, match=rf"^{esc(shard)}: tensor '.*': {want}"):
@@ -266,16 +272,19 @@ def test_input_changed_mid_run_in_process(tiny_ckpts, direction, tmp_path, monke
     assert leftovers(out) == []
 
 
-@pytest.mark.parametrize("mapped", [True, False])
-def test_truncated_while_mapped_or_read(big, tmp_path, monkeypatch, mapped):
+@pytest.mark.parametrize("how", ["mapped", "copied", "direct"])
+def test_truncated_while_mapped_or_read(big, tmp_path, monkeypatch, how):
     """Another process truncates a shard while `cws compare` streams it: with a mapping the truncation
-    waits for cws's lease, cws stops with one line (no SIGBUS); with CWS_MMAP=0 the next read sees it."""
+    waits for cws's lease, cws stops with one line (no SIGBUS); read into buffers (CWS_MMAP=0) or with
+    O_DIRECT, the next read sees it."""
+    mapped = how == "mapped"
     model = tmp_path / "model"
     model.mkdir()
     shard = model / "model.safetensors"
     shard.write_bytes(one_file(big).read_bytes())
     (model / "config.json").write_bytes((big / "config.json").read_bytes())
     monkeypatch.setattr(reader, "USE_MMAP", mapped)
+    monkeypatch.setenv("CWS_DIRECT_READ", "1" if how == "direct" else "0")
     err = tmp_path / "err.txt"
     pid = forked(["compare", "--base", big, "--model", model, "--direction", big / "model.safetensors", "--max-memory", "1M"], err)
     wait_for(lambda: uses(pid, shard, mapped), pid, err)

@@ -96,27 +96,72 @@ def test_apply_is_deterministic_for_any_budget_and_shards(tiny_ckpts, direction,
     AutoModelForCausalLM.from_pretrained(s1)
 
 
-def test_mapped_and_copied_reads_give_identical_outputs(tiny_ckpts, direction, monkeypatch, tmp_path):
-    from cws.io import reader
+@pytest.mark.parametrize("budget", [8192, "300K"])
+def test_mapped_copied_and_direct_reads_give_identical_outputs(tiny_ckpts, direction, monkeypatch, tmp_path, budget):
+    """The three ways the engine reads (views of the mapped files, preadv into its buffers, O_DIRECT
+    into its buffers, and O_DIRECT refused by the file system) give the same bytes, at a budget that
+    cuts every tensor into many slices and one that takes most whole."""
+    from cws.io import direct, reader
+    from test_io import refuse_o_direct
 
+    pieces = [0]
+    real = direct.DirectReads._pread
+    monkeypatch.setattr(direct.DirectReads, "_pread", staticmethod(lambda *a: (pieces.__setitem__(0, pieces[0] + 1),
+                                                                               real(*a))[1]))
     runs = {}
-    for use_mmap in (True, False):
-        monkeypatch.setattr(reader, "USE_MMAP", use_mmap)
-        out = tmp_path / f"mmap{int(use_mmap)}"
-        runs[use_mmap] = (
-            digest(cws.apply(tiny_ckpts["base"], direction, [0.5, -2.0], out / "apply", max_memory=8192, quiet=True)[0]),
+    for how in ("mapped", "copied", "direct", "no O_DIRECT"):
+        monkeypatch.setattr(reader, "USE_MMAP", how == "mapped")
+        monkeypatch.setenv("CWS_DIRECT_READ", "0" if how in ("mapped", "copied") else "1")
+        if how == "no O_DIRECT":
+            refuse_o_direct(monkeypatch)
+        pieces[0] = 0
+        out = tmp_path / how
+        runs[how] = (
+            digest(cws.apply(tiny_ckpts["base"], direction, [0.5, -2.0], out / "apply", max_memory=budget, quiet=True)[0]),
             digest(cws.apply(tiny_ckpts["base"], None, 1.0, out / "fused", pos=tiny_ckpts["pos"], neg=tiny_ckpts["neg"],
-                             max_memory=8192, quiet=True)[0]),
-            cws.compare(tiny_ckpts["base"], tiny_ckpts["pos"], {"w": direction}, max_memory=8192, quiet=True).to_dict(),
+                             max_memory=budget, quiet=True)[0]),
+            cws.compare(tiny_ckpts["base"], tiny_ckpts["pos"], {"w": direction}, max_memory=budget, quiet=True).to_dict(),
+            digest(cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], out / "d", max_memory=budget, quiet=True)),
         )
-        del runs[use_mmap][2]["meta"]["seconds"]  # the one field that is a timing
-    assert runs[True] == runs[False]
+        del runs[how][2]["meta"]["seconds"]  # the one field that is a timing
+        assert (pieces[0] > 0) == (how == "direct"), how  # each way was the one taken
+    assert runs["mapped"] == runs["copied"] == runs["direct"] == runs["no O_DIRECT"]
+
+
+def test_direct_reads_are_chosen_for_cold_inputs(tiny_ckpts, direction, monkeypatch, tmp_path):
+    """CWS_DIRECT_READ=auto (the default) reads with O_DIRECT when under half of the input bytes are
+    in the page cache; 1 and 0 force it; anything else is one error."""
+    from cws.io import direct
+
+    runs = []
+    real_start = direct.DirectReads.start
+    monkeypatch.setattr(direct.DirectReads, "start", lambda *a: runs.append("direct") or real_start(*a))
+    seen = []
+    for env, cached, want in (("auto", 0.2, True), (None, 0.49, True), ("auto", 0.5, False), ("auto", None, False),
+                              ("1", 1.0, True), ("0", 0.0, False), (" AUTO ", 0.0, True)):
+        monkeypatch.setattr(direct, "cached_fraction", lambda paths, c=cached: (seen.append(sorted(paths)), c)[1])
+        if env is None:
+            monkeypatch.delenv("CWS_DIRECT_READ", raising=False)
+        else:
+            monkeypatch.setenv("CWS_DIRECT_READ", env)
+        runs.clear()
+        seen.clear()
+        cws.compare(tiny_ckpts["base"], tiny_ckpts["pos"], {"w": direction}, quiet=True)
+        assert bool(runs) == want, (env, cached)
+        if env in ("auto", None, " AUTO "):  # asked about every input file, once
+            files = [*tiny_ckpts["base"].glob("*.safetensors"), *tiny_ckpts["pos"].glob("*.safetensors"),
+                     *(Path(direction).glob("*.safetensors") if Path(direction).is_dir() else [Path(direction)])]
+            assert seen == [sorted({str(f.resolve()) for f in files})]
+    monkeypatch.setenv("CWS_DIRECT_READ", "sometimes")
+    with pytest.raises(cws.CwsError, match="CWS_DIRECT_READ='sometimes': use auto, 1 or 0"):
+        cws.compare(tiny_ckpts["base"], tiny_ckpts["pos"], {"w": direction}, quiet=True)
 
 
 def test_readahead_changes_no_output_and_advises_every_slice_once(tiny_ckpts, direction, monkeypatch, tmp_path):
     from cws.io import reader
     from cws.ops import engine
 
+    monkeypatch.setenv("CWS_DIRECT_READ", "0")  # readahead is for mapped reads (direct reads keep their own pieces in flight)
     advised = []
     real = reader.MappedFiles.advise
     monkeypatch.setattr(reader.MappedFiles, "advise", lambda self, *r: (advised.append(r), real(self, *r))[1])

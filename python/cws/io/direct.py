@@ -1,6 +1,7 @@
-"""Durable sequential writes that bypass the page cache (Linux O_DIRECT), for outputs cws fsyncs anyway.
+"""Disk I/O that bypasses the page cache (Linux O_DIRECT): durable sequential writes, for outputs
+cws fsyncs anyway, and reads of cold inputs straight into the engine's reused buffers.
 
-A shard is written front to back, so its bytes are staged in one page-aligned buffer and go to
+Writes: a shard is written front to back, so its bytes are staged in one page-aligned buffer and go to
 the disk in BLOCK-sized O_DIRECT writes: no page-cache copy of the output is made (that copy is
 what a buffered write spends its time on when memory is short, and what the fsync then waits on),
 and the buffer is reused. The first write that does not continue the stream, and any file system
@@ -10,12 +11,25 @@ goes through the plain descriptor too. Either way the file gets the same bytes.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import mmap
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from cws.errors import CheckpointError
+from cws.io.files import open_regular
+from cws.io.format import TensorInfo
+from cws.io.reader import _check_unchanged, _OpenFiles, libc_function
 
 BLOCK = 8 * 2**20  # bytes per direct write; a multiple of every logical block size in use
 ALIGN = 4096  # offsets and lengths of direct writes are multiples of this
 ENABLED = hasattr(os, "O_DIRECT") and os.environ.get("CWS_DIRECT_IO", "1") != "0"
+READ_THREADS = 16  # direct reads in flight at once (7B cold, 2 cores: 8 x 16 MB and 16 x 8 MB within noise)
+READ_CHUNK = 8 * 2**20  # bytes per direct read
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -88,3 +102,146 @@ class DirectStream:
             except BufferError:  # a traceback still holds a view of it: unmapped when that goes
                 pass
             self.buf = None
+
+
+# --------------------------------------------------------------------------- reads
+
+class DirectReads:
+    """Tensor row ranges read with O_DIRECT into page-aligned buffers the caller reuses.
+
+    The disk's DMA fills pages that are already this process's, so a cold read makes no page-cache
+    copy and touches no page for the first time (on the VM the figures come from, the first touch
+    of a freshly read page cache page costs ~2 µs: 0.5-1.5 s of CPU per GB, more than the compute).
+    Every range is cut into READ_CHUNK pieces that READ_THREADS threads read at once, so the disk
+    has several requests in flight (7B cold, 30.7 GB: ~1.2 GB/s this way against ~0.8 GB/s for one
+    buffered stream; as fast as one `cat` per file). After a read, the file must still be the one
+    whose header was parsed (`TensorInfo.stamp`), as for every other read.
+    """
+
+    def __init__(self, threads: int | None = None, chunk: int | None = None) -> None:
+        self.chunk = max(ALIGN, (chunk or READ_CHUNK) // ALIGN * ALIGN)
+        self._pool = ThreadPoolExecutor(threads or READ_THREADS, "cws-direct-read")
+        self._fds = _OpenFiles(64, lambda fd: fd is not None and os.close(fd))
+
+    @staticmethod
+    def span(info: TensorInfo, row_start: int, row_end: int) -> tuple[int, int, int]:
+        """(aligned file offset, aligned length, offset of the data inside) of rows [row_start, row_end)."""
+        offset = info.start + row_start * info.row_bytes
+        nbytes = (row_end - row_start) * info.row_bytes if info.shape else info.nbytes
+        head = offset % ALIGN
+        return offset - head, -(-(head + nbytes) // ALIGN) * ALIGN, head
+
+    def read(self, reads: list[tuple[TensorInfo, int, int]], slots: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Fill each page-aligned uint8 `slot` (of its read's `span` length) with its read's aligned
+        bytes, all at once; return each read's rows as a view into its slot, or None where this read
+        cannot go direct (a file system without O_DIRECT, data not aligned for its dtype): the caller
+        reads those another way."""
+        return self.start(reads, slots)()
+
+    def start(self, reads: list[tuple[TensorInfo, int, int]],
+              slots: list[torch.Tensor]) -> Callable[[], list[torch.Tensor | None]]:
+        """`read`, started: its pieces queue behind those of earlier starts; call the result to wait for them."""
+        jobs, views, fds = [], [], []
+        for (info, a, b), slot in zip(reads, slots):
+            pos, length, head = self.span(info, a, b)
+            fd = self._fd(info) if head % info.dtype.itemsize == 0 and slot.data_ptr() % ALIGN == 0 else None
+            fds.append(fd)
+            if fd is None:
+                views.append(None)
+                continue
+            shape = (b - a, *info.shape[1:]) if info.shape else ()
+            nbytes = (b - a) * info.row_bytes if info.shape else info.nbytes
+            views.append(slot[head : head + nbytes].view(info.dtype).view(shape))
+            need = head + nbytes
+            for o in range(0, length, self.chunk):
+                jobs.append((info, fd, slot, o, min(self.chunk, length - o), pos, min(need - o, self.chunk)))
+        futures = [self._pool.submit(self._pread, *j) for j in jobs]
+
+        def done() -> list[torch.Tensor | None]:
+            errors = [f.exception() for f in futures]  # waits for every piece before raising any
+            for e in errors:
+                if e is not None:
+                    raise e
+            for (info, _, _), fd in zip(reads, fds):
+                if fd is not None:
+                    _check_unchanged(info, os.fstat(fd))  # also after: a change during the read is seen
+            return views
+
+        return done
+
+    @staticmethod
+    def _pread(info: TensorInfo, fd: int, slot: torch.Tensor, o: int, n: int, pos: int, need: int) -> None:
+        """Read slot[o:o+n] from file offset pos+o; at least `need` bytes must come (the file's end may cut the rest)."""
+        mv = memoryview(slot[o : o + n].numpy())
+        done = 0
+        try:
+            while done < need:
+                got = os.preadv(fd, [mv[done:]], pos + o + done)
+                if got == 0:
+                    break
+                done += got
+        except OSError as e:
+            raise CheckpointError(f"{info.path}: tensor {info.name!r}: read failed: {e.strerror or e}") from e
+        if done < need:
+            raise CheckpointError(f"{info.path}: tensor {info.name!r}: file truncated (wanted {need} bytes at "
+                                  f"offset {pos + o}, got {done})")
+
+    def _fd(self, info: TensorInfo) -> int | None:
+        """An O_DIRECT descriptor of the file, or None where its file system refuses O_DIRECT."""
+
+        def make():
+            fd, st = open_regular(info.path)
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+            except OSError:  # EINVAL: this file system has no O_DIRECT
+                os.close(fd)
+                return None, st
+            return fd, st
+
+        return self._fds.get(info, make)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for fd, _, _ in self._fds.items.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.items.clear()
+
+
+_mmap = libc_function("mmap", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_mincore = libc_function("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+_munmap = libc_function("munmap", ctypes.c_void_p, ctypes.c_size_t)
+if _mmap is not None:
+    _mmap.restype = ctypes.c_void_p  # a pointer, not the default int
+
+
+def cached_fraction(paths: list[str]) -> float | None:
+    """The fraction of the files' bytes now in the page cache (mincore over a read-only map of each),
+    or None where that cannot be asked."""
+    if None in (_mmap, _mincore, _munmap):
+        return None
+    cached = total = 0
+    for path in paths:
+        try:
+            fd, st = open_regular(path)
+        except CheckpointError:
+            return None
+        try:
+            size = st.st_size
+            if size == 0:
+                continue
+            addr = _mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                pages = -(-size // mmap.PAGESIZE)
+                vec = ctypes.create_string_buffer(pages)
+                if _mincore(addr, size, vec) != 0:
+                    return None
+                cached += int((torch.frombuffer(vec, dtype=torch.uint8) & 1).sum()) * mmap.PAGESIZE
+                total += pages * mmap.PAGESIZE
+            finally:
+                _munmap(addr, size)
+        finally:
+            os.close(fd)
+    return cached / total if total else 1.0

@@ -1,21 +1,22 @@
 """The streaming engine: walk tensors of several checkpoints in row slices with bounded memory.
 
 Work is a list of `Item`s (one per model tensor): tensors to read (row-sliced together, or whole
-for small factors) and outputs to produce per slice. Inputs are zero-copy views of the mapped
-files, prefaulted one slice ahead in a reader thread and released once the slice is done (or,
-with CWS_MMAP=0 or where a view cannot be made, read into reused byte arenas); outputs go to
-reused arenas and are written behind in a writer thread. Reading, compute and writing overlap;
-NBUF slices are in flight, and peak memory is ≈ NBUF × the largest slice, which the budget
-bounds (`max_memory`), independent of model size.
+for small factors) and outputs to produce per slice. Outputs go to reused arenas and are written
+behind in a writer thread. Reading, compute and writing overlap; NBUF slices are in flight, and peak
+memory is ≈ NBUF × the largest slice, which the budget bounds (`max_memory`), independent of model size.
 
-Cold inputs: before prefaulting a slice, the reader asks the kernel for the next READAHEAD bytes
-of every input file at once (POSIX_FADV_WILLNEED), so a disk that serves parallel requests
-faster than one stream gets several, one per file; those pages sit in the page cache (reclaimable,
-not this process's RSS) until the slice that maps them. On 7B-shaped cold checkpoints here this
-halved `cws compare` (in-process, 8.9 GB: 15-24 s without, 7-12 s with). What is left on the 2-core
-VM these figures come from is CPU, not the disk: the first read of a page the disk has just filled
-costs ~2 µs there (0.5-1.5 s per GB, on whichever thread touches it first; `cat` pays the same in
-the kernel), which the compute pays on top of its kernel, on every core (`_compute_threads`).
+Inputs are read one of two ways, chosen per run (`_reads_direct`, CWS_DIRECT_READ):
+- warm (at least half of the input bytes in the page cache): zero-copy views of the mapped files,
+  prefaulted one slice ahead in a reader thread and released once the slice is done; before that,
+  the reader asks the kernel for the next READAHEAD bytes of every input file (POSIX_FADV_WILLNEED).
+  With CWS_MMAP=0, or where a view cannot be made, the bytes are read into reused arenas instead.
+- cold: O_DIRECT reads (`io.direct.DirectReads`) into the reused arenas, two slices ahead, each cut
+  into pieces several threads read at once. The page cache is bypassed, so the disk's DMA fills pages
+  that are already this process's: on the 2-core VM these figures come from, the first touch of a
+  page the disk has just filled into the page cache costs ~2 µs (0.5-1.5 s of CPU per GB, paid by the
+  compute), and on 7B-shaped cold checkpoints (30.7 GB read) this took `cws compare` from 37.6 s to
+  ~25 s, as fast as one `cat` per file, and `cws apply` from 55 s to ~35 s, as fast as this disk
+  reads the inputs while writing the output (it shares its bandwidth between the two).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cws_kernels import use_cpu_impl
 
 from ..errors import CwsError
 from ..io.format import TensorInfo
-from ..io import reader
+from ..io import direct, reader
 from .progress import progress
 
 NBUF = 3  # arenas in rotation: one being read, one being computed, one being written
@@ -90,6 +91,7 @@ class Slice:
     ins: list[torch.Tensor] = field(default_factory=list)  # sliced reads, then whole reads
     outs: list[torch.Tensor] = field(default_factory=list)
     mapped: list[tuple] = field(default_factory=list)  # page ranges of mapped inputs, released when done
+    ready: Callable[[], None] = lambda: None  # waits for inputs still being read (holds their arena until done)
 
 
 class _Arena:
@@ -98,15 +100,18 @@ class _Arena:
     def __init__(self):
         self.buf = torch.empty(0, dtype=torch.uint8)
 
-    def views(self, specs: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+    def views(self, specs: Sequence[tuple[torch.dtype, tuple[int, ...]]], align: int = ALIGN) -> list[torch.Tensor]:
+        """Views of the given dtypes and shapes, each starting at an address that is a multiple of `align`."""
         sizes = [math.prod(shape) * dt.itemsize for dt, shape in specs]
         offsets, total = [], 0
         for n in sizes:
             offsets.append(total)
-            total += -(-n // ALIGN) * ALIGN
-        if self.buf.numel() < total:
-            self.buf = torch.empty(total, dtype=torch.uint8)
-        return [self.buf[o : o + n].view(dt).view(shape) for o, n, (dt, shape) in zip(offsets, sizes, specs)]
+            total += -(-n // align) * align
+        if self.buf.numel() < total + align:
+            self.buf = torch.empty(total + align, dtype=torch.uint8)
+        base = -self.buf.data_ptr() % align
+        return [self.buf[base + o : base + o + n].view(dt).view(shape)
+                for o, n, (dt, shape) in zip(offsets, sizes, specs)]
 
 
 @contextlib.contextmanager
@@ -164,7 +169,8 @@ def run(
     in_arenas = [_Arena() for _ in range(NBUF)]
     out_arenas = [_Arena() for _ in range(NBUF)]
     pending: list[list[Future]] = [[] for _ in range(NBUF)]
-    maps = reader.MappedFiles() if reader.USE_MMAP else None
+    direct_reads = direct.DirectReads() if _reads_direct(items) else None
+    maps = reader.MappedFiles() if reader.USE_MMAP and direct_reads is None else None
 
     def reads_of(s: Slice) -> list[tuple[TensorInfo, int, int]]:
         return ([(i, s.start, s.stop) if i.shape else (i, 0, i.rows) for i in s.item.sliced]
@@ -188,8 +194,20 @@ def run(
         spans.append(spans[-1] + n)
 
     def read(k: int) -> Slice:
+        """Slice k with its inputs read (direct reads: started, `s.ready()` waits for them)."""
+        drain(pending[k % NBUF])  # the arenas of slice k - NBUF: its writes done, they can be reused
         s = plan[k]
         reads = reads_of(s)
+        if direct_reads is not None:
+            slots = in_arenas[k % NBUF].views([(torch.uint8, (direct_reads.span(*r)[1],)) for r in reads], direct.ALIGN)
+            done = direct_reads.start(reads, slots)
+
+            def ready() -> None:
+                s.ins = [v if v is not None else reader.read_into(i, _typed(slot, i, a, b), a, b)
+                         for v, slot, (i, a, b) in zip(done(), slots, reads)]
+
+            s.ready = ready
+            return s
         if maps is not None and readahead > 0:
             advise(k)
         mapped = [maps.view(*r) if maps is not None else None for r in reads]
@@ -203,7 +221,8 @@ def run(
     def release(s: Slice) -> None:
         for pages in s.mapped:
             reader.MappedFiles.release(pages)
-        s.ins, s.mapped = [], []  # done: let go of the views (and of maps no longer listed)
+        s.ins, s.outs, s.mapped = [], [], []  # done: let go of the views (of maps, of arenas since regrown)
+        s.ready = Slice.ready
 
     def drain(futures: list[Future]) -> None:
         for f in futures:
@@ -217,12 +236,15 @@ def run(
     with (impl, _compute_threads(writes), ThreadPoolExecutor(1, "cws-read") as reading,
           ThreadPoolExecutor(1, "cws-write") as writing):
         try:
-            ahead = reading.submit(read, 0) if plan else None
+            # Direct reads go two slices ahead (one slice's pieces alone leave the disk idle between
+            # slices); mapped views one (their pages are this process's memory once prefaulted).
+            depth = NBUF - 1 if direct_reads is not None else 1
+            ahead = {j: reading.submit(read, j) for j in range(min(depth, len(plan)))}
             for k in range(len(plan)):
-                s = ahead.result()
-                if k + 1 < len(plan):
-                    drain(pending[(k + 1) % NBUF])  # its arenas are about to be reused
-                    ahead = reading.submit(read, k + 1)
+                s = ahead.pop(k).result()
+                if k + depth < len(plan):
+                    ahead[k + depth] = reading.submit(read, k + depth)
+                s.ready()
                 s.outs = out_arenas[k % NBUF].views([(dt, (s.stop - s.start, *shape[1:]) if shape else ())
                                                      for dt, shape in s.item.outs])
                 writes = compute(s)
@@ -230,8 +252,7 @@ def run(
                     maps.check()  # an input being changed by another process: stop before writing
                 for fn, args in writes:
                     pending[k % NBUF].append(writing.submit(fn, *args))
-                if s.mapped:  # after this slice's writes (the writer runs in order)
-                    pending[k % NBUF].append(writing.submit(release, s))
+                pending[k % NBUF].append(writing.submit(release, s))  # after its writes (they run in order)
                 bar.update(sizes[k])
             for futures in pending:
                 drain(futures)
@@ -242,10 +263,34 @@ def run(
                 for f in futures:
                     f.cancel()
             for s in plan:  # let go of mapped views now, not when the traceback goes (their files' leases)
-                s.ins, s.outs, s.mapped = [], [], []
+                s.ins, s.outs, s.mapped, s.ready = [], [], [], Slice.ready
             raise
         finally:
             bar.close()
             if maps is not None:
                 maps.close()
+            if direct_reads is not None:
+                direct_reads.close()
     return total
+
+
+def _reads_direct(items: Sequence[Item]) -> bool:
+    """Whether to read the inputs with O_DIRECT (`io.direct.DirectReads`) rather than view them in the
+    page cache: CWS_DIRECT_READ=1 always, 0 never, and by default (auto) when less than half of the
+    input bytes are in the page cache now (cold inputs, or more than the cache can hold)."""
+    how = os.environ.get("CWS_DIRECT_READ", "auto").strip().lower()
+    if how not in ("auto", "1", "0"):
+        raise CwsError(f"CWS_DIRECT_READ={how!r}: use auto, 1 or 0")
+    if how == "0" or not direct.ENABLED:
+        return False
+    if how == "1":
+        return True
+    paths = sorted({i.path for item in items for i in (*item.sliced, *item.whole)})
+    cached = direct.cached_fraction(paths) if paths else None
+    return cached is not None and cached < 0.5
+
+
+def _typed(slot: torch.Tensor, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """The head of a uint8 slot as rows [start, stop) of `info`, for a plain read into it."""
+    shape = _slice_shape(info, start, stop)
+    return slot[: math.prod(shape) * info.dtype.itemsize].view(info.dtype).view(shape)
