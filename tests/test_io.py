@@ -1,6 +1,7 @@
 """cws.io: safetensors header parsing, row-slice reads, checkpoints and the sharded writer."""
 
 import json
+import mmap
 import os
 import random
 import struct
@@ -317,9 +318,16 @@ def test_direct_reads_refuse_what_they_cannot_do(tmp_path):
     assert r.read([(infos["a"], 0, 3000)], [buf[1:] if buf.data_ptr() % 4096 == 0 else buf[: slot.numel()]]) == [None]
     assert torch.equal(r.read([(infos["a"], 0, 3000)], [slot])[0], torch.arange(3000, dtype=torch.float32))
     fd = r._fd(infos["b"])
+    aligned = torch.frombuffer(mmap.mmap(-1, 24576), dtype=torch.uint8)  # page-aligned, as O_DIRECT wants
     with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated \(wanted 20000 bytes"):
-        direct.DirectReads._pread(infos["b"], fd, torch.empty(24576, dtype=torch.uint8), 0, 24576,
+        direct.DirectReads._pread(infos["b"], fd, aligned, 0, 24576,
                                   path.stat().st_size, 20000)  # starts at the end of the file
+    size = path.stat().st_size  # not a multiple of 4096: the read stops short there, never reads again unaligned
+    pos = (size // 4096 - 1) * 4096
+    assert size % 4096 and pos >= 0
+    with pytest.raises(CheckpointError, match=rf"tensor 'b': file truncated \(wanted 24576 bytes at offset {pos}, "
+                                              rf"got {size - pos}\)"):
+        direct.DirectReads._pread(infos["b"], fd, aligned, 0, 24576, pos, 24576)
     os.truncate(path, infos["b"].end - 3)
     with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated"):
         r.read([(infos["b"], 0, 5000)], _direct_slots([(infos["b"], 0, 5000)]))

@@ -155,6 +155,9 @@ def test_direct_reads_are_chosen_for_cold_inputs(tiny_ckpts, direction, monkeypa
     monkeypatch.setenv("CWS_DIRECT_READ", "sometimes")
     with pytest.raises(cws.CwsError, match="CWS_DIRECT_READ='sometimes': use auto, 1 or 0"):
         cws.compare(tiny_ckpts["base"], tiny_ckpts["pos"], {"w": direction}, quiet=True)
+    with pytest.raises(cws.CwsError, match="CWS_DIRECT_READ='sometimes'"):
+        cws.apply(tiny_ckpts["base"], direction, 1.0, tmp_path / "bad", quiet=True)
+    assert not list(tmp_path.iterdir())  # nothing left, not even a temporary
 
 
 def test_readahead_changes_no_output_and_advises_every_slice_once(tiny_ckpts, direction, monkeypatch, tmp_path):

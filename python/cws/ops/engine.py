@@ -14,9 +14,9 @@ Inputs are read one of two ways, chosen per run (`_reads_direct`, CWS_DIRECT_REA
   into pieces several threads read at once. The page cache is bypassed, so the disk's DMA fills pages
   that are already this process's: on the 2-core VM these figures come from, the first touch of a
   page the disk has just filled into the page cache costs ~2 µs (0.5-1.5 s of CPU per GB, paid by the
-  compute), and on 7B-shaped cold checkpoints (30.7 GB read) this took `cws compare` from 37.6 s to
-  ~25 s, as fast as one `cat` per file, and `cws apply` from 55 s to ~35 s, as fast as this disk
-  reads the inputs while writing the output (it shares its bandwidth between the two).
+  compute). On 7B-shaped cold checkpoints (30.7 GB read) this halved the CPU of `cws compare` (20 ->
+  11 s) and took bench_scale's wall / floor from 3.1x to 2.3x (apply), 2.6x to 2.1x (extract) and
+  2.1x to 1.5x (compare); what is left there is the disk (see the README's Performance section).
 """
 
 from __future__ import annotations
