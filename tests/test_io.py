@@ -1,5 +1,6 @@
 """cws.io: safetensors header parsing, row-slice reads, checkpoints and the sharded writer."""
 
+import errno
 import json
 import mmap
 import os
@@ -20,6 +21,7 @@ from cws.io.checkpoint import Checkpoint
 from cws.io.format import DTYPE_NAMES, DTYPES, TensorInfo, build_header, read_header
 from cws.io.reader import MappedFiles, read_into, read_tensor
 from cws.io.writer import ShardedWriter, copy_model_files
+from test_bad_inputs import esc
 
 SHAPES = [(), (0, 5), (7,), (5, 123), (3, 4, 5)]
 
@@ -754,13 +756,13 @@ def test_errors_are_cws_errors():
     assert issubclass(CheckpointError, CwsError)
 
 
-def _stream_file(path, pieces, **kw):
+def _stream_file(path, pieces, behind=None):
     """Write (offset, bytes) pieces through a DirectStream; returns whether it stayed direct to the end."""
     from cws.io.direct import DirectStream
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        s = DirectStream(path, fd)
+        s = DirectStream(path, fd, behind)
         for offset, data in pieces:
             s.write(memoryview(data), offset)
         direct = s.active
@@ -781,6 +783,15 @@ def test_direct_stream_writes_the_same_bytes(tmp_path, monkeypatch):
     pieces = [(a, blob[a:b]) for a, b in zip([0, *cuts], [*cuts, len(blob)])]
     stayed = _stream_file(tmp_path / "seq.bin", pieces)
     assert (tmp_path / "seq.bin").read_bytes() == blob
+    # full blocks written behind by other threads (two spares for 4 blocks: some wait for a spare)
+    behind = direct.WriteBehind(2)
+    swaps = []
+    real_swap = behind.swap
+    monkeypatch.setattr(behind, "swap", lambda *a: swaps.append(a[2]) or real_swap(*a))
+    assert _stream_file(tmp_path / "behind.bin", pieces, behind) == stayed
+    behind.close()
+    assert (tmp_path / "behind.bin").read_bytes() == blob
+    assert swaps == ([0, 65536, 131072, 196608] if stayed else [])
     # out of order: the stream turns plain at the first jump, and the file is still right
     shuffled = pieces[:5] + pieces[6:] + [pieces[5]]
     assert not _stream_file(tmp_path / "jump.bin", shuffled)
@@ -797,6 +808,81 @@ def test_direct_stream_writes_the_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", refusing_open)
     assert not _stream_file(tmp_path / "refused.bin", pieces)
     assert (tmp_path / "refused.bin").read_bytes() == blob
+
+
+def test_a_failed_write_behind_fails_the_output(tmp_path, monkeypatch):
+    # A full block written behind that fails (disk full) fails the run with the writer's error,
+    # and leaves nothing: no output, no temporary directory.
+    from cws.io import direct
+
+    if not _o_direct_works(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT: nothing is written behind")
+    (tmp_path / "probe").unlink()
+    monkeypatch.setattr(direct, "BLOCK", 16 * 1024)
+    real = direct.pwrite_all
+
+    def pwrite_all(fd, data, offset):
+        if threading.current_thread().name.startswith("cws-direct-write"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct, "pwrite_all", pwrite_all)
+    t = torch.arange(40_000, dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=f"cannot write {esc(tmp_path / 'o' / 'model.safetensors')}: "
+                                              f"{os.strerror(errno.ENOSPC)}; nothing was written"):
+        with ShardedWriter(tmp_path / "o", [("t", torch.float32, (40_000,))]) as w:
+            for start in range(0, 40_000, 1000):
+                w.write("t", t[start : start + 1000], start)
+    assert os.listdir(tmp_path) == []
+
+
+def test_writers_opened_together_share_their_spare_blocks(tmp_path, monkeypatch):
+    # A multi-alpha apply opens one writer per alpha: their full blocks are written behind by one
+    # WriteBehind (its spare blocks counted once), closed when the outputs are committed.
+    from cws.io import direct
+    from cws.io.writer import open_together
+
+    monkeypatch.setattr(direct, "BLOCK", 16 * 1024)
+    plan = [("a", torch.bfloat16, (300, 77)), ("b", torch.float32, (5000,))]
+    g = torch.Generator().manual_seed(2)
+    outs = [{n: torch.randn(shape, generator=g).to(dt) for n, dt, shape in plan} for _ in range(3)]
+    writers = [ShardedWriter(tmp_path / f"o{i}", plan, max_shard_size=30_000) for i in range(3)]
+    with open_together(writers) as opened:
+        behind = opened[0]._behind
+        assert all(w._behind is behind for w in opened) and (behind is not None) == direct.ENABLED
+        for w, tensors in zip(opened, outs):
+            for n, t in tensors.items():
+                w.write(n, t)
+    assert behind is None or behind._closed
+    for i, tensors in enumerate(outs):
+        loaded = {}
+        for f in (tmp_path / f"o{i}").glob("*.safetensors"):
+            loaded.update(load_file(f))
+        assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_closing_a_stream_waits_for_its_writes_behind(tmp_path, monkeypatch):
+    # The O_DIRECT descriptor is closed only once no thread writes through it any more.
+    from cws.io import direct
+
+    if not _o_direct_works(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT: nothing is written behind")
+    monkeypatch.setattr(direct, "BLOCK", 4096)
+    go, real = threading.Event(), direct.pwrite_all
+    monkeypatch.setattr(direct, "pwrite_all", lambda *a: go.wait() and real(*a))
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    behind = direct.WriteBehind(1)
+    stream = direct.DirectStream(tmp_path / "f", fd, behind)
+    stream.write(memoryview(b"x" * 4096), 0)  # one full block: written behind, held back by `go`
+    closing = threading.Thread(target=stream.close)
+    closing.start()
+    closing.join(0.3)
+    assert closing.is_alive() and stream.direct is not None
+    go.set()
+    closing.join()
+    behind.close()
+    os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"x" * 4096
 
 
 def _o_direct_works(d) -> bool:
@@ -816,6 +902,7 @@ def test_fsynced_writer_output_is_direct_and_identical(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(1)
     tensors = {n: torch.randn(s, generator=g).to(dt) for n, dt, s in plan}
     outs = {}
+    monkeypatch.setattr(direct, "BLOCK", 16 * 1024)  # several full blocks, written behind
     for on in (True, False):
         monkeypatch.setattr(direct, "ENABLED", on)
         with ShardedWriter(tmp_path / f"o{int(on)}", plan, max_shard_size=40_000) as w:

@@ -116,6 +116,8 @@ class ShardedWriter:
         self._slots: dict[str, _Slot] = {}
         self._fds: list[int] = []
         self._streams: list[DirectStream | None] = []  # durable outputs bypass the page cache
+        self._behind: direct.WriteBehind | None = None  # their full blocks, written behind
+        self.shared_behind: direct.WriteBehind | None = None  # one for several writers (open_together)
         self._tmp: Path | None = None
         self._made: list[Path] = []  # parent directories this writer created, deepest first
         self._previous: Path | None = None  # where the output this one replaced sits until discarded
@@ -137,13 +139,15 @@ class ShardedWriter:
             raise CheckpointError(f"cannot create {tmp}: {e.strerror or e}") from e
         self._tmp = tmp
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        direct_io = self.fsync and self.direct_io and direct.ENABLED
         try:
+            self._behind = (self.shared_behind or direct.WriteBehind()) if direct_io else None
             for i, entries in enumerate(self._shards):
                 header, offsets = build_header(entries, self.metadata)
                 try:
                     self._fds.append(os.open(tmp / self.shard_names[i], flags, 0o644))
-                    self._streams.append(DirectStream(tmp / self.shard_names[i], self._fds[-1])
-                                         if self.fsync and self.direct_io and direct.ENABLED else None)
+                    self._streams.append(DirectStream(tmp / self.shard_names[i], self._fds[-1], self._behind)
+                                         if direct_io else None)
                 except OSError as e:
                     target = self.out_dir / self.shard_names[i]
                     raise CheckpointError(f"cannot create {target}: {e.strerror or e}") from e
@@ -295,9 +299,11 @@ class ShardedWriter:
         for stream in self._streams:
             if stream is not None:
                 stream.close()
+        if self._behind is not None and self._behind is not self.shared_behind:
+            self._behind.close()
         for fd in self._fds:
             os.close(fd)
-        self._fds, self._streams = [], []
+        self._fds, self._streams, self._behind = [], [], None
 
     def _abort(self) -> None:
         with self._lock:
@@ -318,6 +324,9 @@ def open_together(writers: list[ShardedWriter]):
     """Open several writers for one run: committed together when the block succeeds
     (`commit_together`), all aborted when it fails."""
     opened = []
+    behind = direct.WriteBehind() if len(writers) > 1 else None  # spare blocks for all: memory of one writer's
+    for w in writers:
+        w.shared_behind = behind
     try:
         for w in writers:
             opened.append(w.__enter__())
@@ -326,7 +335,11 @@ def open_together(writers: list[ShardedWriter]):
         for w in reversed(opened):  # the last opened first: parents made by the first go last
             w._abort()
         raise
-    commit_together(opened)
+    else:
+        commit_together(opened)
+    finally:
+        if behind is not None:
+            behind.close()
 
 
 def commit_together(writers: list[ShardedWriter]) -> None:
