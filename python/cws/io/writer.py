@@ -324,7 +324,7 @@ def open_together(writers: list[ShardedWriter]):
     """Open several writers for one run: committed together when the block succeeds
     (`commit_together`), all aborted when it fails."""
     opened = []
-    behind = direct.WriteBehind() if len(writers) > 1 else None  # spare blocks for all: memory of one writer's
+    behind = direct.WriteBehind() if len(writers) > 1 and direct.ENABLED else None  # one set of spare blocks for all
     for w in writers:
         w.shared_behind = behind
     try:
