@@ -13,10 +13,13 @@ otherwise the script says so and the runs are not cold), then, untimed, the Pyth
 libraries again: the data is cold, not torch (a user's next command finds it warm). Floors, measured in the same run:
 `cat` of base+pos+neg one after another; one `cat` per file, all at once; `dd iflag=direct bs=64M`
 of every input file, one after another; `dd oflag=direct conv=fsync` of one output's size (the
-durable write); one `cat` per file while that `dd` writes, all at once. An op's floor is max(its
-input bytes at the best read floor's GB/s, the durable write of its output), as if the disk read
-and wrote at once at full speed each; its read+write floor is the last run scaled to its bytes read
-+ written (never below the floor), for a disk that shares its bandwidth between reads and writes. Each provider's peak RSS is its ru_maxrss
+durable write); one `cat` per file while that `dd` writes, all at once; and the same three with
+benchmarks/disk_floor.py (O_DIRECT from 2 MB-page buffers, several requests in flight, no compute: how
+cws itself reads and writes, where dd's 4 KB-page buffers get cut into 1 MB requests). An op's floor
+is max(its input bytes at the best read floor's GB/s, the best durable write of its output), as if
+the disk read and wrote at once at full speed each; its read+write floor is the best run that read and
+wrote at once, scaled to its bytes read + written (never below the floor), for a disk that shares its
+bandwidth between reads and writes. Each provider's peak RSS is its ru_maxrss
 (GNU time, else a fork/wait4 launcher). Prints a table; writes benchmarks/results/scale.json.
 """
 
@@ -189,11 +192,13 @@ def floors(by, ckpt_bytes):
     base+pos+neg while writing one output, at once (s)."""
     reads = {r["provider"]: r["in_GBps"] for r in by.values() if r["kind"] == "read floor"}
     best = max(reads, key=reads.get)
-    write = next((r["wall_s"] for r in by.values() if r["kind"] == "write floor"), None)
-    both = next((r for r in by.values() if r["kind"] == "read+write floor"), None)
-    return {"read_GBps": reads, "best_read": best, "best_read_GBps": reads[best], "write_s": write,
+    write = min((r for r in by.values() if r["kind"] == "write floor"), key=lambda r: r["wall_s"], default=None)
+    both = max((r for r in by.values() if r["kind"] == "read+write floor"),
+               key=lambda r: (r["in_GB"] + r["out_GB"]) / r["wall_s"], default=None)
+    return {"read_GBps": reads, "best_read": best, "best_read_GBps": reads[best], "write_s": write and write["wall_s"],
+            "best_write": write and write["provider"],
             "write_GB": ckpt_bytes / 1e9, "read_write_s": both and both["wall_s"],
-            "read_write_GB": both and both["in_GB"] + both["out_GB"]}
+            "read_write_GB": both and both["in_GB"] + both["out_GB"], "best_read_write": both and both["provider"]}
 
 
 def floor_of(in_gb, out_gb, read_gbps, write_s, write_gb, rw_s, rw_gb):
@@ -226,8 +231,8 @@ def per_rep_ratios(runs):
     """wall / floor (both floors) of every op in each rep, against the floors measured in that same rep
     (the disk of a shared VM drifts over minutes: a rep's own floor is the fairer yardstick), and their median."""
     reads = [r for r in runs if r.kind == "read floor"]
-    write = next((r for r in runs if r.kind == "write floor"), None)
-    both = next((r for r in runs if r.kind == "read+write floor"), None)
+    writes = [r for r in runs if r.kind == "write floor"]
+    boths = [r for r in runs if r.kind == "read+write floor"]
     out = {}
     for r in runs:
         if r.kind not in ("cws", "mergekit"):
@@ -235,10 +240,11 @@ def per_rep_ratios(runs):
         per, per_shared = [], []
         for i, wall in enumerate(r.walls):
             gbps = max(x.in_bytes / x.walls[i] for x in reads if i < len(x.walls))
-            w = write.walls[i] if write and i < len(write.walls) else None
-            rw = both.walls[i] if both and i < len(both.walls) else None
-            _, _, floor, shared = floor_of(r.in_bytes, r.out_bytes, gbps, w, write and write.out_bytes, rw,
-                                           both and both.in_bytes + both.out_bytes)
+            w = min((x for x in writes if i < len(x.walls)), key=lambda x: x.walls[i] / x.out_bytes, default=None)
+            rw = max((x for x in boths if i < len(x.walls)), key=lambda x: (x.in_bytes + x.out_bytes) / x.walls[i],
+                     default=None)
+            _, _, floor, shared = floor_of(r.in_bytes, r.out_bytes, gbps, w and w.walls[i], w and w.out_bytes,
+                                           rw and rw.walls[i], rw and rw.in_bytes + rw.out_bytes)
             per.append(wall / floor)
             per_shared.append(wall / shared)
         out[r.name] = {"wall_over_floor_each_rep": per, "median": statistics.median(per),
@@ -294,6 +300,13 @@ def main():
                      ["sh", "-c", " ".join(f"cat {f} >/dev/null &" for f in files)
                       + f" dd if=/dev/zero of={out / 'dd-rw.bin'} bs=64M count={ckpt} iflag=count_bytes oflag=direct"
                       " conv=fsync status=none & wait"], three, out / "dd-rw.bin", ckpt)]
+        floor = [sys.executable, str(Path(__file__).resolve().parent / "disk_floor.py")]
+        runs += [Run("direct reads, 16 x 8 MB in 2 MB pages", "read floor", [*floor, "--read", *files], three),
+                 Run("direct writes, 4 x 8 MB in 2 MB pages + fsync", "write floor",
+                     [*floor, "--write", str(out / "df.bin"), "--bytes", str(ckpt)], [], out / "df.bin", ckpt),
+                 Run("direct reads + direct writes, all at once", "read+write floor",
+                     [*floor, "--read", *files, "--write", str(out / "df-rw.bin"), "--bytes", str(ckpt)], three,
+                     out / "df-rw.bin", ckpt)]
     d = out / "direction"  # extract's output, the direction compare reads (kept until compare is done)
     warm = [sys.executable, "-c", "import torch, safetensors, cws.cli, cws.ops.apply, cws.ops.extract, cws.ops.compare"]
     runs += [Run("cws apply --pos --neg", "cws", [*cws, "apply", "--model", base, "--pos", pos, "--neg", neg, "--alpha",
@@ -357,10 +370,11 @@ def main():
               f"{r['in_GBps']:8.2f} "
               + (f"{x['floor_s']:8.2f} {x['wall_over_floor']:10.2f}" if x else f"{'':8s} {'':10s}"))
     print(f"floor: inputs at {fl['best_read_GBps']:.2f} GB/s ({fl['best_read']}), "
-          + (f"durable write of {ckpt / 1e9:.2f} GB in {fl['write_s']:.2f} s" if fl["write_s"] else "no write floor"))
+          + (f"durable write of {ckpt / 1e9:.2f} GB in {fl['write_s']:.2f} s ({fl['best_write']})" if fl["write_s"]
+             else "no write floor"))
     if fl["read_write_s"]:
         print(f"reading base+pos+neg while writing one output, at once: {fl['read_write_s']:.2f} s "
-              f"({fl['read_write_GB'] / fl['read_write_s']:.2f} GB/s read + written)")
+              f"({fl['read_write_GB'] / fl['read_write_s']:.2f} GB/s read + written; {fl['best_read_write']})")
     for name, x in rat.items():
         print(f"{name}: wall / floor of the same rep " + ", ".join(f"{v:.2f}" for v in x["wall_over_floor_each_rep"])
               + f" (median {x['wall_over_floor_median_of_reps']:.2f}); / read+write floor "

@@ -40,7 +40,8 @@ def scale(d):
                 if f"wall_over_{key}" in x:
                     cells[i] = f"{x[f'wall_over_{key}']:.2f}×" + (f" ({each})" if each else "")
         out.append(f"| `{r['provider']}`{note} | {r['wall_s']:.1f} | {rate} | {rss} | {cells[0]} | {cells[1]} |")
-    write = f"the durable write of its output ({fl['write_GB']:.1f} GB in {fl['write_s']:.1f} s)" if fl["write_s"] \
+    by = f"; {fl['best_write']}" if fl.get("best_write") else ""
+    write = f"the durable write of its output ({fl['write_GB']:.1f} GB in {fl['write_s']:.1f} s{by})" if fl["write_s"] \
         else "no write floor (O_DIRECT refused)"
     out += ["", f"An op's floor is the larger of its input bytes at {fl['best_read_GBps']:.2f} GB/s (the best cold read "
             f"here: {fl['best_read']}) and {write}, as if the disk read and wrote at once at full speed each. "
@@ -49,7 +50,7 @@ def scale(d):
     if fl.get("read_write_s"):
         out += ["", f"This disk shares its bandwidth between reads and writes: reading base+pos+neg while writing one "
                 f"output took {fl['read_write_s']:.1f} s ({fl['read_write_GB'] / fl['read_write_s']:.2f} GB/s read + "
-                "written). The read+write floor of an op that writes is that time scaled to its bytes read + written "
+                "written" + (f"; {fl['best_read_write']}" if fl.get("best_read_write") else "") + "). The read+write floor of an op that writes is that time scaled to its bytes read + written "
                 "(never below its floor): what the disk can do for it."]
     return out
 

@@ -3,6 +3,7 @@ pos/neg a few ulps off base, and each op's floor and wall/floor ratio."""
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,58 @@ def test_per_rep_ratios_use_each_reps_own_floors(bench):
     assert r["wall_over_floor_each_rep"] == pytest.approx([1.5, 0.75])  # floors 4 s, then 8 s
     assert r["wall_over_shared_floor_each_rep"] == pytest.approx([1.2, 0.6])  # 5 s, then 10 s
     assert r["median_shared"] == pytest.approx(0.9)
+
+
+def test_the_best_of_several_write_and_read_write_floors_is_the_floor(bench):
+    """dd and disk_floor.py both measure the durable write and reading while writing: the faster write
+    and the higher read+write rate are the floors (in the medians and in each rep)."""
+    rows = [("dd direct", "read floor", 3.0, 0.0, 2.5), ("dd write", "write floor", 0.0, 1.0, 4.0),
+            ("direct write", "write floor", 0.0, 1.0, 3.0),
+            ("cat + dd at once", "read+write floor", 3.0, 1.0, 5.0),
+            ("direct reads + writes", "read+write floor", 3.0, 1.0, 4.5),
+            ("cws apply", "cws", 3.0, 1.0, 6.0)]
+    by = {p: {"provider": p, "kind": k, "in_GB": i, "out_GB": o, "wall_s": w, "in_GBps": i / w if i else 0.0,
+              "flush_s": 0.0} for p, k, i, o, w in rows}
+    fl = bench.floors(by, 1e9)
+    assert fl["write_s"] == 3.0 and fl["best_write"] == "direct write"
+    assert fl["read_write_s"] == 4.5 and fl["best_read_write"] == "direct reads + writes"
+    r = bench.ratios(by, fl)["cws apply"]
+    assert r["floor_s"] == pytest.approx(3.0) and r["shared_floor_s"] == pytest.approx(4.5)
+
+    def run(name, kind, in_b, out_b, walls):
+        x = bench.Run(name, kind, ["true"], [])
+        x.in_bytes, x.out_bytes, x.walls = in_b, out_b, walls
+        return x
+
+    runs = [run("dd direct", "read floor", 3e9, 0, [2.5, 2.5]),
+            run("dd write", "write floor", 0, 1e9, [4.0, 2.0]), run("direct write", "write floor", 0, 1e9, [3.0, 3.5]),
+            run("both", "read+write floor", 3e9, 1e9, [5.0, 4.0]), run("direct both", "read+write floor", 3e9, 1e9,
+                                                                       [4.5, 6.0]),
+            run("cws apply", "cws", 3e9, 1e9, [6.0, 6.0])]
+    r = bench.per_rep_ratios(runs)["cws apply"]
+    assert r["wall_over_floor_each_rep"] == pytest.approx([2.0, 6.0 / 2.5])  # floors 3 s (direct), then 2.5 s (read)
+    assert r["wall_over_shared_floor_each_rep"] == pytest.approx([6.0 / 4.5, 1.5])  # 4.5 s, then 4 s
+
+
+def test_disk_floor_reads_and_writes_what_it_says(tmp_path):
+    """benchmarks/disk_floor.py writes --bytes zeros (an unaligned tail too), reads files whole, and
+    fails with the error, exit 1, when a file cannot be read."""
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except (OSError, AttributeError):
+        pytest.skip("this file system refuses O_DIRECT")
+    src = tmp_path / "in.bin"
+    src.write_bytes(os.urandom(3 * 2**20 + 5))
+    out = tmp_path / "out.bin"
+    cmd = [sys.executable, str(BENCH / "disk_floor.py")]
+    r = subprocess.run([*cmd, "--read", str(src), str(src), "--write", str(out), "--bytes", str(9 * 2**20 + 3),
+                        "--threads", "3", "--chunk-mb", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "read 6.29 GB" not in r.stdout and "read 0.01 GB (3 x 1 MB), wrote 0.01 GB (4 x 8 MB) + fsync" in r.stdout
+    assert out.read_bytes() == bytes(9 * 2**20 + 3)
+    r = subprocess.run([*cmd, "--read", str(tmp_path / "missing.bin")], capture_output=True, text=True)
+    assert r.returncode == 1 and "missing.bin" in r.stderr
