@@ -195,8 +195,8 @@ class DirectReads:
     of a freshly read page cache page costs ~2 µs: 0.5-1.5 s of CPU per GB, more than the compute).
     Every range is cut into READ_CHUNK pieces that READ_THREADS threads read at once, so the disk
     has several requests in flight; the slots are in huge pages (`huge_buffer`), so each piece goes in
-    4 MB requests (7B cold, 30.7 GB of base+pos+neg, 16 x 8 MB with no compute: 1.44 GB/s on the VM's
-    disk, as fast as one `cat` per file in the same hour; `cws compare` 1.2-1.3 GB/s). After
+    4 MB requests (7B cold, 30.7 GB of base+pos+neg, 16 x 8 MB with no compute: 1.35-1.44 GB/s on the
+    VM's disk, as fast as one `cat` per file in the same hour; `cws compare`, computing too, 1.0-1.2). After
     a read, the file must still be the one whose header was parsed (`TensorInfo.stamp`), as for every
     other read.
     """
