@@ -37,7 +37,7 @@ def buffer(nbytes):
 
 
 def workers(n, job, jobs, errors):
-    """n threads, each with an 8 MB-or-chunk buffer, running job(buffer, item) over the shared iterator."""
+    """The loop of each of n threads: job(its buffer, item) for the items of the shared iterator `jobs`."""
     lock = threading.Lock()
 
     def loop(buf):
@@ -101,11 +101,10 @@ def main():
     for t in threads:
         t.join()
     if wfd is not None and not errors:
-        tail = args.bytes - args.bytes // ALIGN * ALIGN
-        if tail:
+        if args.bytes > aligned:  # the unaligned tail, through the page cache
             with open(args.write, "r+b") as f:
-                f.seek(args.bytes - tail)
-                f.write(bytes(tail))
+                f.seek(aligned)
+                f.write(bytes(args.bytes - aligned))
         os.fsync(wfd)
     wall = time.perf_counter() - start
     if errors:
@@ -113,7 +112,8 @@ def main():
         return 1
     did = []
     if args.read:
-        did.append(f"read {sum(os.path.getsize(p) for p in args.read) / 1e9:.2f} GB ({args.threads} x {args.chunk_mb} MB)")
+        gb = sum(os.path.getsize(p) for p in args.read) / 1e9
+        did.append(f"read {gb:.2f} GB ({args.threads} x {args.chunk_mb} MB)")
     if args.write:
         did.append(f"wrote {args.bytes / 1e9:.2f} GB ({args.depth} x 8 MB) + fsync")
     print(f"{', '.join(did) or 'nothing to do'}: {wall:.2f} s")

@@ -13,12 +13,13 @@ Inputs are read one of two ways, chosen per run (`_reads_direct`, CWS_DIRECT_REA
 - cold: O_DIRECT reads (`io.direct.DirectReads`) into the reused arenas, two slices ahead, each cut
   into pieces several threads read at once. Arenas of 2 MB and more are in huge pages
   (`io.direct.huge_buffer`), so each piece reaches the disk in 4 MB requests rather than 1 MB ones
-  (cold 7B, interleaved A/B: apply 44.9 -> 34.5 s, extract 32.2 -> 26.3 s, compare 28.2 -> 25.2 s). The page cache is bypassed, so the disk's DMA fills pages
-  that are already this process's: on the 2-core VM these figures come from, the first touch of a
-  page the disk has just filled into the page cache costs ~2 µs (0.5-1.5 s of CPU per GB, paid by the
-  compute). On 7B-shaped cold checkpoints (30.7 GB read) this halved the CPU of `cws compare` (20 ->
-  11 s) and took bench_scale's wall / floor from 3.1x to 2.3x (apply), 2.6x to 2.1x (extract) and
-  2.1x to 1.5x (compare); what is left there is the disk (see the README's Performance section).
+  (cold 7B, interleaved A/B: apply 44.9 -> 34.5 s, extract 32.2 -> 26.3 s, compare 28.2 -> 25.2 s).
+  The page cache is bypassed, so the disk's DMA fills pages that are already this process's: on the
+  2-core VM these figures come from, the first touch of a page the disk has just filled into the page
+  cache costs ~2 µs (0.5-1.5 s of CPU per GB, paid by the compute). On 7B-shaped cold checkpoints (30.7
+  GB read) this halved the CPU of `cws compare` (20 -> 11 s) and took bench_scale's wall / floor from
+  3.1x to 2.3x (apply), 2.6x to 2.1x (extract) and 2.1x to 1.5x (compare), before the huge pages (the
+  README's Performance section has today's figures).
 """
 
 from __future__ import annotations
