@@ -1,9 +1,9 @@
 """The README's performance section, rendered from the benchmark results (never typed by hand).
 
-    python benchmarks/readme_table.py        # reads benchmarks/results/{scale,kernels,streaming,lora,monitor}.json
+    python benchmarks/readme_table.py  # reads benchmarks/results/{scale,timeline,kernels,streaming,lora,monitor}.json
 
-Prints Markdown; a missing results file is named and skipped (scale.json, from the cold 7B runs of
-bench_scale.py, silently: it needs a quiet machine and tens of GB of disk).
+Prints Markdown; a missing results file is named and skipped (scale.json and timeline.json, from the cold
+7B runs of bench_scale.py and timeline_7b.sh, silently: they need a quiet machine and tens of GB of disk).
 """
 
 import json
@@ -52,6 +52,23 @@ def scale(d):
                 f"output took {fl['read_write_s']:.1f} s ({fl['read_write_GB'] / fl['read_write_s']:.2f} GB/s read + "
                 "written" + (f"; {fl['best_read_write']}" if fl.get("best_read_write") else "") + "). The read+write floor of an op that writes is that time scaled to its bytes read + written "
                 "(never below its floor): what the disk can do for it."]
+    return out
+
+
+def timeline(d):
+    """Each cold cws run next to disk_floor.py doing the same I/O in the same minute (timeline_7b.sh)."""
+    runs = d["runs"]
+    out = [f"Where the time of a cold run goes ({d['env']['date'][:10]}, `bash benchmarks/timeline_7b.sh`: each cws "
+           "run, then `disk_floor.py` reading and writing the same bytes with no compute, sampled every "
+           f"{next(iter(runs.values()))['interval_s']} s by `benchmarks/timeline.py`):", "",
+           "| run | wall s | disk idle before the first read s | GB read + written | disk GB/s from the first read on | "
+           "CPU user + sys s |", "|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        rate = r["disk_GBps_after_first_read"]
+        first = "—" if r["first_read_s"] is None else f"{r['first_read_s']:.2f}"
+        out.append(f"| `{name}` | {r['wall_s']:.1f} | {first} | {r['read_GB']:.1f} + "
+                   f"{r['written_GB']:.1f} | {'—' if rate is None else f'{rate:.2f}'} | "
+                   f"{r['cpu_user_s']:.1f} + {r['cpu_sys_s']:.1f} |")
     return out
 
 
@@ -169,7 +186,7 @@ def monitor(d):
 
 
 def main():
-    parts = [scale(load("scale"))] if load("scale") else []
+    parts = [fn(load(name)) for name, fn in (("scale", scale), ("timeline", timeline)) if load(name)]
     for name, fn in (("kernels", kernels), ("streaming", streaming), ("lora", lora), ("monitor", monitor)):
         d = load(name)
         parts.append(fn(d) if d else [f"({RESULTS / (name + '.json')} missing: run benchmarks/bench_{name}.py)"])

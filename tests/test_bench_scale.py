@@ -165,3 +165,43 @@ def test_disk_floor_reads_and_writes_what_it_says(tmp_path):
     assert out.read_bytes() == bytes(9 * 2**20 + 3)
     r = subprocess.run([*cmd, "--read", str(tmp_path / "missing.bin")], capture_output=True, text=True)
     assert r.returncode == 1 and "missing.bin" in r.stderr
+
+
+def test_timeline_samples_a_run_and_records_it(tmp_path, monkeypatch, capsys):
+    """timeline.py: the command's exit status, its rusage CPU, samples of the disk under the current
+    directory, a first-read time only once the disk read STARTED bytes, and the run added to --out."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import timeline
+
+    if not Path(f"/sys/dev/block/{os.major(os.stat('.').st_dev)}:{os.minor(os.stat('.').st_dev)}/stat").exists():
+        pytest.skip("no block device statistics for this directory's file system")
+    monkeypatch.setattr(timeline, "WARM", ["true"])
+    out = tmp_path / "tl.json"
+    spin = "import time; t = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    assert timeline.main(["--warm", "--interval", "0.1", "--name", "spin", "--out", str(out),
+                          "--", "python", "-c", spin]) == 0
+    assert timeline.main(["--warm", "--interval", "0.1", "--out", str(out), "--", "python", "-c", "raise SystemExit(3)"]) == 1
+    runs = json.loads(out.read_text())["runs"]
+    spun, failed = runs["spin"], runs["python -c raise SystemExit(3)"]
+    assert spun["exit_status"] == 0 and failed["exit_status"] == 3
+    assert spun["cpu_user_s"] + spun["cpu_sys_s"] >= 0.6 and spun["wall_s"] >= 0.6
+    assert spun["samples"] and all(len(s) == len(spun["sample_columns"]) for s in spun["samples"])
+    assert spun["notes"] == ["page cache not dropped (--warm)"] and not spun["cold"]
+    if spun["read_GB"] * 1e9 < timeline.STARTED:  # nothing read: no first read, no rate
+        assert spun["first_read_s"] is None and spun["disk_GBps_after_first_read"] is None
+    assert "exit 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        timeline.main(["--warm"])  # no command
+
+
+def test_readme_timeline_table_renders_each_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import readme_table
+
+    run = dict(wall_s=29.7, first_read_s=3.3, read_GB=20.5, written_GB=10.24, disk_GBps_after_first_read=1.16,
+               cpu_user_s=17.3, cpu_sys_s=1.8, interval_s=0.25)
+    lines = readme_table.timeline({"env": {"date": "2026-12-03 12:00:00"},
+                                   "runs": {"cws extract": run, "idle": {**run, "first_read_s": None,
+                                                                                   "disk_GBps_after_first_read": None}}})
+    assert "| `cws extract` | 29.7 | 3.30 | 20.5 + 10.2 | 1.16 | 17.3 + 1.8 |" in lines
+    assert "| `idle` | 29.7 | — | 20.5 + 10.2 | — | 17.3 + 1.8 |" in lines

@@ -1,0 +1,121 @@
+"""Where a cold run's time goes: the disk's read and write rates and the command's CPU, interval by interval.
+
+    python benchmarks/timeline.py [--name NAME] [--interval 0.25] [--warm] [--out FILE] -- cws apply ...
+
+Drops the page cache (root; otherwise it says the run is not cold), imports torch and cws once untimed
+(as bench_scale does: the libraries, not the checkpoints, come from the cache), then runs the command
+and samples /sys/dev/block/<dev>/stat of the disk holding the current directory and /proc/<pid>/stat
+of the command. Prints one line per interval and a summary: seconds before the disk first reads
+(Python and torch starting), GB read and written, the disk's rate from then to the command's end, the
+command's user and system CPU (from its rusage). --out adds the run, under --name, to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench_scale import drop_caches
+
+SECTOR = 512
+STARTED = 64e6  # bytes read by the disk that mark the command's streaming as started
+WARM = [sys.executable, "-c", "import torch, safetensors, cws.cli, cws.ops.apply, cws.ops.extract, cws.ops.compare"]
+
+
+def disk_stat(dev: int) -> tuple[int, int]:
+    """(bytes read, bytes written) so far by the block device `dev` (a disk or a partition)."""
+    f = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat").read_text().split()
+    return int(f[2]) * SECTOR, int(f[6]) * SECTOR
+
+
+def cpu_s(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of a live process, all its threads; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def measure(cmd: list[str], interval: float, cold: bool, dev: int) -> dict:
+    note = drop_caches() if cold else "page cache not dropped (--warm)"
+    subprocess.run(WARM, check=True, stdout=subprocess.DEVNULL)
+    samples, t0, start = [], time.perf_counter(), disk_stat(dev)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    ended: list = []
+    threading.Thread(target=lambda: ended.append((os.wait4(p.pid, 0), time.perf_counter())), daemon=True).start()
+    last, last_cpu = (t0, start), (0.0, 0.0)
+    while not ended:
+        time.sleep(interval)
+        now, io, cpu = time.perf_counter(), disk_stat(dev), cpu_s(p.pid)
+        if ended or cpu is None:
+            break
+        dt = now - last[0]
+        samples.append([round(now - t0, 3), (io[0] - last[1][0]) / dt / 1e6, (io[1] - last[1][1]) / dt / 1e6,
+                        (cpu[0] - last_cpu[0]) / dt, (cpu[1] - last_cpu[1]) / dt])
+        last, last_cpu = (now, io), cpu
+    while not ended:
+        time.sleep(0.01)
+    (_, status, usage), t_end = ended[0]
+    end = disk_stat(dev)
+    wall = t_end - t0
+    first = next((s[0] - interval for s, cum in zip(samples, _cumulative(samples, interval)) if cum >= STARTED), None)
+    read, written = end[0] - start[0], end[1] - start[1]
+    busy = wall - first if first is not None else None
+    return {"command": " ".join(cmd), "cold": note is None, "notes": [note] if note else [],
+            "exit_status": os.waitstatus_to_exitcode(status), "wall_s": wall, "first_read_s": first,
+            "read_GB": read / 1e9, "written_GB": written / 1e9,
+            "disk_GBps_after_first_read": (read + written) / busy / 1e9 if busy else None,
+            "cpu_user_s": usage.ru_utime, "cpu_sys_s": usage.ru_stime, "interval_s": interval,
+            "samples": [[round(v, 3) for v in s] for s in samples],
+            "sample_columns": ["t_s", "read_MBps", "write_MBps", "user_cores", "sys_cores"]}
+
+
+def _cumulative(samples, interval):
+    total = 0.0
+    for s in samples:
+        total += s[1] * 1e6 * interval
+        yield total
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--name", help="the run's name in --out (default: the command)")
+    ap.add_argument("--interval", type=float, default=0.25, help="seconds between samples (default 0.25)")
+    ap.add_argument("--warm", action="store_true", help="do not drop the page cache")
+    ap.add_argument("--out", type=Path, help="JSON file to add the run to")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command")
+    args = ap.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        ap.error("give the command to time after --")
+    run = measure(cmd, args.interval, not args.warm, os.stat(".").st_dev)
+    for t, r, w, u, s in run["samples"]:
+        print(f"{t:7.2f} s  read {r:6.0f} MB/s  write {w:6.0f} MB/s  cpu user {u:4.2f} sys {s:4.2f}")
+    rate = run["disk_GBps_after_first_read"]
+    first = run["first_read_s"]
+    print(f"wall {run['wall_s']:.1f} s, first read at {first if first is None else round(first, 2)} s, "
+          f"read {run['read_GB']:.2f} GB, written {run['written_GB']:.2f} GB, "
+          f"disk {'-' if rate is None else f'{rate:.2f}'} GB/s (read + written) from the first read on, "
+          f"cpu user {run['cpu_user_s']:.1f} s sys {run['cpu_sys_s']:.1f} s, exit {run['exit_status']}"
+          + "".join(f"\nnote: {n}" for n in run["notes"]))
+    if args.out:
+        data = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
+        data["env"] = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        data["runs"][args.name or run["command"]] = run
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+    return 0 if run["exit_status"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
