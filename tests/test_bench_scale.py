@@ -4,6 +4,7 @@ pos/neg a few ulps off base, and each op's floor and wall/floor ratio."""
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,10 +180,10 @@ def test_timeline_samples_a_run_and_records_it(tmp_path, monkeypatch, capsys):
     out = tmp_path / "tl.json"
     spin = "import time; t = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
     assert timeline.main(["--warm", "--interval", "0.1", "--name", "spin", "--out", str(out),
-                          "--", "python", "-c", spin]) == 0
-    assert timeline.main(["--warm", "--interval", "0.1", "--out", str(out), "--", "python", "-c", "raise SystemExit(3)"]) == 1
+                          "--", sys.executable, "-c", spin]) == 0
+    assert timeline.main(["--warm", "--interval", "0.1", "--out", str(out), "--", sys.executable, "-c", "raise SystemExit(3)"]) == 1
     runs = json.loads(out.read_text())["runs"]
-    spun, failed = runs["spin"], runs["python -c raise SystemExit(3)"]
+    spun, failed = runs["spin"], runs[f"{sys.executable} -c raise SystemExit(3)"]
     assert spun["exit_status"] == 0 and failed["exit_status"] == 3
     assert spun["cpu_user_s"] + spun["cpu_sys_s"] >= 0.6 and spun["wall_s"] >= 0.6
     assert spun["samples"] and all(len(s) == len(spun["sample_columns"]) for s in spun["samples"])

@@ -28,6 +28,7 @@ import fcntl
 import mmap
 import os
 import queue
+import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -299,11 +300,43 @@ if _mmap is not None:
     _mmap.restype = ctypes.c_void_p  # a pointer, not the default int
 
 
-def cached_fraction(paths: list[str]) -> float | None:
-    """The fraction of the files' bytes now in the page cache (mincore over a read-only map of each),
-    or None where that cannot be asked."""
-    if None in (_mmap, _mincore, _munmap):
+_syscall = libc_function("syscall", ctypes.c_long, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint)
+_CACHESTAT = 451  # cachestat(2), Linux >= 6.5: the same number on every architecture
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+def _cached_pages(fd: int, size: int) -> int | None:
+    """Pages of the open file in the page cache: cachestat(2) (one call, ~20 µs), else mincore over a
+    read-only map (one byte per page: 0.16 s for 30 GB of cold files on the VM the figures come from);
+    None where neither can be asked."""
+    if _syscall is not None and sys.platform.startswith("linux"):
+        whole, stat = _CachestatRange(0, 0), _Cachestat()  # len 0: to the end of the file
+        if _syscall(_CACHESTAT, fd, ctypes.byref(whole), ctypes.byref(stat), 0) == 0:
+            return stat.nr_cache
+    if None in (_mmap, _mincore, _munmap):  # ENOSYS (an older kernel) or a platform without it: mincore
         return None
+    addr = _mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return None
+    try:
+        vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+        if _mincore(addr, size, vec) != 0:
+            return None
+        return int((torch.frombuffer(vec, dtype=torch.uint8) & 1).sum())
+    finally:
+        _munmap(addr, size)
+
+
+def cached_fraction(paths: list[str]) -> float | None:
+    """The fraction of the files' bytes now in the page cache, or None where that cannot be asked."""
     cached = total = 0
     for path in paths:
         try:
@@ -311,21 +344,14 @@ def cached_fraction(paths: list[str]) -> float | None:
         except CheckpointError:
             return None
         try:
-            size = st.st_size
-            if size == 0:
+            if st.st_size == 0:
                 continue
-            addr = _mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
+            pages = -(-st.st_size // mmap.PAGESIZE)
+            got = _cached_pages(fd, st.st_size)
+            if got is None:
                 return None
-            try:
-                pages = -(-size // mmap.PAGESIZE)
-                vec = ctypes.create_string_buffer(pages)
-                if _mincore(addr, size, vec) != 0:
-                    return None
-                cached += int((torch.frombuffer(vec, dtype=torch.uint8) & 1).sum()) * mmap.PAGESIZE
-                total += pages * mmap.PAGESIZE
-            finally:
-                _munmap(addr, size)
+            cached += min(got, pages)
+            total += pages
         finally:
             os.close(fd)
     return cached / total if total else 1.0
