@@ -60,12 +60,13 @@ def timeline(d):
     runs = d["runs"]
     out = [f"Where the time of a cold run goes ({d['env']['date'][:10]}, `bash benchmarks/timeline_7b.sh`: each cws "
            "run, then `disk_floor.py` reading and writing the same bytes with no compute, sampled every "
-           f"{next(iter(runs.values()))['interval_s']} s by `benchmarks/timeline.py`):", "",
-           "| run | wall s | disk idle before the first read s | GB read + written | disk GB/s from the first read on | "
+           f"{next(iter(runs.values()))['interval_s']} s by `benchmarks/timeline.py`; the disk streams from the first "
+           "interval that reads at half the run's mean rate or more):", "",
+           "| run | wall s | s before the disk streams | GB read + written | disk GB/s from then on | "
            "CPU user + sys s |", "|---|---|---|---|---|---|"]
     for name, r in runs.items():
-        rate = r["disk_GBps_after_first_read"]
-        first = "—" if r["first_read_s"] is None else f"{r['first_read_s']:.2f}"
+        rate = r["disk_GBps_streaming"]
+        first = "—" if r["streaming_from_s"] is None else f"{r['streaming_from_s']:.2f}"
         out.append(f"| `{name}` | {r['wall_s']:.1f} | {first} | {r['read_GB']:.1f} + "
                    f"{r['written_GB']:.1f} | {'—' if rate is None else f'{rate:.2f}'} | "
                    f"{r['cpu_user_s']:.1f} + {r['cpu_sys_s']:.1f} |")

@@ -5,8 +5,8 @@
 Drops the page cache (root; otherwise it says the run is not cold), imports torch and cws once untimed
 (as bench_scale does: the libraries, not the checkpoints, come from the cache), then runs the command
 and samples /sys/dev/block/<dev>/stat of the disk holding the current directory and /proc/<pid>/stat
-of the command. Prints one line per interval and a summary: seconds before the disk first reads
-(Python and torch starting), GB read and written, the disk's rate from then to the command's end, the
+of the command. Prints one line per interval and a summary: seconds before the disk streams the inputs
+(Python and torch starting; `streaming_start`), GB read and written, the disk's rate from then to the command's end, the
 command's user and system CPU (from its rusage). --out adds the run, under --name, to a JSON file.
 """
 
@@ -25,7 +25,6 @@ from pathlib import Path
 from bench_scale import drop_caches
 
 SECTOR = 512
-STARTED = 64e6  # bytes read by the disk that mark the command's streaming as started
 WARM = [sys.executable, "-c", "import torch, safetensors, cws.cli, cws.ops.apply, cws.ops.extract, cws.ops.compare"]
 
 
@@ -67,23 +66,30 @@ def measure(cmd: list[str], interval: float, cold: bool, dev: int) -> dict:
     (_, status, usage), t_end = ended[0]
     end = disk_stat(dev)
     wall = t_end - t0
-    first = next((s[0] - interval for s, cum in zip(samples, _cumulative(samples, interval)) if cum >= STARTED), None)
     read, written = end[0] - start[0], end[1] - start[1]
+    first = streaming_start(samples, read, wall)
     busy = wall - first if first is not None else None
     return {"command": " ".join(cmd), "cold": note is None, "notes": [note] if note else [],
-            "exit_status": os.waitstatus_to_exitcode(status), "wall_s": wall, "first_read_s": first,
+            "exit_status": os.waitstatus_to_exitcode(status), "wall_s": wall, "streaming_from_s": first,
             "read_GB": read / 1e9, "written_GB": written / 1e9,
-            "disk_GBps_after_first_read": (read + written) / busy / 1e9 if busy else None,
+            "disk_GBps_streaming": (read + written) / busy / 1e9 if busy else None,
             "cpu_user_s": usage.ru_utime, "cpu_sys_s": usage.ru_stime, "interval_s": interval,
             "samples": [[round(v, 3) for v in s] for s in samples],
             "sample_columns": ["t_s", "read_MBps", "write_MBps", "user_cores", "sys_cores"]}
 
 
-def _cumulative(samples, interval):
-    total = 0.0
-    for s in samples:
-        total += s[1] * 1e6 * interval
-        yield total
+def streaming_start(samples, read_bytes: float, wall: float) -> float | None:
+    """When the disk started streaming the inputs: the start of the first interval that read at half the
+    run's mean read rate or more (a torch import's page faults read far slower); None if nothing was read."""
+    if not read_bytes or not samples:
+        return None
+    half = 0.5 * read_bytes / wall / 1e6
+    previous = 0.0
+    for t, rate, *_ in samples:
+        if rate >= half:
+            return previous
+        previous = t
+    return None
 
 
 def main(argv=None) -> int:
@@ -100,11 +106,11 @@ def main(argv=None) -> int:
     run = measure(cmd, args.interval, not args.warm, os.stat(".").st_dev)
     for t, r, w, u, s in run["samples"]:
         print(f"{t:7.2f} s  read {r:6.0f} MB/s  write {w:6.0f} MB/s  cpu user {u:4.2f} sys {s:4.2f}")
-    rate = run["disk_GBps_after_first_read"]
-    first = run["first_read_s"]
-    print(f"wall {run['wall_s']:.1f} s, first read at {first if first is None else round(first, 2)} s, "
+    rate = run["disk_GBps_streaming"]
+    first = run["streaming_from_s"]
+    print(f"wall {run['wall_s']:.1f} s, streaming from {first if first is None else round(first, 2)} s, "
           f"read {run['read_GB']:.2f} GB, written {run['written_GB']:.2f} GB, "
-          f"disk {'-' if rate is None else f'{rate:.2f}'} GB/s (read + written) from the first read on, "
+          f"disk {'-' if rate is None else f'{rate:.2f}'} GB/s (read + written) from then on, "
           f"cpu user {run['cpu_user_s']:.1f} s sys {run['cpu_sys_s']:.1f} s, exit {run['exit_status']}"
           + "".join(f"\nnote: {n}" for n in run["notes"]))
     if args.out:

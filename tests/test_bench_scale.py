@@ -170,7 +170,7 @@ def test_disk_floor_reads_and_writes_what_it_says(tmp_path):
 
 def test_timeline_samples_a_run_and_records_it(tmp_path, monkeypatch, capsys):
     """timeline.py: the command's exit status, its rusage CPU, samples of the disk under the current
-    directory, a first-read time only once the disk read STARTED bytes, and the run added to --out."""
+    directory, and the run added to --out."""
     monkeypatch.syspath_prepend(str(BENCH))
     import timeline
 
@@ -188,21 +188,32 @@ def test_timeline_samples_a_run_and_records_it(tmp_path, monkeypatch, capsys):
     assert spun["cpu_user_s"] + spun["cpu_sys_s"] >= 0.6 and spun["wall_s"] >= 0.6
     assert spun["samples"] and all(len(s) == len(spun["sample_columns"]) for s in spun["samples"])
     assert spun["notes"] == ["page cache not dropped (--warm)"] and not spun["cold"]
-    if spun["read_GB"] * 1e9 < timeline.STARTED:  # nothing read: no first read, no rate
-        assert spun["first_read_s"] is None and spun["disk_GBps_after_first_read"] is None
+    if spun["read_GB"] == 0:  # nothing read: no streaming, no rate
+        assert spun["streaming_from_s"] is None and spun["disk_GBps_streaming"] is None
     assert "exit 3" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         timeline.main(["--warm"])  # no command
+
+
+def test_streaming_starts_at_the_first_interval_at_half_the_mean_read_rate(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from timeline import streaming_start
+
+    # 4 s, 2 GB read: mean 500 MB/s, so the 30 MB/s of an import's page faults is not streaming yet
+    samples = [[1.0, 30.0], [2.0, 0.0], [3.0, 900.0], [4.0, 1070.0]]
+    assert streaming_start(samples, 2e9, 4.0) == 2.0
+    assert streaming_start(samples, 0, 4.0) is None and streaming_start([], 1e9, 4.0) is None
+    assert streaming_start([[0.25, 2000.0]], 0.5e9, 0.25) == 0.0
 
 
 def test_readme_timeline_table_renders_each_run(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import readme_table
 
-    run = dict(wall_s=29.7, first_read_s=3.3, read_GB=20.5, written_GB=10.24, disk_GBps_after_first_read=1.16,
+    run = dict(wall_s=29.7, streaming_from_s=3.3, read_GB=20.5, written_GB=10.24, disk_GBps_streaming=1.16,
                cpu_user_s=17.3, cpu_sys_s=1.8, interval_s=0.25)
     lines = readme_table.timeline({"env": {"date": "2026-12-03 12:00:00"},
-                                   "runs": {"cws extract": run, "idle": {**run, "first_read_s": None,
-                                                                                   "disk_GBps_after_first_read": None}}})
+                                   "runs": {"cws extract": run, "idle": {**run, "streaming_from_s": None,
+                                                                                   "disk_GBps_streaming": None}}})
     assert "| `cws extract` | 29.7 | 3.30 | 20.5 + 10.2 | 1.16 | 17.3 + 1.8 |" in lines
     assert "| `idle` | 29.7 | — | 20.5 + 10.2 | — | 17.3 + 1.8 |" in lines
