@@ -6,8 +6,9 @@ Drops the page cache (root; otherwise it says the run is not cold), imports torc
 (as bench_scale does: the libraries, not the checkpoints, come from the cache), then runs the command
 and samples /sys/dev/block/<dev>/stat of the disk holding the current directory and /proc/<pid>/stat
 of the command. Prints one line per interval and a summary: seconds before the disk streams the inputs
-(Python and torch starting; `streaming_start`), GB read and written, the disk's rate from then to the command's end, the
-command's user and system CPU (from its rusage). --out adds the run, under --name, to a JSON file.
+(Python and torch starting; `streaming_start`), GB read and written, the disk's rate from then to the
+command's end, the command's user and system CPU (from its rusage). --out adds the run, under --name,
+to a JSON file. The disk's figures count every process using it: run nothing else meanwhile.
 """
 
 from __future__ import annotations
