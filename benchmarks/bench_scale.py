@@ -124,6 +124,8 @@ def ensure_data(root, layers, shard_bytes):
 # --------------------------------------------------------------------------- cold runs
 
 DROP = Path("/proc/sys/vm/drop_caches")
+# run after each cache drop, untimed: cws's interpreter and libraries come from the cache, the checkpoints do not
+CWS_WARM = [sys.executable, "-c", "import torch, safetensors, cws.cli, cws.ops.apply, cws.ops.extract, cws.ops.compare"]
 
 
 def drop_caches():
@@ -308,14 +310,13 @@ def main():
                      [*floor, "--read", *files, "--write", str(out / "df-rw.bin"), "--bytes", str(ckpt)], three,
                      out / "df-rw.bin", ckpt)]
     d = out / "direction"  # extract's output, the direction compare reads (kept until compare is done)
-    warm = [sys.executable, "-c", "import torch, safetensors, cws.cli, cws.ops.apply, cws.ops.extract, cws.ops.compare"]
     runs += [Run("cws apply --pos --neg", "cws", [*cws, "apply", "--model", base, "--pos", pos, "--neg", neg, "--alpha",
-                 "1", "--out", str(out / "apply"), "-q"], three, out / "apply", ckpt, warm=warm),
+                 "1", "--out", str(out / "apply"), "-q"], three, out / "apply", ckpt, warm=CWS_WARM),
              Run("cws extract --pos --neg --dtype bfloat16", "cws", [*cws, "extract", "--pos", pos, "--neg", neg,
                  "--dtype", "bfloat16", "--out", str(d), "-q"], [paths["pos"], paths["neg"]], d, ckpt, keep_out=True,
-                 warm=warm),
+                 warm=CWS_WARM),
              Run("cws compare", "cws", [*cws, "compare", "--base", base, "--model", pos, "--direction", str(d), "-q",
-                 "--json", str(out / "compare.json")], [paths["base"], paths["pos"], d], warm=warm)]
+                 "--json", str(out / "compare.json")], [paths["base"], paths["pos"], d], warm=CWS_WARM)]
     mk_info = None
     if not args.skip_mergekit:
         venv = mergekit_venv(args.mergekit_venv)

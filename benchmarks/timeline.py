@@ -23,10 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from bench_scale import drop_caches
+from bench_scale import CWS_WARM, drop_caches
 
 SECTOR = 512
-WARM = [sys.executable, "-c", "import torch, safetensors, cws.cli, cws.ops.apply, cws.ops.extract, cws.ops.compare"]
+WARM = CWS_WARM
 
 
 def disk_stat(dev: int) -> tuple[int, int]:
