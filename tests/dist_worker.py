@@ -127,6 +127,16 @@ def check_monitor(out: Path):
 
     mon.on_step_end(None, State(), type("C", (), {"should_training_stop": False})(), model=ddp)
 
+    # Ranks given different directions (a stale copy on one node): refused on every rank at start
+    from cws import CwsError
+
+    try:
+        WeightMonitor(directions(base, seed=1 + rank)).start(ddp)
+    except CwsError as e:
+        assert "the ranks were given different directions" in str(e), e
+    else:
+        raise AssertionError("ranks holding different directions were not refused")
+
     # FSDP2: DTensor parameters, θ₀ and the dense direction kept as this rank's rows
     for shape, dtype in ((SHAPE, torch.float32), (SHAPE, torch.bfloat16), (ALIGNED, torch.float32)):
         check_fsdp2(tiny_model(0, dtype=dtype, **shape), f"FSDP2 {dtype} {shape}")

@@ -147,6 +147,7 @@ def test_monitor_lora_trainer_matches_compare(dirs, tmp_path):
     assert [r["step"] for r in mon.history] == [2, 4, 6]
     logged = [h for h in trainer.state.log_history if "cws/evil/cos" in h]
     assert len(logged) == 3 and "cws/evil/layer1/cos" in logged[-1] and "cws/dense/cos_no_embed" in logged[-1]
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # the Trainer's own
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6]
     model.save_pretrained(tmp_path / "adapter")
@@ -209,3 +210,93 @@ def test_monitor_lowrank_plan_tracks_live_factors(dirs, tmp_path):
             assert got[f"cws/{d}/cos"] == pytest.approx(report.cosine(d), rel=1e-9, abs=1e-12), (step, d)
             assert got[f"cws/{d}/proj"] == pytest.approx(report.global_stats()[d]["all"]["projection"], rel=1e-9)
     assert mon._plan is not None and len(mon._plan.groups) > 1
+
+
+def test_monitor_lora_counts_base_tensors_the_run_trains(dirs):
+    """Under PEFT, base tensors trained directly (unfrozen norms, bias="all") are part of the update:
+    ‖τ‖² = Σ‖s·B·A‖² + Σ‖θ_t − θ_0‖² over them. A base weight trained beside its LoRA layer is refused."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(dirs["base32"]),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    norms = {n: p for n, p in model.named_parameters() if "norm" in n}
+    for p in norms.values():
+        p.requires_grad_(True)
+    mon = cws.WeightMonitor(dirs["dense"], jsonl=False)
+    mon.start(model)
+    g = torch.Generator().manual_seed(3)
+    want = 0.0
+    with torch.no_grad():
+        for p in norms.values():
+            step = 0.01 * torch.randn(p.shape, generator=g)
+            p.add_(step)
+            want += step.double().square().sum().item()
+        for m in model.modules():
+            if hasattr(m, "lora_B") and "default" in m.lora_B:
+                B, A = m.lora_B["default"].weight, m.lora_A["default"].weight
+                B.copy_(0.1 * torch.randn(B.shape, generator=g))
+                want += (m.scaling["default"] * B.double() @ A.double()).square().sum().item()
+    got = mon.measure(model)["cws/direction/update_norm"]
+    assert got == pytest.approx(want ** 0.5, rel=1e-6) and len(norms) > 2
+    q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    q.requires_grad_(True)
+    with pytest.raises(cws.CwsError, match="q_proj.weight: trained both directly and through a LoRA layer"):
+        cws.WeightMonitor(dirs["dense"], jsonl=False).start(model)
+
+
+def test_monitor_and_steerer_see_through_compile_and_refuse_a_changed_model(dirs, tiny_ckpts):
+    """torch.compile's wrapper (and a compiled block inside) add `_orig_mod.` to parameter names: the
+    model is measured and steered as the plain one. A model resized or converted after start is refused."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_ckpts["base"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpts["base"])
+    model.model.layers[0] = torch.compile(model.model.layers[0])  # wrapped, not compiled until called
+    compiled = torch.compile(model)
+    assert any("_orig_mod." in n for n, _ in compiled.named_parameters())
+    s = cws.Steerer(compiled, dirs["dense"])
+    ref = cws.steer(plain, dirs["dense"], 1.5)
+    assert s.result.touched == ref.touched and not s.result.unmatched
+    s.set_alpha(1.5)
+    for n, p in live_params(plain).items():
+        assert_bits_equal(live_params(compiled)[n].detach(), p.detach(), n)
+    s.restore()
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_ckpts["base"])
+    mons = [cws.WeightMonitor(dirs["dense"], jsonl=False) for _ in range(2)]
+    for mon, m in zip(mons, (compiled, fresh)):
+        mon.start(m)
+        cws.steer(m, dirs["dense"], 1.0)
+    got, want = mons[0].measure(compiled), mons[1].measure(fresh)
+    assert got == want and got["cws/direction/cos"] == pytest.approx(1.0, abs=1e-3)
+    mon = mons[0]
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    with pytest.raises(cws.CwsError, match="changed since monitor.start"):
+        mon.measure(compiled)
+
+
+def test_direction_fingerprint_sees_names_values_and_copies_alike(dirs, tmp_path):
+    """What ranks compare before measuring (cws.live.dist.same_directions): a copy of a direction
+    matches, a direction with one value changed in a tensor's first row does not."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cws.live.dist import _fingerprint
+
+    def fp(d):
+        h = hashlib.sha256()
+        _fingerprint(h, d)
+        return h.hexdigest()
+
+    copy = shutil.copytree(dirs["dense"], tmp_path / "copy")
+    assert fp(dirs["dense"]) == fp(str(copy)) == fp(cws.Direction.open(copy)) != fp(dirs["low"])
+    shard = next(copy.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] += 1
+    save_file(tensors, shard)
+    assert fp(copy) != fp(dirs["dense"])
+    w = {"a": torch.ones(3), "b": (torch.ones(2, 1), torch.ones(1, 2), 0.5)}
+    assert fp(w) == fp({k: w[k] for k in ("b", "a")}) != fp({**w, "b": (w["b"][0], w["b"][1], 0.25)})

@@ -11,6 +11,7 @@ refused.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -148,12 +149,14 @@ def direction_parts(direction, parts: dict[str, Part], shapes: dict[str, tuple],
     """`load_direction` with dense entries cut to this rank's blocks of the model's tensors (`parts`,
     of full `shapes`) as they are read, so a rank holds its share of a dense direction; low-rank
     factors stay whole (small). A direction entry whose shape does not fit its tensor is an error."""
+    ties = {}
     if isinstance(direction, dict):
         entries = load_direction(direction, device)
         full = {n: e[1].shape if e[0] == "dense" else (e[1].shape[0], e[2].shape[1]) for n, e in entries.items()}
     else:
-        d = direction if isinstance(direction, Direction) else Direction.open(direction)
-        entries, full = d.entries, {n: e.shape for n, e in d.entries.items()}
+        d = _open(direction)
+        entries, full, ties = d.entries, {n: e.shape for n, e in d.entries.items()}, d.ties
+        full.update({alias: full[source] for alias, source in ties.items()})
     for name, shape in full.items():
         if name in shapes and tuple(shape) != tuple(shapes[name]):
             raise CwsError(f"{name}: direction {list(shape)} does not fit the model's {list(shapes[name])}")
@@ -169,7 +172,74 @@ def direction_parts(direction, parts: dict[str, Part], shapes: dict[str, tuple],
         else:
             rows = read_tensor(e.dense, region[0].start, region[0].stop)
             out[name] = ("dense", rows[(slice(None), *region[1:])].contiguous().to(device))
+    for alias, source in ties.items():  # a tied name (lm_head → embed_tokens): the same delta object as its
+        region = parts[alias].region if alias in parts else None  # source, which a tied model uses once
+        if region == (parts[source].region if source in parts else None):
+            out[alias] = out[source]
+        else:  # an untied model sharded otherwise: the source's delta, cut to this tensor's block
+            own = {k: v for k, v in parts.items() if k == alias}
+            out[alias] = direction_parts({alias: _entry_tensors(entries[source])}, own, {}, device)[alias]
     return out
+
+
+def _open(direction) -> Direction:
+    """A direction given as a Direction, a path or a Hub ID."""
+    from ..io.hub import resolve
+
+    return direction if isinstance(direction, Direction) else Direction.open(resolve(direction, "direction"))
+
+
+def same_directions(directions: dict, device) -> None:
+    """Under torch.distributed, refuse directions that are not the same on every rank (a stale copy on
+    one node, a relative path from another working directory): each rank would measure or steer its
+    share against its own, and the sums would mix them. A collective: every rank calls it.
+    Compared: names, kinds, shapes, dtypes, scales and ties, and the first and last rows of every
+    stored tensor (tensors given in memory: all of their bytes)."""
+    rank, world = rank_world()
+    if world == 1:
+        return
+    h = hashlib.sha256()
+    for key in sorted(directions):
+        h.update(f"\0{key}\0".encode())
+        _fingerprint(h, directions[key])
+    mine = int.from_bytes(h.digest()[:7], "little")  # fits an int64
+    seen = torch.tensor([mine, -mine], dtype=torch.int64, device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)  # [max, -min]: equal to [mine, -mine] on all ranks iff all agree
+    if seen.tolist() != [mine, -mine]:
+        raise CwsError(f"rank {rank}: the ranks were given different directions (names, shapes or values differ); "
+                       f"give every rank the same files")
+
+
+def _fingerprint(h, direction) -> None:
+    def add(t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    if isinstance(direction, dict):
+        for name in sorted(direction):
+            h.update(f"\0{name}".encode())
+            for v in (direction[name],) if isinstance(direction[name], torch.Tensor) else direction[name]:
+                if isinstance(v, torch.Tensor):
+                    add(v)
+                else:  # a low-rank entry's scale
+                    h.update(repr(float(v)).encode())
+        return
+    d = _open(direction)
+    h.update(repr(sorted(d.ties.items())).encode())
+    for name in sorted(d.entries):
+        e = d.entries[name]
+        h.update(repr((name, e.kind, e.shape, e.scale)).encode())
+        for info in (e.dense, e.B, e.A):
+            if info is not None:
+                rows = sorted({0, info.rows - 1}) if info.rows else []
+                for r in rows:
+                    add(read_tensor(info, r, r + 1) if info.shape else read_tensor(info))
+
+
+def _entry_tensors(e):
+    """A direction file's entry as load_direction's dict form: a dense tensor, or (B, A, scale)."""
+    return read_tensor(e.dense) if e.kind == "dense" else (read_tensor(e.B), read_tensor(e.A), e.scale)
 
 
 def add_lowrank_part_(W: torch.Tensor, B, A, alpha: float, region: Region, *, rounding="nearest", seed=None):
@@ -192,11 +262,17 @@ def add_lowrank_part_(W: torch.Tensor, B, A, alpha: float, region: Region, *, ro
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP wrapper; an error for FSDP1, whose flat parameters cws cannot map."""
+    """The model inside DDP and torch.compile wrappers; an error for FSDP1, whose flat parameters cws
+    cannot map."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile(model)
+            model = model._orig_mod
+        else:
+            break
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise CwsError("FSDP1 (FullyShardedDataParallel) flattens parameters into per-rank slices that cws does "
                        "not map; shard with FSDP2 (torch.distributed.fsdp.fully_shard, or accelerate's "

@@ -2,7 +2,9 @@
 
 Every `every` optimizer steps, for each direction: the cosine and projection of the update, global,
 global without embeddings/lm_head, and per layer — every direction in one Gram pass per tensor.
-LoRA training (a PeftModel) is measured from the live factors, with no copy of the base. Full
+LoRA training (a PeftModel) is measured from the live factors, with no copy of the base: the update
+is all the adapter adds to the base (a resumed adapter counts what it learned before), plus the
+change since `start` of base tensors the run trains directly (unfrozen norms, bias="all"). Full
 fine-tuning needs θ_0: kept on CPU (`reference="cpu"`, the model's size in CPU RAM), beside the
 parameters (`"device"`, the model's size again on its device: fastest), or read from the
 checkpoint on disk at each measurement (`reference=<path>`: no memory, one read of the model).
@@ -23,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from ..ops.compare import vector_gram
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from .dist import Part, Ranks, direction_parts, gram_cut, part_of, restrict, row_offset, unwrap
+from .dist import Part, Ranks, direction_parts, same_directions, gram_cut, part_of, restrict, row_offset, unwrap
 from .params import live_params, lora_modules, lora_updates, merge_ties, tied_names
 from ..ops.report import Report
 
@@ -161,6 +163,8 @@ class WeightMonitor(TrainerCallback):
         self._cuts = {n: gram_cut(p, self._parts[n]) for n, p in params.items()}
         self._shapes = {n: tuple(p.shape) for n, p in params.items()}
         self._device = device = next(iter(self._parts.values())).local.device
+        if self._ranks.world > 1:
+            same_directions(self.directions, device)
         self._dirs = {k: direction_parts(v, self._parts, self._shapes, device) for k, v in self.directions.items()}
         self._plan = None  # the low-rank tensors' Gram plan, made at the first measurement
         self._tied = merge_ties(tied_names(params), list(self._dirs.values()))
@@ -169,14 +173,22 @@ class WeightMonitor(TrainerCallback):
                 if e[0] == "lowrank":
                     entries[name] = ("lowrank", e[1].double(), e[2].double(), e[3])
         self._lora = hasattr(model, "peft_config")
+        self._trained = set(params)  # measured as live − θ_0: every tensor, or under LoRA the base tensors it trains
         if self._lora:
             self._modules = lora_modules(model)
-            self._theta0 = None
+            updates = lora_updates(model, self._modules)
+            both = sorted(n for n, u in updates.items() if u[0] == "lowrank" and params[n].requires_grad)
+            if both:
+                raise CwsError(f"{both[0]}: trained both directly and through a LoRA layer; the monitor measures "
+                               f"a tensor's update one way (freeze the base weight, or measure without PEFT)")
+            self._trained = {n for n, p in params.items() if p.requires_grad and n not in updates}
+        if not self._trained:
+            self._theta0 = {}
         elif self.reference in ("cpu", "device"):
             dev = "cpu" if self.reference == "cpu" else None
             copies = {}  # one copy per tensor, tied names included
             self._theta0 = {n: copies.setdefault(id(params[n]), part.local.detach().to(dev or part.local.device, copy=True))
-                            for n, part in self._parts.items()}
+                            for n, part in self._parts.items() if n in self._trained}
         else:
             from ..io.hub import resolve
 
@@ -199,23 +211,23 @@ class WeightMonitor(TrainerCallback):
             self.start(model)
         model = unwrap(model)
         report = Report(list(self._dirs))
-        if self._lora:
-            updates = lora_updates(model, self._modules)
-            names = set(updates) | {n for d in self._dirs.values() for n in d}
-        else:
-            params = live_params(model)
-            in_dirs = {n for d in self._dirs.values() for n in d}
-            names = (set(params) - self._tied) | in_dirs  # a tied tensor once, unless a direction splits it
+        params = live_params(model)
+        self._check_unchanged(params)
+        in_dirs = {n for d in self._dirs.values() for n in d}
+        names = (self._trained - self._tied) | in_dirs  # a tied tensor once, unless a direction splits it
+        updates = lora_updates(model, self._modules) if self._lora else {}
+        updates = {n: u for n, u in updates.items() if n not in self._tied}  # tied modules_to_save copies: once
+        names |= set(updates)
         if self._ranks.world > 1 and not self._ranks.owner:
             self._ranks.plan({n: self._parts[n].local.numel() if n in self._parts else 1 for n in names})
         batch, dense, factors = [], [], []  # factors: the update's low-rank factors, made whole by the reduce
         for name in sorted(names):
             part = self._parts.get(name)
-            if self._lora:
-                tau = updates.get(name)
-                if tau is not None and tau[0] == "dense":
+            if name in updates:
+                tau = updates[name]
+                if tau[0] == "dense":
                     tau = ("dense", [(part_of(t).local, c) for t, c in tau[1]])
-            elif name in params:
+            elif name in self._trained:
                 p0, live = self._theta0_of(name, part), part_of(params[name]).local
                 tau = ("dense", [(live, 1.0), (p0.to(live.device), -1.0)])
             else:
@@ -256,6 +268,15 @@ class WeightMonitor(TrainerCallback):
         self._plan.add_to(batch, report)
         self.last_report = report
         return self._metrics(report)
+
+    def _check_unchanged(self, params: dict) -> None:
+        """Refuse a model whose tensors changed name, shape or dtype since `start` (resized embeddings, a
+        model converted with .to(dtype)): its θ_0 and direction blocks would no longer fit."""
+        for name, p in params.items():
+            was = self._parts.get(name)
+            if was is None or tuple(p.shape) != self._shapes[name] or p.dtype != was.local.dtype:
+                raise CwsError(f"{name}: the model's parameters changed since monitor.start() (new or resized "
+                               f"tensors, another dtype); call monitor.start(model) again")
 
     def _rows_of_B(self, name, vectors, part, factors) -> bool:
         """Whether τ is low-rank here with its B factor sharded by the same rows as the tensor: then
@@ -359,7 +380,11 @@ class WeightMonitor(TrainerCallback):
             with open(path, "a") as f:
                 f.write(json.dumps({k: (v if v == v else None) for k, v in record.items()}) + "\n")
         if self.trainer is not None:
+            # Trainer.log ends by clearing control.should_log, the flag that tells the Trainer to log
+            # its loss at this step: kept as it was, or the loss of every measured step goes unlogged.
+            should_log = control.should_log
             self.trainer.log(dict(metrics))
+            control.should_log = should_log
         if self.threshold is not None:
             hits = {k: v for k, v in metrics.items() if k.endswith("/" + self.metric) and v > self.threshold}
             if hits and lead:

@@ -11,17 +11,23 @@ import re
 
 import torch
 
+from cws_kernels import FLOAT_DTYPES
+
 from ..io.direction import Direction
 from ..errors import CwsError
 from ..io.reader import read_tensor
 
 PEFT_PREFIX = "base_model.model."
+KERNEL_DTYPES = FLOAT_DTYPES  # what cws_kernels read and write
 _SAVED = re.compile(r"\.modules_to_save\.[^.]+\.")
+_WRAPPERS = re.compile(r"(^|\.)(_orig_mod|_checkpoint_wrapped_module)\.")  # torch.compile, checkpoint_wrapper
 
 
 def canonical(name: str) -> str | None:
     """The checkpoint name of a live parameter, or None for PEFT-internal ones (LoRA factors, the
-    frozen original of a modules_to_save copy)."""
+    frozen original of a modules_to_save copy). The modules torch.compile and activation
+    checkpointing wrap around a model or its blocks add nothing to the names."""
+    name = _WRAPPERS.sub(r"\1", name)
     if name.startswith(PEFT_PREFIX):
         name = name[len(PEFT_PREFIX):]
     if ".lora_" in name or ".original_module." in name:
@@ -83,6 +89,10 @@ def load_direction(direction, device=None) -> dict[str, tuple]:
         out = {}
         for name, v in direction.items():
             if isinstance(v, torch.Tensor):
+                if not v.is_floating_point():
+                    raise CwsError(f"{name}: the direction's tensor is {v.dtype}; expected floating point")
+                if v.dtype not in KERNEL_DTYPES:  # fp64 (or fp8): the kernels add in fp32, from fp32
+                    v = v.float()
                 out[name] = ("dense", v.to(device))
             else:
                 B, A, scale = v

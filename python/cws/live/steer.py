@@ -21,7 +21,7 @@ from ..ops.checks import name_filter, tensor_seed
 from ..errors import CwsError
 from ..io.layout import layer_of
 from .dist import Part, add_lowrank_part_, direction_parts, part_of, row_offset, unwrap
-from .params import live_params
+from .params import KERNEL_DTYPES, live_params
 
 KEEPS = ("cpu", "device", "checkpoint")
 
@@ -80,6 +80,11 @@ def _targets(model, direction, include, exclude, layers) -> tuple[list[Target], 
         if not keep(name) or (layers is not None and layer_of(name) not in layers):
             result.filtered.append(name)
             continue
+        if p.device.type == "meta":
+            raise CwsError(f"{name} is on the meta device (no weights loaded yet); steer the model once its "
+                           f"weights are loaded")
+        if p.dtype not in KERNEL_DTYPES:
+            raise CwsError(f"{name} is {p.dtype}; cws steers fp32, bf16 and fp16 weights")
         if id(p) in seen:  # one tied tensor: steered once, if the direction moves both names alike
             if _same(entries[seen[id(p)]], delta):
                 continue
@@ -139,6 +144,7 @@ class Steerer:
                  keep: str = "cpu", checkpoint=None):
         if keep not in KEEPS:
             raise CwsError(f"keep={keep!r}: expected one of {', '.join(KEEPS)}")
+        self.model = model
         self.targets, self.result = _targets(model, direction, include, exclude, layers)
         self.rounding, self.seed, self.keep = rounding, seed, keep
         self.alpha = 0.0
@@ -164,6 +170,7 @@ class Steerer:
     @torch.no_grad()
     def set_alpha(self, alpha) -> None:
         """Weights ← pristine + α·w (α a number, per-layer sequence or callable of the layer)."""
+        self._check_model()
         for t in self.targets:
             a = alpha_for(alpha, t.name)
             src = self._source(t)
@@ -176,6 +183,19 @@ class Steerer:
     def restore(self) -> None:
         """The pristine bits back."""
         self.set_alpha(0.0)
+
+    def _check_model(self) -> None:
+        """Refuse a model whose steered tensors are no longer the ones this Steerer holds: moved or
+        converted (`model.to(...)` gives a parameter new storage) or replaced since it was made. FSDP2's
+        sharded parameters are left to FSDP (its root keeps unsharded copies between forwards)."""
+        params = live_params(unwrap(self.model))
+        for t in self.targets:
+            if t.part.sharded:
+                continue
+            p = params.get(t.name)
+            if p is not t.param or part_of(p).local.data_ptr() != t.data.data_ptr():
+                raise CwsError(f"{t.name}: the model's weights were moved, converted or replaced (model.to(...)) "
+                               f"since this Steerer was made; make a new Steerer for the model as it is now")
 
 
 def _open_matching(path, targets):
