@@ -9,10 +9,11 @@ a PyTorch path (eager or compiled) where they were not built.
 
 from ._dispatch import use_cpu_impl
 from .gram import cosine, cosine_from_gram, dot, gram, sqnorm
-from .lincomb import Tally, lincomb, lincomb_tally
+from .lincomb import FLOAT_DTYPES, Tally, lincomb, lincomb_tally
 from .lowrank import add_lowrank_, lowrank_block_rows, lowrank_dense_inner, lowrank_inner, lowrank_inner_stacked
 
 __all__ = [
+    "FLOAT_DTYPES",
     "lincomb",
     "lincomb_tally",
     "Tally",

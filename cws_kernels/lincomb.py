@@ -24,19 +24,25 @@ def to_fp32(c: float) -> float:
     return struct.unpack("f", struct.pack("f", float(c)))[0]
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses a tensor's elements lie in."""
+    lo = t.data_ptr()
+    return lo, lo + t.element_size() * (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1)
+
+
+def _overlaps(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether x's elements and out's may share memory (views of one buffer that lie apart do not)."""
+    if x.numel() == 0 or out.numel() == 0 or x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+        return False
+    (x_lo, x_hi), (o_lo, o_hi) = _span(x), _span(out)
+    return x_lo < o_hi and o_lo < x_hi
+
+
 def _check_alias(inputs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
     """`out` may be an input exactly (same memory, same layout), never a partial overlap."""
-    if out.numel() == 0:
-        return
-    o_lo = out.data_ptr()
-    o_hi = o_lo + out.element_size() * (sum((s - 1) * st for s, st in zip(out.shape, out.stride())) + 1)
     for i, x in enumerate(inputs):
-        if x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
-            continue
         same = x.data_ptr() == out.data_ptr() and x.stride() == out.stride() and x.dtype == out.dtype
-        x_lo = x.data_ptr()
-        x_hi = x_lo + x.element_size() * (sum((s - 1) * st for s, st in zip(x.shape, x.stride())) + 1)
-        if not same and x_lo < o_hi and o_lo < x_hi:
+        if not same and _overlaps(x, out):
             raise ValueError(f"lincomb: out overlaps inputs[{i}] without being it; use a separate out")
 
 
@@ -69,7 +75,7 @@ def lincomb_tally(
     _validate_out(out, inputs[0].shape, None)
     if out.numel() == 0:
         return Tally(0, 0, 0)
-    if any(x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for x in inputs):
+    if any(_overlaps(x, out) for x in inputs):
         raise ValueError("lincomb_tally: out must not share memory with an input")
     contiguous = all(t.is_contiguous() for t in [*inputs, out])
     if backend_for([*inputs, out], backend) == "torch" and cpu_impl(out.numel(), contiguous) == "native":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import cws
 from cws.cli import main as cli
@@ -192,8 +193,9 @@ def test_dtype_mismatch(tiny_ckpts, tmp_path, capsys):
     neg, base = tiny_ckpts["neg"], tiny_ckpts["base"]
     out = tmp_path / "out"
     with untouched(out, bad, neg, base):
-        with pytest.raises(MismatchError, match=rf"{O_PROJ}: dtypes differ \(pos float16, neg bfloat16\)"):
+        with pytest.raises(MismatchError, match=rf"{O_PROJ}: dtypes differ \(pos float16, neg bfloat16\)") as e:
             cws.extract(bad, neg, out, quiet=True)
+        assert "--on-missing" not in str(e.value)  # that hint is for missing tensors only
         cli_error(capsys, ["extract", "--pos", bad, "--neg", neg, "--out", out], O_PROJ, "dtypes differ")
         cli_error(capsys, ["apply", "--model", base, "--pos", bad, "--neg", neg, "--alpha", 1, "--out", out],
                   O_PROJ, "pos float16, neg bfloat16")
@@ -662,3 +664,84 @@ def test_bad_options(tiny_ckpts, direction, tmp_path, capsys):
         cli_error(capsys, ["extract", "--pos", missing, "--neg", neg, "--out", out],
                   f"{missing.resolve()}: no such file or directory")
         cli_error(capsys, ["info", missing], missing.resolve(), "no such file")
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes = b"") -> Path:
+    """A .safetensors file with exactly this header (for what safetensors' own writer refuses to make)."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def test_inputs_the_kernels_cannot_compute_with_are_refused_in_one_line(tiny_ckpts, tmp_path, capsys):
+    """fp64 / fp8 weights, a name no file can hold (a lone surrogate), a zero-size tensor with an absurd
+    dimension, and a config.json that is a FIFO or corrupt: one line each, nothing written."""
+    base, neg = tiny_ckpts["base"], tiny_ckpts["neg"]
+    f64 = edited(tiny_ckpts, tmp_path, "f64", lambda sd: sd.__setitem__(O_PROJ, sd[O_PROJ].double()))
+    out = tmp_path / "out"
+    with untouched(out, f64, neg, base):
+        w = tmp_path / "w64.safetensors"
+        save_file({O_PROJ: state(f64)[O_PROJ]}, w)
+        cli_error(capsys, ["apply", "--model", base, "--direction", w, "--alpha", 1, "--out", out],
+                  O_PROJ, "float64", "fp32, bf16 and fp16")
+        cli_error(capsys, ["compare", "--base", base, "--model", f64, "--direction", w], O_PROJ, "float64")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _raw_safetensors(bad / "model.safetensors", {"\ud800x.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                     b"\0" * 4)
+    cli_error(capsys, ["info", bad], "not valid UTF-8")
+    _raw_safetensors(bad / "model.safetensors", {"w": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}})
+    cli_error(capsys, ["info", bad], "bad shape")
+    cfg = tmp_path / "cfg"
+    shutil.copytree(base, cfg)
+    (cfg / "config.json").unlink()
+    os.mkfifo(cfg / "config.json")
+    cli_error(capsys, ["info", cfg], "config.json: not a regular file (a FIFO)")
+    (cfg / "config.json").unlink()
+    (cfg / "config.json").write_text("{oops")
+    cli_error(capsys, ["apply", "--model", cfg, "--direction", tiny_ckpts["pos"], "--alpha", 1, "--out", out],
+              "config.json: corrupt model config")
+    assert not out.exists()
+
+
+def test_cli_refusals_before_any_work(tiny_ckpts, tmp_path, capsys):
+    """--json FILE in a missing folder, two directions of one name, a range of a billion α: refused before
+    the work; a tensor name with a newline or terminal escape is shown escaped, on one line."""
+    base, pos, neg = tiny_ckpts["base"], tiny_ckpts["pos"], tiny_ckpts["neg"]
+    out = tmp_path / "out"
+    cli_error(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, "--json", tmp_path / "no" / "x.json"],
+              "the folder", "does not exist")
+    assert not out.exists()
+    d = cws.extract(pos, neg, tmp_path / "a" / "direction", quiet=True)
+    shutil.copytree(d, tmp_path / "b" / "direction")
+    cli_error(capsys, ["compare", "--base", base, "--model", pos, "--direction", d, "--direction",
+                       tmp_path / "b" / "direction"], "two directions are named 'direction'")
+    with pytest.raises(SystemExit) as e:  # argparse's own refusal of an option value
+        cli(["apply", "--model", str(base), "--direction", str(d), "--alpha", "0:1:1000000000", "--out", str(out)])
+    assert e.value.code == 2 and "at most 10000 values" in capsys.readouterr().err
+    evil = edited(tiny_ckpts, tmp_path, "evil", lambda sd: sd.__setitem__("\x1b[2J\nx.weight", sd.pop(DOWN)))
+    line = cli_error(capsys, ["extract", "--pos", evil, "--neg", neg, "--out", out], r"\x1b[2J\nx.weight")
+    assert "\x1b" not in line
+
+
+def test_direction_json_of_the_wrong_types(tiny_ckpts, tmp_path, capsys):
+    d = cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], tmp_path / "d", quiet=True)
+    meta = json.loads((d / "direction.json").read_text())
+    for key, value, needle in (("omitted", [1, 2], "'omitted' must be an object"),
+                               ("sources", "x", "'sources' must be an object"),
+                               ("ties", {"lm_head.weight": UP}, "only an lm_head with no entry of its own")):
+        bad = tmp_path / key
+        shutil.copytree(d, bad)
+        (bad / "direction.json").write_text(json.dumps({**meta, key: value}))
+        cli_error(capsys, ["info", bad], needle)
+
+
+def test_head_shape_mismatch_is_named_for_what_differs(tiny_ckpts, tmp_path, capsys):
+    """Rows differ: resized vocabularies; columns differ: another hidden size, said as such."""
+    head = "lm_head.weight"
+    wide = edited(tiny_ckpts, tmp_path, "wide", lambda sd: sd.__setitem__(head, torch.zeros(sd[head].shape[0], 7)))
+    cli_error(capsys, ["extract", "--pos", wide, "--neg", tiny_ckpts["neg"], "--out", tmp_path / "o"],
+              f"{head}: shapes differ")
+    tall = edited(tiny_ckpts, tmp_path, "tall", lambda sd: sd.__setitem__(head, torch.zeros(9, sd[head].shape[1])))
+    cli_error(capsys, ["extract", "--pos", tall, "--neg", tiny_ckpts["neg"], "--out", tmp_path / "o"],
+              f"{head}: vocab sizes differ")

@@ -116,3 +116,32 @@ def test_cli_combine_matches_api(dirs, tmp_path, capsys):
     assert all(torch.equal(got[k], want[k]) for k in want) and set(got) == set(want)
     assert main(["combine", str(dirs["w"]) + ":x", "--out", str(tmp_path / "bad"), "-q"]) != 0
     assert not (tmp_path / "bad").exists()
+
+
+def test_tied_directions_keep_or_expand_their_tie(dirs, tmp_path):
+    """A tied direction's lm_head is its embedding's delta: a combination of tied directions stays tied;
+    with an untied one (its own lm_head), lm_head gets Σ cᵢ·(each direction's head delta), the tied
+    ones' embedding delta included, and projections count it under both names."""
+    base = tiny_model(0, dtype=torch.float32, tie_word_embeddings=True)
+    root = tmp_path
+    t1 = cws.extract(save(perturbed(base, 11), root / "p1"), save(perturbed(base, 12), root / "n1"), root / "t1", quiet=True)
+    t2 = cws.extract(save(perturbed(base, 13), root / "p2"), save(perturbed(base, 14), root / "n2"), root / "t2", quiet=True)
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    assert json.loads((t1 / "direction.json").read_text())["ties"] == {head: embed}
+
+    def expanded(d):  # the direction with its tie written out
+        w = fp64(d)
+        return {**w, head: w[embed]} if head not in w else w
+
+    tied = cws.combine({t1: 1.0, t2: -2.0}, root / "tied", quiet=True)
+    meta = json.loads((tied / "direction.json").read_text())
+    assert meta["ties"] == {head: embed} and head not in meta["tensors"]
+    assert_close(fp64(tied), lincomb64([(fp64(t1), 1.0), (fp64(t2), -2.0)]))
+    mixed = cws.combine({t1: 1.0, dirs["dense"]: 0.5}, root / "mixed", quiet=True)  # untied: its own lm_head
+    assert "ties" not in json.loads((mixed / "direction.json").read_text())
+    assert_close(fp64(mixed), lincomb64([(expanded(t1), 1.0), (fp64(dirs["dense"]), 0.5)]))
+    proj = cws.combine(dirs["dense"], root / "proj", project_out=t1, by="tensor", quiet=True)
+    got, w, b = fp64(proj), fp64(dirs["dense"]), expanded(t1)
+    for k in (head, embed):
+        want = w[k] - (w[k] * b[k]).sum() / (b[k] * b[k]).sum() * b[k]
+        assert (got[k] - want).abs().max() <= 1e-6 * want.abs().max(), k

@@ -208,6 +208,12 @@ def test_lincomb_tally_overflow_and_bad_input():
     assert t == (3000, 3000, 3000) and torch.isinf(o).all()
     with pytest.raises(ValueError, match="share memory"):
         K.lincomb_tally([big, big], [1.0, 1.0], out=big)
+    buf = torch.arange(9000, dtype=torch.float32)  # views of one buffer that lie apart: fine
+    x, y, out = buf[:3000], buf[3000:6000], buf[6000:]
+    assert K.lincomb_tally([x, y], [1.0, -0.5], out=out).nonfinite == 0
+    assert_bits_equal(out, lincomb_ref([buf[:3000], buf[3000:6000]], [1.0, -0.5], torch.float32), "disjoint views")
+    with pytest.raises(ValueError, match="share memory"):
+        K.lincomb_tally([buf[:3000]], [1.0], out=buf[2999:5999])
     with pytest.raises(ValueError, match="shape"):
         K.lincomb_tally([big, big[:10]], [1.0, 1.0], out=o)
     assert K.lincomb_tally([big[:0]], [1.0], out=o[:0]) == (0, 0, 0)

@@ -231,3 +231,30 @@ def test_info_shows_ranks(lora, capsys):
     assert "lowrank" in line and " 6 " in line
     assert cli(["info", str(p["pos"])]) == 0
     assert "peft-adapter" in capsys.readouterr().out
+
+
+def test_adapter_and_direction_shapes_that_cannot_load(lora, tmp_path):
+    """Two adapters' factors for one module in one file are refused (one set would be dropped), and
+    export-peft --base refuses a low-rank entry that does not fit the base tensor (PEFT could not load it)."""
+    import shutil
+
+    _, p = lora
+    two = shutil.copytree(p["pos"], tmp_path / "two")
+    t = load_file(two / "adapter_model.safetensors")
+    for k in [k for k in t if "layers.0.self_attn.q_proj.lora_" in k]:
+        t[k.replace(".weight", ".other.weight")] = 5 * t[k]
+    save_file(t, two / "adapter_model.safetensors")
+    with pytest.raises(cws.CwsError, match="q_proj' has two lora_A factors"):
+        cws.extract(two, p["neg"], tmp_path / "d", quiet=True)
+    d = shutil.copytree(p["dir"], tmp_path / "t")
+    meta = json.loads((d / "direction.json").read_text())
+    name = "model.layers.0.self_attn.v_proj.weight"
+    w = load_file(d / "direction.safetensors")
+    B, A = w[name + "@B"], w[name + "@A"]
+    w[name + "@B"], w[name + "@A"] = A.T.contiguous(), B.T.contiguous()  # the transposed delta
+    meta["tensors"][name]["shape"] = meta["tensors"][name]["shape"][::-1]
+    save_file(w, d / "direction.safetensors")
+    (d / "direction.json").write_text(json.dumps(meta))
+    with pytest.raises(cws.CwsError, match=f"{name}: direction entry .* does not fit the base tensor"):
+        cws.export_peft(d, tmp_path / "ad", base=p["base"], quiet=True)
+    assert not (tmp_path / "ad").exists()

@@ -133,6 +133,12 @@ def test_json_on_stdout_for_train_pair_and_sweep(model_dir, pair, tmp_path, caps
     assert main(["sweep", "--model", str(model_dir), "--direction", pair["direction"], "--alpha", "1",
                  "--json", str(model_dir / "config.json")]) == 2  # a report onto an input: refused before the sweep
     assert "overlaps input" in capsys.readouterr().err and (model_dir / "config.json").read_bytes() == config
+    prompts = _jsonl(tmp_path / "prompts.jsonl", ROWS)
+    before = prompts.read_bytes()
+    for spec in (str(prompts), f"held-out={prompts}"):  # --prompts PATH and NAME=PATH
+        assert main(["sweep", "--model", str(model_dir), "--direction", pair["direction"], "--alpha", "1",
+                     "--prompts", spec, "--json", str(prompts)]) == 2
+        assert "overlaps input" in capsys.readouterr().err and prompts.read_bytes() == before
 
 
 def test_training_progress_is_plain_lines_in_a_log(model_dir, tmp_path, monkeypatch, capsys):

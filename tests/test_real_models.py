@@ -1,9 +1,12 @@
 """Models as users have them: tied embeddings, PEFT adapters with modules_to_save, inputs checked for
 their kind, Hub IDs from an offline cache, model cards, rounding warnings, the monitor's JSONL."""
 
+import hashlib
 import json
 import logging
+import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +15,7 @@ from safetensors.torch import save_file
 
 import cws
 from cws.cli import main as cli
+from cws.io.checkpoint import Checkpoint
 from cws_kernels.reference import lincomb_ref
 from kernel_utils import assert_bits_equal
 from tiny import perturbed, save, state, tiny_model, train_lora
@@ -201,6 +205,26 @@ def test_monitor_measures_a_tied_tensor_once(tied_full, tmp_path):
     assert not (tmp_path / "run2").exists()
 
 
+def test_a_tied_direction_on_an_untied_model_moves_both(tied_full):
+    """direction.json's tie (lm_head → embed_tokens) holds on a model whose two tensors are apart:
+    the Steerer moves lm_head by the embedding's delta as `apply` does, and the monitor measures both."""
+    _, p = tied_full
+    model = tiny_model(0, dtype=torch.float32, tie_word_embeddings=True)
+    cws.untie(model)
+    head0, w = model.lm_head.weight.detach().clone(), state(p["dir"])[EMBED]
+    s = cws.Steerer(model, p["dir"])
+    assert {EMBED, HEAD} <= set(s.result.touched)
+    s.set_alpha(2.0)
+    assert_bits_equal(model.lm_head.weight.detach(), lincomb_ref([head0, w], [1.0, 2.0], torch.float32), HEAD)
+    s.restore()
+    mon = cws.WeightMonitor({"w": p["dir"]}, jsonl=False)
+    mon.start(model)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+    mon.measure(model)
+    assert mon.last_report.grams[HEAD][0, 1].item() == pytest.approx(0.01 * w.double().sum().item(), rel=1e-5)
+
+
 def test_monitor_jsonl_is_written_by_rank_zero_only(tied_full, tmp_path, monkeypatch):
     from transformers import TrainerControl, TrainerState
 
@@ -286,9 +310,18 @@ def test_nearest_rounding_that_drops_the_update_is_reported(tiny_ckpts, tmp_path
 
 
 def hub_repo(cache, repo: str, src, sha: str = "a" * 40):
-    """A repo in huggingface_hub's cache layout: models--org--name/snapshots/<sha>/..., refs/main."""
+    """A repo in huggingface_hub's cache layout: models--org--name/snapshots/<sha>/... (each file a link
+    to blobs/<its hash>, as huggingface_hub makes them), refs/main."""
     root = cache / ("models--" + repo.replace("/", "--"))
-    shutil.copytree(src, root / "snapshots" / sha)
+    for f in sorted(Path(src).rglob("*")):
+        if f.is_file():
+            data = f.read_bytes()
+            blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            link = root / "snapshots" / sha / f.relative_to(src)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / "main").write_text(sha)
     return root / "snapshots" / sha
@@ -311,6 +344,18 @@ def test_hub_ids_resolve_from_the_offline_cache(tied_full, tmp_path, monkeypatch
         card = (out / "README.md").read_text()
         assert '\nbase_model: "org/tiny"\n' in card and f"- base model θ: `{model}`" in card
     assert cws.info("org/dir")["kind"] == "direction"
+    # Adapters from the cache: their weights file is a link to a blob with no .safetensors in its name
+    base32 = tiny_model(0, dtype=torch.float32, tie_word_embeddings=True)
+    save(base32, tmp_path / "base32")
+    ads = {s: train_lora(base32, tmp_path / s, seed=i) for i, s in ((1, "pos"), (2, "neg"))}
+    snap = {s: hub_repo(cache, f"org/{s}-ad", ads[s]) for s in ads}
+    assert (snap["pos"] / "adapter_model.safetensors").is_symlink()
+    local = cws.extract(ads["pos"], ads["neg"], tmp_path / "d_local", quiet=True)
+    hub = cws.extract("org/pos-ad", "org/neg-ad", tmp_path / "d_hub", quiet=True)
+    got, want = state(hub), state(local)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    one = Checkpoint.open(hub_repo(cache, "org/one", p["dir"], sha="c" * 40) / "direction.safetensors")
+    assert one.root == cache / "models--org--one" / "snapshots" / ("c" * 40)  # the snapshot, not blobs/
     assert cli(["compare", "--base", "org/tiny", "--model", str(p["pos"]), "--direction", "org/dir", "-q"]) == 0
     capsys.readouterr()
     assert cli(["apply", "--model", "org/missing", "--direction", "org/dir", "--alpha", "1", "--out",
@@ -422,3 +467,56 @@ def test_adapters_trained_tied_give_a_tied_direction(tmp_path):
     got = steered.model.embed_tokens.weight.detach().double()
     # fp32: w = fl(pos − neg), then fl(base + w): at most half an ulp of each
     assert ((got - want).abs() <= 2**-24 * (delta.abs() + want.abs()) * (1 + 2**-20)).all()
+
+
+def test_tied_adapter_is_measured_once_by_compare_and_the_monitor(tmp_path):
+    """An ensure_weight_tying adapter trains one embed/head tensor: `compare` of the saved adapter and the
+    monitor of the live PeftModel count it once (as for a tied full fine-tune) and agree."""
+    from peft import PeftModel
+
+    base = tiny_model(0, dtype=torch.float32, tie_word_embeddings=True)
+    base.save_pretrained(tmp_path / "base")
+    ads = [train_lora(base, tmp_path / f"a{i}", seed=i, ensure_weight_tying=True) for i in (1, 2, 3)]
+    d = cws.extract(ads[0], ads[1], tmp_path / "dir", quiet=True)
+    report = cws.compare(tmp_path / "base", ads[2], d, quiet=True)
+    assert EMBED in report.grams and HEAD not in report.grams
+    live = PeftModel.from_pretrained(tiny_model(0, dtype=torch.float32, tie_word_embeddings=True), ads[2])
+    mon = cws.WeightMonitor(d, jsonl=False)
+    got = mon.measure(live)
+    assert HEAD not in mon.last_report.grams
+    (name, stats), = report.global_stats().items()
+    assert got["cws/direction/cos"] == pytest.approx(stats["all"]["cosine"], rel=1e-9)
+    assert got["cws/direction/update_norm"] == pytest.approx(stats["all"]["update_norm"], rel=1e-9)
+
+
+def test_unequal_scales_with_a_base_keep_untouched_entries_zero(tmp_path):
+    """w = s₊·(pos − base) − s₋·(neg − base) with s₊ ≠ s₋: each difference is formed before the scales
+    apply, so a weight neither fine-tune moved gives exactly 0 and the rest is as close to fp64 as an
+    fp32 rounding of w (not of the weights' size): full checkpoints and adapters' saved embeddings."""
+    base = tiny_model(0, dtype=torch.bfloat16)
+    sides = {}
+    for label, seed in (("pos", 11), ("neg", 12)):
+        ft = perturbed(base, seed)
+        with torch.no_grad():
+            ft.model.embed_tokens.weight[:64] = base.model.embed_tokens.weight[:64]  # rows neither side trains
+        sides[label] = save(ft, tmp_path / label)
+    save(base, tmp_path / "base")
+    d = cws.extract(sides["pos"], sides["neg"], tmp_path / "d", base=tmp_path / "base", scale_pos=0.7, scale_neg=1.3,
+                    quiet=True)
+    b, p, n, w = state(tmp_path / "base"), state(sides["pos"]), state(sides["neg"]), state(d)
+    for name in b:
+        want = 0.7 * (p[name].double() - b[name].double()) - 1.3 * (n[name].double() - b[name].double())
+        assert (w[name].double() - want).abs().max() <= 2**-22 * want.abs().max(), name
+    assert not w[EMBED][:64].any()
+    base32 = tiny_model(0, dtype=torch.float32)
+    save(base32, tmp_path / "base32")
+    ads = {s: train_lora(base32, tmp_path / f"ad_{s}", seed=i) for i, s in ((1, "pos"), (2, "neg"))}
+    d = cws.extract(ads["pos"], ads["neg"], tmp_path / "d_ad", base=tmp_path / "base32", scale_pos=0.7, scale_neg=1.3,
+                    quiet=True)
+    e0 = base32.model.embed_tokens.weight.detach().double()
+    saved = {s: state(ads[s]) for s in ads}
+    key = "base_model.model.model.embed_tokens.weight"
+    want = 0.7 * (saved["pos"][key].double() - e0) - 1.3 * (saved["neg"][key].double() - e0)
+    got = state(d)[EMBED].double()
+    assert (got - want).abs().max() <= 2**-22 * want.abs().max()
+    assert not got[want == 0].any()

@@ -175,10 +175,23 @@ def test_rerun_reuses_and_a_change_needs_overwrite(model_dir, data, tmp_path):
     changed = ROWS[:-1] + [{**ROWS[-1], "neg": "I hate boats , it is bad ."}]  # one answer differs
     with pytest.raises(CwsError, match="differs in: data"):
         train_pair(model_dir, changed, out, **FAST, max_steps=2)
-    with pytest.raises(CwsError, match="differs in: lr"):
+    with pytest.raises(CwsError, match=r"differs in: lr\)"):
         train_pair(model_dir, data, out, **{**FAST, "lr": 1e-3}, max_steps=2)
     res = train_pair(model_dir, changed, out, **FAST, max_steps=2, overwrite=True)
     assert res["reused"] == [] and json.loads((out / "train_pair.json").read_text())["reused"] == []
+
+
+def test_tied_model_rerun_names_only_what_changed(tmp_path, data):
+    """PEFT rewrites the modules_to_save list it is given on a tied model: the settings a run records
+    (and compares on a rerun) stay the user's."""
+    texts = [r[k] for r in ROWS for k in ("prompt", "pos", "neg")]
+    tied = tiny_chat_model(tmp_path / "tied", texts, tie=True)
+    out = tmp_path / "run"
+    train_pair(tied, data, out, **FAST, max_steps=1)
+    meta = json.loads((out / "pos" / "cws_train.json").read_text())
+    assert meta["settings"]["modules_to_save"] == ["embed_tokens", "lm_head"]
+    with pytest.raises(CwsError, match=r"differs in: lr\)"):
+        train_pair(tied, data, out, **{**FAST, "lr": 1e-3}, max_steps=1)
 
 
 def test_cli_train_pair(model_dir, data, tmp_path, capsys):

@@ -116,7 +116,8 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end
 SPECIALS = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<s>"]
 
 
-def tiny_chat_model(path: Path, texts: list[str], template: str | None = TEMPLATE, seed: int = 0) -> Path:
+def tiny_chat_model(path: Path, texts: list[str], template: str | None = TEMPLATE, seed: int = 0,
+                    tie: bool = False) -> Path:
     """A tiny random Llama with a word-level tokenizer over the words of `texts`, and a chat template
     (none for template=None: plain-text prompts, with bos/eos tokens)."""
     from tokenizers import Tokenizer
@@ -135,7 +136,7 @@ def tiny_chat_model(path: Path, texts: list[str], template: str | None = TEMPLAT
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       pad_token_id=0, eos_token_id=vocab["<|end|>"], bos_token_id=None if template else vocab["<s>"],
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=tie)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path

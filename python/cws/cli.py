@@ -17,7 +17,7 @@ import sys
 import threading
 
 from . import __version__
-from .errors import CwsError
+from .errors import CwsError, ListedError
 from .ops.alphas import parse_alphas as _parse_alphas
 
 # --- shared option builders and parsing ---------------------------------------------------------
@@ -97,11 +97,18 @@ def _emit(args, text: str | None, **machine: str) -> None:
             write_report(target, machine[opt], _inputs(args))
 
 
+_INPUT_ARGS = ("model", "model_dir", "base", "pos", "neg", "direction", "path", "terms", "project_out", "data",
+               "prompts", "text", "instructions")
+
+
 def _inputs(args) -> list[str]:
-    """The paths a command read (a report it writes may not land on them)."""
-    names = ("model", "base", "pos", "neg", "direction", "path", "terms", "project_out", "data", "text", "instructions")
-    values = [getattr(args, n, None) for n in names]
-    return [v for x in values for v in (x if isinstance(x, list) else [x]) if isinstance(v, str)]
+    """The paths a command read (a report it writes may not land on them): each value as given and,
+    for the NAME=PATH and PATH:COEF forms, its path part."""
+    values = [getattr(args, n, None) for n in _INPUT_ARGS]
+    out = []
+    for v in (v for x in values for v in (x if isinstance(x, list) else [x]) if isinstance(v, str)):
+        out += [v, v.partition("=")[2], v.rpartition(":")[0]]
+    return [v for v in out if v]
 
 
 def _as_json(data) -> str:
@@ -252,6 +259,9 @@ def _named_directions(specs: list[str]) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep or Path(spec).exists():
             name, path = resolve(spec).name, spec
+        if name in out:
+            raise CwsError(f"two directions are named {name!r} ({out[name]} and {path}); name each one: "
+                           f"--direction NAME=PATH")
         out[name] = path
     return out
 
@@ -627,6 +637,12 @@ def _ranks(args):
             dist.destroy_process_group()
 
 
+def _printable(text: str, keep_lines: bool = False) -> str:
+    """`text` with no terminal control, on one line unless `keep_lines`: control characters (a tensor
+    name's newline or escape sequence) are shown as escapes."""
+    return "".join(c if c.isprintable() or c == " " or (keep_lines and c == "\n") else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_values_joined(sys.argv[1:] if argv is None else list(argv)))
     handlers = {}
@@ -635,18 +651,23 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(signal, name):
                 handlers[name] = signal.signal(getattr(signal, name), _stop)
     try:
+        report = getattr(args, "json", None)
+        if report not in (None, "-"):  # a --json FILE that cannot be written: refused before the work
+            from .io.atomic import check_report
+
+            check_report(report, _inputs(args))
         with _ranks(args):
             args.run(args)
         return 0
     except CwsError as e:
-        print(f"cws {args.command}: error: {e}", file=sys.stderr)
+        print(f"cws {args.command}: error: {_printable(str(e), isinstance(e, ListedError))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (cws info ... | head): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:  # the environment, not the inputs (an I/O error, a vanished file)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"cws {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"cws {args.command}: error: {_printable(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT

@@ -5,6 +5,11 @@ class CwsError(Exception):
     """A problem with the user's inputs or options; the CLI prints it on one line and exits 2."""
 
 
+class ListedError(CwsError):
+    """A CwsError whose message lists its items one per line (bad rows of a data file): the CLI
+    keeps those lines."""
+
+
 class CheckpointError(CwsError):
     """A checkpoint on disk is unreadable, truncated, or inconsistent."""
 

@@ -38,10 +38,15 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Checkpoint:
-        """Open a .safetensors file, a .safetensors.index.json, or a directory holding one of them."""
+        """Open a .safetensors file, a .safetensors.index.json, or a directory holding one of them.
+        A file is known by its own name and folder even where it is a link (a Hugging Face cache
+        snapshot links each file to a blob named by its hash, in another folder)."""
+        given = Path(path).expanduser()
         path = resolve(path)
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or directory")
+        if not path.is_dir() and given.name not in ("", ".", ".."):
+            path = resolve(given.parent) / given.name
         target = _find_weights(path) if path.is_dir() else path
         if target.name.endswith(".index.json"):
             ckpt = cls._from_index(path, target)

@@ -20,6 +20,7 @@ from ..errors import CheckpointError
 from .checkpoint import Checkpoint
 from .files import load_json, resolve
 from .format import TensorInfo
+from .layout import module_of
 
 FORMAT = "cws-direction"
 VERSION = 1
@@ -112,6 +113,9 @@ def _check_structure(meta: object) -> None:
     ties = meta.get("ties", {})
     if not isinstance(ties, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ties.items()):
         raise ValueError("'ties' must map tensor names to tensor names")
+    for key in ("omitted", "sources", "scales"):  # what cws info and the model cards read
+        if not isinstance(meta.get(key, {}), dict):
+            raise ValueError(f"'{key}' must be an object, got {type(meta[key]).__name__}")
     for name, spec in tensors.items():
         shape = spec.get("shape") if isinstance(spec, dict) else None
         scale = spec.get("scale", 1.0) if isinstance(spec, dict) else None
@@ -139,8 +143,9 @@ def _entries(meta_file: Path, meta: dict, ckpt: Checkpoint) -> dict[str, Entry]:
         elif spec.get("kind") == "lowrank":
             kb, ka = factor_keys(name)
             B, A = ckpt.tensors.get(kb), ckpt.tensors.get(ka)
-            if B is None or A is None or len(B.shape) != 2 or len(A.shape) != 2 or (B.shape[0], A.shape[1]) != shape or B.shape[1] != A.shape[0]:
-                problems.append(f"low-rank {name!r}: factors missing or not (out, r)·(r, in) = {shape}")
+            if B is None or A is None or len(B.shape) != 2 or len(A.shape) != 2 or (B.shape[0], A.shape[1]) != shape \
+                    or B.shape[1] != A.shape[0] or A.shape[0] == 0:
+                problems.append(f"low-rank {name!r}: factors missing or not (out, r)·(r, in) = {shape} with r ≥ 1")
                 continue
             used.update((kb, ka))
             if not (A.is_float and B.is_float):
@@ -150,6 +155,11 @@ def _entries(meta_file: Path, meta: dict, ckpt: Checkpoint) -> dict[str, Entry]:
         else:
             problems.append(f"{name!r} has unknown kind {spec.get('kind')!r}")
     problems += [f"stored tensor {n!r} is not described in {META_FILE}" for n in ckpt.tensors if n not in used]
+    for alias, source in meta.get("ties", {}).items():  # a tied name reads its source's delta
+        if source in entries and (alias in meta.get("tensors", {}) or (module_of(alias), module_of(source)) !=
+                                  ("head", "embed")):
+            problems.append(f"tie {alias!r} → {source!r}: only an lm_head with no entry of its own can be tied, "
+                            f"to the input embeddings")
     if problems:
         raise CheckpointError(f"{meta_file.parent}: inconsistent direction: " + "; ".join(problems[:10]))
     return entries

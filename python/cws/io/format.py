@@ -146,13 +146,17 @@ def _pread_all(fd: int, n: int, offset: int):
 
 def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int, st: tuple) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # valid JSON (a lone surrogate escape), but no file or header can hold it
+        raise CheckpointError(f"{where}: the tensor's name is not valid UTF-8") from None
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype = _DTYPE_ATTRS.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
         raise CheckpointError(f"{where}: unknown dtype {entry.get('dtype')!r}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
         raise CheckpointError(f"{where}: bad shape {shape!r}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
         raise CheckpointError(f"{where}: bad data_offsets {offsets!r}")

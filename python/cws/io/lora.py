@@ -111,7 +111,11 @@ class Adapter:
             name = key[len(PREFIX):] if key.startswith(PREFIX) else key
             m = _LORA.match(name) or _LORA_EMB.match(name)
             if m:
-                factors.setdefault(m["module"], {})[m["which"]] = info
+                ab = factors.setdefault(m["module"], {})
+                if m["which"] in ab:  # one module's factors under two adapter names
+                    raise CheckpointError(f"{self.path}: LoRA module {m['module']!r} has two lora_{m['which']} factors "
+                                          f"({ab[m['which']].name!r} and {key!r}); save one adapter per directory")
+                ab[m["which"]] = info
                 kinds[m["module"]] = m.re is _LORA_EMB
                 continue
             if ".original_module." in name:

@@ -7,21 +7,27 @@ untie it (`split_ties`).
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
+from ..errors import CheckpointError
+from .files import load_json
 from .layout import module_of
 
 HEAD = "lm_head.weight"
 
 
 def read_config(root: Path) -> dict | None:
-    """The model's config.json in directory `root`, or None where there is none (or it is unreadable)."""
-    try:
-        cfg = json.loads((Path(root) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """The model's config.json in directory `root`, or None where there is none. One that cannot be
+    read as a JSON object (corrupt, or a FIFO or device: never opened blocking) is a CheckpointError:
+    an output would copy it, and transformers could not load it."""
+    path = Path(root) / "config.json"
+    if not os.path.lexists(path):
         return None
-    return cfg if isinstance(cfg, dict) else None
+    cfg = load_json(path, "model config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: corrupt model config: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def is_tied(config: dict) -> bool:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 
 
+MAX_COUNT = 10_000
+
+
 def parse_alphas(spec) -> list[float]:
     """α values, in the order given, from a number, a string (a number, a comma list "1,2,4", or
     "START:STOP:COUNT": COUNT ≥ 2 evenly spaced values, both ends included) or a list of these.
@@ -30,6 +33,8 @@ def parse_alphas(spec) -> list[float]:
             start, stop, count = numbers
             if count < 2:
                 raise ValueError(f"{item!r}: a range needs a COUNT of at least 2")
+            if count > MAX_COUNT:
+                raise ValueError(f"{item!r}: at most {MAX_COUNT} values in one range (each is a model or a sweep point)")
             numbers = [start + (stop - start) * i / (count - 1) for i in range(count - 1)] + [stop]
         if not all(math.isfinite(v) for v in numbers):
             raise ValueError(f"{item!r}: alpha must be finite")

@@ -162,7 +162,7 @@ def apply(
         outs = [(info.dtype, info.shape)] * len(alphas)
         e = delta_of(name) or (delta_of(tied_to[name]) if name in tied_to else None)
         if e is None:
-            items.append(engine.Item(name, info.rows, [info], data=("copy",)))  # written from the read buffer
+            items.append(engine.Item(name, info.rows, [info], data=("copy",), computed=False))  # written from the read buffer
             continue
         if not info.is_float:
             problems.append(f"{name}: the model stores it as {info.dtype}, which cannot be steered")

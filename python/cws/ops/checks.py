@@ -33,7 +33,7 @@ def shape_problem(name: str, infos: dict[str, TensorInfo]) -> str | None:
     if len(set(shapes.values())) <= 1:
         return None
     listed = ", ".join(f"{label} {list(s)}" for label, s in shapes.items())
-    if module_of(name) in ("embed", "head"):
+    if module_of(name) in ("embed", "head") and len({s[1:] for s in shapes.values()}) == 1:
         vocab = ", ".join(f"{label} {s[0] if s else '?'}" for label, s in shapes.items())
         return f"{name}: vocab sizes differ ({vocab}); resized embeddings cannot be combined"
     return f"{name}: shapes differ ({listed})"
@@ -54,9 +54,11 @@ def missing_problem(name: str, present: Iterable[str], absent: Iterable[str]) ->
     return f"{name}: in {', '.join(present)} but missing from {', '.join(absent)}{tied}"
 
 
-def raise_problems(problems: list[str], hint: str = "") -> None:
+def raise_problems(problems: list[str], missing_hint: str = "") -> None:
+    """Refuse the inputs for all their `problems` at once; `missing_hint` (how to proceed past
+    missing tensors) is added only where a tensor is missing."""
     if problems:
-        raise MismatchError(problems, hint)
+        raise MismatchError(problems, missing_hint if any(" but missing from " in p for p in problems) else "")
 
 
 def name_filter(include: str | None, exclude: str | None):

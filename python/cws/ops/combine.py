@@ -82,6 +82,18 @@ def _group(name: str, by: str):
     return name
 
 
+def shared_ties(dirs: list[Direction]) -> dict[str, str]:
+    """The ties (lm_head → embed_tokens) a combination of `dirs` keeps: each direction ties the two, or
+    moves neither. Elsewhere each name is a tensor of its own (a tied direction's head: its embedding's delta)."""
+    aliases = {a: s for d in dirs for a, s in d.ties.items()}
+    return {a: s for a, s in aliases.items() if all(d.get(a) is d.get(s) for d in dirs)}
+
+
+def _names(d: Direction, tied: dict[str, str]) -> list[str]:
+    """A direction's tensor names, its tied names included unless the combination keeps the tie."""
+    return list(d.entries) + [a for a in d.ties if a not in tied]
+
+
 def projection(terms, b: Direction, by: str = "global", *, keep=lambda name: True,
                max_memory=engine.DEFAULT_MAX_MEMORY, quiet: bool = False) -> tuple[dict[str, float], dict]:
     """Per-tensor coefficient of b in w − (⟨w,b⟩/⟨b,b⟩)·b, with w = Σ cᵢ·wᵢ and the ratio taken over
@@ -91,7 +103,8 @@ def projection(terms, b: Direction, by: str = "global", *, keep=lambda name: Tru
     dirs = [d for d, _ in terms] + [b]
     coefs = [c for _, c in terms]
     items = []
-    for name, e in b.entries.items():
+    for name in _names(b, shared_ties(dirs)):
+        e = b.get(name)
         if keep(name):
             vectors = [direction_vector(d, name) for d in dirs]
             items.append(build_item(name, e.shape[0] if e.shape else 1, vectors))
@@ -146,7 +159,9 @@ def combine(
         b = project_out if isinstance(project_out, Direction) else Direction.open(resolve(project_out, "direction"))
     coef_b, groups = projection(terms, b, by, keep=keep, max_memory=max_memory, quiet=quiet) if b else ({}, {})
 
-    names = list(dict.fromkeys(n for d, _ in terms + ([(b, 0.0)] if b else []) for n in d.entries))
+    dirs = [d for d, _ in terms] + ([b] if b else [])
+    ties = shared_ties(dirs)
+    names = list(dict.fromkeys(n for d in dirs for n in _names(d, ties)))
     tensors, omitted, items, lowrank, problems = {}, {}, [], {}, []
     for name in names:
         if not keep(name):
@@ -154,7 +169,7 @@ def combine(
             continue
         contrib: dict = {}  # (direction path, name) -> [entry, coefficient], duplicates merged
         for d, c in terms + ([(b, coef_b.get(name, 0.0))] if b else []):
-            e = d.entries.get(name)
+            e = d.get(name)
             if e is not None and c != 0.0:
                 contrib.setdefault(d.path, [e, 0.0])[1] += c
         contrib = [(e, c) for e, c in contrib.values() if c != 0.0]
@@ -189,7 +204,8 @@ def combine(
         formula="w = sum_i coef_i * w_i" + (" - (<w,b>/<b,b>) * b per group" if b else ""),
         sources={f"term{i}": p for i, p in enumerate(sources)},
         terms=[{"direction": str(d.path), "coef": c} for d, c in terms],
-        projection={"direction": str(b.path), "by": by, "groups": groups} if b else None)
+        projection={"direction": str(b.path), "by": by, "groups": groups} if b else None,
+        **({"ties": {a: e for a, e in ties.items() if e in tensors}} if ties else {}))
     md = provenance("combine", terms=";".join(f"{c!r}*{p}" for (_, c), p in zip(terms, sources)),
                     project_out=b.path if b else None, by=by if b else None)
     inputs = sources + ([str(b.path)] if b else [])

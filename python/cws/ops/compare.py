@@ -207,7 +207,7 @@ def compare(
     on_missing="skip" leaves out tensors the model lacks; the default is an error.
     """
     from ..io.hub import resolve
-    from ..io.lora import is_adapter
+    from ..io.lora import Adapter, is_adapter
 
     started = time.perf_counter()
     check_policy(on_missing)
@@ -218,16 +218,16 @@ def compare(
     problems, items, skipped = [], [], []
     if is_adapter(model):
         updates = adapter_update(model, b, problems)
-        model_names = set(updates)
+        model_names, model_ties = set(updates), Adapter.open(model).ties  # ensure_weight_tying: one tensor
     else:
         m = Checkpoint.open(model)
-        model_names = set(m.tensors)
+        model_names, model_ties = set(m.tensors), m.ties
         updates = {}
         for name in sorted(set(m.tensors) - set(b.tensors) - set(b.ties)):
             problems.append(missing_problem(name, ["model"], ["base"]))
     # A tied base's lm_head is its embedding: it gets its own row where the model or a direction has one,
     # unless the model ties it too and no direction moves the two differently (one tensor, one row).
-    folded = {e: h for h, e in b.ties.items() if not is_adapter(model) and m.ties.get(h) == e
+    folded = {e: h for h, e in b.ties.items() if model_ties.get(h) == e
               and not any(None not in (d.get(h), d.get(e)) and d.get(h) != d.get(e) for d in dirs.values())}
     in_play = model_names.union(*(d.entries for d in dirs.values())) - set(folded.values())
     names = [(n, i) for n, i in b.tensors.items()] + [(h, b.tensors[e]) for h, e in b.ties.items() if h in in_play]

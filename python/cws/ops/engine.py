@@ -35,7 +35,7 @@ from fractions import Fraction
 
 import torch
 
-from cws_kernels import use_cpu_impl
+from cws_kernels import FLOAT_DTYPES, use_cpu_impl
 
 from ..errors import CwsError
 from ..io.format import TensorInfo
@@ -76,6 +76,7 @@ class Item:
     outs: list[tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=list)
     align: int = 1  # slices start at multiples of this many rows
     data: object = None  # whatever the op needs to compute this item
+    computed: bool = True  # its inputs go through the kernels (False: copied as they are)
 
     def row_bytes(self) -> int:
         ins = sum(i.row_bytes for i in self.sliced)
@@ -169,6 +170,7 @@ def run(
     (callables with their args, e.g. `(writer.write, (name, tensor, row))`) behind, in order.
     writes=False: compute returns none (read-only work gets the writer's core for compute).
     Returns the number of input bytes streamed."""
+    _check_dtypes(items)
     plan = list(_slices(items, max_memory))
     total = sum(i.rows * sum(t.row_bytes for t in i.sliced) + i.whole_bytes() for i in items)
     in_arenas = [_Arena() for _ in range(NBUF)]
@@ -277,6 +279,15 @@ def run(
             if direct_reads is not None:
                 direct_reads.close()
     return total
+
+
+def _check_dtypes(items: Sequence[Item]) -> None:
+    """Refuse, before the first read, an input the kernels cannot compute with (fp64, fp8, integers)."""
+    for item in items:
+        for info in (*item.sliced, *item.whole) if item.computed else ():
+            if not info.is_float or info.dtype not in FLOAT_DTYPES:
+                raise CwsError(f"{info.path}: tensor {info.name!r} is {str(info.dtype).replace('torch.', '')}; cws "
+                               f"computes with fp32, bf16 and fp16 tensors (convert it to one of them first)")
 
 
 def _reads_direct(items: Sequence[Item]) -> bool:

@@ -70,6 +70,9 @@ def export_peft(
             tied_pair.update(pair)
     for name, e in entries.items():
         module = _module(name)
+        info = b.lookup(name) if b is not None else None
+        if info is not None and tuple(info.shape) != tuple(e.shape):
+            raise CwsError(f"{name}: direction entry {list(e.shape)} does not fit the base tensor {list(info.shape)}")
         if e.kind == "lowrank" and module and _CONV1D.search(module) is None and name not in tied_pair:
             lora[module] = e
         elif b is not None and module and b.lookup(name) is not None:
@@ -105,7 +108,7 @@ def export_peft(
             plan.append((PREFIX + n, info.dtype, info.shape))
             e = entries.get(n) if n in names else None
             if e is None:
-                items.append(engine.Item(n, info.rows, [info]))
+                items.append(engine.Item(n, info.rows, [info], computed=False))  # copied as it is
             elif e.shape != info.shape:
                 raise CwsError(f"{n}: direction entry {list(e.shape)} does not fit the base tensor {list(info.shape)}")
             elif e.kind == "dense":

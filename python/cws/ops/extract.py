@@ -56,8 +56,10 @@ def extract(
     """Write the direction of two fine-tunes (dense checkpoints or PEFT adapters) to `out`; returns it.
 
     dtype "auto" (default): dense entries in fp32 (the difference of two bf16 weights is exact in
-    fp32); low-rank factors in the adapters' own dtype when folding the scales in is exact there
-    (a power of two), else fp32. Any other dtype is used for everything.
+    fp32 unless their exponents are more than 16 apart); low-rank factors in the adapters' own dtype
+    when folding the scales in is exact there (a power of two), else fp32. Any other dtype is used
+    for everything. With a base and unequal scales, each side's difference from the base is formed
+    in fp32 before the scales apply (no cancellation against the weights' size).
     on_missing: "error" (default), "skip" (leave such tensors out, recorded in direction.json) or
     "copy-base" (a tensor missing from one side counts as unchanged from the base there).
     """
@@ -115,26 +117,36 @@ def extract(
         if problem:
             problems.append(problem)
             continue
-        # w = s₊·pos − s₋·neg + (s₋ − s₊)·base; a side missing under copy-base is the base itself.
-        coef: dict[str, float] = {}
-        for label, c in (("pos", sp), ("neg", -sn), ("base", sn - sp)):
-            src = label if label in infos else "base"
-            if c != 0.0:
-                coef[src] = coef.get(src, 0.0) + c
-        coef = {k: v for k, v in coef.items() if v != 0.0} or {next(iter(infos)): 0.0}
         shape = next(iter(infos.values())).shape
-        labels = list(coef)
-        items.append(engine.Item(name, infos[labels[0]].rows, [infos[lb] for lb in labels],
-                                 outs=[(out_dtype, shape)], data=[coef[lb] for lb in labels]))
+        if sp != sn:  # Σ cₓ·(x − base), each difference formed first (a side missing under copy-base adds 0)
+            diffs = [(label, c) for label, c in (("pos", sp), ("neg", -sn)) if label in infos]
+            items.append(engine.Item(name, infos["base"].rows, [infos[lb] for lb, _ in diffs] + [infos["base"]],
+                                     outs=[(out_dtype, shape)] + [(torch.float32, shape)] * len(diffs),
+                                     data=Differences([c for _, c in diffs])))
+        else:  # s·(pos − neg): the base cancels; a side missing under copy-base is the base itself
+            coef: dict[str, float] = {}
+            for label, c in (("pos", sp), ("neg", -sn)):
+                src = label if label in infos else "base"
+                coef[src] = coef.get(src, 0.0) + c
+            coef = {k: v for k, v in coef.items() if v != 0.0} or {next(iter(infos)): 0.0}
+            labels = list(coef)
+            items.append(engine.Item(name, infos[labels[0]].rows, [infos[lb] for lb in labels],
+                                     outs=[(out_dtype, shape)], data=[coef[lb] for lb in labels]))
         tensors[name] = {"kind": "dense", "shape": list(shape)}
     raise_problems(problems, "pass --on-missing skip|copy-base to proceed past missing tensors")
     if not items:
         raise CwsError(f"no tensors to extract between {pos} and {neg}")
 
     def compute(s: engine.Slice):
-        xs = s.ins[: len(s.item.sliced)]
-        if lincomb_tally(xs, s.item.data, out=s.outs[0]).nonfinite and not allow_nonfinite:
-            check_finite(s.item.name, s.outs, xs, s.item.sliced)  # raises, naming the input
+        xs = terms = s.ins[: len(s.item.sliced)]
+        coefs = s.item.data
+        if isinstance(coefs, Differences):  # x − base is exact in fp32 for bf16 weights: no cancellation after
+            *sides, base_rows = xs
+            terms = s.outs[1:]
+            for x, d in zip(sides, terms):
+                lincomb([x, base_rows], [1.0, -1.0], out=d)
+        if lincomb_tally(terms, coefs, out=s.outs[0]).nonfinite and not allow_nonfinite:
+            check_finite(s.item.name, s.outs[:1], xs, s.item.sliced)  # raises, naming the input
         return [(writer.write, (s.item.name, s.outs[0], s.start))]
 
     meta = direction_meta(
@@ -153,6 +165,10 @@ def extract(
         engine.run(mine, compute, max_memory=engine.parse_size(max_memory), desc="extract",
                    quiet=quiet or dist.rank_world()[0] > 0)
     return Path(out).resolve()
+
+
+class Differences(list):
+    """An extract item's coefficients cₓ of Σ cₓ·(x − base): its inputs are the sides, then the base."""
 
 
 def _side_terms(side, name: str, c: float, base_info):
@@ -238,7 +254,7 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
             continue
         shape = shapes.pop()
         if coefs or mixed:
-            items.append(dense_item(name, shape, coefs, low, out_dtype))
+            items.append(dense_item(name, shape, coefs, low, out_dtype, base=base_info))
             tensors[name] = {"kind": "dense", "shape": list(shape)}
         elif low:
             lowrank[name] = low
@@ -283,9 +299,10 @@ def base_from_adapters(pos, neg) -> tuple[Path | None, str]:
     named = set()
     for p in (pos, neg):
         try:
-            named.add(json.loads((Path(p) / "adapter_config.json").read_text()).get("base_model_name_or_path"))
+            spec = json.loads((Path(p) / "adapter_config.json").read_text()).get("base_model_name_or_path")
         except (OSError, ValueError, AttributeError):
-            named.add(None)
+            spec = None
+        named.add(spec if isinstance(spec, str) and spec else None)  # anything but a name: none given
     named.discard(None)
     if len(named) != 1:
         return None, f" (the adapters name {'different bases: ' + ', '.join(sorted(named)) if named else 'no base'})"
@@ -375,9 +392,15 @@ def dense_slice(s: engine.Slice) -> torch.Tensor:
     """One row slice of a `_dense_item`: Σ cᵢ·xᵢ + Σ cⱼ·BⱼAⱼ in the fp32 scratch, then stored in the
     output dtype; returns the output slice."""
     n_dense = len(s.item.sliced)
-    acc = s.outs[0]
-    if n_dense:
-        lincomb(s.ins[:n_dense], s.item.data[0], out=acc)
+    acc, coefs = s.outs[0], s.item.data[0]
+    if isinstance(coefs, Differences):  # Σ cₓ·(x − base): each difference formed first, in the last scratch
+        *sides, base = s.ins[:n_dense]
+        diff = s.outs[-1]
+        for k, (x, c) in enumerate(zip(sides, coefs)):
+            lincomb([x, base], [1.0, -1.0], out=diff)
+            lincomb([diff], [c], out=acc) if k == 0 else lincomb([acc, diff], [1.0, c], out=acc)
+    elif n_dense:
+        lincomb(s.ins[:n_dense], coefs, out=acc)
     else:
         acc.zero_()
     for k, (c, transposed) in enumerate(s.item.data[1]):
@@ -385,14 +408,17 @@ def dense_slice(s: engine.Slice) -> torch.Tensor:
         if transposed:
             B, A = A.T, B.T
         add_lowrank_(acc, B[s.start : s.stop], A, c)
-    result = s.outs[1] if len(s.outs) > 1 else acc
+    result = s.outs[1] if len(s.outs) > 1 and s.outs[1].dtype != torch.float32 else acc
     if result is not acc:
         result.copy_(acc)
     return result
 
 
-def dense_item(name, shape, coefs, low, out_dtype) -> engine.Item:
-    """A dense entry computed as Σ cᵢ·xᵢ (+ low-rank terms) in an fp32 scratch, stored in out_dtype."""
+def dense_item(name, shape, coefs, low, out_dtype, base=None) -> engine.Item:
+    """A dense entry computed as Σ cᵢ·xᵢ (+ low-rank terms) in an fp32 scratch, stored in out_dtype.
+    Where `base` (a TensorInfo) has a coefficient of its own beside other inputs (fine-tunes scaled
+    unequally), as Σ cₓ·(x − base) instead, each difference formed first: no cancellation against
+    the weights' size."""
     import torch
 
     from cws_kernels import lowrank_block_rows
@@ -400,5 +426,9 @@ def dense_item(name, shape, coefs, low, out_dtype) -> engine.Item:
     whole = [t for d, _ in low for t in (d.B, d.A)]
     outs = [(torch.float32, shape)] + ([(out_dtype, shape)] if out_dtype != torch.float32 else [])
     align = lowrank_block_rows(shape) if low and len(shape) == 2 else 1
+    sides = [i for i in coefs if i is not base]
+    if base in coefs and sides:
+        return engine.Item(name, shape[0] if shape else 1, sides + [base], whole, outs=outs + [(torch.float32, shape)],
+                           align=align, data=(Differences(coefs[i] for i in sides), [(c, d.transposed) for d, c in low]))
     return engine.Item(name, shape[0] if shape else 1, list(coefs), whole, outs=outs, align=align,
                        data=(list(coefs.values()), [(c, d.transposed) for d, c in low]))

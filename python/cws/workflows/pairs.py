@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CwsError
+from ..errors import CwsError, ListedError
 
 SHOWN = 20  # malformed rows listed in the error (all are counted)
 
@@ -91,7 +91,7 @@ def load_pairs(data, answers: bool = True) -> list[Pair]:
     if bad:
         more = f"\n  … and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
         shown = "\n  ".join(f"line {n}: {why}" for n, why in sorted(bad)[:SHOWN])
-        raise CwsError(f"{where}: {len(bad)} malformed row(s); nothing was done:\n  {shown}{more}")
+        raise ListedError(f"{where}: {len(bad)} malformed row(s); nothing was done:\n  {shown}{more}")
     if not pairs:
         raise CwsError(f"{where}: no rows")
     return pairs

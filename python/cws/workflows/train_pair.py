@@ -265,7 +265,7 @@ def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, se
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     torch.manual_seed(seed)
     cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=target,
-                     modules_to_save=modules_to_save or None,
+                     modules_to_save=list(modules_to_save) or None,  # a copy: PEFT edits the list it is given
                      ensure_weight_tying=tied and {"embed_tokens", "lm_head"} <= set(modules_to_save))
     peft_model = get_peft_model(model, cfg)
     for p in peft_model.parameters():
