@@ -398,7 +398,10 @@ def dense_slice(s: engine.Slice) -> torch.Tensor:
         diff = s.outs[-1]
         for k, (x, c) in enumerate(zip(sides, coefs)):
             lincomb([x, base], [1.0, -1.0], out=diff)
-            lincomb([diff], [c], out=acc) if k == 0 else lincomb([acc, diff], [1.0, c], out=acc)
+            if k == 0:
+                lincomb([diff], [c], out=acc)
+            else:
+                lincomb([acc, diff], [1.0, c], out=acc)
     elif n_dense:
         lincomb(s.ins[:n_dense], coefs, out=acc)
     else:
