@@ -128,7 +128,7 @@ def _versus(rows):
 
 
 def _for_users(d, rows):
-    data, start = d["data"], rows["python import cws (startup)"]["wall_s"]
+    data, start = d["data"], rows["python import torch (startup)"]["wall_s"]  # a cws command imports torch
     fused, fused16 = rows["cws apply --pos --neg"], rows.get("cws apply --pos --neg @16L")
     direct = rows["cws apply --direction"]
     out = [f"- **Start-up is most of a small run.** Importing torch takes {start:.1f} s here; after it, "

@@ -211,7 +211,7 @@ class WeightMonitor(TrainerCallback):
             self.start(model)
         model = unwrap(model)
         report = Report(list(self._dirs))
-        params = live_params(model)
+        params = live_params(model) if not self._lora or self._trained else {}  # (LoRA alone: ~1.5 ms saved)
         self._check_unchanged(params)
         in_dirs = {n for d in self._dirs.values() for n in d}
         names = (self._trained - self._tied) | in_dirs  # a tied tensor once, unless a direction splits it
@@ -226,6 +226,7 @@ class WeightMonitor(TrainerCallback):
             if name in updates:
                 tau = updates[name]
                 if tau[0] == "dense":
+                    self._check_unchanged({name: tau[1][0][0]})
                     tau = ("dense", [(part_of(t).local, c) for t, c in tau[1]])
             elif name in self._trained:
                 p0, live = self._theta0_of(name, part), part_of(params[name]).local

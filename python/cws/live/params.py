@@ -7,6 +7,7 @@ checkpoint and direction names.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -23,6 +24,7 @@ _SAVED = re.compile(r"\.modules_to_save\.[^.]+\.")
 _WRAPPERS = re.compile(r"(^|\.)(_orig_mod|_checkpoint_wrapped_module)\.")  # torch.compile, checkpoint_wrapper
 
 
+@functools.lru_cache(maxsize=2**16)  # the same names at every measurement
 def canonical(name: str) -> str | None:
     """The checkpoint name of a live parameter, or None for PEFT-internal ones (LoRA factors, the
     frozen original of a modules_to_save copy). The modules torch.compile and activation
