@@ -48,7 +48,8 @@ def test_parse_alphas():
     got = parse_alphas("0:1:11")
     assert got == [i / 10 for i in range(11)]  # each the fp64 number nearest i/10, the end exactly 1
     assert parse_alphas("-1:1:3,5") == [-1.0, 0.0, 1.0, 5.0]
-    for bad in ("x", "1:2", "1:2:1", "1:2:x", "nan", "1,,2", "-inf"):
+    assert parse_alphas("1e308:-1e308:3") == [1e308, 0.0, -1e308]  # finite ends whose difference overflows
+    for bad in ("x", "1:2", "1:2:1", "1:2:x", "nan", "1,,2", "-inf", "0:1:10001"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_alphas(bad)
 
