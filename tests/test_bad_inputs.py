@@ -722,6 +722,9 @@ def test_cli_refusals_before_any_work(tiny_ckpts, tmp_path, capsys):
     evil = edited(tiny_ckpts, tmp_path, "evil", lambda sd: sd.__setitem__("\x1b[2J\nx.weight", sd.pop(DOWN)))
     line = cli_error(capsys, ["extract", "--pos", evil, "--neg", neg, "--out", out], r"\x1b[2J\nx.weight")
     assert "\x1b" not in line
+    assert cli(["info", str(evil), "--all"]) == 0
+    listing = capsys.readouterr().out
+    assert r"\x1b[2J\nx.weight" in listing and "\x1b" not in listing
 
 
 def test_direction_json_of_the_wrong_types(tiny_ckpts, tmp_path, capsys):

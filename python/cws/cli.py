@@ -83,11 +83,12 @@ def _io_opts(args) -> dict:
 
 
 def _emit(args, text: str | None, **machine: str) -> None:
-    """`text` for people on stdout (stderr when a machine-readable output takes stdout), and each
-    machine-readable output (option name -> text, e.g. json=...) to its option's target."""
+    """`text` for people on stdout (stderr when a machine-readable output takes stdout; terminal control
+    characters, as in a hostile tensor name, escaped), and each machine-readable output (option name ->
+    text, e.g. json=...) to its option's target."""
     targets = {opt: getattr(args, opt) for opt in machine if getattr(args, opt, None)}
     if text is not None:  # None: the command logged its human output already (through _log)
-        print(text, file=sys.stderr if "-" in targets.values() else sys.stdout)
+        print(_printable(text, keep_lines=True), file=sys.stderr if "-" in targets.values() else sys.stdout)
     for opt, target in targets.items():
         if target == "-":
             sys.stdout.write(machine[opt] if machine[opt].endswith("\n") else machine[opt] + "\n")
