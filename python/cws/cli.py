@@ -17,7 +17,7 @@ import sys
 import threading
 
 from . import __version__
-from .errors import CwsError, ListedError
+from .errors import CwsError, ListedError, printable
 from .ops.alphas import parse_alphas as _parse_alphas
 
 # --- shared option builders and parsing ---------------------------------------------------------
@@ -88,7 +88,7 @@ def _emit(args, text: str | None, **machine: str) -> None:
     text, e.g. json=...) to its option's target."""
     targets = {opt: getattr(args, opt) for opt in machine if getattr(args, opt, None)}
     if text is not None:  # None: the command logged its human output already (through _log)
-        print(_printable(text, keep_lines=True), file=sys.stderr if "-" in targets.values() else sys.stdout)
+        print(printable(text, keep_lines=True), file=sys.stderr if "-" in targets.values() else sys.stdout)
     for opt, target in targets.items():
         if target == "-":
             sys.stdout.write(machine[opt] if machine[opt].endswith("\n") else machine[opt] + "\n")
@@ -638,12 +638,6 @@ def _ranks(args):
             dist.destroy_process_group()
 
 
-def _printable(text: str, keep_lines: bool = False) -> str:
-    """`text` with no terminal control, on one line unless `keep_lines`: control characters (a tensor
-    name's newline or escape sequence) are shown as escapes."""
-    return "".join(c if c.isprintable() or c == " " or (keep_lines and c == "\n") else repr(c)[1:-1] for c in text)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_values_joined(sys.argv[1:] if argv is None else list(argv)))
     handlers = {}
@@ -661,14 +655,14 @@ def main(argv: list[str] | None = None) -> int:
             args.run(args)
         return 0
     except CwsError as e:
-        print(f"cws {args.command}: error: {_printable(str(e), isinstance(e, ListedError))}", file=sys.stderr)
+        print(f"cws {args.command}: error: {printable(str(e), isinstance(e, ListedError))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (cws info ... | head): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:  # the environment, not the inputs (an I/O error, a vanished file)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"cws {args.command}: error: {_printable(f'{where}{e.strerror or e}')}", file=sys.stderr)
+        print(f"cws {args.command}: error: {printable(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT

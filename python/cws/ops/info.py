@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..io.direction import META_FILE, Direction
+from ..errors import printable
 from ..io.checkpoint import Checkpoint
 
 
@@ -59,6 +60,7 @@ def format_info(d: dict, all_tensors: bool = False, limit: int = 20) -> str:
                 value = f"{len(value)} tensors (" + "; ".join(f"{k}: {v}" for k, v in list(value.items())[:3]) + ")"
             lines.append(f"  {key}: {value}")
     rows = d["tensor_list"] if all_tensors else d["tensor_list"][:limit]
+    rows = [{**t, "name": printable(t["name"])} for t in rows]  # a hostile name stays on its line
     w = max([len(t["name"]) for t in rows] + [4])
     lines.append(f"  {'name':{w}s}  {'shape':>16s}  {'dtype':8s}  {'kind':8s}  {'rank':>4s}  {'size':>9s}")
     for t in rows:
