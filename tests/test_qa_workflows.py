@@ -148,3 +148,80 @@ def test_training_progress_is_plain_lines_in_a_log(model_dir, tmp_path, monkeypa
     lines = capsys.readouterr().err.split("\n")
     assert "train-pair pos: 100% 1/1 steps [00:00<00:00, loss=" in "\n".join(lines)
     assert not [ln for ln in lines if "train-pair" in ln and ("\r" in ln or "step/s" in ln)]
+
+
+def test_options_and_inputs_no_run_could_use_are_one_line_errors(model_dir, pair, tmp_path, capsys):
+    """Found by a second independent check: each of these used to end in a Python traceback."""
+    out = tmp_path / "o"
+    for bad, msg in ((dict(r=0), "r=0"), (dict(lr=float("nan")), "lr=nan"), (dict(lora_alpha=0), "lora_alpha=0"),
+                     (dict(device="bogus"), "device 'bogus'"), (dict(target=["nomatch"]), "LoRA on")):
+        with pytest.raises(CwsError, match=msg):
+            train_pair(model_dir, ROWS, out, **{**FAST, **bad})
+    for bad, msg in ((dict(gen_tokens=0, n_generate=1), "gen_tokens=0"), (dict(ref_tokens=0), "ref_tokens=0"),
+                     (dict(device="bogus"), "device 'bogus'")):
+        with pytest.raises(CwsError, match=msg):
+            sweep(model_dir, pair["direction"], "1", **{**SMALL, **bad})
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9\n")
+    with pytest.raises(CwsError, match="not UTF-8 text"):
+        sweep(model_dir, pair["direction"], "1", **{**SMALL, "text": latin1})
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "tea \\ud800 ?", "pos": "a", "neg": "b"}\n'
+                    '{"prompt": "tea", "pos": "a", "neg": "b", "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(CwsError, match="(?s)line 1: holds text that is not valid Unicode.*line 2: not readable JSON"):
+        load_pairs(rows)
+    prompts = _jsonl(tmp_path / "p.jsonl", ROWS)
+    (tmp_path / "sub").mkdir()
+    other = _jsonl(tmp_path / "sub" / "p.jsonl", ROWS)
+    assert main(["sweep", "--model", str(model_dir), "--direction", pair["direction"], "--alpha", "1",
+                 "--prompts", str(prompts), "--prompts", str(other)]) == 2
+    assert "two prompt sets are named 'p'" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_one_train_pair_at_a_time_and_an_interrupted_retrain_does_not_look_finished(model_dir, tmp_path, monkeypatch):
+    import fcntl
+    import os
+
+    import cws.workflows.train_pair as tp
+
+    out = tmp_path / "run"
+    train_pair(model_dir, ROWS, out, **FAST)
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another train-pair holds it
+    try:
+        with pytest.raises(CwsError, match="another train-pair is writing there"):
+            train_pair(model_dir, ROWS, out, **{**FAST, "lr": 2e-2}, overwrite=True)
+    finally:
+        os.close(fd)
+    real = tp._train_one
+
+    def stop_at_neg(model, init, side, *args, **kw):
+        if side == "neg":
+            raise KeyboardInterrupt
+        return real(model, init, side, *args, **kw)
+
+    monkeypatch.setattr(tp, "_train_one", stop_at_neg)
+    with pytest.raises(KeyboardInterrupt):
+        train_pair(model_dir, ROWS, out, **{**FAST, "lr": 2e-2}, overwrite=True)
+    assert not (out / "direction").exists() and not (out / "train_pair.json").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_demo_keeps_a_directory_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "holds notes.txt, which the demo did not write" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_sweep_json_stays_json_when_a_cost_is_nan(model_dir, pair, capsys):
+    """α = 1e30 overflows the weights: the costs are NaN, written as null (JSON has no NaN)."""
+    assert main(["sweep", "--model", str(model_dir), "--direction", pair["direction"], "--alpha", "1e30",
+                 "--text", __file__, "--n-generate", "0", "--ref-tokens", "2", "--json", "-"]) == 0
+
+    def refuse(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    res = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert [p["alpha"] for p in res["points"]] == [0.0, 1e30] and res["points"][1]["cost"] is None

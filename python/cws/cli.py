@@ -17,7 +17,8 @@ import sys
 import threading
 
 from . import __version__
-from .errors import CwsError, ListedError, printable
+from .errors import CwsError, ListedError
+from .text import finite, printable
 from .ops.alphas import parse_alphas as _parse_alphas
 
 # --- shared option builders and parsing ---------------------------------------------------------
@@ -113,7 +114,7 @@ def _inputs(args) -> list[str]:
 
 
 def _as_json(data) -> str:
-    return json.dumps(data, indent=2, default=str) + "\n"
+    return json.dumps(finite(data), indent=2, default=str) + "\n"
 
 
 # --- extract --------------------------------------------------------------------------------------
@@ -512,6 +513,9 @@ def _sweep(args) -> None:
             name, sep, path = spec.partition("=")
             if not sep or Path(spec).exists():
                 name, path = Path(spec).stem, spec
+            if name in prompts:
+                raise CwsError(f"two prompt sets are named {name!r} ({prompts[name]} and {path}); name each one: "
+                               f"--prompts NAME=PATH")
             prompts[name] = path
     res = sweep(args.model, args.direction, args.alpha or "-4:4:9", pos=args.pos, neg=args.neg, prompts=prompts,
                 text=args.text, instructions=args.instructions, max_nll_increase=args.max_nll_increase, out=args.out,

@@ -1,12 +1,6 @@
 """User-facing errors: one clear line naming the file or tensor at fault."""
 
 
-def printable(text: str, keep_lines: bool = False) -> str:
-    """`text` with no terminal control, on one line unless `keep_lines`: control characters (a tensor
-    name's newline or escape sequence) are shown as escapes."""
-    return "".join(c if c.isprintable() or c == " " or (keep_lines and c == "\n") else repr(c)[1:-1] for c in text)
-
-
 class CwsError(Exception):
     """A problem with the user's inputs or options; the CLI prints it on one line and exits 2."""
 

@@ -14,6 +14,8 @@ from ..workflows import lm
 
 def with_threads(threads: int | None, fn, *args):
     """fn(*args) with torch using `threads` CPU threads (None: as it is), restored after."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise CwsError(f"threads={threads!r}: must be a positive integer")
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -26,12 +28,14 @@ def with_threads(threads: int | None, fn, *args):
 def setup(out, model_dir, log) -> tuple[Path, Path, object, lm.Encoder]:
     """The output folder (made), the model directory (default: SmolLM2-135M-Instruct), its tokenizer
     and chat-template encoder; a model without a chat template is refused."""
-    from transformers import AutoTokenizer
+    from ..io.atomic import check_output
 
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(model_dir) if model_dir else lm.smollm2_dir(log=log)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    if not model_dir.is_dir():
+        raise CwsError(f"{model_dir}: no such model directory")
+    out = check_output(out, [model_dir], overwrite=True, what="experiment output")  # never into the model
+    tok = lm.load_tokenizer(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
     chat = lm.Encoder(tok)
     if not chat.templated:
         raise CwsError(f"{model_dir}: the experiment needs a tokenizer with a chat template")

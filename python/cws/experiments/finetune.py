@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..workflows.lm import Encoder
+from ..workflows.lm import Encoder, load_tokenizer
 from ..workflows.train_pair import META, _peft_model, _sha, batch_order, fit, model_fingerprint
 
 
@@ -21,10 +21,8 @@ def finetune(model_dir, rows: list[tuple[str, str]], out, *, seed: int, steps: i
     """Train one LoRA adapter into `out` (an adapter directory); returns its metadata (steps, losses,
     seconds, cached, trace). trace(model) -> dict is recorded every `trace_every` steps and at the
     end; trace_key names what it measures, so a change retrains."""
-    from transformers import AutoTokenizer
-
     out = Path(out)
-    enc = Encoder(AutoTokenizer.from_pretrained(model_dir))
+    enc = Encoder(load_tokenizer(model_dir))
     data = [(enc.prompt(p), enc.answer(a, end=True)) for p, a in rows]
     modules_to_save = sorted(m for m in modules_to_save if m)
     settings = {"model": model_fingerprint(Path(model_dir)), "data": _sha(data), "seed": seed, "steps": steps, "r": r,

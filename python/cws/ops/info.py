@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..io.direction import META_FILE, Direction
-from ..errors import printable
+from ..text import printable
 from ..io.checkpoint import Checkpoint
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..io.atomic import write_report
+from ..text import finite
 from ..io.layout import is_embedding, layer_of, module_of
 
 BY = ("tensor", "layer", "module", "global")
@@ -77,7 +78,7 @@ class Report:
                 **{f"by_{by}": self.rows(by) for by in ("layer", "module", "tensor")}}
 
     def to_json(self, path=None) -> str:
-        text = json.dumps(_finite(self.to_dict()), indent=2, default=str)
+        text = json.dumps(finite(self.to_dict()), indent=2, default=str)
         if path:
             write_report(path, text + "\n", self.inputs())
         return text
@@ -126,14 +127,3 @@ def _stats(key: str, G: torch.Tensor, directions: list[str]) -> list[dict]:
 
 def _fmt(x: float) -> str:
     return "nan" if x != x else f"{x:.4g}"
-
-
-def _finite(x):
-    """JSON has no NaN: undefined cosines (a zero norm) become null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x

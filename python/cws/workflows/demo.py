@@ -88,6 +88,10 @@ def run_demo(out: str | None = None, *, quick: bool = False, seed: int = 0, log=
     root = Path(tmp or out).resolve()
     if root.exists() and not root.is_dir():
         raise CwsError(f"{root}: exists and is not a directory")
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in DEMO_FILES) if root.is_dir() and not tmp else []
+    if foreign:  # the demo replaces its own files there; anything else is the user's
+        raise CwsError(f"{root}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which the demo "
+                       f"did not write; give a new or empty directory (--out)")
     root.mkdir(parents=True, exist_ok=True)
     paths = {k: root / k for k in ("base", "pos", "neg", "direction")}
     paths.update(mixed=root / "monitor" / "pos", control=root / "monitor" / "neg")
@@ -109,6 +113,9 @@ def run_demo(out: str | None = None, *, quick: bool = False, seed: int = 0, log=
         + ":\n" + "\n".join(f"  {k:9s} {p}" for k, p in paths.items()))
     log(f"done in {timings['total']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in timings.items() if k != 'total')})")
     return {**res, "paths": {k: str(p) for k, p in paths.items()}, "kept": tmp is None, "timings": timings}
+
+
+DEMO_FILES = {"base", "pos", "neg", "direction", "monitor", "train_log.jsonl", "train_pair.json"}  # what a run writes
 
 
 def _stages(cfg, paths, seed, log, mark, pretrain, embeddings, quick) -> dict:

@@ -79,6 +79,18 @@ def load_tokenizer(path: str | os.PathLike):
                        f"need the model's tokenizer files (tokenizer.json, tokenizer_config.json)") from None
 
 
+def device_of(device) -> torch.device:
+    """The torch device a workflow runs on: `device` ("cpu", "cuda", "cuda:1", ...), by default cuda when
+    available; a name torch does not know, or a CUDA device this torch or machine lacks, is a CwsError."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise CwsError(f"device {device!r}: {str(e).splitlines()[0][:120]}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CwsError(f"device {device!r}: this torch has no CUDA device here (a CPU build, or no GPU)")
+    return dev
+
+
 class Encoder:
     """Token ids of prompts and answers: under the tokenizer's chat template when it has one, else
     plain text (bos + prompt, then answer + eos). A prompt is a user message or a list of messages."""
@@ -100,7 +112,13 @@ class Encoder:
             raise CwsError("the tokenizer has neither a pad nor an eos token")
 
     def _prompt_text(self, messages: list[dict]) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template's own raise_exception (e.g. a role it does not take)
+            if isinstance(e, CwsError):
+                raise
+            raise CwsError(f"the model's chat template refused the messages {[m.get('role') for m in messages]}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]

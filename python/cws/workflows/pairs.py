@@ -51,6 +51,13 @@ def _check(row, answers: bool) -> str | None:
             return f'"{key}" must be a non-empty string'
     if ("pos" in row) != ("neg" in row):
         return 'has one of "pos"/"neg" without the other'
+    texts = [row.get("prompt"), row.get("pos"), row.get("neg")] + [m["content"] for m in row.get("messages", [])]
+    for t in texts:
+        if isinstance(t, str):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                return "holds text that is not valid Unicode (a lone surrogate escape such as \\ud800)"
     return None
 
 
@@ -78,6 +85,8 @@ def load_pairs(data, answers: bool = True) -> list[Pair]:
                 bad.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
             except RecursionError:
                 bad.append((n, "JSON nested too deeply"))
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                bad.append((n, f"not readable JSON ({str(e)[:80]})"))
     else:
         rows, bad = list(enumerate(data, 1)), []
     pairs = []

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import CwsError
 from ..ops.alphas import parse_alphas
+from ..text import finite
 from . import lm, reference
 from .pairs import Pair, load_pairs
 
@@ -103,7 +104,12 @@ def _lines(path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise CwsError(f"{p}: no such file")
-    return p.read_text(encoding="utf-8").splitlines()
+    try:
+        return p.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise CwsError(f"{p}: not UTF-8 text (byte {e.start + 1})") from None
+    except OSError as e:
+        raise CwsError(f"{p}: cannot read: {e.strerror or e}") from None
 
 
 def _prompt_sets(prompts) -> dict[str, list[Pair]]:
@@ -126,6 +132,11 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
     or a list; both default to the built-in sets.
     Returns the points, the α range within max_nll_increase and the files written to `out`."""
     alphas = sweep_alphas(alpha)
+    for name, v in (("gen_tokens", gen_tokens), ("ref_tokens", ref_tokens), ("n_generate", n_generate)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "n_generate" else 1):
+            raise CwsError(f"{name}={v!r}: must be an integer of at least {0 if name == 'n_generate' else 1}")
+    if out is not None and not str(out).strip():
+        raise CwsError("the sweep output path is empty")
     if (direction is None) == (pos is None or neg is None) or (pos is None) != (neg is None):
         raise CwsError("give either a direction, or both pos and neg adapters")
     sets = _prompt_sets(prompts)
@@ -147,7 +158,7 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
         check_out(out, inputs)
     from transformers import AutoModelForCausalLM
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = lm.device_of(device)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -282,7 +293,7 @@ def write(result: dict, out: Path, log=print, inputs=()) -> dict:
     if plot(result, out / "sweep.png", log, inputs):
         files["png"] = str(out / "sweep.png")
     result = {**result, "files": files}
-    _replace(out / "sweep.json", lambda f: f.write(json.dumps(result, indent=1).encode()), inputs)
+    _replace(out / "sweep.json", lambda f: f.write(json.dumps(finite(result), indent=1).encode()), inputs)
     log("written: " + ", ".join(files.values()))
     return files
 

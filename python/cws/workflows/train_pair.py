@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CwsError
-from ..io.atomic import check_output, write_report
-from .lm import Encoder, lm_batch, load_tokenizer, resolve_model
+from ..io.atomic import check_output, remove_stale, temp_path, write_report
+from .lm import Encoder, device_of, lm_batch, load_tokenizer, resolve_model
 from .pairs import SHOWN, load_pairs
 
 SIDES = ("pos", "neg")
@@ -136,12 +136,37 @@ def fit(model, rows, batches: list[list[int]], *, lr: float, pad: int, autocast=
     return losses
 
 
+def _check_options(*, r, lora_alpha, lr, epochs, max_steps, batch_size) -> None:
+    """Refuse, before any work, training options no run could use."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise CwsError(f"r={r!r}: the LoRA rank must be a positive integer")
+    for name, v in (("lora_alpha", lora_alpha), ("lr", lr)):
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lora_alpha" and v == 0):
+            raise CwsError(f"{name}={v!r}: must be a finite number" + (" above 0" if name == "lora_alpha" else " ≥ 0"))
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)) + ((("max_steps", max_steps),) if max_steps is not None else ()):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CwsError(f"{name}={v!r}: must be a positive integer")
+
+
 def _state_hash(model) -> str:
     h = hashlib.sha256()
     for n, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
         h.update(n.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _intact(path: Path) -> bool:
+    """Whether a finished run's adapter files are there and its weights' header reads."""
+    from ..io.format import read_header
+
+    if not all((path / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors")):
+        return False
+    try:
+        read_header(path / "adapter_model.safetensors")
+    except CwsError:
+        return False
+    return True
 
 
 def _reusable(path: Path, fingerprint: str, settings: dict, overwrite: bool) -> dict | None:
@@ -152,8 +177,7 @@ def _reusable(path: Path, fingerprint: str, settings: dict, overwrite: bool) -> 
     meta_file = path / META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
     if meta and meta.get("fingerprint") == fingerprint:
-        done = all((path / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
-        return meta if done else None  # our own run with its adapter files gone: trained again
+        return meta if _intact(path) else None  # our own run with its adapter files gone or damaged: trained again
     if overwrite:
         return None
     if meta is None:
@@ -181,6 +205,7 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     """Train the contrastive pair on `data` (JSONL path or rows) from `model` (a path or Hub ID) into
     `out`; returns the summary written to out/train_pair.json (paths, settings, per-run losses, times)."""
     t0 = time.perf_counter()
+    _check_options(r=r, lora_alpha=lora_alpha, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size)
     base = resolve_model(model)
     pairs = load_pairs(data)
     enc = Encoder(load_tokenizer(base))
@@ -190,7 +215,7 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     batches = batch_order(train_idx, batch_size, epochs, max_steps, seed)
     target = target if isinstance(target, str) else sorted(target)
     modules_to_save = sorted(m for m in (modules_to_save or ()) if m)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_of(device)
     wdtype, autocast = _precision(dtype, device)
     settings = {"model": model_fingerprint(base), "data": _sha(rows), "templated": enc.templated, "r": r,
                 "lora_alpha": lora_alpha, "target": target, "modules_to_save": modules_to_save, "lr": lr,
@@ -204,7 +229,37 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     for name in (*SIDES, "direction", "train_log.jsonl", "train_pair.json"):  # none on an input or inside one
         check_output(out / name, inputs, overwrite=True, what="train-pair output")
     out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        return _train_sides(out, model, base, data, pairs, rows, enc, settings, fingerprint, train_idx, val_idx,
+                            batches, batch_size, wdtype, device, r, lora_alpha, target, modules_to_save, seed, lr,
+                            autocast, overwrite, inputs, quiet, log, t0)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold an exclusive lock on the output directory (flock on the directory itself: no file is left):
+    a second train-pair into the same OUT is refused instead of mixing the two runs' sides."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CwsError(f"{out}: another train-pair is writing there now; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)  # lets go of the lock
+
+
+def _train_sides(out, model, base, data, pairs, rows, enc, settings, fingerprint, train_idx, val_idx, batches,
+                 batch_size, wdtype, device, r, lora_alpha, target, modules_to_save, seed, lr, autocast, overwrite,
+                 inputs, quiet, log, t0) -> dict:
+    """train_pair, once its output directory is locked: reuse or train each side, then the direction."""
     runs = {s: _reusable(out / s, fingerprint, settings, overwrite) for s in SIDES}
+    if (out / "direction").exists() and not (out / "direction" / "direction.json").is_file() and not overwrite:
+        raise CwsError(f"{out / 'direction'}: exists and is not a cws direction; pass overwrite=True (--overwrite) "
+                       f"to replace it")
     n_tok = {s: sum(len(a) for _, a in rows[s]) for s in SIDES}
     log(f"train-pair: {len(pairs)} rows ({len(train_idx)} train, {len(val_idx)} validation), "
         f"{'chat template' if enc.templated else 'plain text (no chat template)'}, {len(batches)} steps of "
@@ -214,7 +269,10 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
         if runs[s] is not None:
             log(f"  {s}: reused {out / s} (same data, model and settings)")
     log_file = out / "train_log.jsonl"
-    if todo:
+    if todo:  # the old direction and summary go first: an interrupted retrain must not look finished
+        shutil.rmtree(out / "direction", ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (out / "train_pair.json").unlink()
         peft_model, init = _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed)
         with open(log_file, "a") as jl:  # appended: a line opens each session, then one per step and per run
             jl.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": fingerprint,
@@ -267,7 +325,10 @@ def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, se
     cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=target,
                      modules_to_save=list(modules_to_save) or None,  # a copy: PEFT edits the list it is given
                      ensure_weight_tying=tied and {"embed_tokens", "lm_head"} <= set(modules_to_save))
-    peft_model = get_peft_model(model, cfg)
+    try:
+        peft_model = get_peft_model(model, cfg)
+    except ValueError as e:  # e.g. target modules that match no layer of this model
+        raise CwsError(f"LoRA on {target!r}: {str(e).splitlines()[0][:200]}") from None
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -304,12 +365,15 @@ def _train_one(model, init, side, rows, batches, val_idx, out, settings, fingerp
     meta = {"fingerprint": fingerprint, "settings": settings, "init": init_hash, "batches": used, "steps": len(losses),
             "losses": losses, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "val_loss_before": val_before, "val_loss": val_after, "seconds": seconds}
-    tmp = out / f".{side}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    (tmp / META).write_text(json.dumps(meta))
-    shutil.rmtree(out / side, ignore_errors=True)
-    tmp.rename(out / side)
+    remove_stale(out / side)  # temporaries of runs that were killed
+    tmp = temp_path(out / side)  # this process's own (a second run never shares it)
+    try:
+        model.save_pretrained(tmp)
+        (tmp / META).write_text(json.dumps(meta))
+        shutil.rmtree(out / side, ignore_errors=True)
+        tmp.rename(out / side)
+    finally:  # a signal or an error mid-save: no temporary left behind
+        shutil.rmtree(tmp, ignore_errors=True)
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     log(f"  {side}: {len(losses)} steps in {seconds:.1f} s, loss {fmt(meta['first_loss'])} -> {fmt(meta['last_loss'])}, "
         f"validation loss {fmt(val_before)} -> {fmt(val_after)}")
