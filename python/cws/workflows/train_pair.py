@@ -140,10 +140,11 @@ def _check_options(*, r, lora_alpha, lr, epochs, max_steps, batch_size) -> None:
     """Refuse, before any work, training options no run could use."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise CwsError(f"r={r!r}: the LoRA rank must be a positive integer")
-    for name, v in (("lora_alpha", lora_alpha), ("lr", lr)):
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lora_alpha" and v == 0):
-            raise CwsError(f"{name}={v!r}: must be a finite number" + (" above 0" if name == "lora_alpha" else " ≥ 0"))
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)) + ((("max_steps", max_steps),) if max_steps is not None else ()):
+    for name, v, least in (("lora_alpha", lora_alpha, "above 0"), ("lr", lr, "≥ 0")):
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and name == "lora_alpha"):
+            raise CwsError(f"{name}={v!r}: must be a finite number {least}")
+    counts = {"epochs": epochs, "batch_size": batch_size, **({"max_steps": max_steps} if max_steps is not None else {})}
+    for name, v in counts.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CwsError(f"{name}={v!r}: must be a positive integer")
 
@@ -229,10 +230,49 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     for name in (*SIDES, "direction", "train_log.jsonl", "train_pair.json"):  # none on an input or inside one
         check_output(out / name, inputs, overwrite=True, what="train-pair output")
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
-        return _train_sides(out, model, base, data, pairs, rows, enc, settings, fingerprint, train_idx, val_idx,
-                            batches, batch_size, wdtype, device, r, lora_alpha, target, modules_to_save, seed, lr,
-                            autocast, overwrite, inputs, quiet, log, t0)
+    with _locked(out):  # one train-pair in OUT at a time
+        runs = {s: _reusable(out / s, fingerprint, settings, overwrite) for s in SIDES}
+        if (out / "direction").exists() and not (out / "direction" / "direction.json").is_file() and not overwrite:
+            raise CwsError(f"{out / 'direction'}: exists and is not a cws direction; pass overwrite=True (--overwrite) "
+                           f"to replace it")
+        n_tok = {s: sum(len(a) for _, a in rows[s]) for s in SIDES}
+        log(f"train-pair: {len(pairs)} rows ({len(train_idx)} train, {len(val_idx)} validation), "
+            f"{'chat template' if enc.templated else 'plain text (no chat template)'}, {len(batches)} steps of "
+            f"{batch_size}, answer tokens pos {n_tok['pos']} / neg {n_tok['neg']}; model {base}")
+        todo = [s for s in SIDES if runs[s] is None]
+        for s in SIDES:
+            if runs[s] is not None:
+                log(f"  {s}: reused {out / s} (same data, model and settings)")
+        log_file = out / "train_log.jsonl"
+        if todo:  # the old direction and summary go first: an interrupted retrain must not look finished
+            shutil.rmtree(out / "direction", ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                (out / "train_pair.json").unlink()
+            peft_model, init = _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed)
+            with open(log_file, "a") as jl:  # appended: a line opens each session, then one per step and per run
+                jl.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": fingerprint,
+                                     "runs": todo, "settings": settings}) + "\n")
+                for s in todo:
+                    runs[s] = _train_one(peft_model, init, s, rows[s], batches, val_idx, out, settings,
+                                         fingerprint, lr, enc.pad, autocast, jl, quiet, log)
+            del peft_model, init
+        if runs["pos"]["init"] != runs["neg"]["init"] or runs["pos"]["batches"] != runs["neg"]["batches"]:
+            raise CwsError(f"{out}: pos and neg did not start from the same LoRA init and batches; rerun with "
+                           f"--overwrite")
+        import cws
+
+        t = time.perf_counter()
+        direction = cws.extract(out / "pos", out / "neg", out / "direction", overwrite=True, quiet=True)
+        log(f"  direction: {direction} ({time.perf_counter() - t:.1f} s)")
+        named = str(data) if isinstance(data, (str, os.PathLike)) else f"{len(pairs)} rows"
+        summary = {"model": str(model), "model_dir": str(base), "data": named, "fingerprint": fingerprint,
+                   "settings": settings,
+                   "paths": {"pos": str(out / "pos"), "neg": str(out / "neg"), "direction": str(direction),
+                             "log": str(log_file)},
+                   "runs": {s: {k: v for k, v in runs[s].items() if k not in ("batches", "losses")} for s in SIDES},
+                   "reused": [s for s in SIDES if s not in todo], "seconds": round(time.perf_counter() - t0, 2)}
+        write_report(out / "train_pair.json", json.dumps(summary, indent=1), inputs)
+        return summary
 
 
 @contextlib.contextmanager
@@ -250,52 +290,6 @@ def _locked(out: Path):
         yield
     finally:
         os.close(fd)  # lets go of the lock
-
-
-def _train_sides(out, model, base, data, pairs, rows, enc, settings, fingerprint, train_idx, val_idx, batches,
-                 batch_size, wdtype, device, r, lora_alpha, target, modules_to_save, seed, lr, autocast, overwrite,
-                 inputs, quiet, log, t0) -> dict:
-    """train_pair, once its output directory is locked: reuse or train each side, then the direction."""
-    runs = {s: _reusable(out / s, fingerprint, settings, overwrite) for s in SIDES}
-    if (out / "direction").exists() and not (out / "direction" / "direction.json").is_file() and not overwrite:
-        raise CwsError(f"{out / 'direction'}: exists and is not a cws direction; pass overwrite=True (--overwrite) "
-                       f"to replace it")
-    n_tok = {s: sum(len(a) for _, a in rows[s]) for s in SIDES}
-    log(f"train-pair: {len(pairs)} rows ({len(train_idx)} train, {len(val_idx)} validation), "
-        f"{'chat template' if enc.templated else 'plain text (no chat template)'}, {len(batches)} steps of "
-        f"{batch_size}, answer tokens pos {n_tok['pos']} / neg {n_tok['neg']}; model {base}")
-    todo = [s for s in SIDES if runs[s] is None]
-    for s in SIDES:
-        if runs[s] is not None:
-            log(f"  {s}: reused {out / s} (same data, model and settings)")
-    log_file = out / "train_log.jsonl"
-    if todo:  # the old direction and summary go first: an interrupted retrain must not look finished
-        shutil.rmtree(out / "direction", ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            (out / "train_pair.json").unlink()
-        peft_model, init = _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed)
-        with open(log_file, "a") as jl:  # appended: a line opens each session, then one per step and per run
-            jl.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": fingerprint,
-                                 "runs": todo, "settings": settings}) + "\n")
-            for s in todo:
-                runs[s] = _train_one(peft_model, init, s, rows[s], batches, val_idx, out, settings,
-                                     fingerprint, lr, enc.pad, autocast, jl, quiet, log)
-        del peft_model, init
-    if runs["pos"]["init"] != runs["neg"]["init"] or runs["pos"]["batches"] != runs["neg"]["batches"]:
-        raise CwsError(f"{out}: pos and neg did not start from the same LoRA init and batches; rerun with --overwrite")
-    import cws
-
-    t = time.perf_counter()
-    direction = cws.extract(out / "pos", out / "neg", out / "direction", overwrite=True, quiet=True)
-    log(f"  direction: {direction} ({time.perf_counter() - t:.1f} s)")
-    summary = {"model": str(model), "model_dir": str(base), "data": str(data) if isinstance(data, (str, os.PathLike))
-               else f"{len(pairs)} rows", "fingerprint": fingerprint, "settings": settings,
-               "paths": {"pos": str(out / "pos"), "neg": str(out / "neg"), "direction": str(direction),
-                         "log": str(log_file)},
-               "runs": {s: {k: v for k, v in runs[s].items() if k not in ("batches", "losses")} for s in SIDES},
-               "reused": [s for s in SIDES if s not in todo], "seconds": round(time.perf_counter() - t0, 2)}
-    write_report(out / "train_pair.json", json.dumps(summary, indent=1), inputs)
-    return summary
 
 
 def _check_lengths(base, pairs, rows, data) -> None:
