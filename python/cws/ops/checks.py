@@ -47,18 +47,21 @@ def dtype_problem(name: str, infos: dict[str, TensorInfo]) -> str | None:
     return f"{name}: dtypes differ ({listed})"
 
 
+MISSING = " but missing from "  # how every missing-tensor problem reads (raise_problems finds them by it)
+
+
 def missing_problem(name: str, present: Iterable[str], absent: Iterable[str]) -> str:
     """`name` is in some checkpoints and not others; tied embeddings are named as such."""
     absent, present = list(absent), list(present)
     tied = " (tied to the input embeddings there?)" if module_of(name) == "head" else ""
-    return f"{name}: in {', '.join(present)} but missing from {', '.join(absent)}{tied}"
+    return f"{name}: in {', '.join(present)}{MISSING}{', '.join(absent)}{tied}"
 
 
 def raise_problems(problems: list[str], missing_hint: str = "") -> None:
     """Refuse the inputs for all their `problems` at once; `missing_hint` (how to proceed past
     missing tensors) is added only where a tensor is missing."""
     if problems:
-        raise MismatchError(problems, missing_hint if any(" but missing from " in p for p in problems) else "")
+        raise MismatchError(problems, missing_hint if any(MISSING in p for p in problems) else "")
 
 
 def name_filter(include: str | None, exclude: str | None):

@@ -70,7 +70,7 @@ def export_peft(
             tied_pair.update(pair)
     for name, e in entries.items():
         module = _module(name)
-        info = b.lookup(name) if b is not None else None
+        info = b.lookup(name) if b is not None else None  # every entry against the base, LoRA or saved
         if info is not None and tuple(info.shape) != tuple(e.shape):
             raise CwsError(f"{name}: direction entry {list(e.shape)} does not fit the base tensor {list(info.shape)}")
         if e.kind == "lowrank" and module and _CONV1D.search(module) is None and name not in tied_pair:
@@ -109,8 +109,6 @@ def export_peft(
             e = entries.get(n) if n in names else None
             if e is None:
                 items.append(engine.Item(n, info.rows, [info], computed=False))  # copied as it is
-            elif e.shape != info.shape:
-                raise CwsError(f"{n}: direction entry {list(e.shape)} does not fit the base tensor {list(info.shape)}")
             elif e.kind == "dense":
                 items.append(engine.Item(n, info.rows, [info, e.dense], outs=[(info.dtype, info.shape)], data=e))
             else:
