@@ -425,15 +425,22 @@ def test_output_exists(tiny_ckpts, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     before = digest(pos, neg, out)
-    with pytest.raises(CheckpointError, match=rf"^{esc(out.resolve())} exists; pass --overwrite$"):
-        cws.extract(pos, neg, out, quiet=True)
-    cli_error(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out], out.resolve(), "exists", "--overwrite")
-    cli_error(capsys, ["apply", "--model", pos, "--pos", pos, "--neg", neg, "--alpha", 1, "--out", out],
-              out.resolve(), "exists")
+    foreign = f"{out.resolve()}: holds files cws did not write (keep.txt); choose another --out or remove it"
+    with pytest.raises(CheckpointError, match=rf"^{esc(foreign)}$"):  # a folder of the user's: never replaced
+        cws.extract(pos, neg, out, overwrite=True, quiet=True)
+    for opts in ([], ["--overwrite"]):
+        cli_error(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, *opts], foreign)
+        cli_error(capsys, ["apply", "--model", pos, "--pos", pos, "--neg", neg, "--alpha", 1, "--out", out, *opts],
+                  foreign)
     assert digest(pos, neg, out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
+    (out / "keep.txt").unlink()  # an empty folder: replaced with --overwrite
+    with pytest.raises(CheckpointError, match=rf"^{esc(out.resolve())} exists; pass --overwrite$"):
+        cws.extract(pos, neg, out, quiet=True)
+    cli_error(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out], out.resolve(), "exists", "--overwrite")
     cli_ok(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, "--overwrite"])
+    cli_ok(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, "--overwrite"])  # over its own output
     assert sorted(p.name for p in out.iterdir()) == ["direction.json", "direction.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert digest(pos, neg) == {k: v for k, v in before.items() if not k.startswith(str(out))}

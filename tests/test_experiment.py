@@ -141,3 +141,29 @@ def test_greedy_and_logprobs_match_generate_and_scoring(tiny_dir):
         assert [len(x) for x in lps] == [2, 1, 0, 1]
         for a, b in zip(lps, ref):
             assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_paper_recipe_pipeline_on_tiny_model(tiny_dir, tmp_path):
+    """generate-pairs → train-pair at the recipe (early stopping) → every sweep and the ablation table; a
+    rerun samples and trains nothing."""
+    from cws.experiments import paper
+    from cws.workflows.generate_pairs import Sampling
+
+    tiny = dict(TINY, seeds=(0,), lrs=(1e-2,), bias_lr=1e-2, n_prompts=6, filters=False, ablation=True,
+                sampling=Sampling(n=2, max_new_tokens=5, batch_size=8), train=dict(max_steps=4, eval_every=2))
+    out = tmp_path / "paper"
+    res = paper.run(out, quick=True, model_dir=tiny_dir, overrides=tiny, threads=1, log=lambda *_: None)
+    names = list(paper.trainings(tiny))
+    assert list(res["trainings"]) == names and res["complete"]
+    for name, t in res["trainings"].items():
+        assert math.isfinite(t["direction_norm"]) and t["direction_norm"] > 0, name
+        assert all(1 <= t["steps"][s] <= (8 if "8 steps" in name else 4) for s in ("pos", "neg")), name
+    main = f"opinion lr {0.01:g} s0"
+    assert {f"weight {n}" for n in names} | {f"weight pos-only {main}", f"weight neg-only {main}",
+                                              "activation opinion L1"} == set(res["sweeps"])
+    table = (out / "ablation.md").read_text().splitlines()
+    assert len(table) == 2 + len(names) and all(n in "".join(table) for n in names)
+    assert res["pairs"]["opinion"]["pairs"] == 12 and res["n"]["rows_templated"] == 6
+    res2 = paper.run(out, quick=True, model_dir=tiny_dir, overrides=dict(tiny, only=(f"weight {main}",)), threads=1,
+                     log=lambda *_: None)
+    assert all(t["cached"] for t in res2["trainings"].values()) and set(res2["sweeps"]) == {f"weight {main}"}

@@ -87,7 +87,8 @@ def test_apply_unties_when_head_and_embed_change_differently(tied, tmp_path, cap
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     assert torch.equal(model.lm_head.weight, got[HEAD]) and torch.equal(model.model.embed_tokens.weight, got[EMBED])
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model: ") and "- cws\n- steering" in card and "α = -1.5" in card
+    assert card.startswith("---\n") and "- cws\n- steering" in card and "α = -1.5" in card
+    assert "base_model:" not in card  # a local base: its path is no valid Hub metadata (it is in the prose)
     assert "θ' = θ + α·w" in card and str(p["pos"]) in card and f"cws version: {cws.__version__}" in card
 
 

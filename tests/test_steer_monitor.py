@@ -105,7 +105,34 @@ def test_per_layer_alpha_filters_and_unmatched(dirs, tiny_ckpts):
     cws.steer(model2, dirs["dense"], lambda layer: 2.0 if layer == 1 else 0.0, layers=[1], exclude="mlp")
     assert all(torch.equal(p, after[n]) for n, p in snapshot(model2).items())
     extra = {"model.not_a_tensor.weight": torch.zeros(3)}
-    assert cws.steer(model2, extra, 1.0).unmatched == ["model.not_a_tensor.weight"]
+    with pytest.warns(UserWarning, match="1 direction entries match no parameter"):
+        assert cws.steer(model2, extra, 1.0, on_missing="skip").unmatched == ["model.not_a_tensor.weight"]
+
+
+def test_unmatched_entries_are_an_error_unless_skipped(dirs, tiny_ckpts):
+    """A direction whose names the model lacks (a renamed module) is refused by steer, Steerer, steered
+    and WeightMonitor, naming the first entries and the count; on_missing="skip" warns with the count."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpts["base"])
+    before = snapshot(model)
+    g = torch.Generator().manual_seed(0)
+    renamed = {n.replace(".mlp.", ".ffn."): 1e-2 * torch.randn(p.shape, generator=g) for n, p in before.items()}
+    lacking = sorted(n for n in renamed if ".ffn." in n)
+    for make in (lambda: cws.steer(model, renamed, 1.0), lambda: cws.Steerer(model, renamed),
+                 lambda: cws.steered(model, renamed).__enter__(), lambda: cws.WeightMonitor(renamed).start(model)):
+        with pytest.raises(cws.CwsError, match=rf"{len(lacking)} direction entries match no parameter .*\.ffn\..*on_missing='skip'"):
+            make()
+    assert all(torch.equal(p, before[n]) for n, p in snapshot(model).items())
+    with pytest.warns(UserWarning, match=f"{len(lacking)} direction entries match no parameter"):
+        s = cws.Steerer(model, renamed, on_missing="skip")
+    assert sorted(s.result.unmatched) == lacking and s.result.touched
+    with pytest.warns(UserWarning, match=f"{len(lacking)} direction entries"):
+        mon = cws.WeightMonitor(renamed, on_missing="skip", jsonl=False)
+        mon.start(model)
+    assert not any(".ffn." in n for n in mon._dirs["direction"])
+    with pytest.raises(cws.CwsError, match="on_missing='copy'"):
+        cws.WeightMonitor(renamed, on_missing="copy")
 
 
 def test_steer_a_peft_model(dirs):
@@ -146,10 +173,12 @@ def test_monitor_lora_trainer_matches_compare(dirs, tmp_path):
     trainer = run_trainer(model, mon, tmp_path)
     assert [r["step"] for r in mon.history] == [2, 4, 6]
     logged = [h for h in trainer.state.log_history if "cws/evil/cos" in h]
-    assert len(logged) == 3 and "cws/evil/layer1/cos" in logged[-1] and "cws/dense/cos_no_embed" in logged[-1]
+    assert len(logged) == 3 and "cws/dense/cos_no_embed" in logged[-1] and "cws/dense/proj_no_embed" in logged[-1]
+    assert not any("/layer" in k for k in logged[-1])  # per-layer cosines: in history and the JSONL, not the console
+    assert "cws/evil/layer1/cos" in mon.history[-1]
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # the Trainer's own
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [2, 4, 6]
+    assert [x["step"] for x in lines] == [2, 4, 6] and "cws/evil/layer1/cos" in lines[-1]
     model.save_pretrained(tmp_path / "adapter")
     report = cws.compare(dirs["base32"], tmp_path / "adapter", {"evil": dirs["low"], "dense": dirs["dense"]}, quiet=True)
     for d in ("evil", "dense"):
@@ -157,6 +186,31 @@ def test_monitor_lora_trainer_matches_compare(dirs, tmp_path):
             assert mon.history[-1][f"cws/{d}/{key}"] == pytest.approx(report.cosine(d, excl), rel=1e-9, abs=1e-12)
     layer = next(r for r in report.rows("layer") if r["group"] == "layer 1" and r["direction"] == "evil")
     assert mon.history[-1]["cws/evil/layer1/cos"] == pytest.approx(layer["cosine"], rel=1e-9)
+
+
+def test_monitor_logs_per_layer_cosines_to_the_trainer_only_when_asked(dirs):
+    """The Trainer's console line gets the global metrics; log_layers=True adds each layer's cosine."""
+    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState
+
+    class Logger:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, metrics):
+            self.logged.append(metrics)
+
+    model = AutoModelForCausalLM.from_pretrained(dirs["base32"])
+    for log_layers in (False, True):
+        mon = cws.WeightMonitor(dirs["low"], every=1, jsonl=False, log_layers=log_layers)
+        mon.trainer = Logger()
+        mon.start(model)
+        with torch.no_grad():
+            model.model.layers[1].self_attn.q_proj.weight.add_(1e-3)
+        mon.on_step_end(None, TrainerState(global_step=1), TrainerControl(), model=model)
+        (logged,) = mon.trainer.logged
+        layers = sorted(k for k in mon.history[-1] if "/layer" in k)
+        assert layers and "cws/direction/cos_no_embed" in logged and "cws/direction/proj_no_embed" in logged
+        assert sorted(k for k in logged if "/layer" in k) == (layers if log_layers else [])
 
 
 def test_monitor_full_finetune_matches_compare_and_stops(dirs, tiny_ckpts, tmp_path):
@@ -300,3 +354,33 @@ def test_direction_fingerprint_sees_names_values_and_copies_alike(dirs, tmp_path
     assert fp(copy) != fp(dirs["dense"])
     w = {"a": torch.ones(3), "b": (torch.ones(2, 1), torch.ones(1, 2), 0.5)}
     assert fp(w) == fp({k: w[k] for k in ("b", "a")}) != fp({**w, "b": (w["b"][0], w["b"][1], 0.25)})
+
+
+def test_per_expert_direction_on_fused_moe_experts_is_refused(tmp_path):
+    """transformers 5 holds Qwen3-MoE experts fused (mlp.experts.gate_up_proj, 3-D) and saves them per
+    expert (mlp.experts.0.gate_proj.weight): a direction made from checkpoints names single experts,
+    which cws does not map onto the fused tensors; that is an error naming them, never a silent skip."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4,
+                         num_experts_per_tok=2, decoder_sparse_step=1)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert tuple(live_params(model)["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 16, 16)
+    model.save_pretrained(tmp_path / "moe")
+    saved = state(tmp_path / "moe")
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in saved and not any(n.endswith("gate_up_proj") for n in saved)
+    direction = {n: torch.ones_like(t) for n, t in saved.items() if ".mlp." in n or "q_proj" in n}
+    experts = sum(".experts." in n for n in direction)
+    before = snapshot(model)
+    for make in (lambda: cws.Steerer(model, direction), lambda: cws.WeightMonitor(direction).start(model)):
+        with pytest.raises(cws.CwsError, match=rf"{experts} direction entries .*{experts} of them name single "
+                                               rf"experts .*model\.layers\.0\.mlp\.experts\.gate_up_proj"):
+            make()
+    with pytest.warns(UserWarning, match=f"{experts} direction entries"):
+        s = cws.Steerer(model, direction, on_missing="skip")
+    assert not any(".experts." in n for n in s.result.touched) and s.result.touched
+    s.set_alpha(1.0)
+    s.restore()
+    assert all(torch.equal(p, before[n]) for n, p in snapshot(model).items())

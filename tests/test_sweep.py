@@ -68,10 +68,13 @@ def test_numbers_match_a_model_steered_once(pair, tmp_path):
         instr = -sum(_full_logprob(model, enc.prompt(u), c) for u, c in zip(INSTR, conts)) / sum(map(len, conts))
         margins = np.array([_full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["pos"]))
                             - _full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["neg"])) for r in EVAL])
+        per_token = np.array([_full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["pos"])) / len(enc.answer(r["pos"]))
+                              - _full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["neg"])) / len(enc.answer(r["neg"]))
+                              for r in EVAL])
         gens = lm.generate(model, enc, [r["prompt"] for r in EVAL[:2]], 4)
-        ref[a] = (text, instr, margins, gens)
+        ref[a] = (text, instr, margins, gens, per_token)
     for p in res["points"]:
-        text, instr, margins, gens = ref[p["alpha"]]
+        text, instr, margins, gens, per_token = ref[p["alpha"]]
         assert p["capability"]["text_nll"] == pytest.approx(text, abs=2e-5)
         assert p["capability"]["instr_nll"] == pytest.approx(instr, abs=2e-5)
         assert p["d_text_nll"] == pytest.approx(text - ref[0.0][0], abs=4e-5)
@@ -79,6 +82,7 @@ def test_numbers_match_a_model_steered_once(pair, tmp_path):
         b = p["behavior"]["prompts"]
         assert b["n"] == 3 and b["mean"] == pytest.approx(margins.mean(), abs=1e-4)
         assert b["se"] == pytest.approx(margins.std(ddof=1) / math.sqrt(3), abs=1e-4)
+        assert b["per_token"] == pytest.approx(per_token.mean(), abs=1e-5)  # the mean's scale, freed of answer length
         assert p["generations"] == gens
     # the direction moves the behavior: α > 0 raises log p(pos) − log p(neg), α < 0 lowers it
     m = {p["alpha"]: p["behavior"]["prompts"]["mean"] for p in res["points"]}
@@ -106,6 +110,7 @@ def test_outputs_files_and_range(pair, tmp_path):
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [float(r["alpha"]) for r in rows] == [-2.0, -1.0, 0.0, 1.0, 2.0]
     assert float(rows[3]["eval_mean"]) == pytest.approx(res["points"][3]["behavior"]["eval"]["mean"])
+    assert float(rows[3]["eval_per_token"]) == pytest.approx(res["points"][3]["behavior"]["eval"]["per_token"])
     assert [r["within"] for r in rows] == [str(res["range"]["low"] <= p["alpha"] <= res["range"]["high"])
                                           for p in res["points"]]
     try:
@@ -123,6 +128,17 @@ def test_alpha_range_walks_out_from_zero():
     pts = [{"alpha": a, "cost": c} for a, c in [(-2, 0.5), (-1, 0.05), (0, 0.0), (1, 0.08), (2, 0.3), (3, 0.01)]]
     assert alpha_range(pts, 0.1) == {"low": -1, "high": 1, "max_nll_increase": 0.1}  # α=3 is cheap but past α=2
     assert alpha_range(pts, 0.01) == {"low": 0, "high": 0, "max_nll_increase": 0.01}
+
+
+def test_a_zero_width_range_suggests_a_finer_grid():
+    from cws.workflows.sweep import finer_grid
+
+    pts = [{"alpha": a, "cost": c} for a, c in [(-2, 0.5), (-1, 0.2), (0, 0.0), (1, 0.3), (2, 0.6)]]
+    assert finer_grid(pts, alpha_range(pts, 0.1)) == ("no α of this grid but 0 keeps Δ NLL ≤ 0.1: the α to use lie "
+                                                      "between -1 and +1; sweep a finer grid there, e.g. --alpha -1:1:9")
+    assert finer_grid(pts, alpha_range(pts, 0.25)) is None  # [-1, 0]: a range to use
+    assert "--alpha 0:0.5:9" in finer_grid(pts[2:3] + [{"alpha": 0.5, "cost": 1.0}], {"low": 0, "high": 0,
+                                                                                      "max_nll_increase": 0.1})
 
 
 def test_sweep_alphas():

@@ -203,10 +203,117 @@ def test_cli_train_pair(model_dir, data, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["train-pair", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--r", "4",
                  "--lora-alpha", "8", "--target", "q_proj,v_proj", "--modules-to-save", "", "--max-steps", "2",
-                 "--batch-size", "4", "--lr", "1e-2", "--val-fraction", "0", "-q"]) == 0
+                 "--batch-size", "4", "--lr", "1e-2", "--val-fraction", "0", "-q", "--threads", "1"]) == 0
     assert "direction" in capsys.readouterr().out
     summary = json.loads((out / "train_pair.json").read_text())
     assert summary["settings"]["target"] == ["q_proj", "v_proj"] and summary["settings"]["modules_to_save"] == []
     assert set(_adapter(out / "pos")) and all(("q_proj" in k or "v_proj" in k) for k in _adapter(out / "pos"))
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     PeftModel.from_pretrained(base, out / "pos")  # a normal PEFT adapter
+
+
+def test_threads_while_it_runs_and_the_default_leaves_busy_cores(model_dir, data, tmp_path, monkeypatch):
+    """threads=N: torch uses N threads while train_pair runs and its count before comes back; the default
+    is the cores this process may use less those the load average shows busy beyond this process."""
+    from cws.workflows import threads
+
+    before, seen = torch.get_num_threads(), []
+    train_pair(model_dir, data, tmp_path / "run", **{**FAST, "log": lambda *_: seen.append(torch.get_num_threads())},
+               max_steps=1, threads=1)
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    with pytest.raises(CwsError, match="threads=0"):
+        train_pair(model_dir, data, tmp_path / "run", **FAST, max_steps=1, threads=0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 8)
+    for load, want in ((0.3, 4), (1.0, 4), (5.0, 2), (9.0, 1), (40.0, 1)):
+        monkeypatch.setattr(threads, "load1", lambda: load)
+        assert threads.default_threads() == want, load
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.default_threads() == 8  # torch's count, as OMP_NUM_THREADS made it
+
+
+def test_smollm2_conversion_is_published_atomically(tmp_path, monkeypatch):
+    """The converted SmolLM2 goes to a temporary of this process's own and is renamed; a process that
+    finds another's conversion in place uses it (and removes its own), and a cached one is used as is."""
+    out = tmp_path / "smollm2-135m-instruct"
+    mine = tmp_path / ".mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    lm._publish(mine, out)
+    assert (out / "config.json").is_file() and not mine.exists()
+    theirs = tmp_path / ".theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"late": 1}')
+    lm._publish(theirs, out)  # lost the race: no error, the first conversion stays
+    assert (out / "config.json").read_text() == "{}"
+    monkeypatch.setenv("CWS_CACHE", str(tmp_path))
+    said = []
+    assert lm.smollm2_dir(log=said.append) == out and not said
+
+
+def _expected_stop(vals: list[float], patience: int | None) -> tuple[int, int]:
+    """(index of the best evaluation, index of the last one) of early stopping on `vals`."""
+    best, bad = 0, 0
+    for i, v in enumerate(vals):
+        if v < vals[best] or i == 0:
+            best, bad = i, 0
+        else:
+            bad += 1
+            if patience is not None and bad >= patience:
+                return best, i
+    return best, len(vals) - 1
+
+
+def test_early_stopping_saves_the_best_evaluation(model_dir, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cws.workflows.train_pair import mean_answer_nll, split
+
+    out = tmp_path / "es"
+    res = train_pair(model_dir, data, out, **{**FAST, "lr": 0.3}, max_steps=12, eval_every=1, patience=2,
+                     val_fraction=0.25)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    for side in ("pos", "neg"):
+        evals = [e for e in log if e.get("run") == side and e.get("eval")]
+        vals = [e["val_loss"] for e in evals]
+        best, last = _expected_stop(vals, 2)
+        run = res["runs"][side]
+        assert run["steps"] == evals[best]["step"] and run["stopped_at"] == evals[last]["step"] == len(evals)
+        assert run["val_loss"] == vals[best]
+        # the saved adapter is the best evaluation's state: its validation loss is the recorded one
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, out / side).eval()
+        enc = lm.Encoder(lm.load_tokenizer(model_dir))
+        _, val_idx = split(len(ROWS), 0.25, 0)
+        rows = [(enc.prompt(ROWS[i]["prompt"]), enc.answer(ROWS[i][side], end=True)) for i in val_idx]
+        assert mean_answer_nll(model, rows, enc.pad) == pytest.approx(vals[best], rel=1e-5)
+    assert any(e["direction_norm"] is not None for e in log if e.get("run") == "neg" and e.get("eval"))
+
+
+def test_logged_norms_are_those_of_the_merged_weights(model_dir, data, tmp_path):
+    """‖Δ_neg‖ and ‖w‖ = ‖Δ_pos − Δ_neg‖ from r×r Grams equal the norms of the merged models' differences (fp64)."""
+    from tiny import merged
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "norms"
+    res = train_pair(model_dir, data, out, **FAST, max_steps=4, eval_every=2)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    theta = base.state_dict()
+    pos, neg = merged(base, out / "pos"), merged(base, out / "neg")
+    sq = lambda d: sum(float((v.double() ** 2).sum()) for v in d.values())  # noqa: E731
+    w = {k: pos[k].double() - neg[k].double() for k in pos}
+    d_neg = {k: neg[k].double() - theta[k].double() for k in neg}
+    assert res["runs"]["neg"]["direction_norm"] == pytest.approx(sq(w) ** 0.5, rel=1e-4)
+    assert res["runs"]["neg"]["update_norm"] == pytest.approx(sq(d_neg) ** 0.5, rel=1e-4)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(patience=2), "needs eval_every"),
+                                       (dict(eval_every=2, val_fraction=0.0), "validation rows"),
+                                       (dict(eval_every=0), "eval_every=0")])
+def test_early_stopping_options_are_checked_first(model_dir, data, tmp_path, kw, match):
+    with pytest.raises(CwsError, match=match):
+        train_pair(model_dir, data, tmp_path / "bad", **FAST, **kw)
+    assert not (tmp_path / "bad").exists()

@@ -4,6 +4,7 @@ models with them, streamed over sharded checkpoints with bounded memory.
     w = cws.extract(pos=..., neg=..., out=...)
     cws.apply(model=..., direction=w, alpha=-2.0, out=...)
     report = cws.compare(base=..., model=..., directions=w)
+    cws.generate_pairs(model=..., prompts="prompts.jsonl", out="pairs.jsonl", pos_system=..., neg_system=...)
     pair = cws.train_pair(model=..., data="pairs.jsonl", out=...)        # the two fine-tunes and w
     cws.sweep(model=..., direction=pair["paths"]["direction"], alpha="-4:4:9")   # choose α
 """
@@ -18,9 +19,10 @@ _LAZY = {"apply": ".ops.apply", "combine": ".ops.combine", "compare": ".ops.comp
          "densify": ".ops.export", "export_peft": ".ops.export", "extract": ".ops.extract", "info": ".ops.info",
          "Report": ".ops.report", "Steerer": ".live.steer", "steer": ".live.steer", "steered": ".live.steer",
          "WeightMonitor": ".live.monitor", "untie": ".live.params",
-         "train_pair": ".workflows.train_pair", "sweep": ".workflows.sweep"}
+         "train_pair": ".workflows.train_pair", "sweep": ".workflows.sweep",
+         "generate_pairs": ".workflows.generate_pairs"}
 
-__all__ = ["extract", "apply", "compare", "combine", "info", "export_peft", "densify", "steer", "steered", "Steerer", "untie", "WeightMonitor", "train_pair", "sweep", "Direction", "Report", "CwsError", "CheckpointError",
+__all__ = ["extract", "apply", "compare", "combine", "info", "export_peft", "densify", "steer", "steered", "Steerer", "untie", "WeightMonitor", "generate_pairs", "train_pair", "sweep", "Direction", "Report", "CwsError", "CheckpointError",
            "MismatchError", "__version__"]
 
 

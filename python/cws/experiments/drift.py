@@ -28,7 +28,10 @@ from .finetune import adapter_update, finetune, merged
 from .matched_cost import find_k
 
 FULL = dict(train_n=160, test_n=24, task_steps=30, w_per_fact=1, gen_tokens=20, instr_n=8, text_n=3, ref_tokens=32,
-            targets=(0.05, 0.2), weight_start=0.5, act_start=0.5, grow=2.0, max_probes=4, refine=1, tol=0.25, seed=0)
+            targets=(0.05, 0.2), weight_start=0.5, act_start=0.5, grow=2.0, max_probes=4, refine=1, tol=0.25, seed=0,
+            w_pair=None)
+# w_pair: a finished train-pair OUT whose direction (and neg adapter, for −τ⁻) is w instead of the capital-claim
+#         pair trained here (e.g. the paper-recipe direction of `cws experiment paper`)
 # --quick: fewer problems, steps and targets
 QUICK = dict(FULL, train_n=96, test_n=16, task_steps=16, w_per_fact=1, instr_n=6, text_n=3, ref_tokens=20,
              targets=(0.1,), max_probes=5)
@@ -135,6 +138,21 @@ def run(out: str | Path = "cws-drift", *, quick: bool = False, model_dir=None, o
     return with_threads(threads, _run, out, quick, model_dir, overrides, log)
 
 
+def _given_pair(path, log) -> dict:
+    """The summary of a finished train-pair OUT (w_pair), as train_pair returns it."""
+    from ..errors import CwsError
+    from ..io.files import load_json
+
+    summary = Path(path) / "train_pair.json"
+    if not summary.is_file():
+        raise CwsError(f"{path}: not a finished train-pair output (no train_pair.json)")
+    pair = load_json(summary, "train-pair summary", dict)
+    if pair.get("settings", {}).get("bias_only"):
+        raise CwsError(f"{path}: a bias-only pair; the drift experiment's −τ⁻ baseline needs LoRA adapters")
+    log(f"  w: the direction of {path} (trained elsewhere: {pair['data']}, lr {pair['settings']['lr']})")
+    return {**pair, "reused": ["pos", "neg"]}
+
+
 def _run(out, quick, model_dir, overrides, log) -> dict:
     import cws
     from cws.live.activation import ActivationSteerer, mean_difference
@@ -161,8 +179,9 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     task = finetune(model_dir, [(p.ask("right"), p.agree(p.right)) for p in train], ad / "task", seed=cfg["seed"],
                     steps=cfg["task_steps"], log=lambda *_: None, **LORA)
     rows = [{"prompt": it.user(), "pos": D.agree(it.claim), "neg": D.correct(it.truth)} for it in w_items]
-    pair = train_pair(model_dir, rows, ad / "w", seed=cfg["seed"], epochs=1, val_fraction=0.0, overwrite=True,
-                      quiet=True, log=lambda *_: None, modules_to_save=(), **LORA)
+    pair = _given_pair(cfg["w_pair"], log) if cfg["w_pair"] else train_pair(
+        model_dir, rows, ad / "w", seed=cfg["seed"], epochs=1, val_fraction=0.0, overwrite=True, quiet=True,
+        log=lambda *_: None, modules_to_save=(), **LORA)
     finetunes = {"task": {k: v for k, v in task.items() if k not in ("losses", "trace")},
                  **{s: {**pair["runs"][s], "path": pair["paths"][s], "cached": s in pair["reused"]} for s in ("pos", "neg")}}
     for n, f in finetunes.items():

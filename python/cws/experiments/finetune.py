@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..workflows.lm import Encoder, load_tokenizer
+from ..workflows.lm import Encoder, load_tokenizer, quiet_peft
 from ..workflows.train_pair import META, _peft_model, _sha, batch_order, fit, model_fingerprint
 
 
@@ -66,7 +66,8 @@ def merged(model_dir, adapter) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
 
 
 def adapter_update(model_dir, adapter) -> dict:
@@ -78,7 +79,8 @@ def adapter_update(model_dir, adapter) -> dict:
     from ..live.params import lora_updates
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft = PeftModel.from_pretrained(base, adapter)
+    with quiet_peft():
+        peft = PeftModel.from_pretrained(base, adapter)
     out = {}
     for name, v in lora_updates(peft).items():
         if v[0] == "lowrank":

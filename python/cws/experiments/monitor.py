@@ -128,8 +128,9 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     from peft import PeftModel
 
     for name in traces:
-        m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                                      finetunes[name]["path"]).eval()
+        with lm.quiet_peft():
+            m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                          finetunes[name]["path"]).eval()
         probes[name] = probe.summary(probe(m), base)
         del m
     mark("probe")

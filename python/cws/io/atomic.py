@@ -142,11 +142,12 @@ def _input_paths(inputs) -> list[Path]:
     return out
 
 
-def check_output(out: str | os.PathLike, inputs=(), *, overwrite: bool = False, what: str = "output") -> Path:
+def check_output(out: str | os.PathLike, inputs=(), *, overwrite: bool = False, what: str = "output",
+                 op: str | None = None) -> Path:
     """The resolved output path, after refusing every place an output must not go: an empty path,
     the current directory or one above it, an input, anything inside an input or holding one
     (by resolved path and by device/inode, so bind mounts and symlinks count), a mount point,
-    and an existing output without `overwrite`."""
+    and an existing output without `overwrite` or (for an output of cws command `op`) not cws's own."""
     if isinstance(out, str) and not out.strip():
         raise CheckpointError(f"the {what} path is empty")
     path = resolve(out)
@@ -163,12 +164,84 @@ def check_output(out: str | os.PathLike, inputs=(), *, overwrite: bool = False, 
                 (os.path.exists(inp) and _stat_id(inp) in out_ids) or \
                 (os.path.exists(path) and _stat_id(path) in inp_ids):
             raise CheckpointError(f"{what} {path} overlaps input {inp}; choose another path")
-    if os.path.lexists(path):
-        if not overwrite:
-            raise CheckpointError(f"{path} exists; pass --overwrite")
-        if os.path.ismount(path):
-            raise CheckpointError(f"{what} {path} is a mount point; it cannot be replaced, choose a path inside it")
+    check_replace(path, op, overwrite, what)
     return path
+
+
+# what each cws output is, by the `cws_op` that its safetensors files record (cws.ops.checks.provenance)
+OUTPUT_KINDS = {"apply": "model", "extract": "direction", "combine": "direction", "densify": "direction",
+                "export-peft": "adapter"}
+
+
+def written_by_cws(path: Path) -> str | None:
+    """The kind of output ("model", "direction", "adapter") cws wrote in directory `path`, told by the
+    `cws_op` metadata of its .safetensors files; None where cws wrote none of them."""
+    from .format import read_header
+
+    try:
+        files = sorted(e.path for e in os.scandir(path) if e.name.endswith(".safetensors"))
+    except OSError:
+        return None
+    for f in files:
+        try:
+            op = read_header(f)[1].get("cws_op")
+        except CheckpointError:
+            continue
+        if op in OUTPUT_KINDS:
+            return OUTPUT_KINDS[op]
+    return None
+
+
+def foreign(path: Path, kind: str | None, mine=()) -> str | None:
+    """Why the existing `path` must not be replaced by a `kind` output, or None where it may: it is
+    empty, or holds cws's own output of that kind (or a file named in `mine`, another writer's marker)."""
+    if not path.is_dir():
+        return "is a file cws did not write"
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        return f"cannot be listed ({e.strerror or e})"
+    if not names or any(n in names for n in mine) or (kind and written_by_cws(path) == kind):
+        return None
+    other = written_by_cws(path)
+    if other is not None:
+        return f"holds a {other} cws wrote, not a {kind}"
+    return f"holds files cws did not write ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
+
+
+def check_replace(path: Path, op: str | None, overwrite: bool, what: str = "output", mine=()) -> None:
+    """Refuse to replace an existing `path`: a mount point, one cws did not write as the output of `op`
+    (whatever `overwrite` says; None: not checked), then any without `overwrite`."""
+    if not os.path.lexists(path):
+        return
+    if os.path.ismount(path):
+        raise CheckpointError(f"{what} {path} is a mount point; it cannot be replaced, choose a path inside it")
+    why = foreign(path, OUTPUT_KINDS.get(op), mine) if op is not None or mine else None
+    if why:
+        raise CheckpointError(f"{path}: {why}; choose another --out or remove it")
+    if not overwrite:
+        raise CheckpointError(f"{path} exists; pass --overwrite")
+
+
+def check_own_files(paths, marker: Path, keys) -> None:
+    """Refuse, whatever --overwrite says, to replace any existing file of `paths` (the outputs of a
+    command that writes files, not a directory) unless `marker`, one of them, is a JSON object holding
+    `keys`: the record cws wrote beside them."""
+    from .files import load_json
+
+    present = [Path(p) for p in paths if os.path.lexists(p)]
+    if not present:
+        return
+    for p in present:
+        if os.path.isdir(p):
+            raise CheckpointError(f"{p}: is a directory; choose another --out")
+    try:
+        ours = os.path.lexists(marker) and set(keys) <= set(load_json(marker, "record", dict))
+    except CheckpointError:
+        ours = False
+    if not ours:
+        raise CheckpointError(f"{present[0]}: a file cws did not write (no {Path(marker).name} of its own beside it); "
+                              f"choose another --out or remove it")
 
 
 def _stat_id(p: Path) -> tuple[int, int]:

@@ -122,12 +122,12 @@ class Checkpoint:
 
 def _find_weights(d: Path) -> Path:
     """The weights file (or index) inside directory `d`, following HF's preference order."""
-    if (d / "adapter_config.json").is_file():
+    if os.path.lexists(d / "adapter_config.json"):
         names = ["adapter_model.safetensors"]
     else:
         names = ["model.safetensors", "model.safetensors.index.json"]
     for name in names:
-        if (d / name).is_file():
+        if os.path.lexists(d / name):  # whatever it is: its reader refuses one that is not a regular file
             return d / name
     files = sorted(p for p in d.iterdir() if p.is_file())
     for suffix in (".safetensors.index.json", ".safetensors"):

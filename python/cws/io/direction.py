@@ -74,13 +74,13 @@ class Direction:
         path = resolve(path)
         meta_file = path / META_FILE
         ckpt = Checkpoint.open(path)
-        if not meta_file.is_file():
+        if not os.path.lexists(meta_file):  # a bad direction.json is refused by load_json, not skipped
             entries = {n: Entry(n, i.shape, dense=i) for n, i in ckpt.tensors.items() if i.is_float}
             others = [n for n, i in ckpt.tensors.items() if not i.is_float]
             if others:
                 raise CheckpointError(f"{path}: read as a direction, but holds non-float tensors: {', '.join(others[:5])}")
             return cls(path, entries, {"format": "plain-checkpoint"}, ckpt, ckpt.ties)
-        meta = load_json(meta_file, "direction metadata")
+        meta = load_json(meta_file, "direction metadata", dict)
         try:
             _check_structure(meta)
         except ValueError as e:

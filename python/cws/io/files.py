@@ -58,19 +58,31 @@ def changed(expected: tuple | None, st: os.stat_result) -> str | None:
     return "the file was modified since cws read its header (its size or modification time changed)"
 
 
-def load_json(path: str | os.PathLike, what: str) -> object:
-    """The JSON document in the regular file at `path`; any unreadable, non-UTF-8, malformed or
-    absurdly nested content is a CheckpointError naming `what` the file should be."""
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The contents of the regular file at `path` (never blocking on a FIFO); a CheckpointError naming
+    it otherwise. The one way cws reads a small input file whole (JSON, JSONL, text)."""
     fd, _ = open_regular(path)
     try:
         with os.fdopen(fd, "rb") as f:
-            raw = f.read()
-        return json.loads(raw.decode("utf-8"))
+            return f.read()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def load_json(path: str | os.PathLike, what: str, kind: type | None = None) -> object:
+    """The JSON document in the regular file at `path` (a JSON object where `kind` is dict); any
+    unreadable, non-UTF-8, malformed, absurdly nested or mistyped content is a CheckpointError naming
+    `what` the file should be."""
+    raw = read_bytes(path)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
         raise CheckpointError(f"{path}: corrupt {what}: {why}") from e
+    if kind is not None and not isinstance(doc, kind):
+        want = {dict: "a JSON object", list: "a JSON array"}.get(kind, kind.__name__)
+        raise CheckpointError(f"{path}: corrupt {what}: expected {want}, got {type(doc).__name__}")
+    return doc
 
 
 def _kind(mode: int) -> str:

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from ..errors import CwsError
+from . import files
 from .kinds import expect
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -24,19 +25,37 @@ def resolve(spec: str | os.PathLike, role: str | None = None, what: str | None =
     kind `role` takes ("model", "base", "fine-tune", "direction"; see cws.io.kinds).
     cache_only: never download, even online."""
     path = Path(spec).expanduser()
-    if not path.exists() and isinstance(spec, str) and REPO_ID.match(spec):
+    if is_hub_id(spec):
         path = download(spec, cache_only)
     if role is not None and path.exists():
-        expect(path.resolve(), role, what or role)
+        expect(files.resolve(path), role, what or role)
     return path
+
+
+def is_hub_id(spec) -> bool:
+    """Whether `spec` names a Hub repo: `org/name[@rev]`, and no such path here, nor one that looks local."""
+    return isinstance(spec, str) and bool(REPO_ID.match(spec)) and not os.path.lexists(spec) and not looks_local(spec)
+
+
+def looks_local(spec: str | os.PathLike) -> bool:
+    """A path, not a Hub ID: it starts with / ./ ../ or ~, or its first folder exists here
+    (`sentiment/directon` where `sentiment/` exists is a typo, not a repo)."""
+    spec = os.fspath(spec)
+    return spec.startswith(("/", "./", "../", "~")) or ("/" in spec and os.path.isdir(spec.split("/", 1)[0]))
 
 
 def describe(spec: str | os.PathLike) -> str:
     """How to name an input in provenance and model cards: its Hub ID as given, or its absolute path."""
-    path = Path(spec).expanduser()
-    if not path.exists() and isinstance(spec, str) and REPO_ID.match(spec):
-        return spec
-    return str(path.resolve())
+    return spec if is_hub_id(spec) else str(files.resolve(spec))
+
+
+def hub_id(spec: str) -> str | None:
+    """The Hub repo (`org/name`, no revision) an input named by `describe` came from: its Hub ID, or
+    the repo of a Hugging Face cache snapshot path (`…/models--org--name/snapshots/…`); else None."""
+    m = re.search(r"/models--([^/]+?)--([^/]+)/snapshots/", spec) if spec.startswith("/") else REPO_ID.match(spec)
+    if m is None:
+        return None
+    return f"{m[1]}/{m[2]}" if spec.startswith("/") else m["repo"]
 
 
 def download(spec: str, cache_only: bool = False) -> Path:

@@ -3,6 +3,7 @@ its files, so a wrong kind is refused in one line before any work."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import CwsError
@@ -30,20 +31,21 @@ HINTS = {
 
 
 def kind_of(path: Path) -> str | None:
-    """"adapter", "direction", "model" or "file" (a .safetensors or its index), or None if none of them."""
+    """"adapter", "direction", "model" or "file" (a .safetensors or its index), or None if none of them.
+    A marker file counts where any file system entry has its name (its reader then refuses a bad one)."""
     if path.is_dir():
-        if (path / "adapter_config.json").is_file():
+        if os.path.lexists(path / "adapter_config.json"):
             return "adapter"
-        if (path / "direction.json").is_file():
+        if os.path.lexists(path / "direction.json"):
             return "direction"
-        return "model" if (path / "config.json").is_file() else "file"
+        return "model" if os.path.lexists(path / "config.json") else "file"
     if not path.name.endswith((".safetensors", ".index.json")):
         return None
-    if (path.parent / "adapter_config.json").is_file():  # a file of an adapter or direction directory is that
+    if os.path.lexists(path.parent / "adapter_config.json"):  # a file of an adapter or direction directory is that
         return "adapter"
-    if (path.parent / "direction.json").is_file():
+    if os.path.lexists(path.parent / "direction.json"):
         return "direction"
-    if path.name.endswith(".index.json") and (path.parent / "config.json").is_file():
+    if path.name.endswith(".index.json") and os.path.lexists(path.parent / "config.json"):
         return "model"
     return "file" if path.name.endswith((".safetensors", ".index.json")) else None
 
@@ -51,8 +53,10 @@ def kind_of(path: Path) -> str | None:
 def expect(path: Path, role: str, what: str) -> None:
     """Refuse `path` given as `what` (e.g. "direction", "--model") unless its kind fits `role`."""
     kind = kind_of(path)
+    wanted = " or ".join(WHAT[k] for k in ROLES[role])
+    if kind is None and path.suffix not in (".bin", ".pt", ".pth", ".ckpt") and os.path.isfile(path):
+        raise CwsError(f"{what} {path}: this is a {path.suffix or 'plain'} file, expected {wanted}")  # pickles: told later
     if kind is None or kind in ROLES[role]:
         return
-    wanted = " or ".join(WHAT[k] for k in ROLES[role])
     hint = f" ({HINTS[kind]})" if HINTS[kind] else ""
     raise CwsError(f"{what} {path}: this is {WHAT[kind]}, expected {wanted}{hint}")

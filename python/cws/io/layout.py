@@ -21,6 +21,7 @@ _MODULES = [
     ("norm", re.compile(r"(norm|ln_\w*|layernorm)\b", re.IGNORECASE)),
 ]
 EMBEDDING_MODULES = ("embed", "head")
+MLP_BIAS = re.compile(r"\.mlp\.(gate|up|down)_proj\.bias$")  # the biases a config's mlp_bias switch gives each layer
 
 
 def layer_of(name: str) -> int | None:

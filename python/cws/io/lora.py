@@ -38,7 +38,7 @@ def is_adapter(path) -> bool:
     """True for a PEFT adapter directory (it holds adapter_config.json)."""
     if path is None or not Path(path).is_dir():
         return False
-    if (Path(path) / CONFIG).is_file():
+    if os.path.lexists(Path(path) / CONFIG):  # a bad one is refused by read_config, not skipped
         return True
     if any(Path(path).glob("adapter_model*")):
         raise CheckpointError(f"{Path(path).resolve()}: adapter weights without {CONFIG}; cannot tell r, alpha or targets")

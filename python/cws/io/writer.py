@@ -90,7 +90,8 @@ class ShardedWriter:
         fsync: bool = True,
     ):
         self.fsync = fsync
-        self.out_dir = atomic.check_output(out_dir, inputs, overwrite=overwrite)
+        self.op = (metadata or {}).get("cws_op")  # what kind of output this is: replaces only one of its kind
+        self.out_dir = atomic.check_output(out_dir, inputs, overwrite=overwrite, op=self.op)
         self.overwrite = overwrite
         self.metadata = {"format": "pt", **(metadata or {})}
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
@@ -274,8 +275,7 @@ class ShardedWriter:
 
     def _move_into_place(self) -> None:
         out = self.out_dir
-        if os.path.lexists(out) and not self.overwrite:
-            raise CheckpointError(f"{out} exists; pass --overwrite")
+        atomic.check_replace(out, self.op, self.overwrite)  # it may have appeared since the start
         try:
             self._previous = atomic.put_in_place(self._tmp, out)
             self._moved = True

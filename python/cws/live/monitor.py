@@ -26,7 +26,7 @@ from ..ops.compare import vector_gram
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
 from .dist import Part, Ranks, direction_parts, same_directions, gram_cut, part_of, restrict, row_offset, unwrap
-from .params import live_params, lora_modules, lora_updates, merge_ties, tied_names
+from .params import bias_slots, check_unmatched, live_params, lora_modules, lora_updates, merge_ties, tied_names
 from ..ops.report import Report
 
 logger = logging.getLogger("cws.monitor")
@@ -132,12 +132,17 @@ class WeightMonitor(TrainerCallback):
     threshold: warn (action="warn") or stop training (action="stop") when `metric` (by default the
     global cosine without embeddings) of any direction exceeds it. jsonl: a file to append to; by default
     `cws_monitor.jsonl` in the Trainer's output_dir (rank 0 only under torch.distributed); False: none.
+    on_missing: direction entries the model lacks are an error ("error"), or left out with a warning ("skip").
+    per_layer: also each layer's cosine (`cws/<dir>/layer<i>/cos`), in `history` and the JSONL; through
+    `trainer.log` (the console line, TensorBoard, W&B) only with log_layers=True, since a 30-layer model
+    puts 30 more values on every line. Global metrics: cos, proj, cos_no_embed, proj_no_embed, update_norm.
     A tied parameter (lm_head = embed_tokens) is measured once, unless a direction has both names.
     """
 
     def __init__(self, directions, every: int = 10, *, reference="cpu", threshold: float | None = None,
                  metric: str = "cos_no_embed", action: str = "warn", jsonl: str | os.PathLike | bool | None = None,
-                 per_layer: bool = True, distributed: bool | None = None):
+                 per_layer: bool = True, distributed: bool | None = None, on_missing: str = "error",
+                 log_layers: bool = False):
         if not isinstance(directions, dict) or all(isinstance(v, torch.Tensor) for v in directions.values()):
             directions = {"direction": directions}
         if action not in ("warn", "stop"):
@@ -145,7 +150,8 @@ class WeightMonitor(TrainerCallback):
         self.directions = directions
         self.every, self.reference, self.threshold = max(1, int(every)), reference, threshold
         self.metric, self.action, self.jsonl, self.per_layer = metric, action, jsonl, per_layer
-        self.distributed = distributed
+        self.distributed, self.on_missing, self.log_layers = distributed, on_missing, log_layers
+        check_unmatched([], {}, on_missing, "WeightMonitor")  # a bad on_missing fails here, not at train time
         self.trainer = None
         self.history: list[dict] = []
         self.last_report: Report | None = None
@@ -166,6 +172,12 @@ class WeightMonitor(TrainerCallback):
         if self._ranks.world > 1:
             same_directions(self.directions, device)
         self._dirs = {k: direction_parts(v, self._parts, self._shapes, device) for k, v in self.directions.items()}
+        slots = bias_slots(model)  # a bias a layer lacks (a bias-only direction's): no update there, τ = 0
+        for k, entries in self._dirs.items():
+            lacking = [n for n in entries if n not in params and n not in slots]
+            check_unmatched(lacking, params, self.on_missing, f"WeightMonitor, direction {k!r}")
+            for n in lacking:
+                del entries[n]
         self._plan = None  # the low-rank tensors' Gram plan, made at the first measurement
         self._tied = merge_ties(tied_names(params), list(self._dirs.values()))
         for entries in self._dirs.values():  # factors in fp64 once, not at every measurement
@@ -384,7 +396,7 @@ class WeightMonitor(TrainerCallback):
             # Trainer.log ends by clearing control.should_log, the flag that tells the Trainer to log
             # its loss at this step: kept as it was, or the loss of every measured step goes unlogged.
             should_log = control.should_log
-            self.trainer.log(dict(metrics))
+            self.trainer.log({k: v for k, v in metrics.items() if self.log_layers or "/layer" not in k})
             control.should_log = should_log
         if self.threshold is not None:
             hits = {k: v for k, v in metrics.items() if k.endswith("/" + self.metric) and v > self.threshold}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 
 import torch
 
@@ -22,6 +23,8 @@ PEFT_PREFIX = "base_model.model."
 KERNEL_DTYPES = FLOAT_DTYPES  # what cws_kernels read and write
 _SAVED = re.compile(r"\.modules_to_save\.[^.]+\.")
 _WRAPPERS = re.compile(r"(^|\.)(_orig_mod|_checkpoint_wrapped_module)\.")  # torch.compile, checkpoint_wrapper
+_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.")  # a per-expert checkpoint name: model.layers.0.mlp.experts.3.up_proj.weight
+ON_MISSING = ("error", "skip")
 
 
 @functools.lru_cache(maxsize=2**16)  # the same names at every measurement
@@ -46,6 +49,30 @@ def live_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         if c is not None and p.is_floating_point():
             out[c] = p
     return out
+
+
+def check_unmatched(names: list[str], params: dict, on_missing: str, who: str) -> None:
+    """Refuse direction entries that name no parameter of the model (on_missing="error"), or warn with
+    their count (on_missing="skip"). Per-expert entries on a model whose experts are fused are named."""
+    if on_missing not in ON_MISSING:
+        raise CwsError(f"on_missing={on_missing!r}: expected one of {', '.join(ON_MISSING)}")
+    if not names:
+        return
+    from ..text import printable
+
+    shown = ", ".join(printable(n) for n in names[:3]) + (", …" if len(names) > 3 else "")
+    msg = f"{who}: {len(names)} direction entries match no parameter of the model ({shown})"
+    if on_missing == "skip":
+        warnings.warn(msg + "; left out (on_missing='skip')", stacklevel=3)
+        return
+    fused = {n.rsplit(".", 1)[0] for n in params if n.rsplit(".", 1)[0].endswith(".experts")}
+    experts = [n for n in names if (m := _EXPERT.match(n)) and m.group(1) in fused]
+    if experts:
+        one = next(n for n in params if n.startswith(_EXPERT.match(experts[0]).group(1) + "."))
+        msg += (f"; {len(experts)} of them name single experts ({printable(experts[0])}, …) of experts this model "
+                f"holds fused as 3-D parameters ({printable(one)}, transformers 5): cws does not map per-expert "
+                f"entries onto fused experts")
+    raise CwsError(msg + "; exclude them (exclude=REGEX) or pass on_missing='skip' to leave them out")
 
 
 def tied_names(params: dict[str, torch.nn.Parameter]) -> dict[str, str]:
@@ -163,3 +190,13 @@ def _add(out: dict, name: str, vector) -> None:
     if name in out:
         raise CwsError(f"{name}: several active adapters update this tensor; activate one adapter to measure it")
     out[name] = vector
+
+
+def bias_slots(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Checkpoint name of the bias each Linear layer lacks → the layer (a PeftModel's base layers
+    included): where a direction's bias entry (the bias-only variant's) adds a new bias."""
+    out = {}
+    for mname, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is None and (c := canonical(f"{mname}.bias")):
+            out.setdefault(c, module)
+    return out

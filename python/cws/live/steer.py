@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from cws_kernels import add_lowrank_, lincomb
 
@@ -21,7 +22,7 @@ from ..ops.checks import name_filter, tensor_seed
 from ..errors import CwsError
 from ..io.layout import layer_of
 from .dist import Part, add_lowrank_part_, direction_parts, part_of, row_offset, unwrap
-from .params import KERNEL_DTYPES, live_params
+from .params import KERNEL_DTYPES, bias_slots, check_unmatched, live_params
 
 KEEPS = ("cpu", "device", "checkpoint")
 
@@ -47,22 +48,30 @@ class Target:
     param: torch.nn.Parameter
     delta: tuple  # ("dense", w) or ("lowrank", B, A, scale), on the parameter's device
     part: Part  # the block of the parameter this process holds (all of it, unless FSDP2 shards it)
+    adds: torch.nn.Module | None = None  # a Linear given this new bias while steered (None: the model's own)
 
     @property
     def data(self) -> torch.Tensor:
         return self.part.local
 
+    def attach(self, on: bool) -> None:
+        """A new bias (the bias-only variant's) is in the model only while it is steered by α ≠ 0."""
+        if self.adds is not None:
+            self.adds.bias = self.param if on else None
+
 
 @dataclass
 class SteerResult:
-    """What a steering call touched, and the direction entries that matched nothing in the model."""
+    """What a steering call touched, the direction entries left out by include/exclude/layers, and
+    those that matched nothing in the model (only with on_missing="skip": otherwise an error)."""
 
     touched: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     filtered: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)  # new biases (a bias-only direction's): in the model while steered
 
 
-def _targets(model, direction, include, exclude, layers) -> tuple[list[Target], SteerResult]:
+def _targets(model, direction, include, exclude, layers, on_missing="error") -> tuple[list[Target], SteerResult]:
     params = live_params(unwrap(model))
     keep = name_filter(include, exclude)
     layers = set(layers) if layers is not None else None
@@ -71,15 +80,20 @@ def _targets(model, direction, include, exclude, layers) -> tuple[list[Target], 
     parts = {name: part_of(p) for name, p in wanted.items()}  # filtered-out entries are neither cut nor checked
     entries = direction_parts(direction, parts, {n: p.shape for n, p in wanted.items()}, device)
     result = SteerResult()
-    targets, seen = [], {}
+    targets, seen, slots = [], {}, None
     for name, delta in entries.items():
-        p = params.get(name)
-        if p is None:
-            result.unmatched.append(name)
-            continue
+        p, adds = params.get(name), None
         if not keep(name) or (layers is not None and layer_of(name) not in layers):
             result.filtered.append(name)
             continue
+        if p is None:
+            slots = bias_slots(unwrap(model)) if slots is None else slots
+            if (adds := slots.get(name)) is None:
+                result.unmatched.append(name)
+                continue
+            p = _new_bias(name, adds, delta)
+            parts[name] = part_of(p)
+            result.added.append(name)
         if p.device.type == "meta":
             raise CwsError(f"{name} is on the meta device (no weights loaded yet); steer the model once its "
                            f"weights are loaded")
@@ -92,9 +106,21 @@ def _targets(model, direction, include, exclude, layers) -> tuple[list[Target], 
                            f"them differently; untie the model first (cws.untie(model)) or exclude one of them")
         seen[id(p)] = name
         delta = tuple(t.to(p.device) if isinstance(t, torch.Tensor) else t for t in delta)
-        targets.append(Target(name, p, delta, parts[name]))
+        targets.append(Target(name, p, delta, parts[name], adds))
         result.touched.append(name)
+    check_unmatched(result.unmatched, params, on_missing, "steer")
     return targets, result
+
+
+def _new_bias(name: str, linear: torch.nn.Module, delta: tuple) -> torch.nn.Parameter:
+    """A zero bias for a Linear that has none (not attached yet), like its weight; the entry must fit it."""
+    w = linear.weight
+    if isinstance(w, DTensor):
+        raise CwsError(f"{name}: adding a bias to an FSDP2-sharded layer is not supported; steer it unsharded")
+    shape = tuple(delta[1].shape) if delta[0] == "dense" else (delta[1].shape[0], delta[2].shape[1])
+    if shape != (linear.out_features,):
+        raise CwsError(f"{name}: direction {list(shape)} does not fit the layer's {linear.out_features} outputs")
+    return torch.nn.Parameter(torch.zeros(linear.out_features, dtype=w.dtype, device=w.device), requires_grad=False)
 
 
 def _steer_one(t: Target, source: torch.Tensor, alpha: float, rounding: str, seed: int) -> None:
@@ -118,17 +144,19 @@ def _steer_one(t: Target, source: torch.Tensor, alpha: float, rounding: str, see
 
 @torch.no_grad()
 def steer(model, direction, alpha: float | Sequence[float] | Callable = 1.0, *, include: str | None = None,
-          exclude: str | None = None, layers=None, rounding: str = "nearest", seed: int = 0) -> SteerResult:
+          exclude: str | None = None, layers=None, rounding: str = "nearest", seed: int = 0,
+          on_missing: str = "error") -> SteerResult:
     """Add α·w to the model's weights in place (dense or low-rank entries; any device and float dtype).
 
-    Returns the tensors touched and the direction entries the model lacks. Not reversible bit for
-    bit by itself: use `steered(...)` or `Steerer` to come back exactly.
+    Direction entries the model lacks are an error, or with on_missing="skip" a warning (listed in
+    the result's `unmatched`). Not reversible bit for bit by itself: use `steered(...)` or `Steerer`.
     """
-    targets, result = _targets(model, direction, include, exclude, layers)
+    targets, result = _targets(model, direction, include, exclude, layers, on_missing)
     for t in targets:
         a = alpha_for(alpha, t.name)
         if a != 0.0:
             _steer_one(t, t.data, a, rounding, seed)
+            t.attach(True)
     return result
 
 
@@ -137,15 +165,16 @@ class Steerer:
 
     keep: "cpu" (pristine copies in CPU memory), "device" (beside the parameters: fastest), or
     "checkpoint" (no copy: re-read from `checkpoint`, the local safetensors checkpoint the model
-    was loaded from; checked bit for bit against the live weights at construction).
+    was loaded from; checked bit for bit against the live weights at construction). on_missing: "error"
+    (default) for direction entries the model lacks, or "skip" (a warning; they are in `result.unmatched`).
     """
 
     def __init__(self, model, direction, *, include=None, exclude=None, layers=None, rounding="nearest", seed=0,
-                 keep: str = "cpu", checkpoint=None):
+                 keep: str = "cpu", checkpoint=None, on_missing: str = "error"):
         if keep not in KEEPS:
             raise CwsError(f"keep={keep!r}: expected one of {', '.join(KEEPS)}")
         self.model = model
-        self.targets, self.result = _targets(model, direction, include, exclude, layers)
+        self.targets, self.result = _targets(model, direction, include, exclude, layers, on_missing)
         self.rounding, self.seed, self.keep = rounding, seed, keep
         self.alpha = 0.0
         self._ckpt = None
@@ -155,7 +184,8 @@ class Steerer:
                 self.pristine = None
             else:
                 dev = "cpu" if keep == "cpu" else None
-                self.pristine = {t.name: t.data.to(dev or t.data.device, copy=True) for t in self.targets}
+                self.pristine = {t.name: t.data.to(dev or t.data.device, copy=True) for t in self.targets
+                                 if t.adds is None}  # a new bias starts from zeros
 
     @property
     def kept_bytes(self) -> int:
@@ -163,6 +193,8 @@ class Steerer:
         return sum(p.numel() * p.element_size() for p in (self.pristine or {}).values())
 
     def _source(self, t: Target) -> torch.Tensor:
+        if t.adds is not None:
+            return torch.zeros_like(t.data)
         if self._ckpt is not None:
             return _read_part(self._ckpt, t).to(t.data.device)
         return self.pristine[t.name].to(t.data.device)
@@ -178,6 +210,7 @@ class Steerer:
                 t.data.copy_(src)
             else:
                 _steer_one(t, src, a, self.rounding, self.seed)
+            t.attach(a != 0.0)  # a new bias leaves the model at α = 0: its state_dict is the original one
         self.alpha = alpha
 
     def restore(self) -> None:
@@ -191,6 +224,10 @@ class Steerer:
         params = live_params(unwrap(self.model))
         for t in self.targets:
             if t.part.sharded:
+                continue
+            w = t.adds.weight if t.adds is not None else None
+            if t.adds is not None and (t.adds.bias is None or t.adds.bias is t.param) and w.device == t.param.device \
+                    and w.dtype == t.param.dtype:
                 continue
             p = params.get(t.name)
             if p is not t.param or part_of(p).local.data_ptr() != t.data.data_ptr():
@@ -209,7 +246,7 @@ def _open_matching(path, targets):
     if not path or not Path(path).exists():
         raise CwsError("keep='checkpoint' needs the local checkpoint the model was loaded from (checkpoint=...)")
     ckpt = Checkpoint.open(path)
-    for t in targets:
+    for t in (t for t in targets if t.adds is None):  # a new bias is not in the checkpoint: it starts from zeros
         info = ckpt.lookup(t.name)
         if info is None or info.dtype != t.param.dtype or not torch.equal(_read_part(ckpt, t).to(t.data.device), t.data):
             raise CwsError(f"{ckpt.path}: {t.name} differs from the loaded model's; keep='checkpoint' needs the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 
 MAX_COUNT = 10_000
@@ -43,3 +44,15 @@ def parse_alphas(spec) -> list[float]:
             raise ValueError(f"{item!r}: alpha must be finite")
         alphas += numbers
     return alphas
+
+
+def decimal_comma(spec) -> str | None:
+    """The decimal that a comma list like "0,75" was likely meant as ("0.75": a 0 next to a whole number
+    of two digits or more), or None."""
+    if not isinstance(spec, str):
+        return None
+    items = [s.strip() for s in spec.split(",")]
+    for a, b in zip(items, items[1:]):
+        if re.fullmatch(r"[-+]?0", a) and re.fullmatch(r"\d{2,}", b):
+            return f"{a}.{b}"
+    return None

@@ -21,12 +21,14 @@ import torch
 from cws_kernels import add_lowrank_, lincomb_tally, lowrank_block_rows
 
 from . import dist, engine
-from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, provenance,
+from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, new_bias, provenance,
                      raise_problems, shape_problem, tensor_seed)
-from ..io.direction import Direction
+from ..io.direction import Direction, Entry
 from ..errors import CwsError
+from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint
 from ..io.hub import describe, resolve
+from ..io.layout import MLP_BIAS
 from ..io.lora import is_adapter
 from ..io.ties import read_config, split_ties
 from ..io.writer import copy_model_files, open_together
@@ -120,6 +122,8 @@ def apply(
     if direction is None:
         specs = describe(pos), describe(neg)
         pos, neg = resolve(pos, "fine-tune", "pos"), resolve(neg, "fine-tune", "neg")
+        for d_out in out_dirs(out, alphas):  # refused before the fused extraction, not after it
+            check_output(d_out, [m.path, pos, neg], overwrite=overwrite, op="apply")
         if is_adapter(pos) or is_adapter(neg):
             return _apply_adapters(pos, neg, specs, alphas, out, rounding=rounding, seed=seed, include=include,
                                    exclude=exclude, on_missing=on_missing, allow_nonfinite=allow_nonfinite,
@@ -149,7 +153,8 @@ def apply(
     kept, untied = split_ties(m.ties, delta_of)
     tied_to = {embed: head for head, embed in kept.items()}
     problems, items, steered, skipped = [], [], 0, []
-    for name in sorted(real - set(m.tensors) - set(m.ties)):
+    biases = _new_biases(m, real, delta_of, on_missing)  # a bias-only direction's biases the model lacks
+    for name in sorted(real - set(m.tensors) - set(m.ties) - set(biases)):
         if on_missing == "skip":
             skipped.append(name)
         else:
@@ -189,7 +194,7 @@ def apply(
             items.append(engine.Item(name, info.rows, [info, infos["pos"], infos["neg"]], outs=outs, data=("fused",)))
         steered += 1
     raise_problems(problems, "pass --on-missing skip to leave unmatched direction tensors out")
-    if steered == 0:
+    if steered == 0 and not any(e is not None for e in biases.values()):
         raise CwsError(f"no tensor of {m.path} matches the direction; nothing to steer")
     if untied:
         log.warning("cws apply: the direction changes %s differently from %s, which this model ties: writing an "
@@ -201,6 +206,14 @@ def apply(
         kind, name = s.item.data[0], s.item.name
         if kind == "copy":
             return [(w.write, (name, s.ins[0], s.start)) for w in writers]
+        if kind == "bias":  # a new bias: α·w, or zeros (no inputs, or α = 0)
+            for a, o in zip(alphas, s.outs):
+                if not s.ins or a == 0.0:
+                    o.zero_()
+                elif lincomb_tally(s.ins, [a, -a][:len(s.ins)], out=o, rounding=rounding, seed=tensor_seed(seed, name),
+                                   offset=s.start).nonfinite and not allow_nonfinite:
+                    check_finite(name, [o], s.ins, s.item.sliced)
+            return [(w.write, (name, o, s.start)) for w, o in zip(writers, s.outs)]
         theta = s.ins[0]
         offset = s.start * (theta.numel() // max(s.stop - s.start, 1))
         seed_t = tensor_seed(seed, name)
@@ -229,6 +242,11 @@ def apply(
         return [(w.write, (name, o, s.start)) for w, o in zip(writers, s.outs)]
 
     plan = [(name, info.dtype, info.shape) for name, info in targets]
+    for name, e in biases.items():  # new tensors: α·w (α·(pos − neg) fused), or zeros
+        w = m.lookup(name.removesuffix("bias") + "weight")
+        ins = [] if e is None else [e.dense] if isinstance(e, Entry) else list(e)
+        items.append(engine.Item(name, w.shape[0], ins, outs=[(w.dtype, (w.shape[0],))] * len(alphas), data=("bias",)))
+        plan.append((name, w.dtype, (w.shape[0],)))
     config = read_config(m.root)
     mine = dist.split_items(items)  # all of them, unless this is one rank of several
     lead = dist.rank_world()[0] == 0
@@ -252,7 +270,7 @@ def apply(
             if m.path.is_dir():
                 copy_model_files(m.path, w)
             if config is not None:
-                w.add_json("config.json", steered_config(config, bool(untied)))
+                w.add_json("config.json", {**steered_config(config, bool(untied)), **({"mlp_bias": True} if biases else {})})
             w.add_text("README.md", model_card(model_spec, a, provenance_of, rounding, list(untied)))
         engine.run(mine, compute, max_memory=budget, desc="apply", quiet=quiet or not lead)
     for a, (changed, nonzero) in zip(alphas, rounding_counts):
@@ -264,6 +282,46 @@ def apply(
         log.warning("cws apply: %d direction tensor(s) the model lacks were not applied (--on-missing skip): %s",
                     len(skipped), ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     return [w.out_dir for w in writers]
+
+
+def _new_biases(m: Checkpoint, names, delta_of, on_missing: str) -> dict:
+    """The biases the model gains for direction entries that are biases its MLP layers lack (bias-only
+    directions): name → the entry (α·w is written) or None (zeros: the config's mlp_bias switch, set to
+    true, gives every MLP projection a bias). Refused where the model's config has no such switch."""
+    def shape(e):  # a dense delta's shape (a direction entry, or a fused (pos, neg) pair), or None
+        if isinstance(e, Entry):
+            return e.shape if e.kind == "dense" else None
+        return e[0].shape if e is not None and None not in e and e[0].shape == e[1].shape else None
+
+    new = {n: delta_of(n) for n in sorted(set(names) - set(m.tensors) - set(m.ties))
+           if shape(delta_of(n)) is not None and new_bias(n, shape(delta_of(n)), m)}
+    if not new:
+        return {}
+    config = read_config(m.root) or {}
+    shown = ", ".join(list(new)[:2]) + (", …" if len(new) > 2 else "")
+    switch = _mlp_bias_switch(config)
+    if not switch or not all(MLP_BIAS.search(n) for n in new):
+        if on_missing == "skip":
+            return {}
+        what = "has no MLP bias option" if not switch else "takes new biases on its MLP layers only"
+        raise CwsError(f"bias entries {shown}: {config.get('model_type', 'this model (no config.json)')} {what}; "
+                       f"use cws.Steerer on the loaded model")
+    zeros = {n[:-6] + "bias": None for n in m.tensors if n.endswith(".weight") and MLP_BIAS.search(n[:-6] + "bias")
+             and n[:-6] + "bias" not in m.tensors}
+    return {**zeros, **new}
+
+
+def _mlp_bias_switch(config: dict) -> bool:
+    """Whether the model's config class has an `mlp_bias` switch (Llama and its kin), also where an older
+    config.json does not spell it out."""
+    if "mlp_bias" in config:
+        return True
+    try:
+        from transformers import AutoConfig
+
+        return hasattr(AutoConfig.for_model(config["model_type"]), "mlp_bias")
+    except (KeyError, ValueError, ImportError):  # no model_type, or one transformers does not know
+        return False
 
 
 def lowrank_support(B: torch.Tensor, A: torch.Tensor) -> int:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import re
 
 from .. import __version__
 
-REPO_REV = re.compile(r"@[\w./-]+$")
-
 
 def model_card(base: str, alpha: float, direction: dict, rounding: str, untied: list[str]) -> str:
-    """README.md for θ' = θ + α·w: base_model, tags, the formula, α and where w came from."""
+    """README.md for θ' = θ + α·w: base_model (where `base` is or came from a Hub ID), tags, the formula,
+    α and where w came from."""
+    from ..io.hub import hub_id
+
     q = json.dumps  # a JSON string is a YAML string
-    repo = base if base.startswith("/") else REPO_REV.sub("", base)  # a Hub repo id, without the revision
-    lines = ["---", f"base_model: {q(repo)}", "library_name: transformers", "tags:",
+    repo = hub_id(base)  # a Hub repo id without the revision; None for a local path (invalid on the Hub)
+    lines = ["---", *([f"base_model: {q(repo)}"] if repo else []), "library_name: transformers", "tags:",
              "- cws", "- steering", "- contrastive-weight-steering", "- weight-arithmetic", "---", "",
              f"# {base} steered with cws (α = {alpha:g})", "",
              "Made by [cws](https://arxiv.org/abs/2511.05408) contrastive weight steering:", "",

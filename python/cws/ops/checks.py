@@ -57,6 +57,13 @@ def missing_problem(name: str, present: Iterable[str], absent: Iterable[str]) ->
     return f"{name}: in {', '.join(present)}{MISSING}{', '.join(absent)}{tied}"
 
 
+def new_bias(name: str, shape, model) -> bool:
+    """Whether a dense delta of `shape` for `name` is a bias the model's layer lacks (the bias-only
+    variant's): `X.bias`, absent from the model (a Checkpoint), 1-D as long as its 2-D `X.weight`."""
+    w = model.lookup(name.removesuffix(".bias") + ".weight") if name.endswith(".bias") else None
+    return model.lookup(name) is None and w is not None and len(w.shape) == 2 and tuple(shape) == (w.shape[0],)
+
+
 def raise_problems(problems: list[str], missing_hint: str = "") -> None:
     """Refuse the inputs for all their `problems` at once; `missing_hint` (how to proceed past
     missing tensors) is added only where a tensor is missing."""

@@ -18,7 +18,7 @@ import torch
 from cws_kernels import gram, lincomb, lowrank_dense_inner, lowrank_inner
 
 from . import dist, engine
-from .checks import check_policy, missing_problem, name_filter, raise_problems, shape_problem
+from .checks import check_policy, missing_problem, name_filter, new_bias, raise_problems, shape_problem
 from ..io.direction import Direction
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
@@ -216,6 +216,7 @@ def compare(
     b = Checkpoint.open(resolve(base, "base"))
     model = resolve(model, "fine-tune", "model")
     problems, items, skipped = [], [], []
+    added = {}  # biases the base's layers lack (bias-only directions, models they steered): zero in the base
     if is_adapter(model):
         updates = adapter_update(model, b, problems)
         model_names, model_ties = set(updates), Adapter.open(model).ties  # ensure_weight_tying: one tensor
@@ -224,7 +225,10 @@ def compare(
         model_names, model_ties = set(m.tensors), m.ties
         updates = {}
         for name in sorted(set(m.tensors) - set(b.tensors) - set(b.ties)):
-            problems.append(missing_problem(name, ["model"], ["base"]))
+            if new_bias(name, m.tensors[name].shape, b):  # the update is the bias itself
+                updates[name], added[name] = Dense([(m.tensors[name], 1.0)]), m.tensors[name]
+            else:
+                problems.append(missing_problem(name, ["model"], ["base"]))
     # A tied base's lm_head is its embedding: it gets its own row where the model or a direction has one,
     # unless the model ties it too and no direction moves the two differently (one tensor, one row).
     folded = {e: h for h, e in b.ties.items() if model_ties.get(h) == e
@@ -247,11 +251,13 @@ def compare(
     for dname, d in dirs.items():
         for name, e in d.entries.items():
             info = b.lookup(name)
-            if info is None:
+            if info is None and e.kind == "dense" and new_bias(name, e.shape, b):
+                added.setdefault(name, e.dense)
+            elif info is None:
                 problems.append(missing_problem(name, [f"direction {dname}"], ["base"]))
             elif e.shape != info.shape:
                 problems.append(f"{name}: base {list(info.shape)} vs direction {dname} {list(e.shape)}")
-    for name, info in names:
+    for name, info in names + sorted(added.items()):
         if not info.is_float or not keep(name) or name in skipped:
             continue
         vectors = [updates.get(name)] + [direction_vector(d, name) or direction_vector(d, folded.get(name, ""))
@@ -261,7 +267,8 @@ def compare(
         items.append(build_item(name, info.rows, vectors))  # an absent vector is zero on this tensor
     raise_problems(problems, "pass --on-missing skip to leave tensors the model lacks out")
     report = Report(list(dirs), meta={"base": str(b.path), "model": str(model),
-                                      "directions": {k: str(d.path) for k, d in dirs.items()}, "skipped": skipped})
+                                      "directions": {k: str(d.path) for k, d in dirs.items()}, "skipped": skipped,
+                                      "added_biases": sorted(added)})
 
     def compute(s: engine.Slice):
         G = slice_gram(s)

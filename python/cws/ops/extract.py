@@ -5,6 +5,7 @@ With equal scales the base cancels (w = s·(θ_pos − θ_neg)) and is only head
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -18,6 +19,8 @@ from ..io.direction import PREFIX, direction_meta, factor_keys
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
 from cws_kernels import add_lowrank_, lincomb, lincomb_tally
+
+log = logging.getLogger("cws")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -83,6 +86,7 @@ def extract(
     check_policy(on_missing)
     out_dtype = parse_dtype(dtype)
     sources = {"pos": Checkpoint.open(pos), "neg": Checkpoint.open(neg)}
+    warn_tying(sources["pos"].root, sources["neg"].root)
     if base is not None:
         sources["base"] = Checkpoint.open(base)
     # Fine-tunes that all tie lm_head to the embedding moved both by one delta: recorded, not duplicated.
@@ -289,19 +293,30 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     return Path(out).resolve()
 
 
+def warn_tying(pos_root: Path, neg_root: Path) -> None:
+    """Warn where one checkpoint ties its embeddings and the other does not (their config.json): two
+    such checkpoints are likely not two fine-tunes of one base."""
+    from ..io.ties import is_tied, read_config
+
+    configs = read_config(pos_root), read_config(neg_root)
+    if None in configs or is_tied(configs[0]) == is_tied(configs[1]):
+        return
+    tied, untied = ("pos", "neg") if is_tied(configs[0]) else ("neg", "pos")
+    log.warning("cws extract: %s ties its embeddings to lm_head (tie_word_embeddings) and %s does not: they are "
+                "likely not two fine-tunes of one base", tied, untied)
+
+
 def base_from_adapters(pos, neg) -> tuple[Path | None, str]:
     """The base model the adapters' adapter_config.json name (base_model_name_or_path), where they agree
     and it resolves (a local path, or a Hub ID in the local cache); else None and why, for messages."""
-    import json
-
+    from ..io.files import load_json
     from ..io.hub import resolve
+    from ..io.lora import CONFIG, is_adapter
 
     named = set()
     for p in (pos, neg):
-        try:
-            spec = json.loads((Path(p) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        except (OSError, ValueError, AttributeError):
-            spec = None
+        spec = load_json(Path(p) / CONFIG, "adapter config", dict).get("base_model_name_or_path") \
+            if is_adapter(p) else None
         named.add(spec if isinstance(spec, str) and spec else None)  # anything but a name: none given
     named.discard(None)
     if len(named) != 1:

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..io.direction import META_FILE, Direction
 from ..text import printable
 from ..io.checkpoint import Checkpoint
+from ..io.layout import MLP_BIAS
 
 
 def info(path: str | os.PathLike) -> dict:
@@ -18,7 +19,7 @@ def info(path: str | os.PathLike) -> dict:
     from ..io.lora import is_adapter, read_config
 
     path = resolve_path(resolve(path))
-    if (path / META_FILE).is_file():
+    if os.path.lexists(path / META_FILE):  # a bad direction.json is refused by its reader, not skipped
         d = Direction.open(path)
         tensors = [{"name": e.name, "shape": list(e.shape), "kind": e.kind, "rank": e.rank,
                     "dtype": (e.dense or e.B).dtype_name, "bytes": e.nbytes}
@@ -59,6 +60,10 @@ def format_info(d: dict, all_tensors: bool = False, limit: int = 20) -> str:
             if key == "omitted":
                 value = f"{len(value)} tensors (" + "; ".join(f"{k}: {v}" for k, v in list(value.items())[:3]) + ")"
             lines.append(f"  {key}: {value}")
+    biases = [t["name"] for t in d["tensor_list"] if MLP_BIAS.search(t["name"])]
+    if biases and d["kind"] == "direction":
+        lines.append(f"  MLP biases: {len(biases)} (bias-only variant?): a model without them gains them when steered "
+                     f"(Steerer adds them; apply sets mlp_bias)")
     rows = d["tensor_list"] if all_tensors else d["tensor_list"][:limit]
     rows = [{**t, "name": printable(t["name"])} for t in rows]  # a hostile name stays on its line
     w = max([len(t["name"]) for t in rows] + [4])

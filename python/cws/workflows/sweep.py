@@ -23,6 +23,7 @@ from ..ops.alphas import parse_alphas
 from ..text import finite
 from . import lm, reference
 from .pairs import Pair, load_pairs
+from .threads import with_cpu_threads
 
 MAX_TEXT_TOKENS = 512  # longer reference passages are cut here
 
@@ -72,10 +73,16 @@ class Evaluator:
 
     def margins(self, model) -> dict[str, np.ndarray]:
         """log p(pos) − log p(neg) per prompt, per prompt set."""
+        return {name: m for name, (m, _) in self.scores(model).items()}
+
+    def scores(self, model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per prompt set: log p(pos) − log p(neg) per prompt (summed over the answers' tokens, so its scale
+        grows with their length), and the same per answer token (each answer's log p over its length)."""
         out = {}
         for name, pc in self.behavior.items():
             lp = self.logprobs(model, pc)
-            out[name] = lp[:, 0] - lp[:, 1]
+            n = np.array([[len(c) for c in conts] for conts in pc[1]], dtype=np.float64)
+            out[name] = (lp[:, 0] - lp[:, 1], lp[:, 0] / n[:, 0] - lp[:, 1] / n[:, 1])
         return out
 
     def generations(self, model) -> list[str]:
@@ -101,15 +108,15 @@ def alpha_range(points: list[dict], limit: float) -> dict:
 
 
 def _lines(path) -> list[str]:
+    from ..io.files import read_bytes
+
     p = Path(path)
-    if not p.is_file():
+    if not os.path.lexists(p):
         raise CwsError(f"{p}: no such file")
     try:
-        return p.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8").splitlines()
+        return read_bytes(p).removeprefix(b"\xef\xbb\xbf").decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise CwsError(f"{p}: not UTF-8 text (byte {e.start + 1})") from None
-    except OSError as e:
-        raise CwsError(f"{p}: cannot read: {e.strerror or e}") from None
 
 
 def _prompt_sets(prompts) -> dict[str, list[Pair]]:
@@ -123,13 +130,16 @@ def _prompt_sets(prompts) -> dict[str, list[Pair]]:
     return {"prompts": load_pairs(prompts, answers=False)}
 
 
+@with_cpu_threads
 def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=None, text=None, instructions=None,
           max_nll_increase: float = 0.1, out=None, include=None, exclude=None, gen_tokens: int = 32, n_generate: int = 3,
-          ref_tokens: int = 48, dtype: str = "auto", device=None, overwrite: bool = False, log=print) -> dict:
+          ref_tokens: int = 48, dtype: str = "auto", device=None, overwrite: bool = False, log=print,
+          threads: int | None = None) -> dict:
     """Sweep θ + α·w over `alpha` on `model` (a path or Hub ID); w is `direction`, or pos − neg from two
     PEFT adapters. prompts: a JSONL (or rows, or {name: either}) of {"prompt"|"messages", "pos", "neg"};
     text: reference passages (a file, blank-line separated, or a list); instructions: a file (one per line)
-    or a list; both default to the built-in sets.
+    or a list; both default to the built-in sets. threads: torch CPU threads while it runs (None: the
+    free cores, `threads.default_threads`).
     Returns the points, the α range within max_nll_increase and the files written to `out`."""
     alphas = sweep_alphas(alpha)
     for name, v in (("gen_tokens", gen_tokens), ("ref_tokens", ref_tokens), ("n_generate", n_generate)):
@@ -146,9 +156,10 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
         if not isinstance(instructions, (str, os.PathLike)) else [s.strip() for s in _lines(instructions) if s.strip()]
     if not texts and not instr:
         raise CwsError("no reference text and no instructions: nothing to measure the capability cost on")
+    _check_inputs(direction, pos, neg)
     out = Path(out) if out is not None else None
-    if out is not None and (out / "sweep.json").exists() and not overwrite:
-        raise CwsError(f"{out}: holds a sweep already; pass overwrite=True (--overwrite) to replace it")
+    if out is not None:
+        check_replace(out, overwrite)
     t0 = time.perf_counter()
     base = lm.resolve_model(model)
     inputs = [base, *[x for x in (direction, pos, neg, text, instructions) if isinstance(x, (str, os.PathLike))],
@@ -188,11 +199,25 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
               "n": {"instructions": len(instr), "texts": len(texts), **{n: len(ps) for n, ps in behavior.items()}},
               "generation_prompts": [p if isinstance(p, str) else p[-1]["content"] for p in gen_prompts],
               "reference_answers": dict(zip(instr, answers)), "points": points, "range": rng,
+              "hint": finer_grid(points, rng),
               "seconds": round(time.perf_counter() - t0, 2)}
     log(table(result))
     if out is not None:
         result["files"] = write(result, out, log, inputs)
     return result
+
+
+def _check_inputs(direction, pos, neg) -> None:
+    """Each input checked for its kind, and a direction's files read, before the model loads (as apply does)."""
+    from ..io.direction import Direction
+    from ..io.hub import resolve
+    from ..io.lora import Adapter
+
+    if isinstance(direction, (str, os.PathLike)):
+        Direction.open(resolve(direction, "direction"))
+    for what, p in (("pos", pos), ("neg", neg)):
+        if isinstance(p, (str, os.PathLike)):
+            Adapter.open(resolve(p, "fine-tune", what))
 
 
 def _run(net, ev: Evaluator, direction, alphas, include, exclude, log) -> list[dict]:
@@ -212,8 +237,9 @@ def _run(net, ev: Evaluator, direction, alphas, include, exclude, log) -> list[d
             steerer.set_alpha(a)
             cap = ev.capability(net)
             base = cap if a == 0.0 else points[0]["capability"]
+            behavior = {n: {**mean_se(m), "per_token": float(np.mean(t))} for n, (m, t) in ev.scores(net).items()}
             p = {"alpha": a, "capability": cap, **{f"d_{k}": cap[k] - base[k] for k in cap}, "cost": cost_of(cap, base),
-                 "behavior": {n: mean_se(m) for n, m in ev.margins(net).items()}, "generations": ev.generations(net)}
+                 "behavior": behavior, "generations": ev.generations(net)}
             p["seconds"] = round(time.perf_counter() - t, 2)
             points.append(p)
             log(f"  α={a:+g}: Δ NLL {p['cost']:+.4f}"
@@ -230,24 +256,58 @@ def table(result: dict) -> str:
     names = list(pts[0]["behavior"])
     caps = [k for k in ("text_nll", "instr_nll") if k in pts[0]["capability"]]
     head = f"{'alpha':>7s}" + "".join(f" {'Δ' + k.replace('_nll', ' NLL'):>11s}" for k in caps) + f" {'cost':>8s}" \
-        + "".join(f" {n[:20]:>20s}" for n in names) + "  within"
+        + "".join(f" {n[:20]:>20s} {'/token':>8s}" for n in names) + "  within"
     lines = [head]
     for p in pts:
         ok = rng["low"] <= p["alpha"] <= rng["high"]
         lines.append(f"{p['alpha']:>+7.3g}" + "".join(f" {p['d_' + k]:>+11.4f}" for k in caps) + f" {p['cost']:>+8.4f}"
-                     + "".join(f" {p['behavior'][n]['mean']:>+11.3f} ± {p['behavior'][n]['se']:<6.3f}" for n in names)
+                     + "".join(f" {p['behavior'][n]['mean']:>+11.3f} ± {p['behavior'][n]['se']:<6.3f}"
+                               f" {p['behavior'][n].get('per_token', math.nan):>+8.3f}" for n in names)
                      + f"  {'yes' if ok else 'no'}")
     if names:
-        lines.append("behavior: log p(pos) − log p(neg) in nats, mean ± s.e. over prompts")
+        lines.append("behavior: log p(pos) − log p(neg) in nats, summed over each answer's tokens (its scale grows "
+                     "with the answers' length), mean ± s.e. over prompts; /token: each answer's log p per token")
     lines.append("cost: mean Δ NLL per token vs. α = 0 (" + " and ".join(k.replace("_nll", "") for k in caps) + ")")
     for i, prompt in enumerate(result["generation_prompts"]):
         lines.append(f"greedy generations for {prompt!r}:")
         lines += [f"  α={p['alpha']:+g}: {p['generations'][i]!r}" for p in pts]
     lines.append(f"α within Δ NLL ≤ {rng['max_nll_increase']:g}: [{rng['low']:+g}, {rng['high']:+g}]")
+    if hint := finer_grid(pts, rng):
+        lines.append(hint)
     return "\n".join(lines)
 
 
+def finer_grid(points: list[dict], rng: dict) -> str | None:
+    """Where the α range is [0, 0] on a grid with other α: a finer grid between 0's neighbours, in words."""
+    alphas = sorted(p["alpha"] for p in points)
+    if rng["low"] != 0 or rng["high"] != 0 or len(alphas) < 2:
+        return None
+    lo = max((a for a in alphas if a < 0), default=0.0)
+    hi = min((a for a in alphas if a > 0), default=0.0)
+    return (f"no α of this grid but 0 keeps Δ NLL ≤ {rng['max_nll_increase']:g}: the α to use lie between "
+            f"{lo:+g} and {hi:+g}; sweep a finer grid there, e.g. --alpha {lo:g}:{hi:g}:9")
+
+
 FILES = ("sweep.json", "sweep.csv", "sweep.png")
+
+
+def check_replace(out: Path, overwrite: bool) -> None:
+    """Refuse to replace sweep files in `out` that a sweep did not write (whatever `overwrite` says: its
+    sweep.json is the marker), and a sweep's own without `overwrite`. Other files in `out` are left alone."""
+    from ..io.files import load_json
+
+    present = [n for n in FILES if os.path.lexists(out / n)]
+    if not present:
+        return
+    try:
+        ours = os.path.lexists(out / "sweep.json") and \
+            {"points", "range"} <= set(load_json(out / "sweep.json", "sweep result", dict))
+    except CwsError:
+        ours = False
+    if not ours:
+        raise CwsError(f"{out / present[0]}: a file cws sweep did not write; choose another --out or remove it")
+    if not overwrite:
+        raise CwsError(f"{out}: holds a sweep already; pass overwrite=True (--overwrite) to replace it")
 
 
 def check_out(out: Path, inputs=()) -> None:
@@ -282,10 +342,10 @@ def write(result: dict, out: Path, log=print, inputs=()) -> dict:
         with io.StringIO(newline="") as f:
             w = csv.writer(f)
             w.writerow(["alpha", *caps, *[f"d_{k}" for k in caps], "cost",
-                        *[f"{n}_{s}" for n in names for s in ("mean", "se", "n")], "within"])
+                        *[f"{n}_{s}" for n in names for s in ("mean", "se", "n", "per_token")], "within"])
             for p in pts:
                 w.writerow([p["alpha"], *[p["capability"][k] for k in caps], *[p[f"d_{k}"] for k in caps], p["cost"],
-                            *[p["behavior"][n][s] for n in names for s in ("mean", "se", "n")],
+                            *[p["behavior"][n][s] for n in names for s in ("mean", "se", "n", "per_token")],
                             rng["low"] <= p["alpha"] <= rng["high"]])
             stream.write(f.getvalue().encode("utf-8"))
 

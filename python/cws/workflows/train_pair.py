@@ -5,7 +5,8 @@ initial bits before each run), see the same batches in the same order under the 
 hyperparameters: only the answers differ. The loss is on the answer tokens only. Writes DIR/pos,
 DIR/neg (PEFT adapters), DIR/direction (cws.extract, LoRA-native), DIR/train_log.jsonl (loss per
 step, validation loss) and DIR/train_pair.json (settings, times); finished runs are reused when
-the data, the model and every setting are the same.
+the data, the model and every setting are the same. bias_only: the paper's bias-only variant instead
+(a new zero bias on every mlp.down_proj trained, all else frozen; each side saved as bias.safetensors).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from pathlib import Path
 import torch
 
 from ..errors import CwsError
-from ..io.atomic import check_output, remove_stale, temp_path, write_report
-from .lm import Encoder, device_of, lm_batch, load_tokenizer, resolve_model
+from ..io.atomic import check_output, check_replace, remove_stale, temp_path, write_report
+from ..io.files import load_json, read_bytes
+from .lm import Encoder, device_of, lm_batch, load_tokenizer, quiet_peft, resolve_model
 from .pairs import SHOWN, load_pairs
+from .threads import with_cpu_threads
 
 SIDES = ("pos", "neg")
 META = "cws_train.json"  # in each adapter directory: what it was trained from, its losses and batches
+BIAS_FILE = "bias.safetensors"  # a bias-only side's weights: the new biases, under the base's tensor names
 
 
 def _sha(obj) -> str:
@@ -40,7 +44,7 @@ def model_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(Path(path).iterdir()):
         if f.name == "config.json":
-            h.update(f.read_bytes())
+            h.update(read_bytes(f))  # a regular file only (never blocking on a FIFO)
         elif f.suffix in (".safetensors", ".bin", ".pt"):
             h.update(f"{f.name}:{f.stat().st_size}".encode())
             if f.suffix == ".safetensors":
@@ -110,7 +114,7 @@ def mean_answer_nll(model, rows, pad: int, batch_size: int = 16, autocast=None) 
 def fit(model, rows, batches: list[list[int]], *, lr: float, pad: int, autocast=None, desc: str = "train",
         quiet: bool = False, on_step=None) -> list[float]:
     """AdamW (no weight decay) over the given batches of rows, the loss on answer tokens; the loss per step.
-    on_step(step, loss, indices) is called after each step."""
+    on_step(step, loss, indices) is called after each step; a true return stops the training there."""
     from ..ops.progress import progress
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -126,27 +130,33 @@ def fit(model, rows, batches: list[list[int]], *, lr: float, pad: int, autocast=
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            if on_step:
-                on_step(step, losses[-1], idx)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update(1)
+            if on_step and on_step(step, losses[-1], idx):
+                break
     finally:
         bar.close()
     model.eval()
     return losses
 
 
-def _check_options(*, r, lora_alpha, lr, epochs, max_steps, batch_size) -> None:
+def _check_options(*, r, lora_alpha, lr, epochs, max_steps, batch_size, eval_every=None, patience=None,
+                   val_fraction=0.1) -> None:
     """Refuse, before any work, training options no run could use."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise CwsError(f"r={r!r}: the LoRA rank must be a positive integer")
     for name, v, least in (("lora_alpha", lora_alpha, "above 0"), ("lr", lr, "≥ 0")):
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and name == "lora_alpha"):
             raise CwsError(f"{name}={v!r}: must be a finite number {least}")
-    counts = {"epochs": epochs, "batch_size": batch_size, **({"max_steps": max_steps} if max_steps is not None else {})}
+    counts = {"epochs": epochs, "batch_size": batch_size, **{k: v for k, v in (("max_steps", max_steps),
+              ("eval_every", eval_every), ("patience", patience)) if v is not None}}
     for name, v in counts.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CwsError(f"{name}={v!r}: must be a positive integer")
+    if patience is not None and eval_every is None:
+        raise CwsError(f"patience={patience}: early stopping needs eval_every (--eval-every STEPS) as well")
+    if eval_every is not None and not val_fraction:
+        raise CwsError(f"eval_every={eval_every}: evaluating needs validation rows (val_fraction > 0)")
 
 
 def _state_hash(model) -> str:
@@ -157,14 +167,15 @@ def _state_hash(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _intact(path: Path) -> bool:
-    """Whether a finished run's adapter files are there and its weights' header reads."""
+def _intact(path: Path, bias_only: bool = False) -> bool:
+    """Whether a finished run's adapter (or bias) files are there and its weights' header reads."""
     from ..io.format import read_header
 
-    if not all((path / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors")):
+    files = (BIAS_FILE,) if bias_only else ("adapter_config.json", "adapter_model.safetensors")
+    if not all((path / f).is_file() for f in files):
         return False
     try:
-        read_header(path / "adapter_model.safetensors")
+        read_header(path / files[-1])
     except CwsError:
         return False
     return True
@@ -172,17 +183,17 @@ def _intact(path: Path) -> bool:
 
 def _reusable(path: Path, fingerprint: str, settings: dict, overwrite: bool) -> dict | None:
     """The metadata of a finished run at `path` with this fingerprint (None: train it). A run with other
-    settings, or a directory cws did not write, is replaced only with overwrite."""
+    settings (or an empty directory) is replaced only with overwrite; one train-pair did not write, never."""
     if not path.exists():
         return None
     meta_file = path / META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    meta = load_json(meta_file, "train-pair run record", dict) if os.path.lexists(meta_file) else None
     if meta and meta.get("fingerprint") == fingerprint:
-        return meta if _intact(path) else None  # our own run with its adapter files gone or damaged: trained again
+        return meta if _intact(path, settings.get("bias_only", False)) else None  # our own run with its adapter files gone or damaged: trained again
+    if meta is None:  # never a directory train-pair did not write (an empty one with overwrite)
+        check_replace(path, None, overwrite, mine=(META,))
     if overwrite:
         return None
-    if meta is None:
-        raise CwsError(f"{path}: exists and was not written by train-pair; pass overwrite=True (--overwrite) to replace it")
     changed = sorted(k for k in settings if meta.get("settings", {}).get(k) != settings[k])
     raise CwsError(f"{path}: trained with other settings (differs in: {', '.join(changed) or 'fingerprint'}); "
                    f"pass overwrite=True (--overwrite) to retrain")
@@ -199,14 +210,23 @@ def _precision(dtype: str, device: torch.device) -> tuple[torch.dtype, object]:
     return torch.bfloat16, torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+@with_cpu_threads
 def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target="all-linear",
                modules_to_save=("embed_tokens", "lm_head"), lr: float = 1e-4, epochs: int = 1,
                max_steps: int | None = None, batch_size: int = 8, seed: int = 0, val_fraction: float = 0.1,
-               dtype: str = "auto", device=None, overwrite: bool = False, quiet: bool = False, log=print) -> dict:
+               dtype: str = "auto", device=None, overwrite: bool = False, quiet: bool = False, log=print,
+               bias_only: bool = False, eval_every: int | None = None, patience: int | None = None,
+               threads: int | None = None) -> dict:
     """Train the contrastive pair on `data` (JSONL path or rows) from `model` (a path or Hub ID) into
-    `out`; returns the summary written to out/train_pair.json (paths, settings, per-run losses, times)."""
+    `out`; returns the summary written to out/train_pair.json (paths, settings, per-run losses, times).
+    bias_only: train only a new zero bias on each mlp.down_proj (the LoRA options are then unused).
+    eval_every: the validation loss, the update's norm and (for neg) the direction's norm every so many
+    steps; the state of the best validation loss is what is saved. patience: stop after that many
+    evaluations without a better validation loss (the paper: eval_every=20, patience=2).
+    threads: torch CPU threads while it runs (None: the free cores, `threads.default_threads`)."""
     t0 = time.perf_counter()
-    _check_options(r=r, lora_alpha=lora_alpha, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size)
+    _check_options(r=r, lora_alpha=lora_alpha, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                   eval_every=eval_every, patience=patience, val_fraction=val_fraction)
     base = resolve_model(model)
     pairs = load_pairs(data)
     enc = Encoder(load_tokenizer(base))
@@ -222,6 +242,11 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
                 "lora_alpha": lora_alpha, "target": target, "modules_to_save": modules_to_save, "lr": lr,
                 "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "seed": seed,
                 "val_fraction": val_fraction, "dtype": str(wdtype).removeprefix("torch.")}
+    if eval_every is not None:  # (runs without early stopping keep the fingerprints they had)
+        settings.update(eval_every=eval_every, patience=patience)
+    if bias_only:  # the LoRA options play no part (and LoRA runs keep the fingerprints they had)
+        settings = {k: v for k, v in settings.items() if k not in ("r", "lora_alpha", "target", "modules_to_save")}
+        settings["bias_only"] = True
     fingerprint = _sha(settings)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -230,11 +255,10 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     for name in (*SIDES, "direction", "train_log.jsonl", "train_pair.json"):  # none on an input or inside one
         check_output(out / name, inputs, overwrite=True, what="train-pair output")
     out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()  # every path it logs and records is absolute, as the direction's is
     with _locked(out):  # one train-pair in OUT at a time
         runs = {s: _reusable(out / s, fingerprint, settings, overwrite) for s in SIDES}
-        if (out / "direction").exists() and not (out / "direction" / "direction.json").is_file() and not overwrite:
-            raise CwsError(f"{out / 'direction'}: exists and is not a cws direction; pass overwrite=True (--overwrite) "
-                           f"to replace it")
+        check_replace(out / "direction", "extract", True)  # replaced only where it is cws's own direction
         n_tok = {s: sum(len(a) for _, a in rows[s]) for s in SIDES}
         log(f"train-pair: {len(pairs)} rows ({len(train_idx)} train, {len(val_idx)} validation), "
             f"{'chat template' if enc.templated else 'plain text (no chat template)'}, {len(batches)} steps of "
@@ -248,15 +272,18 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
             shutil.rmtree(out / "direction", ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 (out / "train_pair.json").unlink()
-            peft_model, init = _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed)
+            peft_model, init = _bias_model(base, wdtype, device) if bias_only else \
+                _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed)
             with open(log_file, "a") as jl:  # appended: a line opens each session, then one per step and per run
                 jl.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": fingerprint,
                                      "runs": todo, "settings": settings}) + "\n")
+                finals = {}  # each side's update as trained here: the direction's norm while neg trains
                 for s in todo:
                     runs[s] = _train_one(peft_model, init, s, rows[s], batches, val_idx, out, settings,
-                                         fingerprint, lr, enc.pad, autocast, jl, quiet, log)
+                                         fingerprint, lr, enc.pad, autocast, jl, quiet, log, finals)
             del peft_model, init
-        if runs["pos"]["init"] != runs["neg"]["init"] or runs["pos"]["batches"] != runs["neg"]["batches"]:
+        seen = sorted((runs[s]["batches"] for s in SIDES), key=len)  # early stopping may end one side sooner
+        if runs["pos"]["init"] != runs["neg"]["init"] or seen[1][:len(seen[0])] != seen[0]:
             raise CwsError(f"{out}: pos and neg did not start from the same LoRA init and batches; rerun with "
                            f"--overwrite")
         import cws
@@ -320,7 +347,8 @@ def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, se
                      modules_to_save=list(modules_to_save) or None,  # a copy: PEFT edits the list it is given
                      ensure_weight_tying=tied and {"embed_tokens", "lm_head"} <= set(modules_to_save))
     try:
-        peft_model = get_peft_model(model, cfg)
+        with quiet_peft():
+            peft_model = get_peft_model(model, cfg)
     except ValueError as e:  # e.g. target modules that match no layer of this model
         raise CwsError(f"LoRA on {target!r}: {str(e).splitlines()[0][:200]}") from None
     for p in peft_model.parameters():
@@ -330,9 +358,105 @@ def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, se
     return peft_model, init
 
 
+class _BiasOnly(torch.nn.Module):
+    """A base model whose only trainables are new zero fp32 biases on its mlp.down_proj layers; its
+    save_pretrained writes just those, under the base's own tensor names (BIAS_FILE)."""
+
+    def __init__(self, model, biased: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.model, self.biased = model, biased
+
+    def forward(self, **kw):
+        return self.model(**kw)
+
+    def save_pretrained(self, path) -> None:
+        from safetensors.torch import save_file
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        save_file({f"{n}.bias": m.bias.detach().float().cpu().contiguous() for n, m in self.biased.items()},
+                  Path(path) / BIAS_FILE, metadata={"format": "pt", "cws_op": "train-pair", "cws_variant": "bias-only"})
+
+
+def _bias_model(base, wdtype, device):
+    """The bias-only model both runs train (the paper's variant: everything frozen but a new zero bias on
+    each mlp.down_proj), and its initial trainable state (zeros, on the CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=wdtype).to(device)
+    model.requires_grad_(False)
+    biased = {n: m for n, m in model.named_modules() if n.endswith("mlp.down_proj") and isinstance(m, torch.nn.Linear)}
+    if not biased:
+        raise CwsError(f"{base}: no mlp.down_proj linear layers; bias-only training adds its biases there")
+    if any(m.bias is not None for m in biased.values()):
+        raise CwsError(f"{base}: its mlp.down_proj layers already have biases; bias-only training adds new ones")
+    for m in biased.values():
+        m.bias = torch.nn.Parameter(torch.zeros(m.out_features, device=m.weight.device))
+    wrapped = _BiasOnly(model, biased)
+    init = {n: p.detach().to("cpu", copy=True) for n, p in wrapped.named_parameters() if p.requires_grad}
+    return wrapped, init
+
+
+def update_terms(model, init: dict) -> dict[str, tuple]:
+    """The update of a model being trained, per tensor: ("lowrank", B, A, scale) for a LoRA layer (ΔW = scale·B·A),
+    ("dense", θ − θ₀) for a tensor trained in full (modules_to_save, a bias-only run's biases); fp32, detached."""
+    terms = {}
+    for mname, m in model.named_modules():
+        if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and "default" in m.lora_A:
+            terms[mname] = ("lowrank", m.lora_B["default"].weight.detach().float(),
+                            m.lora_A["default"].weight.detach().float(), float(m.scaling["default"]))
+    for n, p in model.named_parameters():
+        if p.requires_grad and ".lora_" not in n:
+            terms[n] = ("dense", p.detach().float() - init[n].to(p.device, torch.float32))
+    return terms
+
+
+def _dot(a: tuple, b: tuple) -> float:
+    """⟨ΔW_a, ΔW_b⟩ of two terms of one tensor; low-rank pairs through r×r Grams, never the full product."""
+    if a[0] == "dense":
+        return float(torch.vdot(a[1].flatten(), b[1].flatten()))
+    (_, B1, A1, s1), (_, B2, A2, s2) = a, b
+    return s1 * s2 * float(((B1.T @ B2) * (A1 @ A2.T)).sum())
+
+
+def update_norms(terms: dict, other: dict | None = None) -> tuple[float, float | None]:
+    """‖Δ‖ of `terms`, and ‖Δ_other − Δ‖ (the direction's norm, when `other` is the pos side's update)."""
+    sq = sum(_dot(t, t) for t in terms.values())
+    if other is None:
+        return math.sqrt(max(sq, 0.0)), None
+    d = sum(_dot(o, o) - 2 * _dot(o, terms[k]) for k, o in other.items()) + sq
+    return math.sqrt(max(sq, 0.0)), math.sqrt(max(d, 0.0))
+
+
+class EarlyStop:
+    """Evaluate every `every` steps; keep the trainable state of the best validation loss; stop after
+    `patience` evaluations without improvement (None: never stop early)."""
+
+    def __init__(self, model, every: int | None, patience: int | None):
+        self.model, self.every, self.patience = model, every, patience
+        self.best, self.best_step, self.best_state, self.bad = math.inf, 0, None, 0
+
+    def __call__(self, step: int, val: float) -> bool:
+        """Record the evaluation at `step`; whether to stop."""
+        if val < self.best:
+            self.best, self.best_step, self.bad = val, step, 0
+            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                               if p.requires_grad}
+            return False
+        self.bad += 1
+        return self.patience is not None and self.bad >= self.patience
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    if p.requires_grad:
+                        p.copy_(self.best_state[n])
+
+
 def _train_one(model, init, side, rows, batches, val_idx, out, settings, fingerprint, lr, pad, autocast,
-               jl, quiet, log) -> dict:
-    """One fine-tune from the initial state; saved to out/side (complete, or not at all)."""
+               jl, quiet, log, finals: dict) -> dict:
+    """One fine-tune from the initial state; saved to out/side (complete, or not at all). With eval_every,
+    evaluated as it goes (validation loss, update and direction norms) and saved at its best evaluation."""
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -342,23 +466,44 @@ def _train_one(model, init, side, rows, batches, val_idx, out, settings, fingerp
     t = time.perf_counter()
     val = [rows[i] for i in val_idx]
     val_before = mean_answer_nll(model, val, pad, autocast=autocast)
-    used = []
+    every = settings.get("eval_every")
+    stop = EarlyStop(model, every, settings.get("patience"))
+    used, evals = [], []
 
-    def on_step(step, loss, idx):
+    def evaluate(step) -> bool:
+        v = mean_answer_nll(model, val, pad, autocast=autocast)
+        norm, dnorm = update_norms(update_terms(model, init), finals.get("pos"))
+        evals.append({"step": step, "val_loss": v, "update_norm": norm, "direction_norm": dnorm})
+        jl.write(json.dumps({"run": side, "eval": True, **evals[-1], "seconds": round(time.perf_counter() - t, 3)}) + "\n")
+        if not quiet:
+            log(f"    {side} step {step}: validation loss {v:.4f}, ‖Δ‖ {norm:.4g}"
+                + (f", direction ‖w‖ {dnorm:.4g}" if dnorm is not None else ""))
+        return stop(step, v)
+
+    def on_step(step, loss, idx) -> bool:
         used.append(list(idx))
         jl.write(json.dumps({"run": side, "step": step, "loss": loss, "seconds": round(time.perf_counter() - t, 3)})
                  + "\n")
         jl.flush()
+        return bool(every) and (step % every == 0 or step == len(batches)) and evaluate(step)
 
     losses = fit(model, rows, batches, lr=lr, pad=pad, autocast=autocast, desc=f"train-pair {side}", quiet=quiet,
                  on_step=on_step)
-    val_after = mean_answer_nll(model, val, pad, autocast=autocast)
+    if every:  # the state of the best evaluation is the run's result; the batches it saw are its batches
+        stop.restore_best()
+        used, losses = used[:stop.best_step], losses[:stop.best_step]
+    finals[side] = {k: tuple(x.to("cpu", copy=True) if isinstance(x, torch.Tensor) else x for x in v)  # not views
+                    for k, v in update_terms(model, init).items()} if side == "pos" else None
+    val_after = stop.best if every and stop.best_step else mean_answer_nll(model, val, pad, autocast=autocast)
     seconds = round(time.perf_counter() - t, 2)
+    norm, dnorm = update_norms(update_terms(model, init), finals.get("pos") if side == "neg" else None)
     jl.write(json.dumps({"run": side, "step": len(losses), "val_loss": val_after, "val_loss_before": val_before,
-                         "seconds": seconds}) + "\n")
+                         "update_norm": norm, "direction_norm": dnorm, "seconds": seconds}) + "\n")
     meta = {"fingerprint": fingerprint, "settings": settings, "init": init_hash, "batches": used, "steps": len(losses),
             "losses": losses, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "val_loss_before": val_before, "val_loss": val_after, "seconds": seconds}
+            "val_loss_before": val_before, "val_loss": val_after, "update_norm": norm, "direction_norm": dnorm,
+            "evals": evals, "stopped_at": len(used) if not every else (evals[-1]["step"] if evals else 0),
+            "seconds": seconds}
     remove_stale(out / side)  # temporaries of runs that were killed
     tmp = temp_path(out / side)  # this process's own (a second run never shares it)
     try:
@@ -370,5 +515,6 @@ def _train_one(model, init, side, rows, batches, val_idx, out, settings, fingerp
         shutil.rmtree(tmp, ignore_errors=True)
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     log(f"  {side}: {len(losses)} steps in {seconds:.1f} s, loss {fmt(meta['first_loss'])} -> {fmt(meta['last_loss'])}, "
-        f"validation loss {fmt(val_before)} -> {fmt(val_after)}")
+        f"validation loss {fmt(val_before)} -> {fmt(val_after)}"
+        + (f" (the best evaluation; stopped at step {meta['stopped_at']})" if every else ""))
     return meta
