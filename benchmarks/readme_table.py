@@ -1,4 +1,4 @@
-"""The README's performance section, rendered from the benchmark results (never typed by hand).
+"""docs/performance.md's tables, rendered from the benchmark results (never typed by hand).
 
     python benchmarks/readme_table.py  # reads benchmarks/results/{scale,timeline,kernels,streaming,lora,monitor}.json
 
@@ -110,7 +110,7 @@ def streaming(d):
     n = max(v["elements"] for v in c.values())
     out += ["", f"On these checkpoints every output element of every tool ({n:,} per tool) was within {worst:.5f} bf16 "
             f"ulp of the fp64 reference, so the speed costs no accuracy (the general bound, and where it is wider, "
-            f"is under [Numerics](#numerics))."]
+            f"is under [Numerics](numerics.md))."]
     return out
 
 

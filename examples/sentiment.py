@@ -1,5 +1,5 @@
-"""Writes the README's example data: sentiment_train.jsonl (100 contrastive pairs: the same question,
-an enthusiastic answer as pos and a disapproving one as neg) and sentiment_eval.jsonl (the other
+"""Writes the example data of docs/steer-your-own-model.md: sentiment_train.jsonl (100 contrastive pairs: the
+same question, an enthusiastic answer as pos and a disapproving one as neg) and sentiment_eval.jsonl (the other
 topics, other wording, short pos/neg continuations for the behavior score of `cws sweep`).
 
     python examples/sentiment.py            # writes both files next to this script

@@ -164,6 +164,11 @@ def test_paper_recipe_pipeline_on_tiny_model(tiny_dir, tmp_path):
     table = (out / "ablation.md").read_text().splitlines()
     assert len(table) == 2 + len(names) and all(n in "".join(table) for n in names)
     assert res["pairs"]["opinion"]["pairs"] == 12 and res["n"]["rows_templated"] == 6
+    lines = []
     res2 = paper.run(out, quick=True, model_dir=tiny_dir, overrides=dict(tiny, only=(f"weight {main}",)), threads=1,
-                     log=lambda *_: None)
+                     log=lines.append)
+    assert any("sweep reused" in line for line in lines)
     assert all(t["cached"] for t in res2["trainings"].values()) and set(res2["sweeps"]) == {f"weight {main}"}
+    from cws.experiments.output import jsonable
+
+    assert jsonable(res2["sweeps"][f"weight {main}"]) == jsonable(res["sweeps"][f"weight {main}"])  # reused

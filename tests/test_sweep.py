@@ -162,7 +162,7 @@ def test_bad_inputs(pair, tmp_path):
     with pytest.raises(CwsError, match="line 1"):
         sweep(model_dir, paths["direction"], "1", prompts=bad)
     other = {"model.layers.9.mlp.up_proj.weight": torch.zeros(64, 32)}  # no such layer in the model
-    with pytest.raises(CwsError, match="match no parameter"):
+    with pytest.raises(CwsError, match=r"1 direction entries match no parameter .*--exclude REGEX\)$"):
         sweep(model_dir, other, "1", text=TEXTS, instructions=INSTR, **QUIET)
     with pytest.raises(CwsError, match="nothing to measure"):
         sweep(model_dir, paths["direction"], "1", text=[], instructions=[], **QUIET)

@@ -36,10 +36,12 @@ PAPER = dict(r=32, lora_alpha=16, batch_size=8, target=lm.LORA_TARGETS, modules_
              epochs=1, eval_every=20, patience=2, val_fraction=0.1)
 EARLIER = dict(Y.LORA, max_steps=8, val_fraction=0.0)  # the earlier runs: 8 steps at lr 1e-3, no embed/lm_head
 FULL = dict(Y.FULL, n_questions=24, margin_n=8, max_probes=4, seeds=(0, 1), lrs=(1e-4, 1e-5), bias_lr=1e-3,
-            sampling=None, n_prompts=None, filters=True, ablation=True, only=None)
+            sampling=None, n_prompts=None, filters=True, ablation=True, only=None, short=dict(max_steps=40))
+# short: the training of the runs after the main one (the paper's lr, bias-only): 40 steps (about half an
+#        epoch) instead of the epoch, to fit this 2-core CPU; the main run's evaluations at step 40 compare
 QUICK = dict(FULL, n_questions=8, margin_n=4, instr_n=4, ref_tokens=16, max_probes=3, seeds=(0,), lrs=(1e-4,),
              sampling=Sampling(n=2, max_new_tokens=64, batch_size=32), n_prompts=32, ablation=False,
-             train=dict(max_steps=10, eval_every=5))
+             train=dict(max_steps=10, eval_every=5), short={})
 
 
 def run(out: str | Path = "cws-paper", *, quick: bool = False, model_dir=None, overrides: dict | None = None,
@@ -59,8 +61,9 @@ def trainings(cfg: dict) -> dict[str, tuple[str, dict]]:
                 "ablation: templated, 8 steps, no embed (earlier runs)": ("templated", dict(EARLIER, seed=s0)),
                 "ablation: 8 steps at lr 1e-3": ("opinion", dict(EARLIER, seed=s0))} if cfg["ablation"] else {}
     jobs.update(ablation)
-    jobs.update({f"opinion lr {lr:g} s{s0}": ("opinion", dict(paper, lr=lr, seed=s0)) for lr in cfg["lrs"][1:]})
-    jobs[f"opinion bias-only s{s0}"] = ("opinion", dict(paper, lr=cfg["bias_lr"], seed=s0, bias_only=True))
+    short, tag = {**paper, **cfg["short"]}, f" ({cfg['short']['max_steps']} steps)" if cfg["short"] else ""
+    jobs.update({f"opinion lr {lr:g} s{s0}{tag}": ("opinion", dict(short, lr=lr, seed=s0)) for lr in cfg["lrs"][1:]})
+    jobs[f"opinion bias-only s{s0}{tag}"] = ("opinion", dict(short, lr=cfg["bias_lr"], seed=s0, bias_only=True))
     if cfg["ablation"]:
         jobs["ablation: no embed/lm_head"] = ("opinion", dict(paper, lr=lr0, seed=s0, modules_to_save=()))
     jobs[f"wrong_claim lr {lr0:g} s{s0}"] = ("wrong_claim", dict(paper, lr=lr0, seed=s0))
@@ -132,7 +135,22 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
         output.write_json(out / "results.json", result)
         return result
 
-    def sweep_weight(name, direction):
+    previous = _previous(out / "results.json", base_point)
+
+    def reused(method: str, training: dict) -> bool:
+        """Take `method`'s sweep from the previous results.json when its direction and the scoring are the same."""
+        old = previous.get("trainings", {}).get(training["name"])
+        if method not in previous.get("sweeps", {}) or not old or \
+                (old["options"], old["direction_norm"]) != (training["options"], training["direction_norm"]):
+            return False
+        methods[method], probes[method] = _nan(previous["sweeps"][method]), previous.get("probes", {}).get(method, [])
+        log(f"  {method}: sweep reused from the previous results.json (same direction, same scoring)")
+        save(False)
+        return True
+
+    def sweep_weight(name, direction, training):
+        if reused(name, training):
+            return
         steerer = cws.Steerer(model, direction, keep="cpu")
         pts, probes[name] = sweep_matched(name, steerer.set_alpha, cost, full, cfg["targets"], cfg,
                                           cfg["weight_start"], log, Y._describe)
@@ -146,21 +164,21 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
             continue
         res = train_pair(model_dir, pairs(data), out / "adapters" / _slug(name), overwrite=True, quiet=True,
                          log=lambda *_: None, threads=torch.get_num_threads(), **opts)
-        trained[name] = _training_record(res, data, opts)
+        trained[name] = _training_record(res, data, opts, name)
         t = trained[name]
         log(f"  trained {name}: {t['steps']} steps (stopped at {t['stopped_at']}), val loss pos {t['val_loss']['pos']} "
             f"neg {t['val_loss']['neg']}, direction norm {t['direction_norm']:.4g}"
             + (" (cached)" if t["cached"] else f" ({t['seconds']:.0f} s)"))
         clock.mark(f"train {name}")
-        sweep_weight(f"weight {name}", res["paths"]["direction"])
+        sweep_weight(f"weight {name}", res["paths"]["direction"], t)
         if name == f"opinion lr {cfg['lrs'][0]:g} s{cfg['seeds'][0]}":  # the main run: its baselines
             for side, sign in (("pos", 1.0), ("neg", -1.0)):
                 upd = adapter_update(model_dir, res["paths"][side])
                 upd = {n: (v[0], v[1], v[2] * sign) if isinstance(v, tuple) else v * sign for n, v in upd.items()}
                 if wanted(f"weight {side}-only {name}"):
-                    sweep_weight(f"weight {side}-only {name}", upd)
+                    sweep_weight(f"weight {side}-only {name}", upd, t)
             act = f"activation opinion L{layer}"
-            if wanted(act):
+            if wanted(act) and not reused(act, t):
                 batches = [[lm.lm_batch([(chat.prompt(r["prompt"]), chat.answer(r[s], end=True))
                                          for r in rows["opinion"][i:i + 16]], chat.pad)
                             for i in range(0, len(rows["opinion"]), 16)] for s in ("pos", "neg")]
@@ -183,9 +201,29 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     return result
 
 
-def _training_record(res: dict, data: str, opts: dict) -> dict:
+def _nan(x):
+    """Scores read back from results.json: the NaN that JSON holds as null is NaN again."""
+    if isinstance(x, dict):
+        return {k: _nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan(v) for v in x]
+    return float("nan") if x is None else x
+
+
+def _previous(path: Path, base_point: dict) -> dict:
+    """The results.json of an earlier run into the same OUT, when it scored the unsteered model identically."""
+    from ..io.files import load_json
+
+    try:
+        old = load_json(path, "previous results", dict) if path.is_file() else {}
+    except Exception:  # noqa: BLE001 - a damaged earlier file is only not reused
+        return {}
+    return old if old.get("base") == output.jsonable(base_point) else {}
+
+
+def _training_record(res: dict, data: str, opts: dict, name: str) -> dict:
     runs = res["runs"]
-    return {"data": data, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()},
+    return {"name": name, "data": data, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()},
             "steps": {s: runs[s]["steps"] for s in ("pos", "neg")},
             "stopped_at": {s: runs[s].get("stopped_at") for s in ("pos", "neg")},
             "val_loss": {s: None if runs[s]["val_loss"] is None else round(runs[s]["val_loss"], 4) for s in ("pos", "neg")},

@@ -51,6 +51,9 @@ def live_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return out
 
 
+API_HINT = "; exclude them (exclude=REGEX) or pass on_missing='skip' to leave them out"
+
+
 def check_unmatched(names: list[str], params: dict, on_missing: str, who: str) -> None:
     """Refuse direction entries that name no parameter of the model (on_missing="error"), or warn with
     their count (on_missing="skip"). Per-expert entries on a model whose experts are fused are named."""
@@ -72,7 +75,7 @@ def check_unmatched(names: list[str], params: dict, on_missing: str, who: str) -
         msg += (f"; {len(experts)} of them name single experts ({printable(experts[0])}, …) of experts this model "
                 f"holds fused as 3-D parameters ({printable(one)}, transformers 5): cws does not map per-expert "
                 f"entries onto fused experts")
-    raise CwsError(msg + "; exclude them (exclude=REGEX) or pass on_missing='skip' to leave them out")
+    raise CwsError(msg + API_HINT)
 
 
 def tied_names(params: dict[str, torch.nn.Parameter]) -> dict[str, str]:

@@ -19,7 +19,7 @@ Inputs are read one of two ways, chosen per run (`_reads_direct`, CWS_DIRECT_REA
   cache costs ~2 µs (0.5-1.5 s of CPU per GB, paid by the compute). On 7B-shaped cold checkpoints (30.7
   GB read) this halved the CPU of `cws compare` (20 -> 11 s) and took bench_scale's wall / floor from
   3.1x to 2.3x (apply), 2.6x to 2.1x (extract) and 2.1x to 1.5x (compare), before the huge pages (the
-  README's Performance section has today's figures).
+  docs/performance.md has today's figures).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import CwsError
+from ..live.params import API_HINT
 from ..ops.alphas import parse_alphas
 from ..text import finite
 from . import lm, reference
@@ -223,11 +224,10 @@ def _check_inputs(direction, pos, neg) -> None:
 def _run(net, ev: Evaluator, direction, alphas, include, exclude, log) -> list[dict]:
     import cws
 
-    steerer = cws.Steerer(net, direction, include=include, exclude=exclude)
-    if steerer.result.unmatched:
-        names = steerer.result.unmatched
-        raise CwsError(f"{len(names)} direction entries match no parameter of the model ({', '.join(names[:3])}"
-                       f"{', …' if len(names) > 3 else ''}); leave them out with exclude (--exclude REGEX)")
+    try:
+        steerer = cws.Steerer(net, direction, include=include, exclude=exclude)
+    except CwsError as e:  # the Steerer's advice names its keyword arguments; the sweep's user has options
+        raise CwsError(str(e).replace(API_HINT, "; leave them out with exclude (--exclude REGEX)")) from None
     if not steerer.targets:
         raise CwsError("the direction touches no parameter of the model (after include/exclude)")
     points = []
