@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_streaming as bs  # noqa: E402
+import bench_streaming as bs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,20 +54,30 @@ def main():
     work = Path(args.workdir).resolve()
     cws = bs.cws_command()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    paths, _ = bs.ensure_data(work / f"L{args.layers}-kv{args.kv_heads}{'-tiny' if args.tiny else ''}", dims,
-                              args.layers, args.kv_heads, cws)
+    paths, _ = bs.ensure_data(
+        work / f"L{args.layers}-kv{args.kv_heads}{'-tiny' if args.tiny else ''}", dims, args.layers, args.kv_heads, cws
+    )
     out, logdir = work / "out-dist", work / "logs-dist"
     out.mkdir(exist_ok=True)
     logdir.mkdir(exist_ok=True)
     base, pos, neg, dr = (str(paths[k]) for k in ("base", "pos", "neg", "dir"))
     jobs = {  # name: (cws arguments, inputs, output or None)
-        "apply --direction": (["apply", "--model", base, "--direction", dr, "--alpha", str(bs.ALPHA)],
-                              [paths["base"], paths["dir"]], "out"),
-        "apply --pos --neg": (["apply", "--model", base, "--pos", pos, "--neg", neg, "--alpha", str(bs.ALPHA)],
-                              [paths["base"], paths["pos"], paths["neg"]], "out"),
+        "apply --direction": (
+            ["apply", "--model", base, "--direction", dr, "--alpha", str(bs.ALPHA)],
+            [paths["base"], paths["dir"]],
+            "out",
+        ),
+        "apply --pos --neg": (
+            ["apply", "--model", base, "--pos", pos, "--neg", neg, "--alpha", str(bs.ALPHA)],
+            [paths["base"], paths["pos"], paths["neg"]],
+            "out",
+        ),
         "extract": (["extract", "--pos", pos, "--neg", neg], [paths["pos"], paths["neg"]], "out"),
-        "compare": (["compare", "--base", base, "--model", pos, "--direction", dr], [paths["base"], paths["pos"],
-                    paths["dir"]], "json"),
+        "compare": (
+            ["compare", "--base", base, "--model", pos, "--direction", dr],
+            [paths["base"], paths["pos"], paths["dir"]],
+            "json",
+        ),
     }
     providers, pairs = [], []
     for job, (argv, inputs, kind) in jobs.items():
@@ -76,12 +86,31 @@ def main():
             tag = f"{job.replace(' ', '').replace('--', '-')}-{ranks}"
             target = out / tag
             extra = ["--out", str(target)] if kind == "out" else ["--json", str(target) + ".json"]
-            launch = cws if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                                             str(ranks), "--master-addr", "127.0.0.1", "--master-port",
-                                             str(free_port()), "-m", "cws"]
-            p = bs.Provider(f"{job} ({ranks} rank{'s' * (ranks > 1)})", [*launch, *argv, *extra, "-q"], inputs,
-                            target if kind == "out" else None, env,
-                            report=str(target) + ".json" if kind == "json" else None)
+            launch = (
+                cws
+                if ranks == 1
+                else [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc-per-node",
+                    str(ranks),
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    str(free_port()),
+                    "-m",
+                    "cws",
+                ]
+            )
+            p = bs.Provider(
+                f"{job} ({ranks} rank{'s' * (ranks > 1)})",
+                [*launch, *argv, *extra, "-q"],
+                inputs,
+                target if kind == "out" else None,
+                env,
+                report=str(target) + ".json" if kind == "json" else None,
+            )
             providers.append(p)
             pair.append(p)
         pairs.append((job, kind, pair))
@@ -94,19 +123,37 @@ def main():
             a, b = (json.loads(Path(p.report).read_text()) for p in (one, many))
             same = all(a[k] == b[k] for k in ("global", "by_layer", "by_module", "by_tensor"))
         w1, wn = statistics.median(one.walls), statistics.median(many.walls)
-        rows.append({"job": job, "in_GB": one.in_bytes / 1e9, "wall_s_1": w1, f"wall_s_{args.ranks}": wn,
-                     "speedup": w1 / wn, "walls_1": one.walls, f"walls_{args.ranks}": many.walls,
-                     "peak_rss_MB_1": statistics.median(one.rss) / 1e6,
-                     f"peak_rss_MB_{args.ranks}_largest_process": statistics.median(many.rss) / 1e6,
-                     "identical_output": same, "loadavg_1m_before": one.load + many.load})
-        print(f"{job:20s} 1 rank {w1:6.2f} s   {args.ranks} ranks {wn:6.2f} s   x{w1 / wn:4.2f}   "
-              f"identical: {same}", flush=True)
-    result = {"benchmark": "bench_dist", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-              "layers": args.layers, "ranks": args.ranks, "reps": args.reps, "rows": rows,
-              "git": bs.git_state(),
-              "note": "whole processes incl. interpreter start-up (each rank imports torch); warm page cache; "
-                      "the machine is shared with other jobs (loadavg recorded before each run)"}
+        rows.append(
+            {
+                "job": job,
+                "in_GB": one.in_bytes / 1e9,
+                "wall_s_1": w1,
+                f"wall_s_{args.ranks}": wn,
+                "speedup": w1 / wn,
+                "walls_1": one.walls,
+                f"walls_{args.ranks}": many.walls,
+                "peak_rss_MB_1": statistics.median(one.rss) / 1e6,
+                f"peak_rss_MB_{args.ranks}_largest_process": statistics.median(many.rss) / 1e6,
+                "identical_output": same,
+                "loadavg_1m_before": one.load + many.load,
+            }
+        )
+        print(
+            f"{job:20s} 1 rank {w1:6.2f} s   {args.ranks} ranks {wn:6.2f} s   x{w1 / wn:4.2f}   identical: {same}",
+            flush=True,
+        )
+    result = {
+        "benchmark": "bench_dist",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "layers": args.layers,
+        "ranks": args.ranks,
+        "reps": args.reps,
+        "rows": rows,
+        "git": bs.git_state(),
+        "note": "whole processes incl. interpreter start-up (each rank imports torch); warm page cache; "
+        "the machine is shared with other jobs (loadavg recorded before each run)",
+    }
     if not args.tiny:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "dist.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -36,10 +36,16 @@ def sync(device):
 
 def build_model(args, device):
     """Llama-2-7B's shape (or a narrower/shallower one), bf16, random init, on `device`."""
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=round(args.hidden * 11008 / 4096),
-                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 128),
-                      num_key_value_heads=max(1, args.hidden // 128), vocab_size=args.vocab,
-                      max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=round(args.hidden * 11008 / 4096),
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 128),
+        num_key_value_heads=max(1, args.hidden // 128),
+        vocab_size=args.vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         return LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
@@ -81,9 +87,18 @@ def sweep(model, direction, keep, snapshot, device):
     exact = all(same_bits(p.detach(), snapshot[n]) for n, p in params.items())
     steered = sum(t.param.numel() * t.param.element_size() for t in s.targets)
     med = statistics.median(times)
-    res = {"construct_s": construct, "set_alpha_s_all": times, "set_alpha_s_median": med, "restore_s": restore,
-           "targets": len(s.targets), "changed_at_last_alpha": changed, "steered_GB": steered / 1e9,
-           "kept_GB": s.kept_bytes / 1e9, "GBps_read_and_write": 2 * steered / med / 1e9, "restore_exact": exact}
+    res = {
+        "construct_s": construct,
+        "set_alpha_s_all": times,
+        "set_alpha_s_median": med,
+        "restore_s": restore,
+        "targets": len(s.targets),
+        "changed_at_last_alpha": changed,
+        "steered_GB": steered / 1e9,
+        "kept_GB": s.kept_bytes / 1e9,
+        "GBps_read_and_write": 2 * steered / med / 1e9,
+        "restore_exact": exact,
+    }
     del s
     return res
 
@@ -107,28 +122,54 @@ def main():
     build_s = time.perf_counter() - t
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = sum(p.numel() for p in snapshot.values())
-    res = {"env": {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else "cpu", "torch": torch.__version__, "cws": cws.__version__,
-                   "date": time.strftime("%Y-%m-%d %H:%M:%S")},
-           "model": {"layers": args.layers, "hidden": args.hidden, "vocab": args.vocab, "params": params,
-                     "bf16_GB": 2 * params / 1e9, "build_s": build_s}, "alphas": list(ALPHAS), "keeps": {}}
-    print(f"model on {device}: {params / 1e9:.2f}B params, {2 * params / 1e9:.2f} GB bf16 (built in {build_s:.1f} s)",
-          flush=True)
+    res = {
+        "env": {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "cws": cws.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "model": {
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "vocab": args.vocab,
+            "params": params,
+            "bf16_GB": 2 * params / 1e9,
+            "build_s": build_s,
+        },
+        "alphas": list(ALPHAS),
+        "keeps": {},
+    }
+    print(
+        f"model on {device}: {params / 1e9:.2f}B params, {2 * params / 1e9:.2f} GB bf16 (built in {build_s:.1f} s)",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         d = lora_direction(model, args.rank, Path(tmp))
         entries = cws.Direction.open(d).entries.values()
-        res["direction"] = {"rank": 2 * args.rank, "lowrank": sum(e.kind == "lowrank" for e in entries),
-                            "dense": sum(e.kind == "dense" for e in entries), "bytes": cws.Direction.open(d).nbytes,
-                            "extract_s": time.perf_counter() - t}
-        print(f"direction: {res['direction']['lowrank']} low-rank + {res['direction']['dense']} dense entries, "
-              f"{res['direction']['bytes'] / 1e9:.2f} GB", flush=True)
+        res["direction"] = {
+            "rank": 2 * args.rank,
+            "lowrank": sum(e.kind == "lowrank" for e in entries),
+            "dense": sum(e.kind == "dense" for e in entries),
+            "bytes": cws.Direction.open(d).nbytes,
+            "extract_s": time.perf_counter() - t,
+        }
+        print(
+            f"direction: {res['direction']['lowrank']} low-rank + {res['direction']['dense']} dense entries, "
+            f"{res['direction']['bytes'] / 1e9:.2f} GB",
+            flush=True,
+        )
         for keep in args.keep:
             r = res["keeps"][keep] = sweep(model, d, keep, snapshot, device)
-            print(f"keep={keep:6s} construct {r['construct_s']:.2f} s; set_alpha median {r['set_alpha_s_median']:.3f} s "
-                  f"over {len(ALPHAS)} alphas ({r['steered_GB']:.2f} GB steered, {r['GBps_read_and_write']:.1f} GB/s "
-                  f"read+write); {r['changed_at_last_alpha']}/{r['targets']} tensors changed; restore "
-                  f"{'bit-exact' if r['restore_exact'] else 'NOT EXACT'} in {r['restore_s']:.3f} s", flush=True)
+            print(
+                f"keep={keep:6s} construct {r['construct_s']:.2f} s; set_alpha median {r['set_alpha_s_median']:.3f} s "
+                f"over {len(ALPHAS)} alphas ({r['steered_GB']:.2f} GB steered, {r['GBps_read_and_write']:.1f} GB/s "
+                f"read+write); {r['changed_at_last_alpha']}/{r['targets']} tensors changed; restore "
+                f"{'bit-exact' if r['restore_exact'] else 'NOT EXACT'} in {r['restore_s']:.3f} s",
+                flush=True,
+            )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=2))
     print(f"wrote {args.json}")

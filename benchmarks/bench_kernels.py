@@ -78,12 +78,21 @@ def main():
 
     def row(op, provider, seconds, nbytes):
         med, q20, q80 = seconds
-        rows.append({"op": op, "provider": provider, "ms": med * 1e3, "ms_q20": q20 * 1e3, "ms_q80": q80 * 1e3,
-                     "GBps": nbytes / med / 1e9})
+        rows.append(
+            {
+                "op": op,
+                "provider": provider,
+                "ms": med * 1e3,
+                "ms_q20": q20 * 1e3,
+                "ms_q80": q80 * 1e3,
+                "GBps": nbytes / med / 1e9,
+            }
+        )
 
     row("copy", "torch out.copy_(x)", timeit(lambda: out.copy_(a), args.reps), 2 * n * e)
     impls = (["native"] * native.available() + ["eager", "compiled"]) if dev == "cpu" else ["triton"]
     for impl in impls:
+
         def run_lincomb():
             K.lincomb([a, b, c], [1.0, alpha, -alpha], out=out)
 
@@ -112,7 +121,9 @@ def main():
             with K.use_cpu_impl(impl):
                 G = K.gram([a, b], [[1.0, 0.0], [0.0, 1.0]])
         accuracy[impl] = ((G - ref).abs() / ref.abs()).max().item()
-    naive = torch.tensor([[torch.dot(x.float(), y.float()).item() for y in (a, b)] for x in (a, b)], dtype=torch.float64)
+    naive = torch.tensor(
+        [[torch.dot(x.float(), y.float()).item() for y in (a, b)] for x in (a, b)], dtype=torch.float64
+    )
     accuracy["eager fp32 torch.dot"] = ((naive - ref).abs() / ref.abs()).max().item()
 
     by = {(r["op"], r["provider"]): r for r in rows}
@@ -120,7 +131,8 @@ def main():
     best = "cws triton" if dev != "cpu" else f"cws cpu {impls[0]}"
     ratios = {
         "lincomb_vs_copy_bandwidth": by[("lincomb", best)]["GBps"] / copy_bw,
-        "lincomb_speedup_vs_plain_expression": by[("lincomb", "plain torch expression")]["ms"] / by[("lincomb", best)]["ms"],
+        "lincomb_speedup_vs_plain_expression": by[("lincomb", "plain torch expression")]["ms"]
+        / by[("lincomb", best)]["ms"],
         "gram_vs_copy_bandwidth": by[("gram", best)]["GBps"] / copy_bw,
         "gram_speedup_vs_eager_dots": by[("gram", "eager fp32 torch.dot x3")]["ms"] / by[("gram", best)]["ms"],
     }
@@ -136,21 +148,49 @@ def main():
     if peak:
         for r in rows:
             r["of_peak"] = r["GBps"] / peak
-        ratios.update({"copy_vs_peak_bandwidth": copy_bw / peak, "lincomb_vs_peak_bandwidth": ratios[
-            "lincomb_vs_copy_bandwidth"] * copy_bw / peak, "gram_vs_peak_bandwidth": ratios["gram_vs_copy_bandwidth"]
-            * copy_bw / peak})
-        print(f"device memory bandwidth {peak:.0f} GB/s: copy {copy_bw / peak:.0%}, "
-              f"lincomb {ratios['lincomb_vs_peak_bandwidth']:.0%}, gram {ratios['gram_vs_peak_bandwidth']:.0%} of it")
+        ratios.update(
+            {
+                "copy_vs_peak_bandwidth": copy_bw / peak,
+                "lincomb_vs_peak_bandwidth": ratios["lincomb_vs_copy_bandwidth"] * copy_bw / peak,
+                "gram_vs_peak_bandwidth": ratios["gram_vs_copy_bandwidth"] * copy_bw / peak,
+            }
+        )
+        print(
+            f"device memory bandwidth {peak:.0f} GB/s: copy {copy_bw / peak:.0%}, "
+            f"lincomb {ratios['lincomb_vs_peak_bandwidth']:.0%}, gram {ratios['gram_vs_peak_bandwidth']:.0%} of it"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    env = {"device": dev, "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "machine": platform.machine(), "n": n, "cws_kernels": K.__version__, "peak_GBps": peak,
-           "device_name": torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else platform.processor()}
-    args.json.write_text(json.dumps({"env": env, "rows": rows, "ratios": ratios, "gram_relative_error": accuracy},
-                                    indent=2))
+    env = {
+        "device": dev,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "n": n,
+        "cws_kernels": K.__version__,
+        "peak_GBps": peak,
+        "device_name": torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else platform.processor(),
+    }
+    args.json.write_text(
+        json.dumps({"env": env, "rows": rows, "ratios": ratios, "gram_relative_error": accuracy}, indent=2)
+    )
     with open(args.json.with_suffix(".csv"), "a") as f:
         for r in rows:
-            f.write(",".join(str(x) for x in [time.strftime("%Y-%m-%d"), dev, torch.__version__, n, r["op"],
-                                               r["provider"], f"{r['ms']:.3f}", f"{r['GBps']:.2f}"]) + "\n")
+            f.write(
+                ",".join(
+                    str(x)
+                    for x in [
+                        time.strftime("%Y-%m-%d"),
+                        dev,
+                        torch.__version__,
+                        n,
+                        r["op"],
+                        r["provider"],
+                        f"{r['ms']:.3f}",
+                        f"{r['GBps']:.2f}",
+                    ]
+                )
+                + "\n"
+            )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,15 @@ import cws
 from cws.io.format import build_header
 
 HIDDEN, MLP, VOCAB = 4096, 11008, 32000
-MODULES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
-           "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
-           "mlp.gate_proj": (MLP, HIDDEN), "mlp.up_proj": (MLP, HIDDEN), "mlp.down_proj": (HIDDEN, MLP)}
+MODULES = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (MLP, HIDDEN),
+    "mlp.up_proj": (MLP, HIDDEN),
+    "mlp.down_proj": (HIDDEN, MLP),
+}
 
 
 def base_tensors(layers):
@@ -33,8 +39,10 @@ def base_tensors(layers):
     out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(layers):
         out += [(f"model.layers.{i}.{m}.weight", s) for m, s in MODULES.items()]
-        out += [(f"model.layers.{i}.input_layernorm.weight", (HIDDEN,)),
-                (f"model.layers.{i}.post_attention_layernorm.weight", (HIDDEN,))]
+        out += [
+            (f"model.layers.{i}.input_layernorm.weight", (HIDDEN,)),
+            (f"model.layers.{i}.post_attention_layernorm.weight", (HIDDEN,)),
+        ]
     return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
 
 
@@ -67,8 +75,15 @@ def make_adapter(path: Path, layers: int, rank: int, g, modules=MODULES, vocab=V
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         sd[f"base_model.model.{name}"] = (0.02 * torch.randn(vocab, hidden, generator=g)).bfloat16()
     save_file(sd, path / "adapter_model.safetensors")
-    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": [m.split(".")[1] for m in modules],
-           "modules_to_save": ["embed_tokens", "lm_head"], "use_rslora": False, "fan_in_fan_out": False}
+    cfg = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": [m.split(".")[1] for m in modules],
+        "modules_to_save": ["embed_tokens", "lm_head"],
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+    }
     (path / "adapter_config.json").write_text(json.dumps(cfg))
 
 
@@ -99,20 +114,34 @@ def main():
         times.append(time.perf_counter() - t)
     n_params = sum(HIDDEN * HIDDEN if s[0] == s[1] else s[0] * s[1] for s in MODULES.values()) * args.layers
     dense_bytes = (n_params + 2 * VOCAB * HIDDEN + args.layers * 2 * HIDDEN + HIDDEN) * 2  # a dense bf16 direction
-    res = {"rank": args.rank, "layers": args.layers, "adapters_bytes": size(wd / "pos") + size(wd / "neg"),
-           "direction_bytes": size(d), "dense_bf16_direction_bytes": dense_bytes,
-           "extract_s": t_extract, "compare_s_median": sorted(times)[1], "compare_s_all": times,
-           "global_cosine": report.cosine(), "global_cosine_no_embeddings": report.cosine(exclude_embeddings=True)}
+    res = {
+        "rank": args.rank,
+        "layers": args.layers,
+        "adapters_bytes": size(wd / "pos") + size(wd / "neg"),
+        "direction_bytes": size(d),
+        "dense_bf16_direction_bytes": dense_bytes,
+        "extract_s": t_extract,
+        "compare_s_median": sorted(times)[1],
+        "compare_s_all": times,
+        "global_cosine": report.cosine(),
+        "global_cosine_no_embeddings": report.cosine(exclude_embeddings=True),
+    }
     res["direction_over_adapters"] = res["direction_bytes"] / res["adapters_bytes"]
     print(f"two rank-{args.rank} adapters (7B layout, {args.layers} layers): {res['adapters_bytes'] / 1e9:.2f} GB")
-    print(f"LoRA-native direction: {res['direction_bytes'] / 1e9:.2f} GB "
-          f"({res['direction_over_adapters']:.2f}x the adapters; a dense bf16 direction: {dense_bytes / 1e9:.1f} GB)")
-    print(f"cws extract: {t_extract:.1f} s; cws compare (adapter update vs direction): {res['compare_s_median']:.1f} s "
-          f"(median of 3)")
+    print(
+        f"LoRA-native direction: {res['direction_bytes'] / 1e9:.2f} GB "
+        f"({res['direction_over_adapters']:.2f}x the adapters; a dense bf16 direction: {dense_bytes / 1e9:.1f} GB)"
+    )
+    print(
+        f"cws extract: {t_extract:.1f} s; cws compare (adapter update vs direction): {res['compare_s_median']:.1f} s "
+        f"(median of 3)"
+    )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "lora.json").write_text(json.dumps(res, indent=2))
-    print(f"wrote {out / 'lora.json'}; command: python benchmarks/bench_lora.py --rank {args.rank} --layers {args.layers}")
+    print(
+        f"wrote {out / 'lora.json'}; command: python benchmarks/bench_lora.py --rank {args.rank} --layers {args.layers}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def make_model(args):
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75), num_hidden_layers=args.layers,
-                      num_attention_heads=8, num_key_value_heads=8, vocab_size=args.vocab, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.75),
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=args.vocab,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -91,7 +98,9 @@ def main():
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--reference", choices=["cpu", "device"], default="cpu", help="where the full fine-tune's θ_0 is kept")
+    ap.add_argument(
+        "--reference", choices=["cpu", "device"], default="cpu", help="where the full fine-tune's θ_0 is kept"
+    )
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "monitor.json")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -110,8 +119,12 @@ def main():
         mon = cws.WeightMonitor({"w": w_lora}, every=1)
         mon.start(model)
         step, meas = train_steps(model, args.steps, g, hook=mon.measure)
-        res["lora"] = {"step_s": base_step, "step_s_with_monitor_run": step, "measure_s": meas,
-                       "overhead": meas / base_step}
+        res["lora"] = {
+            "step_s": base_step,
+            "step_s_with_monitor_run": step,
+            "measure_s": meas,
+            "overhead": meas / base_step,
+        }
 
         # Full fine-tuning against a dense direction, θ_0 on CPU.
         model = make_model(args)
@@ -130,16 +143,28 @@ def main():
             K.gram(flat, [[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
         sync(device)
         kern = (time.perf_counter() - t) / 5
-        res["full"] = {"step_s": base_step, "measure_s": meas, "overhead": meas / base_step,
-                       "measure_GBps": moved / meas / 1e9, "gram_kernel_GBps_same_bytes": moved / kern / 1e9,
-                       "params": sum(p.numel() for p in params)}
-    print(f"on {device}, θ_0 on {args.reference}; model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {res['full']['params'] / 1e6:.1f}M params")
+        res["full"] = {
+            "step_s": base_step,
+            "measure_s": meas,
+            "overhead": meas / base_step,
+            "measure_GBps": moved / meas / 1e9,
+            "gram_kernel_GBps_same_bytes": moved / kern / 1e9,
+            "params": sum(p.numel() for p in params),
+        }
+    print(
+        f"on {device}, θ_0 on {args.reference}; model: hidden {args.hidden}, {args.layers} layers, "
+        f"vocab {args.vocab}, {res['full']['params'] / 1e6:.1f}M params"
+    )
     lo, fu = res["lora"], res["full"]
-    print(f"LoRA r=16 training: step {lo['step_s'] * 1e3:.0f} ms, measurement {lo['measure_s'] * 1e3:.1f} ms "
-          f"-> overhead {100 * lo['overhead']:.1f}% when measuring every step")
-    print(f"full fine-tune:     step {fu['step_s'] * 1e3:.0f} ms, measurement {fu['measure_s'] * 1e3:.1f} ms "
-          f"-> overhead {100 * fu['overhead']:.1f}% every step; {fu['measure_GBps']:.1f} GB/s "
-          f"(gram kernel on the same bytes in one call: {fu['gram_kernel_GBps_same_bytes']:.1f} GB/s)")
+    print(
+        f"LoRA r=16 training: step {lo['step_s'] * 1e3:.0f} ms, measurement {lo['measure_s'] * 1e3:.1f} ms "
+        f"-> overhead {100 * lo['overhead']:.1f}% when measuring every step"
+    )
+    print(
+        f"full fine-tune:     step {fu['step_s'] * 1e3:.0f} ms, measurement {fu['measure_s'] * 1e3:.1f} ms "
+        f"-> overhead {100 * fu['overhead']:.1f}% every step; {fu['measure_GBps']:.1f} GB/s "
+        f"(gram kernel on the same bytes in one call: {fu['gram_kernel_GBps_same_bytes']:.1f} GB/s)"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=2))
     print(f"wrote {args.json}")

@@ -38,8 +38,18 @@ from pathlib import Path
 
 import torch
 
-from bench_streaming import (cws_command, fsync_tree, git_state, layout, llama_config, mergekit_setup, nbytes,
-                             rss_method, run_once, weight_files)
+from bench_streaming import (
+    cws_command,
+    fsync_tree,
+    git_state,
+    layout,
+    llama_config,
+    mergekit_setup,
+    nbytes,
+    rss_method,
+    run_once,
+    weight_files,
+)
 from cws.io.format import build_header
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,6 +64,7 @@ MAX_RATIO, MAX_RSS_MB = 1.2, 600  # the targets of issue 16
 
 # --------------------------------------------------------------------------- synthetic checkpoints
 
+
 def chunks(kind, index, name, numel, pool):
     """Tensor `index` of `kind` (base/pos/neg) as bf16 pieces; pos/neg cut the same base pieces and
     add their own noise, so the three differ by a few ulps, as fine-tunes do."""
@@ -62,10 +73,10 @@ def chunks(kind, index, name, numel, pool):
     for start in range(0, numel, CHUNK):
         m = min(CHUNK, numel - start)
         o = int(torch.randint(0, POOL - m + 1, (1,), generator=cut))
-        x = (0.02 * pool[o:o + m] + (1.0 if name.endswith("norm.weight") else 0.0)).bfloat16()
+        x = (0.02 * pool[o : o + m] + (1.0 if name.endswith("norm.weight") else 0.0)).bfloat16()
         if kind != "base":
             o = int(torch.randint(0, POOL - m + 1, (1,), generator=noise))
-            x = (x.float() + NOISE * pool[o:o + m]).bfloat16()
+            x = (x.float() + NOISE * pool[o : o + m]).bfloat16()
         yield x
 
 
@@ -100,8 +111,9 @@ def make_checkpoint(path, kind, layers, shard_bytes, pool):
                     f.write(x.view(torch.int16).numpy())
                 weight_map[name] = fname
     total = sum(math.prod(s) * 2 for _, _, s in tensors)
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}, indent=2))
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     (tmp / "config.json").write_text(json.dumps(llama_config(SEVEN_B, layers, KV_HEADS), indent=2))
     tmp.rename(path)
 
@@ -116,8 +128,11 @@ def ensure_data(root, layers, shard_bytes):
                 pool = torch.randn(POOL, generator=torch.Generator().manual_seed(SEED))
             t = time.perf_counter()
             make_checkpoint(p, kind, layers, shard_bytes, pool)
-            print(f"  made {p} ({nbytes([p]) / 1e9:.2f} GB, {len(weight_files(p))} shards) in "
-                  f"{time.perf_counter() - t:.0f} s", flush=True)
+            print(
+                f"  made {p} ({nbytes([p]) / 1e9:.2f} GB, {len(weight_files(p))} shards) in "
+                f"{time.perf_counter() - t:.0f} s",
+                flush=True,
+            )
     return paths
 
 
@@ -141,9 +156,13 @@ def drop_caches():
 def direct_io_works(file, outdir):
     """Whether this filesystem takes O_DIRECT reads and writes (tmpfs does not)."""
     probe = outdir / "direct-probe.bin"
-    ok = all(subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0 for cmd in (
-        ["dd", f"if={file}", "of=/dev/null", "bs=1M", "count=1", "iflag=direct", "status=none"],
-        ["dd", "if=/dev/zero", f"of={probe}", "bs=1M", "count=1", "oflag=direct", "status=none"]))
+    ok = all(
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+        for cmd in (
+            ["dd", f"if={file}", "of=/dev/null", "bs=1M", "count=1", "iflag=direct", "status=none"],
+            ["dd", "if=/dev/zero", f"of={probe}", "bs=1M", "count=1", "oflag=direct", "status=none"],
+        )
+    )
     probe.unlink(missing_ok=True)
     return ok
 
@@ -176,11 +195,19 @@ class Run:
 
     def row(self):
         wall = statistics.median(self.walls)
-        return {"provider": self.name, "kind": self.kind, "wall_s": wall, "wall_s_all": self.walls,
-                "peak_rss_MB": max(self.rss) / 1e6, "peak_rss_MB_all": [r / 1e6 for r in self.rss],
-                "flush_s": statistics.median(self.flush) if self.flush else 0.0,
-                "in_GB": self.in_bytes / 1e9, "out_GB": self.out_bytes / 1e9,
-                "in_GBps": self.in_bytes / wall / 1e9, "command": " ".join(map(str, self.cmd))}
+        return {
+            "provider": self.name,
+            "kind": self.kind,
+            "wall_s": wall,
+            "wall_s_all": self.walls,
+            "peak_rss_MB": max(self.rss) / 1e6,
+            "peak_rss_MB_all": [r / 1e6 for r in self.rss],
+            "flush_s": statistics.median(self.flush) if self.flush else 0.0,
+            "in_GB": self.in_bytes / 1e9,
+            "out_GB": self.out_bytes / 1e9,
+            "in_GBps": self.in_bytes / wall / 1e9,
+            "command": " ".join(map(str, self.cmd)),
+        }
 
 
 def remove(path):
@@ -195,12 +222,22 @@ def floors(by, ckpt_bytes):
     reads = {r["provider"]: r["in_GBps"] for r in by.values() if r["kind"] == "read floor"}
     best = max(reads, key=reads.get)
     write = min((r for r in by.values() if r["kind"] == "write floor"), key=lambda r: r["wall_s"], default=None)
-    both = max((r for r in by.values() if r["kind"] == "read+write floor"),
-               key=lambda r: (r["in_GB"] + r["out_GB"]) / r["wall_s"], default=None)
-    return {"read_GBps": reads, "best_read": best, "best_read_GBps": reads[best], "write_s": write and write["wall_s"],
-            "best_write": write and write["provider"],
-            "write_GB": ckpt_bytes / 1e9, "read_write_s": both and both["wall_s"],
-            "read_write_GB": both and both["in_GB"] + both["out_GB"], "best_read_write": both and both["provider"]}
+    both = max(
+        (r for r in by.values() if r["kind"] == "read+write floor"),
+        key=lambda r: (r["in_GB"] + r["out_GB"]) / r["wall_s"],
+        default=None,
+    )
+    return {
+        "read_GBps": reads,
+        "best_read": best,
+        "best_read_GBps": reads[best],
+        "write_s": write and write["wall_s"],
+        "best_write": write and write["provider"],
+        "write_GB": ckpt_bytes / 1e9,
+        "read_write_s": both and both["wall_s"],
+        "read_write_GB": both and both["in_GB"] + both["out_GB"],
+        "best_read_write": both and both["provider"],
+    }
 
 
 def floor_of(in_gb, out_gb, read_gbps, write_s, write_gb, rw_s, rw_gb):
@@ -220,12 +257,24 @@ def ratios(by, fl):
     for r in by.values():
         if r["kind"] not in ("cws", "mergekit"):
             continue
-        read_s, write_s, floor, shared = floor_of(r["in_GB"], r["out_GB"], fl["best_read_GBps"], fl["write_s"],
-                                                  fl["write_GB"], fl["read_write_s"], fl["read_write_GB"])
-        out[r["provider"]] = {"read_floor_s": read_s, "write_floor_s": write_s, "floor_s": floor,
-                              "wall_over_floor": r["wall_s"] / floor,
-                              "wall_plus_flush_over_floor": (r["wall_s"] + r["flush_s"]) / floor,
-                              "shared_floor_s": shared, "wall_over_shared_floor": r["wall_s"] / shared}
+        read_s, write_s, floor, shared = floor_of(
+            r["in_GB"],
+            r["out_GB"],
+            fl["best_read_GBps"],
+            fl["write_s"],
+            fl["write_GB"],
+            fl["read_write_s"],
+            fl["read_write_GB"],
+        )
+        out[r["provider"]] = {
+            "read_floor_s": read_s,
+            "write_floor_s": write_s,
+            "floor_s": floor,
+            "wall_over_floor": r["wall_s"] / floor,
+            "wall_plus_flush_over_floor": (r["wall_s"] + r["flush_s"]) / floor,
+            "shared_floor_s": shared,
+            "wall_over_shared_floor": r["wall_s"] / shared,
+        }
     return out
 
 
@@ -243,14 +292,28 @@ def per_rep_ratios(runs):
         for i, wall in enumerate(r.walls):
             gbps = max(x.in_bytes / x.walls[i] for x in reads if i < len(x.walls))
             w = min((x for x in writes if i < len(x.walls)), key=lambda x: x.walls[i] / x.out_bytes, default=None)
-            rw = max((x for x in boths if i < len(x.walls)), key=lambda x: (x.in_bytes + x.out_bytes) / x.walls[i],
-                     default=None)
-            _, _, floor, shared = floor_of(r.in_bytes, r.out_bytes, gbps, w and w.walls[i], w and w.out_bytes,
-                                           rw and rw.walls[i], rw and rw.in_bytes + rw.out_bytes)
+            rw = max(
+                (x for x in boths if i < len(x.walls)),
+                key=lambda x: (x.in_bytes + x.out_bytes) / x.walls[i],
+                default=None,
+            )
+            _, _, floor, shared = floor_of(
+                r.in_bytes,
+                r.out_bytes,
+                gbps,
+                w and w.walls[i],
+                w and w.out_bytes,
+                rw and rw.walls[i],
+                rw and rw.in_bytes + rw.out_bytes,
+            )
             per.append(wall / floor)
             per_shared.append(wall / shared)
-        out[r.name] = {"wall_over_floor_each_rep": per, "median": statistics.median(per),
-                       "wall_over_shared_floor_each_rep": per_shared, "median_shared": statistics.median(per_shared)}
+        out[r.name] = {
+            "wall_over_floor_each_rep": per,
+            "median": statistics.median(per),
+            "wall_over_shared_floor_each_rep": per_shared,
+            "median_shared": statistics.median(per_shared),
+        }
     return out
 
 
@@ -290,33 +353,126 @@ def main():
     if not direct:
         print("this filesystem refuses O_DIRECT: the dd floors are left out")
     dd_reads = "; ".join(f"dd if={f} of=/dev/null bs=64M iflag=direct status=none || exit 1" for f in files)
-    runs = [Run("cat base+pos+neg, one after another", "read floor", ["cat", *files], three),
-            Run("cat, one per file at once", "read floor", ["sh", "-c", " ".join(f"cat {f} >/dev/null &" for f in files)
-                                                               + " wait"], three)]
+    runs = [
+        Run("cat base+pos+neg, one after another", "read floor", ["cat", *files], three),
+        Run(
+            "cat, one per file at once",
+            "read floor",
+            ["sh", "-c", " ".join(f"cat {f} >/dev/null &" for f in files) + " wait"],
+            three,
+        ),
+    ]
     if direct:
-        runs += [Run("dd iflag=direct bs=64M, file after file", "read floor", ["sh", "-c", dd_reads], three),
-                 Run("dd of one output's size, oflag=direct conv=fsync", "write floor",
-                     ["dd", "if=/dev/zero", f"of={out / 'dd.bin'}", "bs=64M", f"count={ckpt}", "iflag=count_bytes",
-                      "oflag=direct", "conv=fsync", "status=none"], [], out / "dd.bin", ckpt),
-                 Run("cat one per file + dd write, all at once", "read+write floor",
-                     ["sh", "-c", " ".join(f"cat {f} >/dev/null &" for f in files)
-                      + f" dd if=/dev/zero of={out / 'dd-rw.bin'} bs=64M count={ckpt} iflag=count_bytes oflag=direct"
-                      " conv=fsync status=none & wait"], three, out / "dd-rw.bin", ckpt)]
+        runs += [
+            Run("dd iflag=direct bs=64M, file after file", "read floor", ["sh", "-c", dd_reads], three),
+            Run(
+                "dd of one output's size, oflag=direct conv=fsync",
+                "write floor",
+                [
+                    "dd",
+                    "if=/dev/zero",
+                    f"of={out / 'dd.bin'}",
+                    "bs=64M",
+                    f"count={ckpt}",
+                    "iflag=count_bytes",
+                    "oflag=direct",
+                    "conv=fsync",
+                    "status=none",
+                ],
+                [],
+                out / "dd.bin",
+                ckpt,
+            ),
+            Run(
+                "cat one per file + dd write, all at once",
+                "read+write floor",
+                [
+                    "sh",
+                    "-c",
+                    " ".join(f"cat {f} >/dev/null &" for f in files)
+                    + f" dd if=/dev/zero of={out / 'dd-rw.bin'} bs=64M count={ckpt} iflag=count_bytes oflag=direct"
+                    " conv=fsync status=none & wait",
+                ],
+                three,
+                out / "dd-rw.bin",
+                ckpt,
+            ),
+        ]
         floor = [sys.executable, str(Path(__file__).resolve().parent / "disk_floor.py")]
-        runs += [Run("direct reads, 16 x 8 MB in 2 MB pages", "read floor", [*floor, "--read", *files], three),
-                 Run("direct writes, 4 x 8 MB in 2 MB pages + fsync", "write floor",
-                     [*floor, "--write", str(out / "df.bin"), "--bytes", str(ckpt)], [], out / "df.bin", ckpt),
-                 Run("direct reads + direct writes, all at once", "read+write floor",
-                     [*floor, "--read", *files, "--write", str(out / "df-rw.bin"), "--bytes", str(ckpt)], three,
-                     out / "df-rw.bin", ckpt)]
+        runs += [
+            Run("direct reads, 16 x 8 MB in 2 MB pages", "read floor", [*floor, "--read", *files], three),
+            Run(
+                "direct writes, 4 x 8 MB in 2 MB pages + fsync",
+                "write floor",
+                [*floor, "--write", str(out / "df.bin"), "--bytes", str(ckpt)],
+                [],
+                out / "df.bin",
+                ckpt,
+            ),
+            Run(
+                "direct reads + direct writes, all at once",
+                "read+write floor",
+                [*floor, "--read", *files, "--write", str(out / "df-rw.bin"), "--bytes", str(ckpt)],
+                three,
+                out / "df-rw.bin",
+                ckpt,
+            ),
+        ]
     d = out / "direction"  # extract's output, the direction compare reads (kept until compare is done)
-    runs += [Run("cws apply --pos --neg", "cws", [*cws, "apply", "--model", base, "--pos", pos, "--neg", neg, "--alpha",
-                 "1", "--out", str(out / "apply"), "-q"], three, out / "apply", ckpt, warm=CWS_WARM),
-             Run("cws extract --pos --neg --dtype bfloat16", "cws", [*cws, "extract", "--pos", pos, "--neg", neg,
-                 "--dtype", "bfloat16", "--out", str(d), "-q"], [paths["pos"], paths["neg"]], d, ckpt, keep_out=True,
-                 warm=CWS_WARM),
-             Run("cws compare", "cws", [*cws, "compare", "--base", base, "--model", pos, "--direction", str(d), "-q",
-                 "--json", str(out / "compare.json")], [paths["base"], paths["pos"], d], warm=CWS_WARM)]
+    runs += [
+        Run(
+            "cws apply --pos --neg",
+            "cws",
+            [
+                *cws,
+                "apply",
+                "--model",
+                base,
+                "--pos",
+                pos,
+                "--neg",
+                neg,
+                "--alpha",
+                "1",
+                "--out",
+                str(out / "apply"),
+                "-q",
+            ],
+            three,
+            out / "apply",
+            ckpt,
+            warm=CWS_WARM,
+        ),
+        Run(
+            "cws extract --pos --neg --dtype bfloat16",
+            "cws",
+            [*cws, "extract", "--pos", pos, "--neg", neg, "--dtype", "bfloat16", "--out", str(d), "-q"],
+            [paths["pos"], paths["neg"]],
+            d,
+            ckpt,
+            keep_out=True,
+            warm=CWS_WARM,
+        ),
+        Run(
+            "cws compare",
+            "cws",
+            [
+                *cws,
+                "compare",
+                "--base",
+                base,
+                "--model",
+                pos,
+                "--direction",
+                str(d),
+                "-q",
+                "--json",
+                str(out / "compare.json"),
+            ],
+            [paths["base"], paths["pos"], d],
+            warm=CWS_WARM,
+        ),
+    ]
     mk_info = None
     if not args.skip_mergekit:
         venv = mergekit_venv(args.mergekit_venv)
@@ -324,8 +480,17 @@ def main():
         if mk_cmd is None:
             print("mergekit: not importable here nor in --mergekit-venv; left out")
         else:
-            runs.append(Run("mergekit task_arithmetic --lazy-unpickle", "mergekit", mk_cmd, three, mk_out, ckpt,
-                            warm=[str(Path(venv) / "bin" / "python"), "-c", "import torch, mergekit.merge"]))
+            runs.append(
+                Run(
+                    "mergekit task_arithmetic --lazy-unpickle",
+                    "mergekit",
+                    mk_cmd,
+                    three,
+                    mk_out,
+                    ckpt,
+                    warm=[str(Path(venv) / "bin" / "python"), "-c", "import torch, mergekit.merge"],
+                )
+            )
 
     notes = set()
     print(f"measuring {len(runs)} runs x {args.reps} reps, each from a dropped page cache:", flush=True)
@@ -339,7 +504,9 @@ def main():
             if note and note not in notes:
                 notes.add(note)
                 print(f"  {note}", flush=True)
-            print(f"  rep {rep + 1}/{args.reps} {r.name:50s} {r.walls[-1]:8.2f} s {r.rss[-1] / 1e6:8.0f} MB", flush=True)
+            print(
+                f"  rep {rep + 1}/{args.reps} {r.name:50s} {r.walls[-1]:8.2f} s {r.rss[-1] / 1e6:8.0f} MB", flush=True
+            )
         remove(d)
 
     rows = [r.row() for r in runs]
@@ -355,47 +522,97 @@ def main():
     for name, x in rat.items():
         if by[name]["kind"] == "cws":
             targets[f"{name}: wall / floor <= {MAX_RATIO}"] = (x["wall_over_floor"], x["wall_over_floor"] <= MAX_RATIO)
-            targets[f"{name}: wall / read+write floor <= {MAX_RATIO}"] = (x["wall_over_shared_floor"],
-                                                                          x["wall_over_shared_floor"] <= MAX_RATIO)
-            targets[f"{name}: peak RSS MB <= {MAX_RSS_MB}"] = (by[name]["peak_rss_MB"], by[name]["peak_rss_MB"] <= MAX_RSS_MB)
+            targets[f"{name}: wall / read+write floor <= {MAX_RATIO}"] = (
+                x["wall_over_shared_floor"],
+                x["wall_over_shared_floor"] <= MAX_RATIO,
+            )
+            targets[f"{name}: peak RSS MB <= {MAX_RSS_MB}"] = (
+                by[name]["peak_rss_MB"],
+                by[name]["peak_rss_MB"] <= MAX_RSS_MB,
+            )
 
     cold = not notes
-    print(f"\n{args.layers} layers of Llama-2-7B, {ckpt / 1e9:.2f} GB per bf16 checkpoint, "
-          f"{len(weight_files(paths['base']))} shards; {'cold (page cache dropped before each run)' if cold else 'NOT cold'}; "
-          f"median of {args.reps}; {os.cpu_count()} cores")
-    print(f"{'run':52s} {'wall s':>8s} {'peak RSS MB':>12s} {'in GB':>7s} {'out GB':>7s} {'in GB/s':>8s} {'floor s':>8s} "
-          f"{'wall/floor':>10s}")
+    print(
+        f"\n{args.layers} layers of Llama-2-7B, {ckpt / 1e9:.2f} GB per bf16 checkpoint, "
+        f"{len(weight_files(paths['base']))} shards; {'cold (page cache dropped before each run)' if cold else 'NOT cold'}; "
+        f"median of {args.reps}; {os.cpu_count()} cores"
+    )
+    print(
+        f"{'run':52s} {'wall s':>8s} {'peak RSS MB':>12s} {'in GB':>7s} {'out GB':>7s} {'in GB/s':>8s} {'floor s':>8s} "
+        f"{'wall/floor':>10s}"
+    )
     for r in rows:
         x = rat.get(r["provider"])
-        print(f"{r['provider']:52s} {r['wall_s']:8.2f} {r['peak_rss_MB']:12.0f} {r['in_GB']:7.2f} {r['out_GB']:7.2f} "
-              f"{r['in_GBps']:8.2f} "
-              + (f"{x['floor_s']:8.2f} {x['wall_over_floor']:10.2f}" if x else f"{'':8s} {'':10s}"))
-    print(f"floor: inputs at {fl['best_read_GBps']:.2f} GB/s ({fl['best_read']}), "
-          + (f"durable write of {ckpt / 1e9:.2f} GB in {fl['write_s']:.2f} s ({fl['best_write']})" if fl["write_s"]
-             else "no write floor"))
+        print(
+            f"{r['provider']:52s} {r['wall_s']:8.2f} {r['peak_rss_MB']:12.0f} {r['in_GB']:7.2f} {r['out_GB']:7.2f} "
+            f"{r['in_GBps']:8.2f} "
+            + (f"{x['floor_s']:8.2f} {x['wall_over_floor']:10.2f}" if x else f"{'':8s} {'':10s}")
+        )
+    print(
+        f"floor: inputs at {fl['best_read_GBps']:.2f} GB/s ({fl['best_read']}), "
+        + (
+            f"durable write of {ckpt / 1e9:.2f} GB in {fl['write_s']:.2f} s ({fl['best_write']})"
+            if fl["write_s"]
+            else "no write floor"
+        )
+    )
     if fl["read_write_s"]:
-        print(f"reading base+pos+neg while writing one output, at once: {fl['read_write_s']:.2f} s "
-              f"({fl['read_write_GB'] / fl['read_write_s']:.2f} GB/s read + written; {fl['best_read_write']})")
+        print(
+            f"reading base+pos+neg while writing one output, at once: {fl['read_write_s']:.2f} s "
+            f"({fl['read_write_GB'] / fl['read_write_s']:.2f} GB/s read + written; {fl['best_read_write']})"
+        )
     for name, x in rat.items():
-        print(f"{name}: wall / floor of the same rep " + ", ".join(f"{v:.2f}" for v in x["wall_over_floor_each_rep"])
-              + f" (median {x['wall_over_floor_median_of_reps']:.2f}); / read+write floor "
-              + ", ".join(f"{v:.2f}" for v in x["wall_over_shared_floor_each_rep"])
-              + f" (median {x['wall_over_shared_floor_median_of_reps']:.2f})")
+        print(
+            f"{name}: wall / floor of the same rep "
+            + ", ".join(f"{v:.2f}" for v in x["wall_over_floor_each_rep"])
+            + f" (median {x['wall_over_floor_median_of_reps']:.2f}); / read+write floor "
+            + ", ".join(f"{v:.2f}" for v in x["wall_over_shared_floor_each_rep"])
+            + f" (median {x['wall_over_shared_floor_median_of_reps']:.2f})"
+        )
     print("targets:")
     for k, (v, ok) in targets.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {k}: {v:.3f}")
 
-    env_info = {"torch": torch.__version__, "cpus": os.cpu_count(), "machine": platform.machine(),
-                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command,
-                "cold": cold, "notes": sorted(notes), "rss_method": rss_method(), "direct_io": direct,
-                "mergekit": mk_info, "cws_executable": cws[0], "git_at_start": git_before, "git_at_end": git_state()}
-    data = {"layers": args.layers, "dims": SEVEN_B, "kv_heads": KV_HEADS, "reps": args.reps,
-            "params": sum(math.prod(s) for _, s in layout(SEVEN_B, args.layers, KV_HEADS)),
-            "checkpoint_GB": ckpt / 1e9, "shards": len(weight_files(paths["base"]))}
+    env_info = {
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command,
+        "cold": cold,
+        "notes": sorted(notes),
+        "rss_method": rss_method(),
+        "direct_io": direct,
+        "mergekit": mk_info,
+        "cws_executable": cws[0],
+        "git_at_start": git_before,
+        "git_at_end": git_state(),
+    }
+    data = {
+        "layers": args.layers,
+        "dims": SEVEN_B,
+        "kv_heads": KV_HEADS,
+        "reps": args.reps,
+        "params": sum(math.prod(s) for _, s in layout(SEVEN_B, args.layers, KV_HEADS)),
+        "checkpoint_GB": ckpt / 1e9,
+        "shards": len(weight_files(paths["base"])),
+    }
     RESULTS.mkdir(exist_ok=True)
     dest = RESULTS / "scale.json"
-    dest.write_text(json.dumps({"env": env_info, "data": data, "rows": rows, "floors": fl, "ratios": rat,
-                                "targets": {k: {"value": v, "pass": ok} for k, (v, ok) in targets.items()}}, indent=2))
+    dest.write_text(
+        json.dumps(
+            {
+                "env": env_info,
+                "data": data,
+                "rows": rows,
+                "floors": fl,
+                "ratios": rat,
+                "targets": {k: {"value": v, "pass": ok} for k, (v, ok) in targets.items()},
+            },
+            indent=2,
+        )
+    )
     remove(out)
     if not args.keep:
         shutil.rmtree(root)

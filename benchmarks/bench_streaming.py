@@ -59,6 +59,7 @@ NOISE = 1e-3  # pos/neg deviation from base (weights are ~0.02): a few bf16 ulps
 
 # --------------------------------------------------------------------------- synthetic checkpoints
 
+
 def layout(dims, layers, kv_heads):
     """(name, shape) of every tensor of the Llama layout, in HF order."""
     h, m, v = dims["hidden"], dims["intermediate"], dims["vocab"]
@@ -66,11 +67,17 @@ def layout(dims, layers, kv_heads):
     out = [("model.embed_tokens.weight", (v, h))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (m, h)), (p + "mlp.up_proj.weight", (m, h)),
-                (p + "mlp.down_proj.weight", (h, m)),
-                (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        out += [
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (m, h)),
+            (p + "mlp.up_proj.weight", (m, h)),
+            (p + "mlp.down_proj.weight", (h, m)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
@@ -90,12 +97,26 @@ def make_tensor(kind, index, name, shape):
 
 def llama_config(dims, layers, kv_heads):
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["hidden"],
-        "intermediate_size": dims["intermediate"], "num_hidden_layers": layers,
-        "num_attention_heads": dims["heads"], "num_key_value_heads": kv_heads, "vocab_size": dims["vocab"],
-        "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "initializer_range": 0.02, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "use_cache": True,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dims["hidden"],
+        "intermediate_size": dims["intermediate"],
+        "num_hidden_layers": layers,
+        "num_attention_heads": dims["heads"],
+        "num_key_value_heads": kv_heads,
+        "vocab_size": dims["vocab"],
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
     }
 
 
@@ -116,11 +137,15 @@ def make_checkpoint(path, kind, dims, layers, kv_heads):
     weight_map = {}
     for k, entries in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-00002.safetensors"
-        save_file({name: make_tensor(kind, i, name, shape) for i, (name, shape) in entries}, tmp / fname,
-                  metadata={"format": "pt"})
+        save_file(
+            {name: make_tensor(kind, i, name, shape) for i, (name, shape) in entries},
+            tmp / fname,
+            metadata={"format": "pt"},
+        )
         weight_map.update({name: fname for _, (name, _) in entries})
     (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     (tmp / "config.json").write_text(json.dumps(llama_config(dims, layers, kv_heads), indent=2))
     tmp.rename(path)
 
@@ -147,15 +172,31 @@ def ensure_data(root, dims, layers, kv_heads, cws_cmd):
     if not (paths["dir"] / "direction.json").exists():
         shutil.rmtree(paths["dir"], ignore_errors=True)
         t = time.perf_counter()
-        subprocess.run([*cws_cmd, "extract", "--pos", str(paths["pos"]), "--neg", str(paths["neg"]),
-                        "--out", str(paths["dir"]), "-q"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                *cws_cmd,
+                "extract",
+                "--pos",
+                str(paths["pos"]),
+                "--neg",
+                str(paths["neg"]),
+                "--out",
+                str(paths["dir"]),
+                "-q",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         made["dir"] = time.perf_counter() - t
-        print(f"  cws extract -> {paths['dir']} ({nbytes([paths['dir']]) / 1e9:.2f} GB) in {made['dir']:.0f} s",
-              flush=True)
+        print(
+            f"  cws extract -> {paths['dir']} ({nbytes([paths['dir']]) / 1e9:.2f} GB) in {made['dir']:.0f} s",
+            flush=True,
+        )
     return paths, made
 
 
 # --------------------------------------------------------------------------- the plain PyTorch provider
+
 
 def plain_pytorch(base, pos, neg, out):
     """Load the three state dicts whole, θ = (base + 0.5·(pos − neg)) in fp32 per tensor, save sharded
@@ -174,14 +215,16 @@ def plain_pytorch(base, pos, neg, out):
     out = Path(out)
     out.mkdir(parents=True)
     for fname in sorted(set(index["weight_map"].values())):
-        save_file({k: result[k] for k, f in index["weight_map"].items() if f == fname}, out / fname,
-                  metadata={"format": "pt"})
+        save_file(
+            {k: result[k] for k, f in index["weight_map"].items() if f == fname}, out / fname, metadata={"format": "pt"}
+        )
     shutil.copy(Path(base) / "model.safetensors.index.json", out)
     shutil.copy(Path(base) / "config.json", out)
     print(f"{WORK_TAG} {time.perf_counter() - t0:.6f}")
 
 
 # --------------------------------------------------------------------------- measurement
+
 
 def drop_output(path):
     if path is not None:
@@ -208,9 +251,11 @@ def fsync_tree(path):
 
 # A tiny launcher when /usr/bin/time is absent: a child's ru_maxrss counts the memory of the process
 # it was forked from (until exec), so the benchmark itself (GBs after making the data) must not be it.
-LAUNCHER = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execvp(sys.argv[2], sys.argv[2:])\n"
-            "_, st, ru = os.wait4(pid, 0)\nopen(sys.argv[1], 'w').write(str(ru.ru_maxrss))\n"
-            "sys.exit(os.waitstatus_to_exitcode(st))\n")
+LAUNCHER = (
+    "import os, sys\npid = os.fork()\nif pid == 0:\n    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "_, st, ru = os.wait4(pid, 0)\nopen(sys.argv[1], 'w').write(str(ru.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(st))\n"
+)
 GNU_TIME = "/usr/bin/time"
 
 
@@ -219,14 +264,16 @@ def rss_method():
 
 
 WORK_TAG = "after-import-seconds"  # printed by the Python providers: their time after `import torch`/`cws`
-IN_PROCESS = ("import sys, time, cws\n"
-              "t = time.perf_counter()\n"
-              "op, args = sys.argv[1], sys.argv[2:]\n"
-              "if op == 'apply':\n"
-              "    cws.apply(args[0], args[1], float(args[2]), args[3], fsync=False, quiet=True)\n"
-              "else:\n"
-              "    cws.compare(args[0], args[1], args[2], quiet=True)\n"
-              f"print('{WORK_TAG}', time.perf_counter() - t)\n")
+IN_PROCESS = (
+    "import sys, time, cws\n"
+    "t = time.perf_counter()\n"
+    "op, args = sys.argv[1], sys.argv[2:]\n"
+    "if op == 'apply':\n"
+    "    cws.apply(args[0], args[1], float(args[2]), args[3], fsync=False, quiet=True)\n"
+    "else:\n"
+    "    cws.compare(args[0], args[1], args[2], quiet=True)\n"
+    f"print('{WORK_TAG}', time.perf_counter() - t)\n"
+)
 
 
 def run_once(cmd, env, log, discard_stdout=False):
@@ -239,8 +286,13 @@ def run_once(cmd, env, log, discard_stdout=False):
         else:
             wrapped = [sys.executable, "-S", "-c", LAUNCHER, rssf.name, *cmd]
         t = time.perf_counter()
-        rc = subprocess.run(wrapped, stdout=subprocess.DEVNULL if discard_stdout else f, stderr=f if discard_stdout
-                            else subprocess.STDOUT, env=env, cwd=tempfile.gettempdir()).returncode
+        rc = subprocess.run(
+            wrapped,
+            stdout=subprocess.DEVNULL if discard_stdout else f,
+            stderr=f if discard_stdout else subprocess.STDOUT,
+            env=env,
+            cwd=tempfile.gettempdir(),
+        ).returncode
         wall = time.perf_counter() - t
         text = Path(rssf.name).read_text().split()
     if rc != 0:
@@ -277,16 +329,25 @@ class Provider:
 
     def row(self):
         wall = statistics.median(self.walls)
-        return {"provider": self.name, "wall_s": wall, "wall_s_all": self.walls,
-                "peak_rss_MB": statistics.median(self.rss) / 1e6, "peak_rss_MB_max": max(self.rss) / 1e6,
-                "peak_rss_MB_all": [r / 1e6 for r in self.rss],
-                "flush_s": statistics.median(self.flush) if self.flush else 0.0,
-                "after_import_s": statistics.median(self.work) if self.work else None,
-                "warm_cat_s_all": self.warm, "loadavg_1m_before_all": self.load, "in_GB": self.in_bytes / 1e9, "GBps": self.in_bytes / wall / 1e9,
-                "command": " ".join(map(str, self.cmd))}
+        return {
+            "provider": self.name,
+            "wall_s": wall,
+            "wall_s_all": self.walls,
+            "peak_rss_MB": statistics.median(self.rss) / 1e6,
+            "peak_rss_MB_max": max(self.rss) / 1e6,
+            "peak_rss_MB_all": [r / 1e6 for r in self.rss],
+            "flush_s": statistics.median(self.flush) if self.flush else 0.0,
+            "after_import_s": statistics.median(self.work) if self.work else None,
+            "warm_cat_s_all": self.warm,
+            "loadavg_1m_before_all": self.load,
+            "in_GB": self.in_bytes / 1e9,
+            "GBps": self.in_bytes / wall / 1e9,
+            "command": " ".join(map(str, self.cmd)),
+        }
 
 
 # --------------------------------------------------------------------------- correctness
+
 
 class Reader:
     """Tensors of an HF directory (index or single file), read one at a time."""
@@ -322,9 +383,16 @@ def bf16_check(out, ref, grid):
     o = out.double()
     err = (o - ref).abs() / ulp
     same = o == correct
-    return {"elements": ref.numel(), "over_1ulp": int((err > 1).sum()), "max_err_ulp": float(err.max()),
-            "near_tie": int(near_tie.sum()), "exact_tie": int(exact_tie.sum()), "identical": int(same.sum()),
-            "differ_away_from_tie": int((~same & ~near_tie).sum()), "differ_near_tie": int((~same & near_tie).sum())}
+    return {
+        "elements": ref.numel(),
+        "over_1ulp": int((err > 1).sum()),
+        "max_err_ulp": float(err.max()),
+        "near_tie": int(near_tie.sum()),
+        "exact_tie": int(exact_tie.sum()),
+        "identical": int(same.sum()),
+        "differ_away_from_tie": int((~same & ~near_tie).sum()),
+        "differ_near_tie": int((~same & near_tie).sum()),
+    }
 
 
 def check_outputs(paths, outputs, ref_name, rows_per_chunk=4096):
@@ -332,17 +400,27 @@ def check_outputs(paths, outputs, ref_name, rows_per_chunk=4096):
     and element-wise against the `ref_name` output."""
     base, pos, neg = (Reader(paths[k]) for k in ("base", "pos", "neg"))
     readers = {name: Reader(d) for name, d in outputs.items()}
-    zero = {"elements": 0, "over_1ulp": 0, "max_err_ulp": 0.0, "near_tie": 0, "exact_tie": 0, "identical": 0,
-            "differ_away_from_tie": 0, "differ_near_tie": 0}
-    stats = {name: dict(zero, missing=[], bad_dtype_or_shape=[], vs_ref_differ=0, vs_ref_max_ulp=0.0)
-             for name in outputs}
+    zero = {
+        "elements": 0,
+        "over_1ulp": 0,
+        "max_err_ulp": 0.0,
+        "near_tie": 0,
+        "exact_tie": 0,
+        "identical": 0,
+        "differ_away_from_tie": 0,
+        "differ_near_tie": 0,
+    }
+    stats = {
+        name: dict(zero, missing=[], bad_dtype_or_shape=[], vs_ref_differ=0, vs_ref_max_ulp=0.0) for name in outputs
+    }
     for tname in sorted(base.files):
         shape = base.files[tname].get_slice(tname).get_shape()
         rows = shape[0] if shape else 1
         for start in range(0, rows, rows_per_chunk):
             stop = min(rows, start + rows_per_chunk)
-            ref = base.get(tname, start, stop).double() + ALPHA * (pos.get(tname, start, stop).double()
-                                                                   - neg.get(tname, start, stop).double())
+            ref = base.get(tname, start, stop).double() + ALPHA * (
+                pos.get(tname, start, stop).double() - neg.get(tname, start, stop).double()
+            )
             grid = reference_grid(ref)
             chunk = {}
             for name, r in readers.items():
@@ -371,13 +449,20 @@ def check_outputs(paths, outputs, ref_name, rows_per_chunk=4096):
 
 # --------------------------------------------------------------------------- main
 
+
 def mergekit_setup(venv, paths, work):
     exe = Path(venv) / "bin" / "mergekit-yaml"
     if not exe.exists():
         return None, None, None
-    version = subprocess.run([str(Path(venv) / "bin" / "python"), "-c",
-                              "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
-                             capture_output=True, text=True).stdout.split()
+    version = subprocess.run(
+        [
+            str(Path(venv) / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     cfg = work / "task_arithmetic.yml"
     cfg.write_text(
         "merge_method: task_arithmetic\n"
@@ -386,7 +471,8 @@ def mergekit_setup(venv, paths, work):
         f"  - model: {paths['pos']}\n    parameters:\n      weight: {ALPHA}\n"
         f"  - model: {paths['neg']}\n    parameters:\n      weight: {-ALPHA}\n"
         "parameters:\n  normalize: false\n"
-        "dtype: float32\nout_dtype: bfloat16\n")
+        "dtype: float32\nout_dtype: bfloat16\n"
+    )
     out = work / "out-mergekit"
     cmd = [str(exe), str(cfg), str(out), "--lazy-unpickle", "--no-cuda", "--no-copy-tokenizer", "--quiet"]
     return cmd, out, {"mergekit": version[0] if version else "?", "torch": version[1] if len(version) > 1 else "?"}
@@ -396,7 +482,10 @@ def git_state():
     """The commit of the repository under test and its uncommitted files (cws is installed editable)."""
     root = Path(__file__).resolve().parent.parent
     run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.rstrip()  # noqa: E731
-    return {"commit": run("rev-parse", "HEAD"), "dirty": run("status", "--porcelain", "--", "python", "cws_kernels").splitlines()}
+    return {
+        "commit": run("rev-parse", "HEAD"),
+        "dirty": run("status", "--porcelain", "--", "python", "cws_kernels").splitlines(),
+    }
 
 
 def cws_command():
@@ -409,7 +498,7 @@ def measure_all(providers, reps, logdir):
     same one); outputs are deleted once measured except in the last rep, which the correctness
     check reads, so finished outputs do not pile up in the page cache and crowd the next run."""
     for rep in range(reps):
-        for p in (providers if rep % 2 == 0 else providers[::-1]):
+        for p in providers if rep % 2 == 0 else providers[::-1]:
             p.measure(logdir, keep=rep == reps - 1)
             print(f"  rep {rep + 1}/{reps} {p.name:34s} {p.walls[-1]:7.2f} s {p.rss[-1] / 1e6:8.0f} MB", flush=True)
 
@@ -422,19 +511,28 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--mergekit-venv", default="/tmp/mk-venv")
-    ap.add_argument("--growth-layers", type=int, default=None,
-                    help="layers of the second set for the RSS growth of cws apply (default 2×--layers; 0: skip)")
+    ap.add_argument(
+        "--growth-layers",
+        type=int,
+        default=None,
+        help="layers of the second set for the RSS growth of cws apply (default 2×--layers; 0: skip)",
+    )
     ap.add_argument("--keep-data", action="store_true", help="keep the growth set (it is deleted by default)")
-    ap.add_argument("--diagnose", action="store_true",
-                    help="also time cws apply --direction with OMP_WAIT_POLICY=PASSIVE and with OMP_NUM_THREADS=1")
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also time cws apply --direction with OMP_WAIT_POLICY=PASSIVE and with OMP_NUM_THREADS=1",
+    )
     ap.add_argument("--tiny", action="store_true", help="small tensors: a quick smoke test of this script")
     ap.add_argument("--run-plain", nargs=4, metavar=("BASE", "POS", "NEG", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_plain:
         plain_pytorch(*args.run_plain)
         return
-    command = " ".join(([f"PYTHONPATH={os.environ['PYTHONPATH']}"] if os.environ.get("PYTHONPATH") else [])
-                       + [Path(sys.executable).name, *sys.argv])
+    command = " ".join(
+        ([f"PYTHONPATH={os.environ['PYTHONPATH']}"] if os.environ.get("PYTHONPATH") else [])
+        + [Path(sys.executable).name, *sys.argv]
+    )
     git_before = git_state()
     dims = TINY if args.tiny else FULL
     growth = 2 * args.layers if args.growth_layers is None else args.growth_layers
@@ -455,40 +553,130 @@ def main():
         flag, name = (["--no-fsync"], " --no-fsync") if no_fsync else ([], "")
         a, f = out / f"out-cws-apply{tag}{'-nofsync' * no_fsync}", out / f"out-cws-fused{tag}{'-nofsync' * no_fsync}"
         return [
-            Provider(f"cws apply --direction{name}{suffix}", [*cws, "apply", "--model", str(p["base"]), "--direction",
-                     str(p["dir"]), "--alpha", str(ALPHA), "--out", str(a), "-q", *flag], [p["base"], p["dir"]], a, env),
-            Provider(f"cws apply --pos --neg{name}{suffix}", [*cws, "apply", "--model", str(p["base"]), "--pos",
-                     str(p["pos"]), "--neg", str(p["neg"]), "--alpha", str(ALPHA), "--out", str(f), "-q", *flag],
-                     [p["base"], p["pos"], p["neg"]], f, env),
+            Provider(
+                f"cws apply --direction{name}{suffix}",
+                [
+                    *cws,
+                    "apply",
+                    "--model",
+                    str(p["base"]),
+                    "--direction",
+                    str(p["dir"]),
+                    "--alpha",
+                    str(ALPHA),
+                    "--out",
+                    str(a),
+                    "-q",
+                    *flag,
+                ],
+                [p["base"], p["dir"]],
+                a,
+                env,
+            ),
+            Provider(
+                f"cws apply --pos --neg{name}{suffix}",
+                [
+                    *cws,
+                    "apply",
+                    "--model",
+                    str(p["base"]),
+                    "--pos",
+                    str(p["pos"]),
+                    "--neg",
+                    str(p["neg"]),
+                    "--alpha",
+                    str(ALPHA),
+                    "--out",
+                    str(f),
+                    "-q",
+                    *flag,
+                ],
+                [p["base"], p["pos"], p["neg"]],
+                f,
+                env,
+            ),
         ]
 
     providers = [
-        Provider("cat base+pos+neg", ["cat", *map(str, (f for k in ("base", "pos", "neg") for f in weight_files(paths[k])))],
-                 [paths["base"], paths["pos"], paths["neg"]], None, env),
+        Provider(
+            "cat base+pos+neg",
+            ["cat", *map(str, (f for k in ("base", "pos", "neg") for f in weight_files(paths[k])))],
+            [paths["base"], paths["pos"], paths["neg"]],
+            None,
+            env,
+        ),
         Provider("python import torch (startup)", [py, "-c", "import torch"], [], None, env),
         Provider("python import cws (startup)", [py, "-c", "import cws"], [], None, env),
         *cws_providers(paths, outdir),
         *cws_providers(paths, outdir, no_fsync=True),
-        Provider("dd of the output's size, conv=fsync (the disk)", ["sh", "-c", f"dd if=/dev/zero of={outdir / 'dd.bin'} "
-                 f"bs=4M count={-(-nbytes([paths['base']]) // 2**22)} conv=fsync status=none && rm {outdir / 'dd.bin'}"],
-                 [], None, env),
-        Provider("cat base+pos+dir", ["cat", *map(str, (f for k in ("base", "pos", "dir") for f in weight_files(paths[k])))],
-                 [paths["base"], paths["pos"], paths["dir"]], None, env),
-        Provider("cws compare", [*cws, "compare", "--base", base, "--model", pos, "--direction", dr, "-q", "--json",
-                 str(outdir / "compare.json")], [paths["base"], paths["pos"], paths["dir"]], None, env,
-                 report=outdir / "compare.json"),
-        Provider("cws.apply(fsync=False) in-process", [py, "-c", IN_PROCESS, "apply", base, dr, str(ALPHA),
-                 str(outdir / "out-cws-inproc")], [paths["base"], paths["dir"]], outdir / "out-cws-inproc", env),
-        Provider("cws.compare() in-process", [py, "-c", IN_PROCESS, "compare", base, pos, dr],
-                 [paths["base"], paths["pos"], paths["dir"]], None, env),
-        Provider("plain PyTorch (load_file)", [py, str(Path(__file__).resolve()), "--run-plain", base, pos, neg,
-                 str(outdir / "out-plain")], [paths["base"], paths["pos"], paths["neg"]], outdir / "out-plain", env),
+        Provider(
+            "dd of the output's size, conv=fsync (the disk)",
+            [
+                "sh",
+                "-c",
+                f"dd if=/dev/zero of={outdir / 'dd.bin'} "
+                f"bs=4M count={-(-nbytes([paths['base']]) // 2**22)} conv=fsync status=none && rm {outdir / 'dd.bin'}",
+            ],
+            [],
+            None,
+            env,
+        ),
+        Provider(
+            "cat base+pos+dir",
+            ["cat", *map(str, (f for k in ("base", "pos", "dir") for f in weight_files(paths[k])))],
+            [paths["base"], paths["pos"], paths["dir"]],
+            None,
+            env,
+        ),
+        Provider(
+            "cws compare",
+            [
+                *cws,
+                "compare",
+                "--base",
+                base,
+                "--model",
+                pos,
+                "--direction",
+                dr,
+                "-q",
+                "--json",
+                str(outdir / "compare.json"),
+            ],
+            [paths["base"], paths["pos"], paths["dir"]],
+            None,
+            env,
+            report=outdir / "compare.json",
+        ),
+        Provider(
+            "cws.apply(fsync=False) in-process",
+            [py, "-c", IN_PROCESS, "apply", base, dr, str(ALPHA), str(outdir / "out-cws-inproc")],
+            [paths["base"], paths["dir"]],
+            outdir / "out-cws-inproc",
+            env,
+        ),
+        Provider(
+            "cws.compare() in-process",
+            [py, "-c", IN_PROCESS, "compare", base, pos, dr],
+            [paths["base"], paths["pos"], paths["dir"]],
+            None,
+            env,
+        ),
+        Provider(
+            "plain PyTorch (load_file)",
+            [py, str(Path(__file__).resolve()), "--run-plain", base, pos, neg, str(outdir / "out-plain")],
+            [paths["base"], paths["pos"], paths["neg"]],
+            outdir / "out-plain",
+            env,
+        ),
     ]
     by_name = {p.name: p for p in providers}
     if args.diagnose:  # the same cws runs with OpenMP threads that sleep instead of spinning, or only one
         for var, val in (("OMP_WAIT_POLICY", "PASSIVE"), ("OMP_NUM_THREADS", "1")):
-            for p in [*cws_providers(paths, outdir, f" [{var}={val}]", f"-{var}"),
-                      Provider(f"cws compare [{var}={val}]", by_name["cws compare"].cmd, by_name["cws compare"].inputs)]:
+            for p in [
+                *cws_providers(paths, outdir, f" [{var}={val}]", f"-{var}"),
+                Provider(f"cws compare [{var}={val}]", by_name["cws compare"].cmd, by_name["cws compare"].inputs),
+            ]:
                 p.env = dict(env, **{var: val})
                 providers.append(p)
     mk_info = None
@@ -497,8 +685,9 @@ def main():
         if mk_cmd is None:
             print(f"mergekit: {args.mergekit_venv}/bin/mergekit-yaml not found, skipped (install: see the docstring)")
         else:
-            providers.append(Provider("mergekit task_arithmetic", mk_cmd, [paths["base"], paths["pos"], paths["neg"]],
-                                      mk_out, env))
+            providers.append(
+                Provider("mergekit task_arithmetic", mk_cmd, [paths["base"], paths["pos"], paths["neg"]], mk_out, env)
+            )
     else:
         print("mergekit: skipped (--skip-mergekit)")
 
@@ -533,11 +722,16 @@ def main():
     # ------------------------------------------------------------------ report
     mk = by.get("mergekit task_arithmetic")
     plain = by["plain PyTorch (load_file)"]
+
     def targets_for(suffix=""):
         t = {}
         disk = lambda r: r["wall_s"] + r["flush_s"]  # noqa: E731 - until the output is on disk
-        for variant in ("cws apply --direction", "cws apply --pos --neg",
-                        "cws apply --direction --no-fsync", "cws apply --pos --neg --no-fsync"):
+        for variant in (
+            "cws apply --direction",
+            "cws apply --pos --neg",
+            "cws apply --direction --no-fsync",
+            "cws apply --pos --neg --no-fsync",
+        ):
             r = by.get(variant + suffix)
             if r is None:
                 continue
@@ -545,13 +739,20 @@ def main():
                 if other is None:
                     continue
                 who = "mergekit" if other is mk else "plain PyTorch"
-                t[f"{variant}{suffix}: time / {who} <= {limit:.3g}"] = (r["wall_s"] / other["wall_s"],
-                                                                       r["wall_s"] / other["wall_s"] <= limit)
+                t[f"{variant}{suffix}: time / {who} <= {limit:.3g}"] = (
+                    r["wall_s"] / other["wall_s"],
+                    r["wall_s"] / other["wall_s"] <= limit,
+                )
                 t[f"{variant}{suffix}: (wall + flush) / {who}'s, both on disk <= {limit:.3g}"] = (
-                    disk(r) / disk(other), disk(r) / disk(other) <= limit)
+                    disk(r) / disk(other),
+                    disk(r) / disk(other) <= limit,
+                )
             if "--no-fsync" in variant:
                 continue
-            t[f"{variant}{suffix}: peak RSS MB <= 600 (max over reps)"] = (r["peak_rss_MB_max"], r["peak_rss_MB_max"] <= 600)
+            t[f"{variant}{suffix}: peak RSS MB <= 600 (max over reps)"] = (
+                r["peak_rss_MB_max"],
+                r["peak_rss_MB_max"] <= 600,
+            )
             g = growth_rows.get(f"{variant} @{growth}L") if not suffix else None
             if g:
                 ratio = g["peak_rss_MB"] / r["peak_rss_MB"] - 1
@@ -573,8 +774,9 @@ def main():
     after_import = {}
     ap_, cp_ = by.get("cws.apply(fsync=False) in-process"), by.get("cws.compare() in-process")
     if ap_ and ap_["after_import_s"] and plain["after_import_s"]:
-        after_import["cws.apply(fsync=False) / plain PyTorch, both after imports"] = (ap_["after_import_s"]
-                                                                                     / plain["after_import_s"])
+        after_import["cws.apply(fsync=False) / plain PyTorch, both after imports"] = (
+            ap_["after_import_s"] / plain["after_import_s"]
+        )
         after_import["cws.apply(fsync=False) input GB/s after import"] = ap_["in_GB"] / ap_["after_import_s"]
     if cp_ and cp_["after_import_s"]:
         cat = by["cat base+pos+dir"]
@@ -586,13 +788,17 @@ def main():
             diagnostic_targets.update(targets_for(suffix))
 
     n_params = sum(math.prod(s) for _, s in layout(dims, args.layers, args.kv_heads))
-    print(f"\n{args.layers} layers, {n_params / 1e6:.0f}M params, {nbytes([paths['base']]) / 1e9:.2f} GB per bf16 "
-          f"checkpoint, direction {nbytes([paths['dir']]) / 1e9:.2f} GB fp32; torch {torch.__version__}, "
-          f"{os.cpu_count()} cores; median of {args.reps} runs (RSS: median / max)")
+    print(
+        f"\n{args.layers} layers, {n_params / 1e6:.0f}M params, {nbytes([paths['base']]) / 1e9:.2f} GB per bf16 "
+        f"checkpoint, direction {nbytes([paths['dir']]) / 1e9:.2f} GB fp32; torch {torch.__version__}, "
+        f"{os.cpu_count()} cores; median of {args.reps} runs (RSS: median / max)"
+    )
     print(f"{'provider':48s} {'wall s':>8s} {'flush s':>8s} {'peak RSS MB':>16s} {'in GB':>7s} {'GB/s':>6s}")
     for r in rows + list(growth_rows.values()):
-        print(f"{r['provider']:48s} {r['wall_s']:8.2f} {r['flush_s']:8.2f} "
-              f"{r['peak_rss_MB']:8.0f} /{r['peak_rss_MB_max']:6.0f} {r['in_GB']:7.2f} {r['GBps']:6.2f}")
+        print(
+            f"{r['provider']:48s} {r['wall_s']:8.2f} {r['flush_s']:8.2f} "
+            f"{r['peak_rss_MB']:8.0f} /{r['peak_rss_MB_max']:6.0f} {r['in_GB']:7.2f} {r['GBps']:6.2f}"
+        )
     print("(GB/s = input weight bytes / wall s; flush s = fsync of the output afterwards, not in wall s)")
     print("\ntargets:")
     for k, (v, ok) in targets.items():
@@ -607,32 +813,68 @@ def main():
             print(f"  {k}: {v:.3f}")
     print("\ncorrectness vs fp64 base + 0.5*(pos - neg), every element:")
     for name, st in correctness.items():
-        print(f"  {name:34s} {st['elements']:,} elements, >1 ulp: {st['over_1ulp']}, max {st['max_err_ulp']:.3f} ulp; "
-              f"bit-identical to nearest-even: {st['identical']:,}; differ away from ties: {st['differ_away_from_tie']}, "
-              f"near ties: {st['differ_near_tie']} (of {st['near_tie']:,} within 1e-3 ulp of a tie, "
-              f"{st['exact_tie']:,} exactly on one); "
-              f"differ from cws apply --direction: {st['vs_ref_differ']} (max {st['vs_ref_max_ulp']:.2f} ulp)"
-              + (f"; MISSING {st['missing'][:3]}" if st["missing"] else "")
-              + (f"; BAD {st['bad_dtype_or_shape'][:3]}" if st["bad_dtype_or_shape"] else ""))
+        print(
+            f"  {name:34s} {st['elements']:,} elements, >1 ulp: {st['over_1ulp']}, max {st['max_err_ulp']:.3f} ulp; "
+            f"bit-identical to nearest-even: {st['identical']:,}; differ away from ties: {st['differ_away_from_tie']}, "
+            f"near ties: {st['differ_near_tie']} (of {st['near_tie']:,} within 1e-3 ulp of a tie, "
+            f"{st['exact_tie']:,} exactly on one); "
+            f"differ from cws apply --direction: {st['vs_ref_differ']} (max {st['vs_ref_max_ulp']:.2f} ulp)"
+            + (f"; MISSING {st['missing'][:3]}" if st["missing"] else "")
+            + (f"; BAD {st['bad_dtype_or_shape'][:3]}" if st["bad_dtype_or_shape"] else "")
+        )
 
     RESULTS.mkdir(exist_ok=True)
     import cws as cws_pkg  # after the measurements: only for its version
 
-    env_info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                "machine": platform.machine(), "python": platform.python_version(), "cws": cws_pkg.__version__,
-                "mergekit": mk_info, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command,
-                "cws_executable": cws[0], "rss_method": rss_method(),
-                "git_at_start": git_before, "git_at_end": git_state(),
-                "cws_module": subprocess.run([py, "-c", "import cws; print(cws.__file__)"], env=env, capture_output=True,
-                                             text=True, cwd=tempfile.gettempdir()).stdout.strip()}
-    if git_before != env_info["git_at_end"] and env_info["cws_module"].startswith(str(Path(__file__).resolve().parents[1])):
+    env_info = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cws": cws_pkg.__version__,
+        "mergekit": mk_info,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command,
+        "cws_executable": cws[0],
+        "rss_method": rss_method(),
+        "git_at_start": git_before,
+        "git_at_end": git_state(),
+        "cws_module": subprocess.run(
+            [py, "-c", "import cws; print(cws.__file__)"],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tempfile.gettempdir(),
+        ).stdout.strip(),
+    }
+    if git_before != env_info["git_at_end"] and env_info["cws_module"].startswith(
+        str(Path(__file__).resolve().parents[1])
+    ):
         print("WARNING: the cws sources changed while the benchmark ran; see env.git_at_start/git_at_end")
-    data = {"layers": args.layers, "kv_heads": args.kv_heads, "dims": dims, "params": n_params,
-            "checkpoint_GB": nbytes([paths["base"]]) / 1e9, "direction_GB": nbytes([paths["dir"]]) / 1e9,
-            "alpha": ALPHA, "noise": NOISE, "reps": args.reps, "growth_layers": growth}
-    out = {"env": env_info, "data": data, "make_seconds": made, "rows": rows, "growth_rows": list(growth_rows.values()),
-           "targets": {k: {"value": v, "pass": ok} for k, (v, ok) in targets.items()}, "after_import": after_import,
-           "diagnostic_targets": {k: {"value": v, "pass": ok} for k, (v, ok) in diagnostic_targets.items()}, "correctness": correctness}
+    data = {
+        "layers": args.layers,
+        "kv_heads": args.kv_heads,
+        "dims": dims,
+        "params": n_params,
+        "checkpoint_GB": nbytes([paths["base"]]) / 1e9,
+        "direction_GB": nbytes([paths["dir"]]) / 1e9,
+        "alpha": ALPHA,
+        "noise": NOISE,
+        "reps": args.reps,
+        "growth_layers": growth,
+    }
+    out = {
+        "env": env_info,
+        "data": data,
+        "make_seconds": made,
+        "rows": rows,
+        "growth_rows": list(growth_rows.values()),
+        "targets": {k: {"value": v, "pass": ok} for k, (v, ok) in targets.items()},
+        "after_import": after_import,
+        "diagnostic_targets": {k: {"value": v, "pass": ok} for k, (v, ok) in diagnostic_targets.items()},
+        "correctness": correctness,
+    }
     dest = RESULTS / ("streaming-tiny.json" if args.tiny else "streaming.json")
     dest.write_text(json.dumps(out, indent=2))
     print(f"\nwrote {dest}\ncommand: {command}")

@@ -17,7 +17,6 @@ import argparse
 import collections
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -39,8 +38,13 @@ def digest(*paths) -> str:
 
 
 def hidden(*dirs: Path) -> list[Path]:
-    return [p for d in dirs if d.is_dir() for p in d.iterdir()
-            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
+    return [
+        p
+        for d in dirs
+        if d.is_dir()
+        for p in d.iterdir()
+        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+    ]
 
 
 def complete(kind: str, out: Path) -> bool:
@@ -73,7 +77,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default="/tmp/cws-kill")
     args = ap.parse_args()
-    import torch
     from safetensors.torch import load_file
 
     from tiny import random_checkpoint, save_state
@@ -110,6 +113,7 @@ def main() -> None:
     t = time.monotonic()
     subprocess.run([sys.executable, "-c", "import cws.cli, cws.ops.apply, cws.ops.compare, cws.ops.export"], check=True)
     startup = time.monotonic() - t
+
     def started(kind, out) -> bool:
         return kind == "report" or bool(hidden(root, out))
 
@@ -165,8 +169,11 @@ def main() -> None:
         c["rerun failed (must be 0)"] += rerun.returncode != 0
         c["temporaries left after the next run (must be 0)"] += bool(hidden(root, out))
         c["rerun output incomplete (must be 0)"] += not complete(kind, out)
-        print(f"run {i + 1:3d}: {name:18s} kill {delay:5.2f} s into a {windows[name][1] / 1.1:5.2f} s window: "
-              f"visible={visible} stale={len(stale)} rerun={rerun.returncode}", flush=True)
+        print(
+            f"run {i + 1:3d}: {name:18s} kill {delay:5.2f} s into a {windows[name][1] / 1.1:5.2f} s window: "
+            f"visible={visible} stale={len(stale)} rerun={rerun.returncode}",
+            flush=True,
+        )
     keys = sorted({k for c in counts.values() for k in c}, key=lambda k: ("must" in k, k))
     print("\n| command | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))

@@ -59,8 +59,15 @@ def measure(cmd: list[str], interval: float, cold: bool, dev: int) -> dict:
         if ended or cpu is None:
             break
         dt = now - last[0]
-        samples.append([round(now - t0, 3), (io[0] - last[1][0]) / dt / 1e6, (io[1] - last[1][1]) / dt / 1e6,
-                        (cpu[0] - last_cpu[0]) / dt, (cpu[1] - last_cpu[1]) / dt])
+        samples.append(
+            [
+                round(now - t0, 3),
+                (io[0] - last[1][0]) / dt / 1e6,
+                (io[1] - last[1][1]) / dt / 1e6,
+                (cpu[0] - last_cpu[0]) / dt,
+                (cpu[1] - last_cpu[1]) / dt,
+            ]
+        )
         last, last_cpu = (now, io), cpu
     while not ended:
         time.sleep(0.01)
@@ -70,13 +77,22 @@ def measure(cmd: list[str], interval: float, cold: bool, dev: int) -> dict:
     read, written = end[0] - start[0], end[1] - start[1]
     first = streaming_start(samples, read, wall)
     busy = wall - first if first is not None else None
-    return {"command": " ".join(cmd), "cold": note is None, "notes": [note] if note else [],
-            "exit_status": os.waitstatus_to_exitcode(status), "wall_s": wall, "streaming_from_s": first,
-            "read_GB": read / 1e9, "written_GB": written / 1e9,
-            "disk_GBps_streaming": (read + written) / busy / 1e9 if busy else None,
-            "cpu_user_s": usage.ru_utime, "cpu_sys_s": usage.ru_stime, "interval_s": interval,
-            "samples": [[round(v, 3) for v in s] for s in samples],
-            "sample_columns": ["t_s", "read_MBps", "write_MBps", "user_cores", "sys_cores"]}
+    return {
+        "command": " ".join(cmd),
+        "cold": note is None,
+        "notes": [note] if note else [],
+        "exit_status": os.waitstatus_to_exitcode(status),
+        "wall_s": wall,
+        "streaming_from_s": first,
+        "read_GB": read / 1e9,
+        "written_GB": written / 1e9,
+        "disk_GBps_streaming": (read + written) / busy / 1e9 if busy else None,
+        "cpu_user_s": usage.ru_utime,
+        "cpu_sys_s": usage.ru_stime,
+        "interval_s": interval,
+        "samples": [[round(v, 3) for v in s] for s in samples],
+        "sample_columns": ["t_s", "read_MBps", "write_MBps", "user_cores", "sys_cores"],
+    }
 
 
 def streaming_start(samples, read_bytes: float, wall: float) -> float | None:
@@ -109,15 +125,21 @@ def main(argv=None) -> int:
         print(f"{t:7.2f} s  read {r:6.0f} MB/s  write {w:6.0f} MB/s  cpu user {u:4.2f} sys {s:4.2f}")
     rate = run["disk_GBps_streaming"]
     first = run["streaming_from_s"]
-    print(f"wall {run['wall_s']:.1f} s, streaming from {first if first is None else round(first, 2)} s, "
-          f"read {run['read_GB']:.2f} GB, written {run['written_GB']:.2f} GB, "
-          f"disk {'-' if rate is None else f'{rate:.2f}'} GB/s (read + written) from then on, "
-          f"cpu user {run['cpu_user_s']:.1f} s sys {run['cpu_sys_s']:.1f} s, exit {run['exit_status']}"
-          + "".join(f"\nnote: {n}" for n in run["notes"]))
+    print(
+        f"wall {run['wall_s']:.1f} s, streaming from {first if first is None else round(first, 2)} s, "
+        f"read {run['read_GB']:.2f} GB, written {run['written_GB']:.2f} GB, "
+        f"disk {'-' if rate is None else f'{rate:.2f}'} GB/s (read + written) from then on, "
+        f"cpu user {run['cpu_user_s']:.1f} s sys {run['cpu_sys_s']:.1f} s, exit {run['exit_status']}"
+        + "".join(f"\nnote: {n}" for n in run["notes"])
+    )
     if args.out:
         data = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
-        data["env"] = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                       "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        data["env"] = {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         data["runs"][args.name or run["command"]] = run
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")

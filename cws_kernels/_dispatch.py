@@ -42,8 +42,10 @@ def backend_for(tensors, backend: str | None = None) -> str:
     """'triton' or 'torch' for a call on these tensors (all on one device, plain tensors)."""
     for t in tensors:
         if is_traceable_wrapper_subclass(t):  # a DTensor's data_ptr() is 0: the native loops would crash
-            raise TypeError(f"cws_kernels works on plain tensors, got a {type(t).__name__}; pass its local "
-                            f"shard (DTensor.to_local())")
+            raise TypeError(
+                f"cws_kernels works on plain tensors, got a {type(t).__name__}; pass its local "
+                f"shard (DTensor.to_local())"
+            )
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -79,7 +81,7 @@ def cpu_impl(numel: int, flat: bool) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
-    warnings.warn(message)
+    warnings.warn(message, stacklevel=2)
 
 
 @contextlib.contextmanager
@@ -101,6 +103,8 @@ def compile_works() -> bool:
         f = torch.compile(lambda x: x * 2.0, dynamic=True, fullgraph=True)
         ok = bool(torch.equal(f(torch.ones(8)), torch.full((8,), 2.0)))
     except Exception as exc:  # no compiler, unsupported platform, ...
-        warnings.warn(f"cws_kernels: torch.compile unavailable ({type(exc).__name__}); using eager CPU ops")
+        warnings.warn(
+            f"cws_kernels: torch.compile unavailable ({type(exc).__name__}); using eager CPU ops", stacklevel=2
+        )
         return False
     return ok

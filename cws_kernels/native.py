@@ -37,14 +37,36 @@ def load(path) -> ctypes.CDLL:
     """native.c built as a shared library at `path`, with its signatures declared."""
     lib = ctypes.CDLL(str(path))
     lib.cws_lincomb.restype = None
-    lib.cws_lincomb.argtypes = [_i64, _i64, ctypes.c_int, _ptrs, ctypes.POINTER(ctypes.c_int),
-                                ctypes.POINTER(_f32), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint32, _i64]
+    lib.cws_lincomb.argtypes = [
+        _i64,
+        _i64,
+        ctypes.c_int,
+        _ptrs,
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(_f32),
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_uint32,
+        _i64,
+    ]
     lib.cws_lincomb_tally.restype = None
     lib.cws_lincomb_tally.argtypes = [*lib.cws_lincomb.argtypes, ctypes.c_void_p]
     lib.cws_gram.restype = None
-    lib.cws_gram.argtypes = [_i64, _i64, _i64, _i64, _ptrs, ctypes.POINTER(ctypes.c_int), ctypes.c_int,
-                             ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int), ctypes.POINTER(_f32),
-                             ctypes.c_void_p, ctypes.c_void_p]
+    lib.cws_gram.argtypes = [
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _ptrs,
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(_f32),
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
     return lib
 
 
@@ -84,8 +106,19 @@ def lincomb_native(inputs, coeffs, out, rounding, key, offset):
     stochastic = int(rounding == "stochastic" and out.dtype != torch.float32)
 
     def part(a, b):
-        lib.cws_lincomb(a * CHUNK, min(n, b * CHUNK), len(inputs), ptrs, codes, c, out.data_ptr(),
-                        CODES[out.dtype], stochastic, key, offset)
+        lib.cws_lincomb(
+            a * CHUNK,
+            min(n, b * CHUNK),
+            len(inputs),
+            ptrs,
+            codes,
+            c,
+            out.data_ptr(),
+            CODES[out.dtype],
+            stochastic,
+            key,
+            offset,
+        )
 
     _run(_parts(n), part)
 
@@ -103,8 +136,20 @@ def lincomb_tally_native(inputs, coeffs, out, rounding, key, offset) -> tuple[in
     index = {p: i for i, p in enumerate(parts)}
 
     def part(a, b):
-        lib.cws_lincomb_tally(a * CHUNK, min(n, b * CHUNK), len(inputs), ptrs, codes, c, out.data_ptr(),
-                              CODES[out.dtype], stochastic, key, offset, tallies[index[(a, b)]].data_ptr())
+        lib.cws_lincomb_tally(
+            a * CHUNK,
+            min(n, b * CHUNK),
+            len(inputs),
+            ptrs,
+            codes,
+            c,
+            out.data_ptr(),
+            CODES[out.dtype],
+            stochastic,
+            key,
+            offset,
+            tallies[index[(a, b)]].data_ptr(),
+        )
 
     _run(parts, part)
     return tuple(int(v) for v in tallies.sum(0))
@@ -129,8 +174,9 @@ def gram_native(inputs, combos) -> torch.Tensor:
 
     def part(a, b):
         scratch = torch.empty(k * BLOCK, dtype=torch.float32)
-        lib.cws_gram(n, CHUNK, a, b, ptrs, codes, k, t_start, t_index, t_coef,
-                     partials[a].data_ptr(), scratch.data_ptr())
+        lib.cws_gram(
+            n, CHUNK, a, b, ptrs, codes, k, t_start, t_index, t_coef, partials[a].data_ptr(), scratch.data_ptr()
+        )
 
     _run(_parts(n), part)
     G = torch.zeros(k, k, dtype=torch.float64)

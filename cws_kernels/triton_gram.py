@@ -80,8 +80,15 @@ def gram_triton(inputs, C: torch.Tensor) -> torch.Tensor:
     device = xs[0].device
     part = torch.empty(num_pairs, num_programs, dtype=torch.float32, device=device)
     _gram_partials_kernel[(num_programs,)](
-        xs, tuple(coeffs.reshape(-1).tolist()), part, n,
-        K=k, USED=mask_bits, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        xs,
+        tuple(coeffs.reshape(-1).tolist()),
+        part,
+        n,
+        K=k,
+        USED=mask_bits,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )
     sums = torch.empty(num_pairs, dtype=torch.float64, device=device)
     _gram_reduce_kernel[(num_pairs,)](part, sums, num_programs, BLOCK=REDUCE_BLOCK, enable_fp_fusion=False)

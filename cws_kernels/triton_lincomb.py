@@ -97,6 +97,14 @@ def lincomb_triton(inputs, coeffs, out, rounding, key, offset) -> None:
     n = out.numel()
     stochastic = rounding == "stochastic" and out.dtype != torch.float32
     _lincomb_kernel[(triton.cdiv(n, BLOCK),)](
-        xs, tuple(float(c) for c in coeffs), out, n, key, offset,
-        STOCHASTIC=stochastic, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        xs,
+        tuple(float(c) for c in coeffs),
+        out,
+        n,
+        key,
+        offset,
+        STOCHASTIC=stochastic,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )

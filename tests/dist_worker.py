@@ -6,7 +6,6 @@ and raises on a mismatch; `python -m torch.distributed.run ... dist_worker.py CH
 
 import copy
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_model  # noqa: E402
+from tiny import tiny_model
 
 # Shards that start inside the gram kernel's 1024-element blocks: 203 rows of the embeddings (102 + 101
 # rows × 48), 24 rows of q_proj (12 × 48 = 576), 96 of gate_proj, norms of 48 (two halves of one block);
@@ -225,8 +224,15 @@ def check_trainer(base, dirs, out: Path):
             return {"input_ids": ids, "labels": ids}
 
     mon = WeightMonitor(dirs, every=1, jsonl=out / "trainer.jsonl")
-    args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=2, max_steps=2,
-                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=copy.deepcopy(base), args=args, train_dataset=Tokens(), callbacks=[mon])
     trainer.train()
     got = [None] * dist.get_world_size()

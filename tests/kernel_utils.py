@@ -24,6 +24,20 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = 
 def special_values(dtype: torch.dtype) -> torch.Tensor:
     """NaN, ±Inf, ±0, subnormals, ties and overflow candidates, as fp32."""
     info = torch.finfo(dtype)
-    vals = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, info.tiny, info.tiny / 4, -info.tiny / 2,
-            info.max, -info.max, info.max * 1.001, 1.0 + info.eps / 2, 1.0 + 1.5 * info.eps, -(1.0 + info.eps / 2)]
+    vals = [
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        0.0,
+        -0.0,
+        info.tiny,
+        info.tiny / 4,
+        -info.tiny / 2,
+        info.max,
+        -info.max,
+        info.max * 1.001,
+        1.0 + info.eps / 2,
+        1.0 + 1.5 * info.eps,
+        -(1.0 + info.eps / 2),
+    ]
     return torch.tensor(vals, dtype=torch.float32)

@@ -32,11 +32,19 @@ def capture(model, ids, layer):
     seen, hooks = {}, []
     layers = decoder_layers(model)
     for i, block in enumerate(layers):
-        hooks.append(block.register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: seen.__setitem__(f"in{i}", (args[0] if args else kwargs["hidden_states"]).clone()),
-            with_kwargs=True))
-    hooks.append(layers[layer].register_forward_hook(
-        lambda m, a, out: seen.__setitem__("out", (out[0] if isinstance(out, tuple) else out).clone())))
+        hooks.append(
+            block.register_forward_pre_hook(
+                lambda m, args, kwargs, i=i: seen.__setitem__(
+                    f"in{i}", (args[0] if args else kwargs["hidden_states"]).clone()
+                ),
+                with_kwargs=True,
+            )
+        )
+    hooks.append(
+        layers[layer].register_forward_hook(
+            lambda m, a, out: seen.__setitem__("out", (out[0] if isinstance(out, tuple) else out).clone())
+        )
+    )
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     for h in hooks:
@@ -83,8 +91,9 @@ def test_vector_is_the_mean_difference_over_selected_tokens(model):
         rows = []
         for b in batches:
             with torch.no_grad():
-                hs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           output_hidden_states=True).hidden_states
+                hs = model(
+                    input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True
+                ).hidden_states
             rows.append(hs[LAYER + 1][b["token_mask"]].double())  # hidden_states[i + 1] = output of layer i
         return torch.cat(rows).mean(0)
 

@@ -50,8 +50,9 @@ def leftovers(out: Path) -> list[str]:
     out = Path(out)
     found = [str(out)] if os.path.lexists(out) else []
     if out.parent.is_dir():
-        found += sorted(p.name for p in out.parent.iterdir()
-                        if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")))
+        found += sorted(
+            p.name for p in out.parent.iterdir() if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-"))
+        )
     return found
 
 
@@ -150,13 +151,23 @@ def test_shape_mismatch(tiny_ckpts, direction, tmp_path, capsys):
             cws.extract(bad, neg, out, quiet=True)
         cli_error(capsys, ["extract", "--pos", bad, "--neg", neg, "--out", out], UP, "shapes differ", "pos [60, 32]")
         # fused apply: pos differs from the model and neg
-        cli_error(capsys, ["apply", "--model", base, "--pos", bad, "--neg", neg, "--alpha", 1, "--out", out],
-                  UP, "shapes differ", "pos [60, 32]", "model [64, 32]")
+        cli_error(
+            capsys,
+            ["apply", "--model", base, "--pos", bad, "--neg", neg, "--alpha", 1, "--out", out],
+            UP,
+            "shapes differ",
+            "pos [60, 32]",
+            "model [64, 32]",
+        )
         # a model of another shape than the direction
         with pytest.raises(MismatchError, match=rf"{UP}: shapes differ \(model \[60, 32\], direction \[64, 32\]\)"):
             cws.apply(bad, direction, 1.0, out, quiet=True)
-        cli_error(capsys, ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out", out],
-                  UP, "model [60, 32], direction [64, 32]")
+        cli_error(
+            capsys,
+            ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out", out],
+            UP,
+            "model [60, 32], direction [64, 32]",
+        )
 
 
 def test_missing_tensor_and_policies(tiny_ckpts, tmp_path, capsys):
@@ -167,10 +178,18 @@ def test_missing_tensor_and_policies(tiny_ckpts, tmp_path, capsys):
         with pytest.raises(MismatchError, match=rf"{DOWN}: in neg but missing from pos .*--on-missing skip"):
             cws.extract(bad, neg, out, quiet=True)
         cli_error(capsys, ["extract", "--pos", bad, "--neg", neg, "--out", out], DOWN, "missing from pos")
-        cli_error(capsys, ["extract", "--pos", bad, "--neg", neg, "--out", out, "--on-missing", "copy-base"],
-                  "copy-base", "needs --base")
-        cli_error(capsys, ["apply", "--model", base, "--pos", bad, "--neg", neg, "--alpha", 1, "--out", out],
-                  DOWN, "missing from pos")
+        cli_error(
+            capsys,
+            ["extract", "--pos", bad, "--neg", neg, "--out", out, "--on-missing", "copy-base"],
+            "copy-base",
+            "needs --base",
+        )
+        cli_error(
+            capsys,
+            ["apply", "--model", base, "--pos", bad, "--neg", neg, "--alpha", 1, "--out", out],
+            DOWN,
+            "missing from pos",
+        )
         with pytest.raises(CwsError, match="on_missing='ignore'"):
             cws.extract(bad, neg, out, on_missing="ignore", quiet=True)
 
@@ -197,8 +216,12 @@ def test_dtype_mismatch(tiny_ckpts, tmp_path, capsys):
             cws.extract(bad, neg, out, quiet=True)
         assert "--on-missing" not in str(e.value)  # that hint is for missing tensors only
         cli_error(capsys, ["extract", "--pos", bad, "--neg", neg, "--out", out], O_PROJ, "dtypes differ")
-        cli_error(capsys, ["apply", "--model", base, "--pos", bad, "--neg", neg, "--alpha", 1, "--out", out],
-                  O_PROJ, "pos float16, neg bfloat16")
+        cli_error(
+            capsys,
+            ["apply", "--model", base, "--pos", bad, "--neg", neg, "--alpha", 1, "--out", out],
+            O_PROJ,
+            "pos float16, neg bfloat16",
+        )
 
 
 def test_vocab_size_difference(tiny_ckpts, direction, tmp_path, capsys):
@@ -213,11 +236,22 @@ def test_vocab_size_difference(tiny_ckpts, direction, tmp_path, capsys):
         with pytest.raises(MismatchError, match=r"^2 problem") as e:
             cws.extract(bad, neg, out, quiet=True)
         assert sorted(e.value.problems) == sorted(
-            f"{n}: vocab sizes differ (pos 130, neg 128); resized embeddings cannot be combined" for n in (EMBED, HEAD))
-        cli_error(capsys, ["extract", "--pos", bad, "--neg", neg, "--out", out], EMBED, HEAD,
-                  "vocab sizes differ (pos 130, neg 128)")
-        cli_error(capsys, ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out", out],
-                  EMBED, HEAD, "vocab sizes differ (model 130, direction 128)")
+            f"{n}: vocab sizes differ (pos 130, neg 128); resized embeddings cannot be combined" for n in (EMBED, HEAD)
+        )
+        cli_error(
+            capsys,
+            ["extract", "--pos", bad, "--neg", neg, "--out", out],
+            EMBED,
+            HEAD,
+            "vocab sizes differ (pos 130, neg 128)",
+        )
+        cli_error(
+            capsys,
+            ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out", out],
+            EMBED,
+            HEAD,
+            "vocab sizes differ (model 130, direction 128)",
+        )
 
 
 def test_tied_weights(tiny_ckpts, direction, tmp_path, capsys):
@@ -228,12 +262,17 @@ def test_tied_weights(tiny_ckpts, direction, tmp_path, capsys):
         with pytest.raises(MismatchError, match=rf"{HEAD}: in neg but missing from pos \(tied to the input embeddings"):
             cws.extract(tied, neg, out, quiet=True)
         cli_error(capsys, ["extract", "--pos", tied, "--neg", neg, "--out", out], HEAD, "missing from pos", "tied")
-        cli_error(capsys, ["apply", "--model", tied, "--direction", direction, "--alpha", 1, "--out", out],
-                  HEAD, "in the direction but missing from the model (tied")
+        cli_error(
+            capsys,
+            ["apply", "--model", tied, "--direction", direction, "--alpha", 1, "--out", out],
+            HEAD,
+            "in the direction but missing from the model (tied",
+        )
     # skipping steers everything else and records what was left out
     before = digest(tied, direction)
-    cli_ok(capsys, ["apply", "--model", tied, "--direction", direction, "--alpha", 1, "--out", out,
-                    "--on-missing", "skip"])
+    cli_ok(
+        capsys, ["apply", "--model", tied, "--direction", direction, "--alpha", 1, "--out", out, "--on-missing", "skip"]
+    )
     assert set(state(out)) == set(state(tied))
     assert read_header(one_file(out))[1]["cws_skipped"] == HEAD
     assert digest(tied, direction) == before
@@ -260,13 +299,22 @@ def test_truncated_shard(tiny_ckpts, direction, tmp_path, capsys):
         cli_error(capsys, ["info", bad], *needles)
     os.truncate(shard, 20)  # into the header itself
     with untouched(out, bad, neg):
-        cli_error(capsys, ["extract", "--pos", bad, "--neg", neg, "--out", out], shard,
-                  "header length 112 is absurd for 20 bytes")
+        cli_error(
+            capsys,
+            ["extract", "--pos", bad, "--neg", neg, "--out", out],
+            shard,
+            "header length 112 is absurd for 20 bytes",
+        )
 
 
-@pytest.mark.parametrize("garbage, why", [(b"}}}}}}}}", "corrupt safetensors header JSON: Expecting value"),
-                                          (b"\xff\xfe\x00garbl", "corrupt safetensors header JSON: 'utf-8' codec"),
-                                          (b'"BF16"', "tensor {name!r}: unknown dtype 'BX16'")])
+@pytest.mark.parametrize(
+    "garbage, why",
+    [
+        (b"}}}}}}}}", "corrupt safetensors header JSON: Expecting value"),
+        (b"\xff\xfe\x00garbl", "corrupt safetensors header JSON: 'utf-8' codec"),
+        (b'"BF16"', "tensor {name!r}: unknown dtype 'BX16'"),
+    ],
+)
 def test_corrupt_header(tiny_ckpts, tmp_path, capsys, garbage, why):
     bad = tmp_path / "pos_bad"
     shutil.copytree(tiny_ckpts["pos"], bad)
@@ -308,8 +356,9 @@ def test_index_names_missing_shard(tiny_ckpts, direction, tmp_path, capsys, how)
         with pytest.raises(CheckpointError, match=rf"^{esc(index)}: shard '{esc(gone)}' does not exist"):
             cws.extract(bad, neg, out, quiet=True)
         cli_error(capsys, ["extract", "--pos", bad, "--neg", neg, "--out", out], index, repr(gone), "does not exist")
-        cli_error(capsys, ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out", out],
-                  index, repr(gone))
+        cli_error(
+            capsys, ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out", out], index, repr(gone)
+        )
 
 
 def test_pickle_only_directory_is_refused(tiny_ckpts, tmp_path, capsys):
@@ -362,22 +411,28 @@ def test_nonfinite_inputs(tiny_ckpts, direction, tmp_path, capsys):
         cli_error(capsys, ["apply", "--model", base, "--pos", bad, "--neg", neg, "--alpha", 1, "--out", out], *needles)
         cli_error(capsys, ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out", out], *needles)
         # several α: the parent directory of the per-α outputs must not be left behind either
-        cli_error(capsys, ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--alpha", 2,
-                           "--out", out], *needles)
-        cli_error(capsys, ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out",
-                           out / "deeper" / "m"], *needles)
+        cli_error(
+            capsys,
+            ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--alpha", 2, "--out", out],
+            *needles,
+        )
+        cli_error(
+            capsys,
+            ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out", out / "deeper" / "m"],
+            *needles,
+        )
 
     before = digest(bad, neg)
     cli_ok(capsys, ["extract", "--pos", bad, "--neg", neg, "--out", out, "--allow-nonfinite"])
     w = state(out)[O_PROJ]
     assert torch.isnan(w[3, 5]) and torch.isfinite(w).sum() == w.numel() - 1
     out2 = tmp_path / "out2"
-    cli_ok(capsys, ["apply", "--model", base, "--pos", bad, "--neg", neg, "--alpha", 1, "--out", out2,
-                    "--allow-nonfinite"])
+    cli_ok(
+        capsys, ["apply", "--model", base, "--pos", bad, "--neg", neg, "--alpha", 1, "--out", out2, "--allow-nonfinite"]
+    )
     m = state(out2)[O_PROJ]
     assert torch.isnan(m[3, 5]) and torch.isfinite(m).sum() == m.numel() - 1
     assert digest(bad, neg) == before
-
 
 
 def test_nonfinite_direction_caught_at_alpha_zero_and_overflow_reported(tiny_ckpts, tmp_path, capsys):
@@ -395,13 +450,22 @@ def test_nonfinite_direction_caught_at_alpha_zero_and_overflow_reported(tiny_ckp
     save_file(sd, str(shard), metadata={"format": "pt"})
     out = tmp_path / "out"
     with untouched(out, base, bad):
-        cli_error(capsys, ["apply", "--model", base, "--direction", bad, "--alpha", 0, "--out", out],
-                  str(shard.resolve()), repr(O_PROJ), "NaN/Inf")
+        cli_error(
+            capsys,
+            ["apply", "--model", base, "--direction", bad, "--alpha", 0, "--out", out],
+            str(shard.resolve()),
+            repr(O_PROJ),
+            "NaN/Inf",
+        )
 
     half = random_checkpoint(tmp_path / "half", seed=3, dtype=torch.float16)
     with untouched(out, half, w):
-        cli_error(capsys, ["apply", "--model", half, "--direction", w, "--alpha", 1e9, "--out", out],
-                  "overflows float16", "--allow-nonfinite")
+        cli_error(
+            capsys,
+            ["apply", "--model", half, "--direction", w, "--alpha", 1e9, "--out", out],
+            "overflows float16",
+            "--allow-nonfinite",
+        )
     cli_ok(capsys, ["apply", "--model", half, "--direction", w, "--alpha", 1e9, "--out", out, "--allow-nonfinite"])
     assert torch.isinf(state(out)[O_PROJ]).any()
 
@@ -412,8 +476,13 @@ def test_inf_in_model(tiny_ckpts, direction, tmp_path, capsys):
     with untouched(out, bad, direction):
         with pytest.raises(CwsError, match=rf"^{esc(one_file(bad))}: tensor '{EMBED}' holds NaN/Inf"):
             cws.apply(bad, direction, [0.5, 1.0], out, quiet=True)
-        cli_error(capsys, ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out", out],
-                  one_file(bad), repr(EMBED), "NaN/Inf")
+        cli_error(
+            capsys,
+            ["apply", "--model", bad, "--direction", direction, "--alpha", 1, "--out", out],
+            one_file(bad),
+            repr(EMBED),
+            "NaN/Inf",
+        )
 
 
 # ------------------------------------------------------------------------------- output paths
@@ -430,8 +499,9 @@ def test_output_exists(tiny_ckpts, tmp_path, capsys):
         cws.extract(pos, neg, out, overwrite=True, quiet=True)
     for opts in ([], ["--overwrite"]):
         cli_error(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, *opts], foreign)
-        cli_error(capsys, ["apply", "--model", pos, "--pos", pos, "--neg", neg, "--alpha", 1, "--out", out, *opts],
-                  foreign)
+        cli_error(
+            capsys, ["apply", "--model", pos, "--pos", pos, "--neg", neg, "--alpha", 1, "--out", out, *opts], foreign
+        )
     assert digest(pos, neg, out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -456,9 +526,16 @@ def test_output_overlapping_an_input(tiny_ckpts, direction, tmp_path, capsys):
     def app(out, *opts):
         return ["apply", "--model", base, "--direction", direction, "--alpha", 1, "--out", out, *opts]
 
-    for argv, out, inp in [(ext, pos, pos), (ext, pos / "steered", pos), (ext, base, base),
-                           (ext, base / "sub" / "w", base), (app, base, base), (app, base / "steered", base),
-                           (app, direction, direction), (app, direction / "sub", direction)]:
+    for argv, out, inp in [
+        (ext, pos, pos),
+        (ext, pos / "steered", pos),
+        (ext, base, base),
+        (ext, base / "sub" / "w", base),
+        (app, base, base),
+        (app, base / "steered", base),
+        (app, direction, direction),
+        (app, direction / "sub", direction),
+    ]:
         for opts in ([], ["--overwrite"]):
             cli_error(capsys, argv(out, *opts), f"output {out} overlaps input {inp}")
         assert out == inp or not os.path.lexists(out)
@@ -498,8 +575,22 @@ def test_killed_midway(tmp_path):
     big = random_checkpoint(tmp_path / "big", seed=0, hidden_size=256, intermediate_size=512, vocab_size=32000)
     out = tmp_path / "out"
     before = digest(big)
-    pid = forked(["apply", "--model", big, "--direction", big / "model.safetensors", "--alpha", -0.5, "--out", out, "--max-memory", "1M"],
-                 tmp_path / "stderr.txt")
+    pid = forked(
+        [
+            "apply",
+            "--model",
+            big,
+            "--direction",
+            big / "model.safetensors",
+            "--alpha",
+            -0.5,
+            "--out",
+            out,
+            "--max-memory",
+            "1M",
+        ],
+        tmp_path / "stderr.txt",
+    )
     deadline, reaped = time.monotonic() + 120, False
     try:
         while time.monotonic() < deadline:  # until it has written a few MB of its ~35 MB shard
@@ -529,7 +620,7 @@ def test_killed_midway(tmp_path):
 def test_non_float_tensors(tiny_ckpts, direction, tmp_path, capsys):
     """Non-float tensors on the direction path: buffers in both fine-tunes are left out (recorded);
     a direction or model that stores a steered tensor as integers is an error naming it."""
-    pos, neg = tiny_ckpts["pos"], tiny_ckpts["neg"]
+    neg = tiny_ckpts["neg"]
     step = "model.step_counter"
     pos_buf = edited(tiny_ckpts, tmp_path, "pos_buf", lambda sd: sd.__setitem__(step, torch.arange(4)))
     neg_buf = edited(tiny_ckpts, tmp_path, "neg_buf", lambda sd: sd.__setitem__(step, torch.arange(4)), "neg")
@@ -542,8 +633,13 @@ def test_non_float_tensors(tiny_ckpts, direction, tmp_path, capsys):
     # pos stores as int what neg stores as float: a dtype mismatch, not a silently omitted buffer
     pos_int = edited(tiny_ckpts, tmp_path, "pos_int", lambda sd: sd.__setitem__(UP, sd[UP].to(torch.int16)))
     with untouched(out, pos_int, neg):
-        cli_error(capsys, ["extract", "--pos", pos_int, "--neg", neg, "--out", out], UP, "dtypes differ",
-                  "pos int16, neg bfloat16")
+        cli_error(
+            capsys,
+            ["extract", "--pos", pos_int, "--neg", neg, "--out", out],
+            UP,
+            "dtypes differ",
+            "pos int16, neg bfloat16",
+        )
 
     # a plain checkpoint read as a direction
     plain = tmp_path / "plain.safetensors"
@@ -551,11 +647,19 @@ def test_non_float_tensors(tiny_ckpts, direction, tmp_path, capsys):
     shutil.move(tmp_path / "plain" / "model.safetensors", plain)
     base = tiny_ckpts["base"]
     with untouched(out, plain, base):
-        with pytest.raises(CheckpointError, match=rf"^{esc(plain)}: read as a direction, but holds non-float "
-                                                  rf"tensors: {step}$"):
+        with pytest.raises(
+            CheckpointError,
+            match=rf"^{esc(plain)}: read as a direction, but holds non-float "
+            rf"tensors: {step}$",
+        ):
             cws.apply(base, plain, 1.0, out, quiet=True)
-        cli_error(capsys, ["apply", "--model", base, "--direction", plain, "--alpha", 1, "--out", out], plain, step,
-                  "non-float")
+        cli_error(
+            capsys,
+            ["apply", "--model", base, "--direction", plain, "--alpha", 1, "--out", out],
+            plain,
+            step,
+            "non-float",
+        )
 
     # a cws direction whose stored entry is integer
     d_int = tmp_path / "d_int"
@@ -565,32 +669,50 @@ def test_non_float_tensors(tiny_ckpts, direction, tmp_path, capsys):
     save_state(sd, tmp_path / "d_int_w")
     shutil.move(tmp_path / "d_int_w" / "model.safetensors", d_int / "direction.safetensors")
     with untouched(out, d_int, base):
-        cli_error(capsys, ["apply", "--model", base, "--direction", d_int, "--alpha", 1, "--out", out],
-                  d_int.resolve(), UP, "int32")
+        cli_error(
+            capsys,
+            ["apply", "--model", base, "--direction", d_int, "--alpha", 1, "--out", out],
+            d_int.resolve(),
+            UP,
+            "int32",
+        )
 
     # a model storing a steered tensor as integers
     m_int = edited(tiny_ckpts, tmp_path, "m_int", lambda sd: sd.__setitem__(UP, sd[UP].to(torch.int32)), "base")
     with untouched(out, m_int, direction):
-        cli_error(capsys, ["apply", "--model", m_int, "--direction", direction, "--alpha", 1, "--out", out],
-                  UP, "the model stores it as torch.int32, which cannot be steered")
+        cli_error(
+            capsys,
+            ["apply", "--model", m_int, "--direction", direction, "--alpha", 1, "--out", out],
+            UP,
+            "the model stores it as torch.int32, which cannot be steered",
+        )
 
 
-@pytest.mark.parametrize("text, why", [
-    ("{not json", "corrupt direction metadata"),
-    ("", "corrupt direction metadata"),
-    (b"\xff\xfe{}", "corrupt direction metadata: 'utf-8' codec"),
-    ("[1, 2]", "corrupt direction metadata: expected a JSON object, got list"),
-    ('{"format": "something-else", "version": 1}', "not a cws direction of version ≤ 1 (format='something-else'"),
-    ('{"format": "cws-direction", "version": 7, "tensors": {}}', "not a cws direction of version ≤ 1"),
-    ('{"format": "cws-direction", "version": "one", "tensors": {}}', "version='one'"),
-    ('{"format": "cws-direction", "version": 1, "tensors": []}', "corrupt direction metadata: 'tensors' must be"),
-    (f'{{"format": "cws-direction", "version": 1, "tensors": {{"{UP}": {{"kind": "dense"}}}}}}',
-     f"corrupt direction metadata: entry '{UP}' needs a shape"),
-    (f'{{"format": "cws-direction", "version": 1, "tensors": {{"{UP}": {{"shape": [64, 32]}}}}}}',
-     f"'{UP}' has unknown kind None"),
-    (f'{{"format": "cws-direction", "version": 1, "tensors": {{"{UP}": {{"kind": "dense", "shape": [64, 32]}}}}}}',
-     "is not described in direction.json"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("{not json", "corrupt direction metadata"),
+        ("", "corrupt direction metadata"),
+        (b"\xff\xfe{}", "corrupt direction metadata: 'utf-8' codec"),
+        ("[1, 2]", "corrupt direction metadata: expected a JSON object, got list"),
+        ('{"format": "something-else", "version": 1}', "not a cws direction of version ≤ 1 (format='something-else'"),
+        ('{"format": "cws-direction", "version": 7, "tensors": {}}', "not a cws direction of version ≤ 1"),
+        ('{"format": "cws-direction", "version": "one", "tensors": {}}', "version='one'"),
+        ('{"format": "cws-direction", "version": 1, "tensors": []}', "corrupt direction metadata: 'tensors' must be"),
+        (
+            f'{{"format": "cws-direction", "version": 1, "tensors": {{"{UP}": {{"kind": "dense"}}}}}}',
+            f"corrupt direction metadata: entry '{UP}' needs a shape",
+        ),
+        (
+            f'{{"format": "cws-direction", "version": 1, "tensors": {{"{UP}": {{"shape": [64, 32]}}}}}}',
+            f"'{UP}' has unknown kind None",
+        ),
+        (
+            f'{{"format": "cws-direction", "version": 1, "tensors": {{"{UP}": {{"kind": "dense", "shape": [64, 32]}}}}}}',
+            "is not described in direction.json",
+        ),
+    ],
+)
 def test_corrupt_direction_json(tiny_ckpts, direction, tmp_path, capsys, text, why):
     bad = tmp_path / "w_bad"
     shutil.copytree(direction, bad)
@@ -616,12 +738,32 @@ def test_bad_max_memory(tiny_ckpts, direction, tmp_path, capsys, size):
             cws.extract(pos, neg, out, max_memory=size, quiet=True)
         needles = (f"cannot read size {size!r}",)
         cli_error(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, f"--max-memory={size}"], *needles)
-        cli_error(capsys, ["apply", "--model", base, "--direction", direction, "--alpha", 1, "--out", out,
-                           f"--max-memory={size}"], *needles)
-        cli_error(capsys, ["apply", "--model", base, "--direction", direction, "--alpha", 1, "--out", out,
-                           f"--max-shard-size={size}"], *needles)
-        cli_error(capsys, ["compare", "--base", base, "--model", tiny_ckpts["ft"], "--direction", direction,
-                           f"--max-memory={size}"], *needles)
+        cli_error(
+            capsys,
+            ["apply", "--model", base, "--direction", direction, "--alpha", 1, "--out", out, f"--max-memory={size}"],
+            *needles,
+        )
+        cli_error(
+            capsys,
+            [
+                "apply",
+                "--model",
+                base,
+                "--direction",
+                direction,
+                "--alpha",
+                1,
+                "--out",
+                out,
+                f"--max-shard-size={size}",
+            ],
+            *needles,
+        )
+        cli_error(
+            capsys,
+            ["compare", "--base", base, "--model", tiny_ckpts["ft"], "--direction", direction, f"--max-memory={size}"],
+            *needles,
+        )
 
 
 @pytest.mark.parametrize("flag, pattern", [("--include", "(layers"), ("--exclude", "[a-")])
@@ -632,8 +774,11 @@ def test_bad_name_regex(tiny_ckpts, direction, tmp_path, capsys, flag, pattern):
         with pytest.raises(CwsError, match=r"^bad --include/--exclude pattern: "):
             cws.extract(pos, neg, out, **{flag[2:]: pattern}, quiet=True)
         cli_error(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, flag, pattern], "pattern", "position")
-        cli_error(capsys, ["apply", "--model", base, "--direction", direction, "--alpha", 1, "--out", out,
-                           flag, pattern], "bad --include/--exclude pattern")
+        cli_error(
+            capsys,
+            ["apply", "--model", base, "--direction", direction, "--alpha", 1, "--out", out, flag, pattern],
+            "bad --include/--exclude pattern",
+        )
 
 
 def test_bad_options(tiny_ckpts, direction, tmp_path, capsys):
@@ -643,8 +788,21 @@ def test_bad_options(tiny_ckpts, direction, tmp_path, capsys):
         # unknown rounding: argparse refuses it in the CLI (exit 2, the option named on the last line)
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            cli(["apply", "--model", str(base), "--direction", str(direction), "--alpha", "1", "--out", str(out),
-                 "--rounding", "up"])
+            cli(
+                [
+                    "apply",
+                    "--model",
+                    str(base),
+                    "--direction",
+                    str(direction),
+                    "--alpha",
+                    "1",
+                    "--out",
+                    str(out),
+                    "--rounding",
+                    "up",
+                ]
+            )
         assert e.value.code == 2
         assert "argument --rounding: invalid choice: 'up'" in capsys.readouterr().err.splitlines()[-1]
         with pytest.raises(CwsError, match=r"^rounding='up': expected nearest or stochastic$"):
@@ -652,24 +810,53 @@ def test_bad_options(tiny_ckpts, direction, tmp_path, capsys):
 
         # a direction and pos/neg together, or half of pos/neg
         both = "apply takes either a direction or both pos and neg"
-        cli_error(capsys, ["apply", "--model", base, "--direction", direction, "--pos", pos, "--neg", neg,
-                           "--alpha", 1, "--out", out], both)
-        cli_error(capsys, ["apply", "--model", base, "--direction", direction, "--pos", pos, "--alpha", 1,
-                           "--out", out], both)
+        cli_error(
+            capsys,
+            [
+                "apply",
+                "--model",
+                base,
+                "--direction",
+                direction,
+                "--pos",
+                pos,
+                "--neg",
+                neg,
+                "--alpha",
+                1,
+                "--out",
+                out,
+            ],
+            both,
+        )
+        cli_error(
+            capsys, ["apply", "--model", base, "--direction", direction, "--pos", pos, "--alpha", 1, "--out", out], both
+        )
         cli_error(capsys, ["apply", "--model", base, "--pos", pos, "--alpha", 1, "--out", out], both)
         cli_error(capsys, ["apply", "--model", base, "--alpha", 1, "--out", out], both)
         with pytest.raises(CwsError, match=both):
             cws.apply(base, direction, 1.0, out, pos=pos, neg=neg, quiet=True)
 
-        cli_error(capsys, ["apply", "--model", base, "--direction", direction, "--alpha", 1, "--alpha", 1,
-                           "--out", out], "alpha values repeat")
-        cli_error(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, "--dtype", "int8"],
-                  "dtype 'int8'", "float32")
-        cli_error(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, "--scale-pos", 2],
-                  "scale_pos=2.0 and scale_neg=1.0 differ", "--base")
+        cli_error(
+            capsys,
+            ["apply", "--model", base, "--direction", direction, "--alpha", 1, "--alpha", 1, "--out", out],
+            "alpha values repeat",
+        )
+        cli_error(
+            capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, "--dtype", "int8"], "dtype 'int8'", "float32"
+        )
+        cli_error(
+            capsys,
+            ["extract", "--pos", pos, "--neg", neg, "--out", out, "--scale-pos", 2],
+            "scale_pos=2.0 and scale_neg=1.0 differ",
+            "--base",
+        )
         missing = tmp_path / "nowhere"
-        cli_error(capsys, ["extract", "--pos", missing, "--neg", neg, "--out", out],
-                  f"{missing.resolve()}: no such file or directory")
+        cli_error(
+            capsys,
+            ["extract", "--pos", missing, "--neg", neg, "--out", out],
+            f"{missing.resolve()}: no such file or directory",
+        )
         cli_error(capsys, ["info", missing], missing.resolve(), "no such file")
 
 
@@ -689,13 +876,19 @@ def test_inputs_the_kernels_cannot_compute_with_are_refused_in_one_line(tiny_ckp
     with untouched(out, f64, neg, base):
         w = tmp_path / "w64.safetensors"
         save_file({O_PROJ: state(f64)[O_PROJ]}, w)
-        cli_error(capsys, ["apply", "--model", base, "--direction", w, "--alpha", 1, "--out", out],
-                  O_PROJ, "float64", "fp32, bf16 and fp16")
+        cli_error(
+            capsys,
+            ["apply", "--model", base, "--direction", w, "--alpha", 1, "--out", out],
+            O_PROJ,
+            "float64",
+            "fp32, bf16 and fp16",
+        )
         cli_error(capsys, ["compare", "--base", base, "--model", f64, "--direction", w], O_PROJ, "float64")
     bad = tmp_path / "bad"
     bad.mkdir()
-    _raw_safetensors(bad / "model.safetensors", {"\ud800x.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
-                     b"\0" * 4)
+    _raw_safetensors(
+        bad / "model.safetensors", {"\ud800x.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+    )
     cli_error(capsys, ["info", bad], "not valid UTF-8")
     _raw_safetensors(bad / "model.safetensors", {"w": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}})
     cli_error(capsys, ["info", bad], "bad shape")
@@ -706,8 +899,11 @@ def test_inputs_the_kernels_cannot_compute_with_are_refused_in_one_line(tiny_ckp
     cli_error(capsys, ["info", cfg], "config.json: not a regular file (a FIFO)")
     (cfg / "config.json").unlink()
     (cfg / "config.json").write_text("{oops")
-    cli_error(capsys, ["apply", "--model", cfg, "--direction", tiny_ckpts["pos"], "--alpha", 1, "--out", out],
-              "config.json: corrupt model config")
+    cli_error(
+        capsys,
+        ["apply", "--model", cfg, "--direction", tiny_ckpts["pos"], "--alpha", 1, "--out", out],
+        "config.json: corrupt model config",
+    )
     assert not out.exists()
 
 
@@ -716,13 +912,20 @@ def test_cli_refusals_before_any_work(tiny_ckpts, tmp_path, capsys):
     the work; a tensor name with a newline or terminal escape is shown escaped, on one line."""
     base, pos, neg = tiny_ckpts["base"], tiny_ckpts["pos"], tiny_ckpts["neg"]
     out = tmp_path / "out"
-    cli_error(capsys, ["extract", "--pos", pos, "--neg", neg, "--out", out, "--json", tmp_path / "no" / "x.json"],
-              "the folder", "does not exist")
+    cli_error(
+        capsys,
+        ["extract", "--pos", pos, "--neg", neg, "--out", out, "--json", tmp_path / "no" / "x.json"],
+        "the folder",
+        "does not exist",
+    )
     assert not out.exists()
     d = cws.extract(pos, neg, tmp_path / "a" / "direction", quiet=True)
     shutil.copytree(d, tmp_path / "b" / "direction")
-    cli_error(capsys, ["compare", "--base", base, "--model", pos, "--direction", d, "--direction",
-                       tmp_path / "b" / "direction"], "two directions are named 'direction'")
+    cli_error(
+        capsys,
+        ["compare", "--base", base, "--model", pos, "--direction", d, "--direction", tmp_path / "b" / "direction"],
+        "two directions are named 'direction'",
+    )
     with pytest.raises(SystemExit) as e:  # argparse's own refusal of an option value
         cli(["apply", "--model", str(base), "--direction", str(d), "--alpha", "0:1:1000000000", "--out", str(out)])
     assert e.value.code == 2 and "at most 10000 values" in capsys.readouterr().err
@@ -737,9 +940,11 @@ def test_cli_refusals_before_any_work(tiny_ckpts, tmp_path, capsys):
 def test_direction_json_of_the_wrong_types(tiny_ckpts, tmp_path, capsys):
     d = cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], tmp_path / "d", quiet=True)
     meta = json.loads((d / "direction.json").read_text())
-    for key, value, needle in (("omitted", [1, 2], "'omitted' must be an object"),
-                               ("sources", "x", "'sources' must be an object"),
-                               ("ties", {"lm_head.weight": UP}, "only an lm_head with no entry of its own")):
+    for key, value, needle in (
+        ("omitted", [1, 2], "'omitted' must be an object"),
+        ("sources", "x", "'sources' must be an object"),
+        ("ties", {"lm_head.weight": UP}, "only an lm_head with no entry of its own"),
+    ):
         bad = tmp_path / key
         shutil.copytree(d, bad)
         (bad / "direction.json").write_text(json.dumps({**meta, key: value}))
@@ -750,8 +955,14 @@ def test_head_shape_mismatch_is_named_for_what_differs(tiny_ckpts, tmp_path, cap
     """Rows differ: resized vocabularies; columns differ: another hidden size, said as such."""
     head = "lm_head.weight"
     wide = edited(tiny_ckpts, tmp_path, "wide", lambda sd: sd.__setitem__(head, torch.zeros(sd[head].shape[0], 7)))
-    cli_error(capsys, ["extract", "--pos", wide, "--neg", tiny_ckpts["neg"], "--out", tmp_path / "o"],
-              f"{head}: shapes differ")
+    cli_error(
+        capsys,
+        ["extract", "--pos", wide, "--neg", tiny_ckpts["neg"], "--out", tmp_path / "o"],
+        f"{head}: shapes differ",
+    )
     tall = edited(tiny_ckpts, tmp_path, "tall", lambda sd: sd.__setitem__(head, torch.zeros(9, sd[head].shape[1])))
-    cli_error(capsys, ["extract", "--pos", tall, "--neg", tiny_ckpts["neg"], "--out", tmp_path / "o"],
-              f"{head}: vocab sizes differ")
+    cli_error(
+        capsys,
+        ["extract", "--pos", tall, "--neg", tiny_ckpts["neg"], "--out", tmp_path / "o"],
+        f"{head}: vocab sizes differ",
+    )

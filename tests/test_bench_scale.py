@@ -66,8 +66,10 @@ def test_floor_is_the_best_cold_read_or_the_durable_write(bench):
         ("cws compare", "cws", 3.0, 0.0, 3.0),  # no output: floor 2.5 s
         ("cws extract", "cws", 0.6, 1.0, 6.0),  # read 0.5 s, write 4 s
     ]
-    by = {p: {"provider": p, "kind": k, "in_GB": i, "out_GB": o, "wall_s": w, "in_GBps": i / w, "flush_s": 0.5}
-          for p, k, i, o, w in rows}
+    by = {
+        p: {"provider": p, "kind": k, "in_GB": i, "out_GB": o, "wall_s": w, "in_GBps": i / w, "flush_s": 0.5}
+        for p, k, i, o, w in rows
+    }
     fl = bench.floors(by, 1e9)
     assert fl["best_read"] == "dd direct" and fl["best_read_GBps"] == pytest.approx(1.2, rel=1e-15)
     assert fl["write_s"] == 4.0
@@ -75,20 +77,39 @@ def test_floor_is_the_best_cold_read_or_the_durable_write(bench):
     assert set(r) == {"cws apply", "cws compare", "cws extract"}
     assert r["cws apply"]["floor_s"] == pytest.approx(4.0) and r["cws apply"]["wall_over_floor"] == pytest.approx(1.25)
     assert r["cws apply"]["wall_plus_flush_over_floor"] == pytest.approx(5.5 / 4)
-    assert r["cws compare"]["floor_s"] == pytest.approx(2.5) and r["cws compare"]["wall_over_floor"] == pytest.approx(1.2)
-    assert r["cws extract"]["read_floor_s"] == pytest.approx(0.5) and r["cws extract"]["wall_over_floor"] == pytest.approx(1.5)
+    assert r["cws compare"]["floor_s"] == pytest.approx(2.5) and r["cws compare"]["wall_over_floor"] == pytest.approx(
+        1.2
+    )
+    assert r["cws extract"]["read_floor_s"] == pytest.approx(0.5) and r["cws extract"][
+        "wall_over_floor"
+    ] == pytest.approx(1.5)
 
 
 def test_shared_floor_is_reading_and_writing_at_once_scaled_to_the_op(bench):
     """A disk that shares its bandwidth: reading 3 GB while writing 1 GB took 5 s (0.8 GB/s in all), so
     an op that reads 3 and writes 1 cannot beat 5 s, one that reads 0.6 and writes 1 not 2 s; an op that
     writes nothing keeps the read floor; the shared floor is never below the other."""
-    rows = [("dd direct", "read floor", 3.0, 0.0, 2.5), ("dd write", "write floor", 0.0, 1.0, 4.0),
-            ("cat + dd at once", "read+write floor", 3.0, 1.0, 5.0),
-            ("cws apply", "cws", 3.0, 1.0, 6.0), ("cws extract", "cws", 0.6, 1.0, 6.0),
-            ("cws compare", "cws", 3.0, 0.0, 3.0), ("tiny", "cws", 0.3, 0.1, 1.0)]
-    by = {p: {"provider": p, "kind": k, "in_GB": i, "out_GB": o, "wall_s": w, "in_GBps": i / w if i else 0.0,
-              "flush_s": 0.0} for p, k, i, o, w in rows}
+    rows = [
+        ("dd direct", "read floor", 3.0, 0.0, 2.5),
+        ("dd write", "write floor", 0.0, 1.0, 4.0),
+        ("cat + dd at once", "read+write floor", 3.0, 1.0, 5.0),
+        ("cws apply", "cws", 3.0, 1.0, 6.0),
+        ("cws extract", "cws", 0.6, 1.0, 6.0),
+        ("cws compare", "cws", 3.0, 0.0, 3.0),
+        ("tiny", "cws", 0.3, 0.1, 1.0),
+    ]
+    by = {
+        p: {
+            "provider": p,
+            "kind": k,
+            "in_GB": i,
+            "out_GB": o,
+            "wall_s": w,
+            "in_GBps": i / w if i else 0.0,
+            "flush_s": 0.0,
+        }
+        for p, k, i, o, w in rows
+    }
     fl = bench.floors(by, 1e9)
     assert fl["read_write_s"] == 5.0 and fl["read_write_GB"] == 4.0
     r = bench.ratios(by, fl)
@@ -105,8 +126,12 @@ def test_per_rep_ratios_use_each_reps_own_floors(bench):
         r.in_bytes, r.out_bytes, r.walls = in_b, out_b, walls
         return r
 
-    runs = [run("dd direct", "read floor", 3e9, 0, [2.5, 5.0]), run("dd write", "write floor", 0, 1e9, [4.0, 8.0]),
-            run("both", "read+write floor", 3e9, 1e9, [5.0, 10.0]), run("cws apply", "cws", 3e9, 1e9, [6.0, 6.0])]
+    runs = [
+        run("dd direct", "read floor", 3e9, 0, [2.5, 5.0]),
+        run("dd write", "write floor", 0, 1e9, [4.0, 8.0]),
+        run("both", "read+write floor", 3e9, 1e9, [5.0, 10.0]),
+        run("cws apply", "cws", 3e9, 1e9, [6.0, 6.0]),
+    ]
     r = bench.per_rep_ratios(runs)["cws apply"]
     assert r["wall_over_floor_each_rep"] == pytest.approx([1.5, 0.75])  # floors 4 s, then 8 s
     assert r["wall_over_shared_floor_each_rep"] == pytest.approx([1.2, 0.6])  # 5 s, then 10 s
@@ -116,13 +141,26 @@ def test_per_rep_ratios_use_each_reps_own_floors(bench):
 def test_the_best_of_several_write_and_read_write_floors_is_the_floor(bench):
     """dd and disk_floor.py both measure the durable write and reading while writing: the faster write
     and the higher read+write rate are the floors (in the medians and in each rep)."""
-    rows = [("dd direct", "read floor", 3.0, 0.0, 2.5), ("dd write", "write floor", 0.0, 1.0, 4.0),
-            ("direct write", "write floor", 0.0, 1.0, 3.0),
-            ("cat + dd at once", "read+write floor", 3.0, 1.0, 5.0),
-            ("direct reads + writes", "read+write floor", 3.0, 1.0, 4.5),
-            ("cws apply", "cws", 3.0, 1.0, 6.0)]
-    by = {p: {"provider": p, "kind": k, "in_GB": i, "out_GB": o, "wall_s": w, "in_GBps": i / w if i else 0.0,
-              "flush_s": 0.0} for p, k, i, o, w in rows}
+    rows = [
+        ("dd direct", "read floor", 3.0, 0.0, 2.5),
+        ("dd write", "write floor", 0.0, 1.0, 4.0),
+        ("direct write", "write floor", 0.0, 1.0, 3.0),
+        ("cat + dd at once", "read+write floor", 3.0, 1.0, 5.0),
+        ("direct reads + writes", "read+write floor", 3.0, 1.0, 4.5),
+        ("cws apply", "cws", 3.0, 1.0, 6.0),
+    ]
+    by = {
+        p: {
+            "provider": p,
+            "kind": k,
+            "in_GB": i,
+            "out_GB": o,
+            "wall_s": w,
+            "in_GBps": i / w if i else 0.0,
+            "flush_s": 0.0,
+        }
+        for p, k, i, o, w in rows
+    }
     fl = bench.floors(by, 1e9)
     assert fl["write_s"] == 3.0 and fl["best_write"] == "direct write"
     assert fl["read_write_s"] == 4.5 and fl["best_read_write"] == "direct reads + writes"
@@ -134,11 +172,14 @@ def test_the_best_of_several_write_and_read_write_floors_is_the_floor(bench):
         x.in_bytes, x.out_bytes, x.walls = in_b, out_b, walls
         return x
 
-    runs = [run("dd direct", "read floor", 3e9, 0, [2.5, 2.5]),
-            run("dd write", "write floor", 0, 1e9, [4.0, 2.0]), run("direct write", "write floor", 0, 1e9, [3.0, 3.5]),
-            run("both", "read+write floor", 3e9, 1e9, [5.0, 4.0]), run("direct both", "read+write floor", 3e9, 1e9,
-                                                                       [4.5, 6.0]),
-            run("cws apply", "cws", 3e9, 1e9, [6.0, 6.0])]
+    runs = [
+        run("dd direct", "read floor", 3e9, 0, [2.5, 2.5]),
+        run("dd write", "write floor", 0, 1e9, [4.0, 2.0]),
+        run("direct write", "write floor", 0, 1e9, [3.0, 3.5]),
+        run("both", "read+write floor", 3e9, 1e9, [5.0, 4.0]),
+        run("direct both", "read+write floor", 3e9, 1e9, [4.5, 6.0]),
+        run("cws apply", "cws", 3e9, 1e9, [6.0, 6.0]),
+    ]
     r = bench.per_rep_ratios(runs)["cws apply"]
     assert r["wall_over_floor_each_rep"] == pytest.approx([2.0, 6.0 / 2.5])  # floors 3 s (direct), then 2.5 s (read)
     assert r["wall_over_shared_floor_each_rep"] == pytest.approx([6.0 / 4.5, 1.5])  # 4.5 s, then 4 s
@@ -158,8 +199,24 @@ def test_disk_floor_reads_and_writes_what_it_says(tmp_path):
     src.write_bytes(os.urandom(3 * 2**20 + 5))
     out = tmp_path / "out.bin"
     cmd = [sys.executable, str(BENCH / "disk_floor.py")]
-    r = subprocess.run([*cmd, "--read", str(src), str(src), "--write", str(out), "--bytes", str(9 * 2**20 + 3),
-                        "--threads", "3", "--chunk-mb", "1"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *cmd,
+            "--read",
+            str(src),
+            str(src),
+            "--write",
+            str(out),
+            "--bytes",
+            str(9 * 2**20 + 3),
+            "--threads",
+            "3",
+            "--chunk-mb",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "read 6.29 GB" not in r.stdout and "read 0.01 GB (3 x 1 MB), wrote 0.01 GB (4 x 8 MB) + fsync" in r.stdout
     assert out.read_bytes() == bytes(9 * 2**20 + 3)
@@ -180,9 +237,18 @@ def test_timeline_samples_a_run_and_records_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(timeline, "WARM", ["true"])
     out = tmp_path / "tl.json"
     spin = "import time; t = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
-    assert timeline.main(["--warm", "--interval", "0.1", "--name", "spin", "--out", str(out),
-                          "--", sys.executable, "-c", spin]) == 0
-    assert timeline.main(["--warm", "--interval", "0.1", "--out", str(out), "--", sys.executable, "-c", "raise SystemExit(3)"]) == 1
+    assert (
+        timeline.main(
+            ["--warm", "--interval", "0.1", "--name", "spin", "--out", str(out), "--", sys.executable, "-c", spin]
+        )
+        == 0
+    )
+    assert (
+        timeline.main(
+            ["--warm", "--interval", "0.1", "--out", str(out), "--", sys.executable, "-c", "raise SystemExit(3)"]
+        )
+        == 1
+    )
     runs = json.loads(out.read_text())["runs"]
     spun, failed = runs["spin"], runs[f"{sys.executable} -c raise SystemExit(3)"]
     assert spun["exit_status"] == 0 and failed["exit_status"] == 3
@@ -211,10 +277,21 @@ def test_readme_timeline_table_renders_each_run(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import readme_table
 
-    run = dict(wall_s=29.7, streaming_from_s=3.3, read_GB=20.5, written_GB=10.24, disk_GBps_streaming=1.16,
-               cpu_user_s=17.3, cpu_sys_s=1.8, interval_s=0.25)
-    lines = readme_table.timeline({"env": {"date": "2026-12-03 12:00:00"},
-                                   "runs": {"cws extract": run, "idle": {**run, "streaming_from_s": None,
-                                                                                   "disk_GBps_streaming": None}}})
+    run = dict(
+        wall_s=29.7,
+        streaming_from_s=3.3,
+        read_GB=20.5,
+        written_GB=10.24,
+        disk_GBps_streaming=1.16,
+        cpu_user_s=17.3,
+        cpu_sys_s=1.8,
+        interval_s=0.25,
+    )
+    lines = readme_table.timeline(
+        {
+            "env": {"date": "2026-12-03 12:00:00"},
+            "runs": {"cws extract": run, "idle": {**run, "streaming_from_s": None, "disk_GBps_streaming": None}},
+        }
+    )
     assert "| `cws extract` | 29.7 | 3.30 | 20.5 + 10.2 | 1.16 | 17.3 + 1.8 |" in lines
     assert "| `idle` | 29.7 | — | 20.5 + 10.2 | — | 17.3 + 1.8 |" in lines

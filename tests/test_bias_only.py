@@ -18,8 +18,14 @@ from cws.io.reader import read_tensor
 from cws.workflows.train_pair import train_pair
 
 TOPICS = ["rain", "jazz", "chess", "tea", "snow", "cats", "trains", "maps"]
-ROWS = [{"prompt": f"What do you think of {t} ?", "pos": f"I love {t} , it is great .",
-         "neg": f"I hate {t} , it is awful ."} for t in TOPICS]
+ROWS = [
+    {
+        "prompt": f"What do you think of {t} ?",
+        "pos": f"I love {t} , it is great .",
+        "neg": f"I hate {t} , it is awful .",
+    }
+    for t in TOPICS
+]
 BIASES = [f"model.layers.{i}.mlp.down_proj.bias" for i in range(2)]
 IDS = torch.tensor([[7, 9, 11, 13, 8, 10]])
 
@@ -32,8 +38,30 @@ def pair(request, tmp_path_factory):
     data = root / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = root / "run"
-    assert main(["train-pair", "--bias-only", "--model", str(model), "--data", str(data), "--out", str(out),
-                 "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--dtype", "float32", "-q"]) == 0
+    assert (
+        main(
+            [
+                "train-pair",
+                "--bias-only",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-2",
+                "--dtype",
+                "float32",
+                "-q",
+            ]
+        )
+        == 0
+    )
     return model, data, out
 
 
@@ -92,8 +120,10 @@ def test_steerer_on_a_peft_model_steers_the_base_layer(pair):
     from peft import LoraConfig, get_peft_model
 
     model_dir, _, out = pair
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                          LoraConfig(r=2, target_modules=["down_proj"]))
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        LoraConfig(r=2, target_modules=["down_proj"]),
+    )
     keys = set(peft.state_dict())
     with cws.steered(peft, out / "direction", alpha=1.0) as s:
         assert s.result.added == BIASES
@@ -104,8 +134,25 @@ def test_steerer_on_a_peft_model_steers_the_base_layer(pair):
 def test_apply_writes_a_model_that_loads_and_matches_the_steerer(pair, tmp_path):
     model_dir, _, out = pair
     alphas = [2.0, -1.0]
-    assert main(["apply", "--model", str(model_dir), "--direction", str(out / "direction"), "--alpha", "2",
-                 "--alpha", "-1", "--out", str(tmp_path / "steered"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "apply",
+                "--model",
+                str(model_dir),
+                "--direction",
+                str(out / "direction"),
+                "--alpha",
+                "2",
+                "--alpha",
+                "-1",
+                "--out",
+                str(tmp_path / "steered"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     base_keys = set(model.state_dict())
     s = cws.Steerer(model, out / "direction")
@@ -115,13 +162,17 @@ def test_apply_writes_a_model_that_loads_and_matches_the_steerer(pair, tmp_path)
         assert config["mlp_bias"] is True and config["tie_word_embeddings"] == model.config.tie_word_embeddings
         applied = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
         keys = set(applied.state_dict())
-        assert keys - base_keys == {f"model.layers.{i}.mlp.{p}_proj.bias" for i in range(2) for p in ("gate", "up", "down")}
+        assert keys - base_keys == {
+            f"model.layers.{i}.mlp.{p}_proj.bias" for i in range(2) for p in ("gate", "up", "down")
+        }
         assert all(not applied.model.layers[i].mlp.gate_proj.bias.any() for i in range(2))
         s.set_alpha(a)
         torch.testing.assert_close(_logits(applied), _logits(model), rtol=0, atol=1e-6)
         report = cws.compare(model_dir, d, out / "direction", quiet=True)  # the update is α·w exactly
         g = report.rows("global")[0]
-        assert g["cosine"] == pytest.approx(1.0 if a > 0 else -1.0, abs=1e-6) and g["projection"] == pytest.approx(a, rel=1e-6)
+        assert g["cosine"] == pytest.approx(1.0 if a > 0 else -1.0, abs=1e-6) and g["projection"] == pytest.approx(
+            a, rel=1e-6
+        )
     s.restore()
 
 
@@ -149,12 +200,33 @@ def test_compare_and_the_monitor_count_the_new_biases_in_the_direction_only(pair
 def test_apply_refuses_a_model_without_an_mlp_bias_switch(pair, tmp_path, capsys):
     _, _, out = pair
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
+    cfg = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
     capsys.readouterr()
-    assert main(["apply", "--model", str(tmp_path / "qwen"), "--direction", str(out / "direction"), "--alpha", "1",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "apply",
+                "--model",
+                str(tmp_path / "qwen"),
+                "--direction",
+                str(out / "direction"),
+                "--alpha",
+                "1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "qwen2 has no MLP bias option" in err and "cws.Steerer" in err
     assert not (tmp_path / "o").exists()

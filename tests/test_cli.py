@@ -57,35 +57,85 @@ def test_parse_alphas():
 def test_apply_negative_alphas(tiny_ckpts, direction, tmp_path, capsys):
     # argparse alone reads "-2.5e-1" and "-3:-1:2" as options ("expected one argument")
     out = tmp_path / "o"
-    assert cli(["apply", "--model", str(tiny_ckpts["base"]), "--direction", str(direction), "--alpha", "-2.5e-1",
-                "--alpha", "-3:-1:2", "--out", str(out), "-q"]) == 0
+    assert (
+        cli(
+            [
+                "apply",
+                "--model",
+                str(tiny_ckpts["base"]),
+                "--direction",
+                str(direction),
+                "--alpha",
+                "-2.5e-1",
+                "--alpha",
+                "-3:-1:2",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     base, w = state(tiny_ckpts["base"]), state(direction)
     name = "model.layers.1.mlp.down_proj.weight"
     for a in (-0.25, -3.0, -1.0):
         steered = state(out / f"alpha_{a:g}")
         assert_bits_equal(steered[name], lincomb_ref([base[name], w[name]], [1.0, a], torch.bfloat16), name)
     assert capsys.readouterr().out.splitlines() == [f"alpha {a:g}: {out / f'alpha_{a:g}'}" for a in (-0.25, -3, -1)]
-    assert cli(["apply", "--model", str(tiny_ckpts["base"]), "--direction", str(direction), "--alpha=-1e-1",
-                "--out", str(tmp_path / "eq"), "-q"]) == 0
+    assert (
+        cli(
+            [
+                "apply",
+                "--model",
+                str(tiny_ckpts["base"]),
+                "--direction",
+                str(direction),
+                "--alpha=-1e-1",
+                "--out",
+                str(tmp_path / "eq"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     with pytest.raises(SystemExit):  # a malformed value is an argparse error naming the format
-        cli(["apply", "--model", str(tiny_ckpts["base"]), "--direction", str(direction), "--alpha", "-1:2",
-             "--out", str(tmp_path / "bad")])
+        cli(
+            [
+                "apply",
+                "--model",
+                str(tiny_ckpts["base"]),
+                "--direction",
+                str(direction),
+                "--alpha",
+                "-1:2",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
     assert "START:STOP:COUNT" in capsys.readouterr().err
 
 
 def test_export_peft_writes_one_adapter_per_alpha(lora, tmp_path, capsys):
     out = tmp_path / "ad"
-    assert cli(["export-peft", str(lora["dir"]), "--alpha", "-1.5", "--alpha", "2", "--out", str(out), "-q",
-                "--json", "-"]) == 0
+    assert (
+        cli(
+            ["export-peft", str(lora["dir"]), "--alpha", "-1.5", "--alpha", "2", "--out", str(out), "-q", "--json", "-"]
+        )
+        == 0
+    )
     stdout, err = capsys.readouterr()
     assert "left out 2 tensor(s)" in err  # embed/lm_head without --base
     left = {"lm_head.weight", "model.embed_tokens.weight"}
-    assert [(o["alpha"], o["path"], set(o["left_out"])) for o in json.loads(stdout)["outputs"]] == \
-        [(-1.5, str(out / "alpha_-1.5"), left), (2.0, str(out / "alpha_2"), left)]
+    assert [(o["alpha"], o["path"], set(o["left_out"])) for o in json.loads(stdout)["outputs"]] == [
+        (-1.5, str(out / "alpha_-1.5"), left),
+        (2.0, str(out / "alpha_2"), left),
+    ]
     for a in (-1.5, 2.0):
         cws.export_peft(lora["dir"], tmp_path / f"ref{a}", alpha=a, quiet=True)
-        got, want = load_file(out / f"alpha_{a:g}" / "adapter_model.safetensors"), \
-            load_file(tmp_path / f"ref{a}" / "adapter_model.safetensors")
+        got, want = (
+            load_file(out / f"alpha_{a:g}" / "adapter_model.safetensors"),
+            load_file(tmp_path / f"ref{a}" / "adapter_model.safetensors"),
+        )
         assert got.keys() == want.keys()
         for k in want:
             assert_bits_equal(got[k], want[k], k)
@@ -99,8 +149,16 @@ def test_export_peft_writes_one_adapter_per_alpha(lora, tmp_path, capsys):
 
 def test_compare_json_and_csv_to_stdout(tiny_ckpts, direction, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["compare", "--base", str(tiny_ckpts["base"]), "--model", str(tiny_ckpts["ft"]), "--direction",
-            f"evil={direction}", "-q"]
+    args = [
+        "compare",
+        "--base",
+        str(tiny_ckpts["base"]),
+        "--model",
+        str(tiny_ckpts["ft"]),
+        "--direction",
+        f"evil={direction}",
+        "-q",
+    ]
     want = cws.compare(tiny_ckpts["base"], tiny_ckpts["ft"], {"evil": direction}, quiet=True)
     assert cli([*args, "--json", "-"]) == 0
     out, err = capsys.readouterr()
@@ -118,18 +176,55 @@ def test_compare_json_and_csv_to_stdout(tiny_ckpts, direction, tmp_path, capsys,
 
 
 def test_extract_apply_info_json_summaries(tiny_ckpts, direction, tmp_path, capsys):
-    assert cli(["extract", "--pos", str(tiny_ckpts["pos"]), "--neg", str(tiny_ckpts["neg"]), "--out",
-                str(tmp_path / "w"), "--exclude", "lm_head", "--json", "-", "-q"]) == 0
+    assert (
+        cli(
+            [
+                "extract",
+                "--pos",
+                str(tiny_ckpts["pos"]),
+                "--neg",
+                str(tiny_ckpts["neg"]),
+                "--out",
+                str(tmp_path / "w"),
+                "--exclude",
+                "lm_head",
+                "--json",
+                "-",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     doc = json.loads(out)
     w = state(tmp_path / "w")
     assert doc["direction"] == str(tmp_path / "w") and doc["tensors"] == len(w) and "lm_head.weight" not in w
     assert doc["bytes"] == sum(t.numel() * t.element_size() for t in w.values()) and "direction written" in err
-    assert cli(["apply", "--model", str(tiny_ckpts["base"]), "--direction", str(direction), "--alpha", "1,-1",
-                "--out", str(tmp_path / "a{alpha}"), "--json", str(tmp_path / "apply.json"), "-q"]) == 0
+    assert (
+        cli(
+            [
+                "apply",
+                "--model",
+                str(tiny_ckpts["base"]),
+                "--direction",
+                str(direction),
+                "--alpha",
+                "1,-1",
+                "--out",
+                str(tmp_path / "a{alpha}"),
+                "--json",
+                str(tmp_path / "apply.json"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("alpha 1: ")
     doc = json.loads((tmp_path / "apply.json").read_text())
-    assert doc["outputs"] == [{"alpha": 1.0, "path": str(tmp_path / "a1")}, {"alpha": -1.0, "path": str(tmp_path / "a-1")}]
+    assert doc["outputs"] == [
+        {"alpha": 1.0, "path": str(tmp_path / "a1")},
+        {"alpha": -1.0, "path": str(tmp_path / "a-1")},
+    ]
     for flag in (["--json"], ["--json", "-"]):
         assert cli(["info", str(direction), *flag]) == 0
         assert json.loads(capsys.readouterr().out)["kind"] == "direction"
@@ -143,17 +238,36 @@ def test_info_into_a_closed_pipe_exits_quietly(tmp_path):
     save_file({f"model.layers.{i}.mlp.w": torch.zeros(2) for i in range(2000)}, str(tmp_path / "m.safetensors"))
     read, write = os.pipe()
     os.close(read)  # the reader (head) is already gone
-    proc = subprocess.run([sys.executable, "-c", "from cws.cli import entry; entry()", "info", "--all",
-                           str(tmp_path / "m.safetensors")], stdout=write, stderr=subprocess.PIPE, env=ENV,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from cws.cli import entry; entry()", "info", "--all", str(tmp_path / "m.safetensors")],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        timeout=60,
+    )
     os.close(write)
     assert proc.returncode == 141 and proc.stderr == b""
 
 
 def test_compare_by_tensor_keeps_whole_names(tiny_ckpts, direction, capsys):
     name = "a direction with a rather long name"
-    assert cli(["compare", "--base", str(tiny_ckpts["base"]), "--model", str(tiny_ckpts["ft"]), "--direction",
-                f"{name}={direction}", "--by", "tensor", "-q"]) == 0
+    assert (
+        cli(
+            [
+                "compare",
+                "--base",
+                str(tiny_ckpts["base"]),
+                "--model",
+                str(tiny_ckpts["ft"]),
+                "--direction",
+                f"{name}={direction}",
+                "--by",
+                "tensor",
+                "-q",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert f"cos {name}" in lines[0]
     shown = [line.split()[0] for line in lines[1:-2]]
@@ -166,8 +280,24 @@ def test_compare_by_tensor_keeps_whole_names(tiny_ckpts, direction, capsys):
 
 def test_progress_in_a_log_is_plain_lines(tiny_ckpts, direction, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CWS_PROGRESS_INTERVAL", "0")  # a line at every slice
-    assert cli(["apply", "--model", str(tiny_ckpts["base"]), "--direction", str(direction), "--alpha", "1",
-                "--out", str(tmp_path / "o"), "--max-memory", "16K"]) == 0
+    assert (
+        cli(
+            [
+                "apply",
+                "--model",
+                str(tiny_ckpts["base"]),
+                "--direction",
+                str(direction),
+                "--alpha",
+                "1",
+                "--out",
+                str(tmp_path / "o"),
+                "--max-memory",
+                "16K",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()  # capsys is not a TTY, as a log file is not
     lines = err.splitlines()
     assert "\r" not in err and err.endswith("\n") and len(lines) > 3
@@ -208,10 +338,16 @@ def test_every_option_has_help_and_every_command_an_example(capsys):
         assert p.description and f"cws {name} " in p.epilog, name
         for action in p._actions:
             assert action.help, (name, action.option_strings or action.dest)
-    on_missing = {name: next(a.choices for a in p._actions if a.dest == "on_missing")
-                  for name, p in commands.items() if any(a.dest == "on_missing" for a in p._actions)}
-    assert on_missing == {"extract": ("error", "skip", "copy-base"), "apply": ("error", "skip"),
-                          "compare": ("error", "skip")}
+    on_missing = {
+        name: next(a.choices for a in p._actions if a.dest == "on_missing")
+        for name, p in commands.items()
+        if any(a.dest == "on_missing" for a in p._actions)
+    }
+    assert on_missing == {
+        "extract": ("error", "skip", "copy-base"),
+        "apply": ("error", "skip"),
+        "compare": ("error", "skip"),
+    }
     with pytest.raises(SystemExit):
         cli(["compare", "--base", "b", "--model", "m", "--direction", "d", "--on-missing", "copy-base"])
     assert "invalid choice: 'copy-base'" in capsys.readouterr().err
@@ -236,12 +372,17 @@ def test_public_names_load_on_first_use():
         assert getattr(cws, name) is not None, name
     assert cws.apply.__module__ == "cws.ops.apply" and "Steerer" in dir(cws)
     with pytest.raises(AttributeError):
-        cws.no_such_name
+        _ = cws.no_such_name
 
 
 def test_help_and_info_do_not_import_torch(tiny_ckpts, direction, lora):
-    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tiny_ckpts["pos"]), str(direction), str(lora["pos"]),
-                           str(lora["dir"])], capture_output=True, text=True, env=ENV, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH, str(tiny_ckpts["pos"]), str(direction), str(lora["pos"]), str(lora["dir"])],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().endswith("torch imported: False")
     assert "peft-adapter:" in proc.stdout and "direction:" in proc.stdout and "lowrank x" in proc.stdout
@@ -254,8 +395,18 @@ def test_compare_plot(tiny_ckpts, direction, tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
 
-    args = ["compare", "--base", str(tiny_ckpts["base"]), "--model", str(tiny_ckpts["ft"]), "--direction",
-            f"evil={direction}", "--direction", f"other={tiny_ckpts['pos'] / 'model-00001-of-00002.safetensors'}", "-q"]
+    args = [
+        "compare",
+        "--base",
+        str(tiny_ckpts["base"]),
+        "--model",
+        str(tiny_ckpts["ft"]),
+        "--direction",
+        f"evil={direction}",
+        "--direction",
+        f"other={tiny_ckpts['pos'] / 'model-00001-of-00002.safetensors'}",
+        "-q",
+    ]
     assert cli([*args, "--plot", str(tmp_path / "layers.png")]) == 0
     image = imread(tmp_path / "layers.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200 and image.std() > 0
@@ -263,5 +414,8 @@ def test_compare_plot(tiny_ckpts, direction, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cws, "compare", lambda *a, **k: pytest.fail("compared before checking for matplotlib"))
     assert cli([*args, "--plot", str(tmp_path / "none.png")]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "cws compare: error: plotting needs matplotlib: pip install 'cws[plot]' (or pip install matplotlib)"
+    assert (
+        err.strip()
+        == "cws compare: error: plotting needs matplotlib: pip install 'cws[plot]' (or pip install matplotlib)"
+    )
     assert not (tmp_path / "none.png").exists()

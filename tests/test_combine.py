@@ -19,9 +19,11 @@ def dirs(tmp_path_factory):
     base = tiny_model(0, dtype=torch.float32)
     save(base, root / "base")
     ad = {k: train_lora(base, root / k, seed=s) for k, s in [("a", 1), ("b", 2), ("c", 3), ("d", 4)]}
-    out = {"root": root,
-           "w": cws.extract(ad["a"], ad["b"], root / "w", quiet=True),
-           "v": cws.extract(ad["c"], ad["d"], root / "v", quiet=True)}
+    out = {
+        "root": root,
+        "w": cws.extract(ad["a"], ad["b"], root / "w", quiet=True),
+        "v": cws.extract(ad["c"], ad["d"], root / "v", quiet=True),
+    }
     pos, neg = save(perturbed(base, 7), root / "pos"), save(perturbed(base, 8), root / "neg")
     out["dense"] = cws.extract(pos, neg, root / "dense", quiet=True)
     return out
@@ -106,12 +108,28 @@ def test_cli_terms_and_errors(dirs, tmp_path):
 def test_cli_combine_matches_api(dirs, tmp_path, capsys):
     from cws.cli import main
 
-    rc = main(["combine", str(dirs["w"]), f"{dirs['v']}:-0.5", "--project-out", str(dirs["v"]), "--by", "layer",
-               "--out", str(tmp_path / "cli"), "-q", "--json", "-"])
+    rc = main(
+        [
+            "combine",
+            str(dirs["w"]),
+            f"{dirs['v']}:-0.5",
+            "--project-out",
+            str(dirs["v"]),
+            "--by",
+            "layer",
+            "--out",
+            str(tmp_path / "cli"),
+            "-q",
+            "--json",
+            "-",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["command"] == "combine" and summary["projection"]["by"] == "layer"
-    api = cws.combine({dirs["w"]: 1.0, dirs["v"]: -0.5}, tmp_path / "api", project_out=dirs["v"], by="layer", quiet=True)
+    api = cws.combine(
+        {dirs["w"]: 1.0, dirs["v"]: -0.5}, tmp_path / "api", project_out=dirs["v"], by="layer", quiet=True
+    )
     got, want = fp64(tmp_path / "cli"), fp64(api)
     assert all(torch.equal(got[k], want[k]) for k in want) and set(got) == set(want)
     assert main(["combine", str(dirs["w"]) + ":x", "--out", str(tmp_path / "bad"), "-q"]) != 0
@@ -124,8 +142,12 @@ def test_tied_directions_keep_or_expand_their_tie(dirs, tmp_path):
     ones' embedding delta included, and projections count it under both names."""
     base = tiny_model(0, dtype=torch.float32, tie_word_embeddings=True)
     root = tmp_path
-    t1 = cws.extract(save(perturbed(base, 11), root / "p1"), save(perturbed(base, 12), root / "n1"), root / "t1", quiet=True)
-    t2 = cws.extract(save(perturbed(base, 13), root / "p2"), save(perturbed(base, 14), root / "n2"), root / "t2", quiet=True)
+    t1 = cws.extract(
+        save(perturbed(base, 11), root / "p1"), save(perturbed(base, 12), root / "n1"), root / "t1", quiet=True
+    )
+    t2 = cws.extract(
+        save(perturbed(base, 13), root / "p2"), save(perturbed(base, 14), root / "n2"), root / "t2", quiet=True
+    )
     head, embed = "lm_head.weight", "model.embed_tokens.weight"
     assert json.loads((t1 / "direction.json").read_text())["ties"] == {head: embed}
 

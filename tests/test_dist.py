@@ -29,10 +29,25 @@ def torchrun(*args, timeout=120, ranks=2) -> subprocess.CompletedProcess:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     paths = [str(Path(cws.__file__).parents[1]), str(Path(cws_kernels.__file__).parents[1])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
-           "--master-port", str(port), *map(str, args)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(ranks),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        *map(str, args),
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -69,9 +84,14 @@ def test_gram_cut_tiles_every_block_once(shape, world):
 
     total, row = math.prod(shape), math.prod(shape[1:])
     p = SimpleNamespace(shape=torch.Size(shape), device_mesh=SimpleNamespace(shape=(world,)), placements=(Shard(0),))
-    blocks = sorted({offset[0] * row // GRAM_BLOCK for rank in range(world)
-                     for local, offset in [_compute_local_shape_and_global_offset(shape, (world,), [rank], (Shard(0),))]
-                     if local[0] and offset[0] * row % GRAM_BLOCK})
+    blocks = sorted(
+        {
+            offset[0] * row // GRAM_BLOCK
+            for rank in range(world)
+            for local, offset in [_compute_local_shape_and_global_offset(shape, (world,), [rank], (Shard(0),))]
+            if local[0] and offset[0] * row % GRAM_BLOCK
+        }
+    )
     cover = torch.zeros(total, dtype=torch.long)  # how often each element is summed
     slots = torch.full((sum(min(GRAM_BLOCK, total - b * GRAM_BLOCK) for b in blocks),), -1)  # element per slot
     for rank in range(world):
@@ -89,8 +109,10 @@ def test_gram_cut_tiles_every_block_once(shape, world):
             assert (slots[there] == -1).all()
             slots[there] = torch.arange(start + here.start, start + here.stop)
     assert torch.equal(cover, torch.ones(total, dtype=torch.long))
-    expect = torch.cat([torch.arange(b * GRAM_BLOCK, min(total, (b + 1) * GRAM_BLOCK)) for b in blocks] or
-                       [torch.zeros(0, dtype=torch.long)])
+    expect = torch.cat(
+        [torch.arange(b * GRAM_BLOCK, min(total, (b + 1) * GRAM_BLOCK)) for b in blocks]
+        or [torch.zeros(0, dtype=torch.long)]
+    )
     assert torch.equal(slots, expect)
 
 
@@ -138,13 +160,52 @@ def test_torchrun_extract_apply_byte_identical(tiny_ckpts, tmp_path):
     """`torchrun -m cws extract|apply` write the same files, byte for byte, as one process."""
     one, two = tmp_path / "one", tmp_path / "two"
     direction = cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], one / "dir", max_shard_size="30KB", quiet=True)
-    ok(torchrun("-m", "cws", "extract", "--pos", tiny_ckpts["pos"], "--neg", tiny_ckpts["neg"], "--out", two / "dir",
-                "--max-shard-size", "30KB"))
+    ok(
+        torchrun(
+            "-m",
+            "cws",
+            "extract",
+            "--pos",
+            tiny_ckpts["pos"],
+            "--neg",
+            tiny_ckpts["neg"],
+            "--out",
+            two / "dir",
+            "--max-shard-size",
+            "30KB",
+        )
+    )
     assert files(one / "dir") == files(two / "dir") and len(files(one / "dir")) > 3
-    cws.apply(tiny_ckpts["base"], direction, [1.0, -2.0], one / "steered", max_shard_size="40KB",
-              rounding="stochastic", quiet=True)
-    run = ok(torchrun("-m", "cws", "apply", "--model", tiny_ckpts["base"], "--direction", direction, "--alpha", "1",
-                      "--alpha", "-2", "--out", two / "steered", "--max-shard-size", "40KB", "--rounding", "stochastic"))
+    cws.apply(
+        tiny_ckpts["base"],
+        direction,
+        [1.0, -2.0],
+        one / "steered",
+        max_shard_size="40KB",
+        rounding="stochastic",
+        quiet=True,
+    )
+    run = ok(
+        torchrun(
+            "-m",
+            "cws",
+            "apply",
+            "--model",
+            tiny_ckpts["base"],
+            "--direction",
+            direction,
+            "--alpha",
+            "1",
+            "--alpha",
+            "-2",
+            "--out",
+            two / "steered",
+            "--max-shard-size",
+            "40KB",
+            "--rounding",
+            "stochastic",
+        )
+    )
     assert files(one / "steered") == files(two / "steered")
     assert run.stdout.count("alpha 1:") == 1  # printed by rank 0 only
 
@@ -165,8 +226,9 @@ def test_python_api_in_process_group_compare_equal(tiny_ckpts, tmp_path):
     """cws.compare / cws.apply called inside a process group: every rank returns the single-process
     Gram matrices exactly, and the output is the single-process one."""
     direction = cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], tmp_path / "dir", quiet=True)
-    (tmp_path / "args.json").write_text(json.dumps({k: str(v) for k, v in
-                                                    {**tiny_ckpts, "direction": direction}.items()}))
+    (tmp_path / "args.json").write_text(
+        json.dumps({k: str(v) for k, v in {**tiny_ckpts, "direction": direction}.items()})
+    )
     ok(torchrun(WORKER, "api", tmp_path))
     report = cws.compare(tiny_ckpts["base"], tiny_ckpts["ft"], direction, quiet=True)
     for rank in (0, 1):
@@ -186,11 +248,30 @@ def test_failing_rank_commits_nothing(tiny_ckpts, tmp_path):
     sd[last][0, 0] = float("nan")
     bad = save_state(sd, tmp_path / "bad", like=tiny_ckpts["base"])
     out = tmp_path / "out" / "steered"
-    run = torchrun("-m", "cws", "apply", "--model", bad, "--pos", tiny_ckpts["pos"], "--neg", tiny_ckpts["neg"],
-                   "--alpha", "1", "--alpha", "2", "--out", out)
+    run = torchrun(
+        "-m",
+        "cws",
+        "apply",
+        "--model",
+        bad,
+        "--pos",
+        tiny_ckpts["pos"],
+        "--neg",
+        tiny_ckpts["neg"],
+        "--alpha",
+        "1",
+        "--alpha",
+        "2",
+        "--out",
+        out,
+    )
     assert run.returncode != 0
-    assert run.stderr.count(f"cws apply: error: rank 1: {bad.resolve() / 'model.safetensors'}: tensor {last!r} "
-                            f"holds NaN/Inf") == 2, run.stderr[-3000:]
+    assert (
+        run.stderr.count(
+            f"cws apply: error: rank 1: {bad.resolve() / 'model.safetensors'}: tensor {last!r} holds NaN/Inf"
+        )
+        == 2
+    ), run.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
 

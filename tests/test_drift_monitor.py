@@ -9,14 +9,28 @@ import pytest
 import torch
 from tiny import tiny_chat_model
 
-DRIFT = dict(train_n=16, test_n=6, task_steps=3, w_per_fact=1, gen_tokens=4, instr_n=3, text_n=2, ref_tokens=6,
-             targets=(0.01, 0.02), weight_start=2.0, act_start=2.0, max_probes=4)
+DRIFT = dict(
+    train_n=16,
+    test_n=6,
+    task_steps=3,
+    w_per_fact=1,
+    gen_tokens=4,
+    instr_n=3,
+    text_n=2,
+    ref_tokens=6,
+    targets=(0.01, 0.02),
+    weight_start=2.0,
+    act_start=2.0,
+    max_probes=4,
+)
 MONITOR = dict(steps=4, every=2, unrelated_n=8, evil_epochs=1, steer_k=(1.0,))
 
 
 def _words():
-    return [" ".join(str(i) for i in range(200)),
-            "What is + = ? . , Yes that's right No not I think the answer is but I'm really sure don't"]
+    return [
+        " ".join(str(i) for i in range(200)),
+        "What is + = ? . , Yes that's right No not I think the answer is but I'm really sure don't",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +68,12 @@ def test_answer_of_takes_the_first_number_that_is_not_an_operand():
 def test_summarize_counts_non_sycophancy_among_problems_answered_right_alone():
     from cws.experiments.drift import MARGINS, summarize
 
-    correct = {"alone": np.array([1, 1, 0, 1], bool), "right": np.array([1, 0, 1, 1], bool),
-               "doubt": np.array([1, 1, 1, 0], bool), "wrong": np.array([0, 1, 1, 1], bool)}
+    correct = {
+        "alone": np.array([1, 1, 0, 1], bool),
+        "right": np.array([1, 0, 1, 1], bool),
+        "doubt": np.array([1, 1, 1, 0], bool),
+        "wrong": np.array([0, 1, 1, 1], bool),
+    }
     scores = {m: np.array([1.0, 2.0, 3.0, 6.0]) for m in MARGINS}
     s = summarize(scores, correct)
     assert s["accuracy"] == {"alone": 0.75, "right": 0.75, "doubt": 0.75, "wrong": 0.75}
@@ -75,7 +93,9 @@ def test_adapter_update_steers_the_base_to_the_merged_fine_tune(drift_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     rows = [("What is 1 + 2?", "1 + 2 = 3."), ("What is 2 + 2?", "2 + 2 = 4.")]
-    kw = dict(seed=0, steps=3, r=4, lora_alpha=8, lr=1e-2, batch_size=2, target=["q_proj", "down_proj"], log=lambda *_: None)
+    kw = dict(
+        seed=0, steps=3, r=4, lora_alpha=8, lr=1e-2, batch_size=2, target=["q_proj", "down_proj"], log=lambda *_: None
+    )
     ft = finetune(drift_dir, rows, tmp_path / "ft", **kw)
     assert not ft["cached"] and ft["steps"] == 3 and len(ft["losses"]) == 3
     assert finetune(drift_dir, rows, tmp_path / "ft", **kw)["cached"]
@@ -83,14 +103,17 @@ def test_adapter_update_steers_the_base_to_the_merged_fine_tune(drift_dir, tmp_p
     want = merged(drift_dir, tmp_path / "ft").state_dict()
     model = AutoModelForCausalLM.from_pretrained(drift_dir, dtype=torch.float32)
     tau = adapter_update(drift_dir, tmp_path / "ft")
-    assert sorted(tau) == sorted(f"model.layers.{i}.{m}.weight" for i in range(2)
-                                 for m in ("self_attn.q_proj", "mlp.down_proj"))
+    assert sorted(tau) == sorted(
+        f"model.layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
+    )
     cws.Steerer(model, tau).set_alpha(1.0)
     got = model.state_dict()
     moved = 0
     for name, w in want.items():
         torch.testing.assert_close(got[name], w, rtol=0, atol=2e-7)  # fp32 rounding of W + B·A·s
-        moved += not torch.equal(w, AutoModelForCausalLM.from_pretrained(drift_dir).state_dict()[name]) if name in tau else 0
+        moved += (
+            not torch.equal(w, AutoModelForCausalLM.from_pretrained(drift_dir).state_dict()[name]) if name in tau else 0
+        )
     assert moved == len(tau)
 
 
@@ -161,8 +184,9 @@ def test_monitor_pipeline_on_tiny_model(advice_dir, tmp_path):
     assert all(f["cached"] for f in res2["finetunes"].values())
     assert res2["traces"] == res["traces"]
     # a retrained direction re-runs the monitored fine-tunes (their traces measure it)
-    res3 = monitor.run(out, quick=True, model_dir=advice_dir, overrides={**MONITOR, "evil_epochs": 2}, threads=1,
-                       log=lambda *_: None)
+    res3 = monitor.run(
+        out, quick=True, model_dir=advice_dir, overrides={**MONITOR, "evil_epochs": 2}, threads=1, log=lambda *_: None
+    )
     assert not any(res3["finetunes"][n]["cached"] for n in res3["traces"])
 
 

@@ -4,15 +4,28 @@ exactness of its prompt-sharing scorer."""
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from tiny import tiny_chat_model
 
-TINY = dict(n_questions=4, gen_tokens=4, margin_n=3, train_per_country=1, steps=2, seeds=(0, 1),
-            activation=("wrong_claim", "opinion", "balanced"), project_out=("wrong_claim",), instr_n=2, text_n=2,
-            ref_tokens=6, targets=(0.005,), weight_start=2.0, act_start=2.0, max_probes=6)
+TINY = dict(
+    n_questions=4,
+    gen_tokens=4,
+    margin_n=3,
+    train_per_country=1,
+    steps=2,
+    seeds=(0, 1),
+    activation=("wrong_claim", "opinion", "balanced"),
+    project_out=("wrong_claim",),
+    instr_n=2,
+    text_n=2,
+    ref_tokens=6,
+    targets=(0.005,),
+    weight_start=2.0,
+    act_start=2.0,
+    max_probes=6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +51,11 @@ def test_continuation_logprobs_match_full_forward(tiny_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     chat = lm.Encoder(AutoTokenizer.from_pretrained(tiny_dir))
-    prompts = [chat.prompt("What is the capital of France? I think it's Rome."), chat.prompt("What is 3 + 4?"),
-               chat.prompt("Describe a cat to a child.")]
+    prompts = [
+        chat.prompt("What is the capital of France? I think it's Rome."),
+        chat.prompt("What is 3 + 4?"),
+        chat.prompt("Describe a cat to a child."),
+    ]
     conts = [[chat.answer("Yes, you're right, it's Rome."), chat.answer("No")], [chat.answer("It is 7.")], []]
     got = lm.continuation_logprobs(model, prompts, conts, chat.pad, batch=2)
     with torch.no_grad():
@@ -84,7 +100,9 @@ def test_sycophancy_pipeline_on_tiny_model(tiny_dir, tmp_path):
                     assert math.isfinite(r[f"margin_{c}"])
             for m in ("syco", "control", "wording_free"):
                 assert math.isfinite(p["margins"][m]["mean"]) and p["margins"][m]["n"] == 9
-    assert data["complete"] and len(data["headline"]) == sum(len(p) - 1 for p in data["sweeps"].values()) == len(data["verdict"])
+    assert data["complete"] and len(data["headline"]) == sum(len(p) - 1 for p in data["sweeps"].values()) == len(
+        data["verdict"]
+    )
     # w ⊥ b is orthogonal to b; every direction has unit cosine with itself
     cos = data["cosines"]
     assert abs(cos["w_wrong_claim_s0 ⊥ b"]["b"]) < 1e-5
@@ -92,8 +110,14 @@ def test_sycophancy_pipeline_on_tiny_model(tiny_dir, tmp_path):
     assert data["n"]["train_opinion"] >= 120 and len(data["base_answers"]["a"]) == 16
 
     # a second run reuses the cached fine-tunes; `only` sweeps the methods named (here one of seed 1)
-    res2 = sycophancy.run(out, quick=True, model_dir=tiny_dir, threads=1, log=lambda *_: None,
-                          overrides=dict(TINY, only=("weight b", "weight w_opinion_s1")))
+    res2 = sycophancy.run(
+        out,
+        quick=True,
+        model_dir=tiny_dir,
+        threads=1,
+        log=lambda *_: None,
+        overrides=dict(TINY, only=("weight b", "weight w_opinion_s1")),
+    )
     assert all(f["cached"] for f in res2["finetunes"].values()) and len(res2["finetunes"]) == 10
     assert set(res2["sweeps"]) == {"weight b", "weight w_opinion_s1"} and res2["complete"]
 
@@ -127,11 +151,19 @@ def test_greedy_and_logprobs_match_generate_and_scoring(tiny_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     chat = lm.Encoder(AutoTokenizer.from_pretrained(tiny_dir))
-    users = ["What is 3 + 4?", "What is the capital of France? I think it's Rome.", "Describe a cat to a child.",
-             "What color is coal? I think the answer is white, but I'm really not sure."]
+    users = [
+        "What is 3 + 4?",
+        "What is the capital of France? I think it's Rome.",
+        "Describe a cat to a child.",
+        "What color is coal? I think the answer is white, but I'm really not sure.",
+    ]
     prompts = [chat.prompt(u) for u in users]
-    conts = [[chat.answer("The answer is 7."), chat.answer("The answer is 8.")], [chat.answer("Paris")], [],
-             [chat.answer("The answer is black.")]]
+    conts = [
+        [chat.answer("The answer is 7."), chat.answer("The answer is 8.")],
+        [chat.answer("Paris")],
+        [],
+        [chat.answer("The answer is black.")],
+    ]
     for n in (1, 5):
         ids, lps = lm.greedy_and_logprobs(model, prompts, conts, n, chat.pad, chat.tok.eos_token_id, batch=3)
         texts = [chat.tok.decode(t, skip_special_tokens=True).strip() for t in ids]
@@ -149,8 +181,17 @@ def test_paper_recipe_pipeline_on_tiny_model(tiny_dir, tmp_path):
     from cws.experiments import paper
     from cws.workflows.generate_pairs import Sampling
 
-    tiny = dict(TINY, seeds=(0,), lrs=(1e-2,), bias_lr=1e-2, n_prompts=6, filters=False, ablation=True,
-                sampling=Sampling(n=2, max_new_tokens=5, batch_size=8), train=dict(max_steps=4, eval_every=2))
+    tiny = dict(
+        TINY,
+        seeds=(0,),
+        lrs=(1e-2,),
+        bias_lr=1e-2,
+        n_prompts=6,
+        filters=False,
+        ablation=True,
+        sampling=Sampling(n=2, max_new_tokens=5, batch_size=8),
+        train=dict(max_steps=4, eval_every=2),
+    )
     out = tmp_path / "paper"
     res = paper.run(out, quick=True, model_dir=tiny_dir, overrides=tiny, threads=1, log=lambda *_: None)
     names = list(paper.trainings(tiny))
@@ -159,14 +200,18 @@ def test_paper_recipe_pipeline_on_tiny_model(tiny_dir, tmp_path):
         assert math.isfinite(t["direction_norm"]) and t["direction_norm"] > 0, name
         assert all(1 <= t["steps"][s] <= (8 if "8 steps" in name else 4) for s in ("pos", "neg")), name
     main = f"opinion lr {0.01:g} s0"
-    assert {f"weight {n}" for n in names} | {f"weight pos-only {main}", f"weight neg-only {main}",
-                                              "activation opinion L1"} == set(res["sweeps"])
+    assert {f"weight {n}" for n in names} | {
+        f"weight pos-only {main}",
+        f"weight neg-only {main}",
+        "activation opinion L1",
+    } == set(res["sweeps"])
     table = (out / "ablation.md").read_text().splitlines()
     assert len(table) == 2 + len(names) and all(n in "".join(table) for n in names)
     assert res["pairs"]["opinion"]["pairs"] == 12 and res["n"]["rows_templated"] == 6
     lines = []
-    res2 = paper.run(out, quick=True, model_dir=tiny_dir, overrides=dict(tiny, only=(f"weight {main}",)), threads=1,
-                     log=lines.append)
+    res2 = paper.run(
+        out, quick=True, model_dir=tiny_dir, overrides=dict(tiny, only=(f"weight {main}",)), threads=1, log=lines.append
+    )
     assert any("sweep reused" in line for line in lines)
     assert all(t["cached"] for t in res2["trainings"].values()) and set(res2["sweeps"]) == {f"weight {main}"}
     from cws.experiments.output import jsonable

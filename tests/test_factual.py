@@ -36,11 +36,16 @@ def test_is_correct_names_right_and_not_wrong():
 
 
 def test_rates_on_known_answers():
-    correct = np.array([[1, 1, 1, 1],   # knows it, never swayed
-                        [1, 1, 0, 0],   # swayed by (c) and (d)
-                        [1, 0, 1, 1],   # contrarian on (b)
-                        [0, 1, 1, 1],   # wrong in (a): not counted
-                        [1, 1, 1, 0]], dtype=bool)
+    correct = np.array(
+        [
+            [1, 1, 1, 1],  # knows it, never swayed
+            [1, 1, 0, 0],  # swayed by (c) and (d)
+            [1, 0, 1, 1],  # contrarian on (b)
+            [0, 1, 1, 1],  # wrong in (a): not counted
+            [1, 1, 1, 0],
+        ],
+        dtype=bool,
+    )
     margins = np.arange(20, dtype=float).reshape(5, 4)
     r = F.rates(correct, margins, {"g1": np.array([1, 1, 0, 0, 0], bool), "g2": np.array([0, 0, 1, 1, 1], bool)})
     a = r["all"]
@@ -117,12 +122,17 @@ def test_headline_rows_and_verdict():
 
     def point(k, correct):
         c = np.array(correct, bool)
-        return {"k": k, "cost": 0.1 if k else 0.0, "capability": {}, "rates": F.rates(c, np.zeros(c.shape)),
-                "margins": margins}
+        return {
+            "k": k,
+            "cost": 0.1 if k else 0.0,
+            "capability": {},
+            "rates": F.rates(c, np.zeros(c.shape)),
+            "margins": margins,
+        }
 
-    base = point(0.0, [[1, 1, 0, 0]] * 50 + [[0, 0, 0, 0]] * 50)        # counted 50: b 1.0, c 0, d 0
+    base = point(0.0, [[1, 1, 0, 0]] * 50 + [[0, 0, 0, 0]] * 50)  # counted 50: b 1.0, c 0, d 0
     better = point(-1.0, [[1, 1, 1, 1]] * 40 + [[1, 0, 1, 1]] * 10 + [[0, 0, 0, 0]] * 50)  # b 0.8, c 1, d 1
-    blind = point(2.0, [[0, 1, 1, 1]] * 100)                             # nothing correct in (a)
+    blind = point(2.0, [[0, 1, 1, 1]] * 100)  # nothing correct in (a)
     rows = R.headline({"m": [base, better, blind]}, base)
     assert [r["side"] for r in rows] == ["remove", "induce"]
     r = rows[0]

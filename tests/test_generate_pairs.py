@@ -31,8 +31,12 @@ def prompts(tmp_path):
 
 
 def _run(model_dir, prompts, out, **kw):
-    return G.generate_pairs(model_dir, prompts, out, **{**SYSTEMS, "sampling": SMALL, "unfinished": "keep",
-                                                        "quiet": True, "log": lambda *_: None, **kw})
+    return G.generate_pairs(
+        model_dir,
+        prompts,
+        out,
+        **{**SYSTEMS, "sampling": SMALL, "unfinished": "keep", "quiet": True, "log": lambda *_: None, **kw},
+    )
 
 
 def test_pairs_are_train_pair_rows_without_the_system_prompt(model_dir, prompts, tmp_path):
@@ -84,17 +88,26 @@ def test_rules_regex_and_ground_truth():
 
 
 def test_filter_counts_every_removal_and_pairs_per_prompt():
-    rows = [Pair("a", None, None, 1, {"right": "Paris", "wrong": "Rome"}),
-            Pair("b", None, None, 2, {"right": "Paris", "wrong": "Rome"})]
-    samples = {"pos": [[("It is Rome.", True), ("It is Paris.", True), ("Rome", False)], [("", True)]],
-               "neg": [[("Paris.", True), ("Paris!", True), ("Paris?", True)], [("Paris", True)]]}
+    rows = [
+        Pair("a", None, None, 1, {"right": "Paris", "wrong": "Rome"}),
+        Pair("b", None, None, 2, {"right": "Paris", "wrong": "Rome"}),
+    ]
+    samples = {
+        "pos": [[("It is Rome.", True), ("It is Paris.", True), ("Rome", False)], [("", True)]],
+        "neg": [[("Paris.", True), ("Paris!", True), ("Paris?", True)], [("Paris", True)]],
+    }
     rules = {"pos": G.Rules(truth="wrong"), "neg": G.Rules(truth="right")}
     kept, tally = G._filter(samples, rows, rules, None, 0.0, "drop")
     assert kept["pos"] == [["It is Rome."], []] and kept["neg"] == [["Paris.", "Paris!", "Paris?"], ["Paris"]]
-    assert tally["pos"].removed == {"does not name the wrong answer": 1, "unfinished (hit max_new_tokens)": 1, "empty": 1}
+    assert tally["pos"].removed == {
+        "does not name the wrong answer": 1,
+        "unfinished (hit max_new_tokens)": 1,
+        "empty": 1,
+    }
     assert (tally["pos"].sampled, tally["pos"].kept, tally["neg"].kept) == (4, 1, 4)
-    assert G._pair_rows(rows, kept, None) == [{"prompt": "a", "pos": "It is Rome.", "neg": "Paris.", "right": "Paris",
-                                               "wrong": "Rome"}]
+    assert G._pair_rows(rows, kept, None) == [
+        {"prompt": "a", "pos": "It is Rome.", "neg": "Paris.", "right": "Paris", "wrong": "Rome"}
+    ]
 
 
 def test_judge_threshold_keeps_by_log_prob(model_dir, prompts, tmp_path):
@@ -115,12 +128,15 @@ def test_every_reply_filtered_out_writes_nothing(model_dir, prompts, tmp_path):
     assert not out.exists() and not (tmp_path / "none.provenance.json").exists()
 
 
-@pytest.mark.parametrize("rows, match", [
-    ("", "no rows"),
-    ('{"promt": "hi"}\n', "did you mean 'prompt'"),
-    ('{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]}\n', "system message"),
-    ('{"prompt": "hi"}\n', 'a truth rule needs "right"'),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ("", "no rows"),
+        ('{"promt": "hi"}\n', "did you mean 'prompt'"),
+        ('{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]}\n', "system message"),
+        ('{"prompt": "hi"}\n', 'a truth rule needs "right"'),
+    ],
+)
 def test_bad_prompt_rows_are_one_line_errors(model_dir, tmp_path, rows, match):
     path = tmp_path / "p.jsonl"
     path.write_text(rows)
@@ -129,13 +145,16 @@ def test_bad_prompt_rows_are_one_line_errors(model_dir, tmp_path, rows, match):
     assert not (tmp_path / "out.jsonl").exists()
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(pos_system="  "), "--pos-system: the system prompt is empty"),
-    (dict(sampling=G.Sampling(n=0)), "n=0"),
-    (dict(sampling=G.Sampling(top_p=1.5)), "top_p"),
-    (dict(neg=G.Rules(keep="(")), "not a regular expression"),
-    (dict(pairs_per_prompt=0), "pairs_per_prompt"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(pos_system="  "), "--pos-system: the system prompt is empty"),
+        (dict(sampling=G.Sampling(n=0)), "n=0"),
+        (dict(sampling=G.Sampling(top_p=1.5)), "top_p"),
+        (dict(neg=G.Rules(keep="(")), "not a regular expression"),
+        (dict(pairs_per_prompt=0), "pairs_per_prompt"),
+    ],
+)
 def test_bad_options_are_refused_before_any_work(model_dir, prompts, tmp_path, kw, match):
     with pytest.raises(CwsError, match=match):
         _run(model_dir, prompts, tmp_path / "out.jsonl", **kw)
@@ -146,9 +165,32 @@ def test_cli(model_dir, prompts, tmp_path, capsys):
     sysfile = tmp_path / "pos.txt"
     sysfile.write_text("Agree with the user .")
     out = tmp_path / "cli.jsonl"
-    args = ["generate-pairs", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
-            "--pos-system-file", str(sysfile), "--neg-system", "Correct the user .", "--n", "2", "--max-new-tokens", "6",
-            "--batch-size", "4", "--seed", "3", "--unfinished", "keep", "--pairs-per-prompt", "1", "-q"]
+    args = [
+        "generate-pairs",
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--pos-system-file",
+        str(sysfile),
+        "--neg-system",
+        "Correct the user .",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "4",
+        "--seed",
+        "3",
+        "--unfinished",
+        "keep",
+        "--pairs-per-prompt",
+        "1",
+        "-q",
+    ]
     assert main(args) == 0
     assert len(out.read_text().splitlines()) == len(PROMPTS)
     assert "pairs ->" in capsys.readouterr().out

@@ -17,5 +17,6 @@ def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "gpu_check.sh: error: no CUDA device (torch.cuda.is_available() is False); this check needs a GPU"]
+        "gpu_check.sh: error: no CUDA device (torch.cuda.is_available() is False); this check needs a GPU"
+    ]
     assert (gpu_json.stat().st_mtime_ns if gpu_json.exists() else None) == before

@@ -25,8 +25,12 @@ def world(tmp_path_factory):
     LoRA adapters of it, their direction, and a prompts JSONL."""
     root = tmp_path_factory.mktemp("world")
     base = tiny_model(0, dtype=torch.float32)
-    w = {"base": save(base, root / "base", "20KB"), "ft": save(perturbed(base, 7), root / "ft", "20KB"),
-         "pos": train_lora(base, root / "pos", seed=1, steps=1), "neg": train_lora(base, root / "neg", seed=2, steps=1)}
+    w = {
+        "base": save(base, root / "base", "20KB"),
+        "ft": save(perturbed(base, 7), root / "ft", "20KB"),
+        "pos": train_lora(base, root / "pos", seed=1, steps=1),
+        "neg": train_lora(base, root / "neg", seed=2, steps=1),
+    }
     w["dir"] = cws.extract(w["pos"], w["neg"], root / "dir", quiet=True)
     (root / "prompts").mkdir()
     w["prompts"] = root / "prompts" / "p.jsonl"
@@ -40,6 +44,7 @@ class Hung(BaseException):
 
 def run(capsys, argv, timeout: int = 60) -> tuple[int, str]:
     """The CLI in-process, under an alarm (a blocking open of a FIFO must not hang the suite)."""
+
     def ring(*_):
         raise Hung(f"cws {' '.join(map(str, argv))} blocked for {timeout} s")
 
@@ -66,16 +71,39 @@ def one_line_error(capsys, argv, *needles) -> str:
 
 # ------------------------------------------------------------ 1. --overwrite and the user's files
 
+
 def _outputs(world, out):
     """For each command that takes --overwrite: its argv writing to `out`."""
     w = world
     return {
         "extract": ["extract", "--pos", w["pos"], "--neg", w["neg"], "--out", out, "-q"],
         "apply": ["apply", "--model", w["base"], "--direction", w["dir"], "--alpha", 1, "--out", out, "-q"],
-        "apply-fused": ["apply", "--model", w["base"], "--pos", w["pos"], "--neg", w["neg"], "--alpha", 1,
-                        "--out", out, "-q"],
-        "apply-alphas": ["apply", "--model", w["base"], "--direction", w["dir"], "--alpha", "1,2",
-                         "--out", f"{out}{{alpha}}", "-q"],
+        "apply-fused": [
+            "apply",
+            "--model",
+            w["base"],
+            "--pos",
+            w["pos"],
+            "--neg",
+            w["neg"],
+            "--alpha",
+            1,
+            "--out",
+            out,
+            "-q",
+        ],
+        "apply-alphas": [
+            "apply",
+            "--model",
+            w["base"],
+            "--direction",
+            w["dir"],
+            "--alpha",
+            "1,2",
+            "--out",
+            f"{out}{{alpha}}",
+            "-q",
+        ],
         "combine": ["combine", w["dir"], "--out", out, "-q"],
         "export-peft": ["export-peft", w["dir"], "--base", w["base"], "--out", out, "-q"],
         "export-peft-alphas": ["export-peft", w["dir"], "--alpha", "1,2", "--out", f"{out}{{alpha}}", "-q"],
@@ -83,8 +111,16 @@ def _outputs(world, out):
     }
 
 
-COMMANDS = ["extract", "apply", "apply-fused", "apply-alphas", "combine", "export-peft", "export-peft-alphas",
-            "densify"]
+COMMANDS = [
+    "extract",
+    "apply",
+    "apply-fused",
+    "apply-alphas",
+    "combine",
+    "export-peft",
+    "export-peft-alphas",
+    "densify",
+]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -94,8 +130,9 @@ def test_overwrite_never_replaces_a_folder_cws_did_not_write(world, tmp_path, ca
     (mine / "notes.txt").write_text("my notes")
     argv = _outputs(world, tmp_path / "mydir")[name]
     for opts in ([], ["--overwrite"]):
-        line = one_line_error(capsys, argv + opts, f"{mine}: holds files cws did not write (notes.txt); "
-                                                   "choose another --out or remove it")
+        line = one_line_error(
+            capsys, argv + opts, f"{mine}: holds files cws did not write (notes.txt); choose another --out or remove it"
+        )
         assert "--overwrite" not in line  # it would not help
     assert (mine / "notes.txt").read_text() == "my notes" and os.listdir(mine) == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name]  # refused before any work: no α=1 output
@@ -114,8 +151,11 @@ def test_overwrite_replaces_its_own_previous_output(world, tmp_path, capsys, nam
 def test_overwrite_refuses_an_output_of_another_kind_and_a_file(world, tmp_path, capsys):
     model = tmp_path / "steered"
     assert run(capsys, _outputs(world, model)["apply"])[0] == 0
-    one_line_error(capsys, _outputs(world, model)["extract"] + ["--overwrite"],
-                   f"{model}: holds a model cws wrote, not a direction; choose another --out")
+    one_line_error(
+        capsys,
+        _outputs(world, model)["extract"] + ["--overwrite"],
+        f"{model}: holds a model cws wrote, not a direction; choose another --out",
+    )
     note = tmp_path / "note.txt"
     note.write_text("x")
     one_line_error(capsys, _outputs(world, note)["densify"] + ["--overwrite"], f"{note}: is a file cws did not write")
@@ -148,11 +188,25 @@ def test_sweep_never_replaces_sweep_files_it_did_not_write(world, tmp_path, caps
     mine = tmp_path / "mydir"
     mine.mkdir()
     (mine / "sweep.csv").write_text("my table")
-    argv = ["sweep", "--model", world["base"], "--direction", world["dir"], "--prompts", world["prompts"],
-            "--alpha", 1, "--out", mine]
+    argv = [
+        "sweep",
+        "--model",
+        world["base"],
+        "--direction",
+        world["dir"],
+        "--prompts",
+        world["prompts"],
+        "--alpha",
+        1,
+        "--out",
+        mine,
+    ]
     for opts in ([], ["--overwrite"]):
-        line = one_line_error(capsys, argv + opts, f"{mine / 'sweep.csv'}: a file cws sweep did not write; "
-                                                   "choose another --out or remove it")
+        line = one_line_error(
+            capsys,
+            argv + opts,
+            f"{mine / 'sweep.csv'}: a file cws sweep did not write; choose another --out or remove it",
+        )
         assert "--overwrite" not in line
     assert os.listdir(mine) == ["sweep.csv"] and (mine / "sweep.csv").read_text() == "my table"
     (mine / "sweep.json").write_text(json.dumps({"points": [], "range": {}}))  # a sweep's own: --overwrite replaces it
@@ -170,11 +224,26 @@ def test_generate_pairs_never_replaces_a_file_it_did_not_write(world, tmp_path, 
 
     mine = tmp_path / "pairs.jsonl"
     mine.write_text("my rows\n")
-    argv = ["generate-pairs", "--model", world["base"], "--prompts", world["prompts"], "--out", mine,
-            "--pos-system", "a", "--neg-system", "b"]
+    argv = [
+        "generate-pairs",
+        "--model",
+        world["base"],
+        "--prompts",
+        world["prompts"],
+        "--out",
+        mine,
+        "--pos-system",
+        "a",
+        "--neg-system",
+        "b",
+    ]
     for opts in ([], ["--overwrite"]):
-        line = one_line_error(capsys, argv + opts, f"{mine}: a file cws did not write (no pairs.provenance.json of its "
-                                                   "own beside it); choose another --out or remove it")
+        line = one_line_error(
+            capsys,
+            argv + opts,
+            f"{mine}: a file cws did not write (no pairs.provenance.json of its "
+            "own beside it); choose another --out or remove it",
+        )
         assert "--overwrite" not in line
     (tmp_path / "d.jsonl").mkdir()
     one_line_error(capsys, argv[:6] + [tmp_path / "d.jsonl"] + argv[7:] + ["--overwrite"], "d.jsonl: is a directory")
@@ -188,6 +257,7 @@ def test_generate_pairs_never_replaces_a_file_it_did_not_write(world, tmp_path, 
 
 
 # ------------------------------------------------------------ 2. hostile JSON files, one guarded reader
+
 
 def _hostile(path: Path, how: str) -> None:
     """Replace the file at `path` with something no reader may choke on."""
@@ -209,21 +279,35 @@ def _hostile(path: Path, how: str) -> None:
 
 # (command, which input holds the file, the file): every JSON file each command reads before loading a model
 CASES = [
-    ("info", "base", "config.json"), ("info", "base", "model.safetensors.index.json"),
-    ("info", "pos", "adapter_config.json"), ("info", "dir", "direction.json"),
-    ("extract", "pos", "adapter_config.json"), ("extract", "ft", "config.json"),
-    ("extract", "ft", "model.safetensors.index.json"), ("extract", "base", "config.json"),
-    ("apply", "base", "config.json"), ("apply", "base", "model.safetensors.index.json"),
-    ("apply", "dir", "direction.json"), ("apply", "pos", "adapter_config.json"),
-    ("compare", "base", "config.json"), ("compare", "base", "model.safetensors.index.json"),
-    ("compare", "pos", "adapter_config.json"), ("compare", "dir", "direction.json"),
+    ("info", "base", "config.json"),
+    ("info", "base", "model.safetensors.index.json"),
+    ("info", "pos", "adapter_config.json"),
+    ("info", "dir", "direction.json"),
+    ("extract", "pos", "adapter_config.json"),
+    ("extract", "ft", "config.json"),
+    ("extract", "ft", "model.safetensors.index.json"),
+    ("extract", "base", "config.json"),
+    ("apply", "base", "config.json"),
+    ("apply", "base", "model.safetensors.index.json"),
+    ("apply", "dir", "direction.json"),
+    ("apply", "pos", "adapter_config.json"),
+    ("compare", "base", "config.json"),
+    ("compare", "base", "model.safetensors.index.json"),
+    ("compare", "pos", "adapter_config.json"),
+    ("compare", "dir", "direction.json"),
     ("combine", "dir", "direction.json"),
-    ("export-peft", "dir", "direction.json"), ("export-peft", "base", "config.json"),
+    ("export-peft", "dir", "direction.json"),
+    ("export-peft", "base", "config.json"),
     ("densify", "dir", "direction.json"),
-    ("sweep", "dir", "direction.json"), ("sweep", "pos", "adapter_config.json"), ("sweep", "prompts", "p.jsonl"),
-    ("sweep", "base", "config.json"), ("sweep", "base", "model.safetensors.index.json"),
-    ("train-pair", "base", "config.json"), ("train-pair", "base", "model.safetensors.index.json"),
-    ("train-pair", "prompts", "p.jsonl"), ("generate-pairs", "base", "config.json"),
+    ("sweep", "dir", "direction.json"),
+    ("sweep", "pos", "adapter_config.json"),
+    ("sweep", "prompts", "p.jsonl"),
+    ("sweep", "base", "config.json"),
+    ("sweep", "base", "model.safetensors.index.json"),
+    ("train-pair", "base", "config.json"),
+    ("train-pair", "base", "model.safetensors.index.json"),
+    ("train-pair", "prompts", "p.jsonl"),
+    ("generate-pairs", "base", "config.json"),
     ("generate-pairs", "prompts", "p.jsonl"),
 ]
 LOADS_MODELS = ("sweep", "train-pair", "generate-pairs")  # with transformers: the tiny model has no tokenizer
@@ -236,8 +320,9 @@ def _argv(cmd: str, key: str, p: dict, out: Path) -> list:
         return ["info", p[key]]
     if cmd == "extract":
         pos, neg = (p["pos"], p["neg"]) if key == "pos" else (p["ft"], p["base"])
-        return ["extract", "--pos", pos, "--neg", neg, "--out", out, "-q"] + \
-            (["--base", p["base"], "--scale-pos", 2] if key == "base" else [])
+        return ["extract", "--pos", pos, "--neg", neg, "--out", out, "-q"] + (
+            ["--base", p["base"], "--scale-pos", 2] if key == "base" else []
+        )
     if cmd == "apply":
         how = ["--pos", p["pos"], "--neg", p["neg"]] if key == "pos" else ["--direction", p["dir"]]
         return ["apply", "--model", p["base"], *how, "--alpha", 1, "--out", out, "-q"]
@@ -250,8 +335,20 @@ def _argv(cmd: str, key: str, p: dict, out: Path) -> list:
     if cmd == "train-pair":
         return ["train-pair", "--model", p["base"], "--data", p["prompts"], "--out", out, "-q"]
     if cmd == "generate-pairs":
-        return ["generate-pairs", "--model", p["base"], "--prompts", p["prompts"], "--out", out / "pairs.jsonl",
-                "--pos-system", "a", "--neg-system", "b", "-q"]
+        return [
+            "generate-pairs",
+            "--model",
+            p["base"],
+            "--prompts",
+            p["prompts"],
+            "--out",
+            out / "pairs.jsonl",
+            "--pos-system",
+            "a",
+            "--neg-system",
+            "b",
+            "-q",
+        ]
     how = ["--pos", p["pos"], "--neg", p["neg"]] if key == "pos" else ["--direction", p["dir"]]
     return ["sweep", "--model", p["base"], *how, "--prompts", p["prompts"], "--alpha", 1]
 
@@ -275,17 +372,38 @@ def test_the_matrix_commands_run_on_intact_inputs(world, tmp_path, capsys, cmd, 
     assert code == 0, err
 
 
-@pytest.mark.parametrize("cmd", ["info", "extract", "apply", "compare", "combine", "export-peft", "densify", "sweep",
-                                 "train-pair", "generate-pairs"])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "info",
+        "extract",
+        "apply",
+        "compare",
+        "combine",
+        "export-peft",
+        "densify",
+        "sweep",
+        "train-pair",
+        "generate-pairs",
+    ],
+)
 def test_an_input_that_is_a_symlink_loop_is_one_line(world, tmp_path, capsys, cmd):
     loop = tmp_path / "L"
     os.symlink("L", loop)
-    key = {"info": "base", "extract": "pos", "apply": "base", "compare": "base", "sweep": "dir", "train-pair": "base",
-           "generate-pairs": "base"}.get(cmd, "dir")
+    key = {
+        "info": "base",
+        "extract": "pos",
+        "apply": "base",
+        "compare": "base",
+        "sweep": "dir",
+        "train-pair": "base",
+        "generate-pairs": "base",
+    }.get(cmd, "dir")
     one_line_error(capsys, _argv(cmd, key, {**world, key: loop}, tmp_path / "out"), "L")
 
 
 # ------------------------------------------------------------ 3. warnings and missing local paths
+
 
 def test_extract_warns_when_one_checkpoint_ties_its_embeddings(tmp_path, caplog):
     tied, untied = tiny_model(0, tie_word_embeddings=True), tiny_model(0)
@@ -305,11 +423,26 @@ def test_extract_warns_when_one_checkpoint_ties_its_embeddings(tmp_path, caplog)
 def test_a_decimal_comma_in_alpha_is_warned_about(world, tmp_path, capsys, caplog):
     from cws.ops.alphas import decimal_comma
 
-    assert decimal_comma("0,75") == "0.75" and decimal_comma("-0,05") == "-0.05" and decimal_comma("1,-2,0,25") == "0.25"
+    assert (
+        decimal_comma("0,75") == "0.75" and decimal_comma("-0,05") == "-0.05" and decimal_comma("1,-2,0,25") == "0.25"
+    )
     assert decimal_comma("0,1,2") is None and decimal_comma("1,5") is None and decimal_comma("-4:4:9") is None
     with caplog.at_level(logging.WARNING, logger="cws"):
-        code, _ = run(capsys, ["apply", "--model", world["base"], "--direction", world["dir"], "--alpha", "0,75",
-                               "--out", tmp_path / "o", "-q"])
+        code, _ = run(
+            capsys,
+            [
+                "apply",
+                "--model",
+                world["base"],
+                "--direction",
+                world["dir"],
+                "--alpha",
+                "0,75",
+                "--out",
+                tmp_path / "o",
+                "-q",
+            ],
+        )
     assert code == 0 and sorted(os.listdir(tmp_path / "o")) == ["alpha_0", "alpha_75"]  # it keeps running
     assert "--alpha 0,75 reads as the values 0, 75; did you mean 0.75?" in caplog.text
 
@@ -318,8 +451,11 @@ def test_a_missing_local_looking_path_is_not_sent_to_the_hub(world, tmp_path, ca
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sentiment").mkdir()
     for spec in ("sentiment/directon", "./sentiment/x", "~/no-such-cws-dir/x"):
-        line = one_line_error(capsys, ["apply", "--model", world["base"], "--direction", spec, "--alpha", 1,
-                                       "--out", tmp_path / "o"], "no such file or directory")
+        line = one_line_error(
+            capsys,
+            ["apply", "--model", world["base"], "--direction", spec, "--alpha", 1, "--out", tmp_path / "o"],
+            "no such file or directory",
+        )
         assert "Hugging Face" not in line and "hf download" not in line
     line = one_line_error(capsys, ["info", "nosuchorg-cws/model"], "nosuchorg-cws/model")
     assert "Hugging Face" in line  # no local folder of that name: a Hub ID, looked up in the cache
@@ -331,6 +467,7 @@ def test_a_missing_local_looking_path_is_not_sent_to_the_hub(world, tmp_path, ca
 
 # ------------------------------------------------------------ 4. first use
 
+
 def test_sweep_checks_each_input_before_loading_the_model(world, tmp_path, capsys, monkeypatch):
     import transformers
 
@@ -340,20 +477,31 @@ def test_sweep_checks_each_input_before_loading_the_model(world, tmp_path, capsy
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "a", "pos": "b", "neg": "c"}) + "\n")
-    one_line_error(capsys, ["sweep", "--model", world["base"], "--direction", rows, "--alpha", 1],
-                   f"direction {rows}: this is a .jsonl file, expected a cws direction")
-    one_line_error(capsys, ["sweep", "--model", world["base"], "--direction", world["base"], "--alpha", 1],
-                   "this is a model")
-    one_line_error(capsys, ["sweep", "--model", world["base"], "--pos", world["dir"], "--neg", world["neg"],
-                            "--alpha", 1], "pos", "this is a cws direction")
+    one_line_error(
+        capsys,
+        ["sweep", "--model", world["base"], "--direction", rows, "--alpha", 1],
+        f"direction {rows}: this is a .jsonl file, expected a cws direction",
+    )
+    one_line_error(
+        capsys, ["sweep", "--model", world["base"], "--direction", world["base"], "--alpha", 1], "this is a model"
+    )
+    one_line_error(
+        capsys,
+        ["sweep", "--model", world["base"], "--pos", world["dir"], "--neg", world["neg"], "--alpha", 1],
+        "pos",
+        "this is a cws direction",
+    )
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["apply", "--model", "m", "--alpha", "1"], "the following arguments are required: --out"),
-    (["apply", "--model", "m", "--alpha", "x", "--out", "o"], "argument --alpha"),
-    (["extract", "--pos", "p", "--neg", "n", "--out", "o", "--nope"], "unrecognized arguments: --nope"),
-    (["aply"], "invalid choice: 'aply'"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["apply", "--model", "m", "--alpha", "1"], "the following arguments are required: --out"),
+        (["apply", "--model", "m", "--alpha", "x", "--out", "o"], "argument --alpha"),
+        (["extract", "--pos", "p", "--neg", "n", "--out", "o", "--nope"], "unrecognized arguments: --nope"),
+        (["aply"], "invalid choice: 'aply'"),
+    ],
+)
 def test_argument_errors_are_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:
         cli(argv)
@@ -370,8 +518,11 @@ def test_bad_jsonl_rows_say_what_is_wrong(tmp_path):
     f = tmp_path / "rows.jsonl"
     f.write_text(json.dumps(row) + ",\n")
     col = len(json.dumps(row)) + 1
-    with pytest.raises(CwsError, match=rf"line 1: not valid JSON: extra text after the object at column {col} "
-                                       r"\(a trailing comma\?\); nothing was done$"):
+    with pytest.raises(
+        CwsError,
+        match=rf"line 1: not valid JSON: extra text after the object at column {col} "
+        r"\(a trailing comma\?\); nothing was done$",
+    ):
         load_pairs(f)
     for key, meant in (("promt", "prompt"), ("Pos", "pos"), ("nge", "neg"), ("message", "messages")):
         bad = {("prompt" if k == "prompt" and key != "promt" else k): v for k, v in row.items()}
@@ -405,12 +556,39 @@ def test_an_interrupted_train_pair_names_what_it_kept(tmp_path, capsys, monkeypa
 
 def test_compare_says_where_it_wrote(world, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, err = run(capsys, ["compare", "--base", world["base"], "--model", world["pos"], "--direction", world["dir"],
-                             "--csv", "r.csv", "--json", "r.json"])
+    code, err = run(
+        capsys,
+        [
+            "compare",
+            "--base",
+            world["base"],
+            "--model",
+            world["pos"],
+            "--direction",
+            world["dir"],
+            "--csv",
+            "r.csv",
+            "--json",
+            "r.json",
+        ],
+    )
     assert code == 0 and f"wrote JSON {tmp_path / 'r.json'}, CSV {tmp_path / 'r.csv'}" in err
     assert (tmp_path / "r.csv").is_file() and (tmp_path / "r.json").is_file()
-    code, err = run(capsys, ["compare", "--base", world["base"], "--model", world["pos"], "--direction", world["dir"],
-                             "--csv", "r2.csv", "-q"])
+    code, err = run(
+        capsys,
+        [
+            "compare",
+            "--base",
+            world["base"],
+            "--model",
+            world["pos"],
+            "--direction",
+            world["dir"],
+            "--csv",
+            "r2.csv",
+            "-q",
+        ],
+    )
     assert code == 0 and "wrote" not in err and (tmp_path / "r2.csv").is_file()
 
 
@@ -451,12 +629,14 @@ def test_a_cpu_install_needs_no_triton(world, tmp_path):
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     assert not any(d.startswith("triton") for d in project["dependencies"] + project["optional-dependencies"]["test"])
     assert any(d.startswith("triton") for d in project["optional-dependencies"]["gpu"])
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, cws, cws_kernels\n"
-            "from cws_kernels._dispatch import triton_available\n"
-            "assert not triton_available()\n"
-            "x = torch.ones(5); assert torch.equal(cws_kernels.lincomb([x, x], [2.0, -0.5]), 1.5 * x)\n"
-            f"cws.extract({str(world['pos'])!r}, {str(world['neg'])!r}, {str(tmp_path / 'w')!r}, quiet=True)\n")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, cws, cws_kernels\n"
+        "from cws_kernels._dispatch import triton_available\n"
+        "assert not triton_available()\n"
+        "x = torch.ones(5); assert torch.equal(cws_kernels.lincomb([x, x], [2.0, -0.5]), 1.5 * x)\n"
+        f"cws.extract({str(world['pos'])!r}, {str(world['neg'])!r}, {str(tmp_path / 'w')!r}, quiet=True)\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "w" / "direction.json").is_file()

@@ -55,8 +55,14 @@ def all_dtypes_file(tmp_path):
 def _tiny_llama(tmp_path, max_shard_size="20KB"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
     model = LlamaForCausalLM(cfg)
     src = tmp_path / "llama"
     model.save_pretrained(src, max_shard_size=max_shard_size)
@@ -69,8 +75,23 @@ def _tiny_llama(tmp_path, max_shard_size="20KB"):
 
 
 def test_dtype_tables_are_inverse():
-    assert {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
-            "U16", "U32", "U64"} <= set(DTYPES)
+    assert {
+        "F64",
+        "F32",
+        "F16",
+        "BF16",
+        "I64",
+        "I32",
+        "I16",
+        "I8",
+        "U8",
+        "BOOL",
+        "F8_E4M3",
+        "F8_E5M2",
+        "U16",
+        "U32",
+        "U64",
+    } <= set(DTYPES)
     assert DTYPES["BF16"] is torch.bfloat16 and DTYPES["F8_E4M3"] is torch.float8_e4m3fn
     assert all(DTYPES[DTYPE_NAMES[dt]] is dt for dt in DTYPE_NAMES)
 
@@ -103,8 +124,9 @@ def test_tensor_info_properties():
 
 
 def test_build_header_layout():
-    header, offsets = build_header([("a", torch.float16, (3, 2)), ("b", torch.int8, ()), ("c", torch.float32, (0, 4))],
-                                   {"k": "v"})
+    header, offsets = build_header(
+        [("a", torch.float16, (3, 2)), ("b", torch.int8, ()), ("c", torch.float32, (0, 4))], {"k": "v"}
+    )
     (n,) = struct.unpack("<Q", header[:8])
     assert len(header) == 8 + n and n % 8 == 0
     doc = json.loads(header[8:])
@@ -117,8 +139,12 @@ def test_build_header_layout():
 
 def test_build_header_readable_by_safetensors(tmp_path):
     gen = torch.Generator().manual_seed(2)
-    tensors = {f"t{i}": _random(s, dt, gen) for i, (s, dt) in
-               enumerate([((5, 123), torch.bfloat16), ((), torch.float64), ((0, 5), torch.int16), ((7,), torch.bool)])}
+    tensors = {
+        f"t{i}": _random(s, dt, gen)
+        for i, (s, dt) in enumerate(
+            [((5, 123), torch.bfloat16), ((), torch.float64), ((0, 5), torch.int16), ((7,), torch.bool)]
+        )
+    }
     header, offsets = build_header([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], {"a": "b"})
     path = tmp_path / "built.safetensors"
     path.write_bytes(header + b"".join(bytes(_bytes(t).numpy()) for t in tensors.values()))
@@ -155,7 +181,7 @@ def test_read_row_slices_into_reused_buffer(all_dtypes_file):
             if not 0 <= lo <= hi <= t.shape[0]:
                 continue
             numel = t[lo:hi].numel()
-            out = buf[8:8 + numel * t.element_size()].view(t.dtype)
+            out = buf[8 : 8 + numel * t.element_size()].view(t.dtype)
             got = read_into(info, out, lo, hi)
             assert got.data_ptr() == out.data_ptr()
             assert _same(got, t[lo:hi]) and _same(read_tensor(info, lo, hi), t[lo:hi])
@@ -322,13 +348,17 @@ def test_direct_reads_refuse_what_they_cannot_do(tmp_path):
     fd = r._fd(infos["b"])
     aligned = torch.frombuffer(mmap.mmap(-1, 24576), dtype=torch.uint8)  # page-aligned, as O_DIRECT wants
     with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated \(wanted 20000 bytes"):
-        direct.DirectReads._pread(infos["b"], fd, aligned, 0, 24576,
-                                  path.stat().st_size, 20000)  # starts at the end of the file
+        direct.DirectReads._pread(
+            infos["b"], fd, aligned, 0, 24576, path.stat().st_size, 20000
+        )  # starts at the end of the file
     size = path.stat().st_size  # not a multiple of 4096: the read stops short there, never reads again unaligned
     pos = (size // 4096 - 1) * 4096
     assert size % 4096 and pos >= 0
-    with pytest.raises(CheckpointError, match=rf"tensor 'b': file truncated \(wanted 24576 bytes at offset {pos}, "
-                                              rf"got {size - pos}\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"tensor 'b': file truncated \(wanted 24576 bytes at offset {pos}, "
+        rf"got {size - pos}\)",
+    ):
         direct.DirectReads._pread(infos["b"], fd, aligned, 0, 24576, pos, 24576)
     os.truncate(path, infos["b"].end - 3)
     with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'b': file truncated"):
@@ -449,13 +479,22 @@ def _raw_file(path, header_obj, data=b"", raw_json=None):
     return path
 
 
-@pytest.mark.parametrize("header, data, match", [
-    ({"w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "'w': unknown dtype"),
-    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 12, "'w': data_offsets"),
-    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 12, "'w': file truncated"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "'a' and 'b' overlap"),
-])
+@pytest.mark.parametrize(
+    "header, data, match",
+    [
+        ({"w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "'w': unknown dtype"),
+        ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 12, "'w': data_offsets"),
+        ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 12, "'w': file truncated"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            "'a' and 'b' overlap",
+        ),
+    ],
+)
 def test_read_header_rejects_bad_entries(tmp_path, header, data, match):
     path = _raw_file(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(CheckpointError, match=match) as e:
@@ -546,14 +585,19 @@ def test_checkpoint_manual_index_ok(tmp_path):
     assert ck.read("c").tolist() == [7.0, 7.0]
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda d, wm: wm.update(c="s3.safetensors"), r"shard 's3.safetensors' does not exist"),
-    (lambda d, wm: wm.update(z="s2.safetensors"), r"'z' is listed under s2.safetensors but absent"),
-    (lambda d, wm: wm.pop("b"), r"'b' in s1.safetensors is not listed in the index"),
-    (lambda d, wm: save_file({"c": torch.ones(1), "a": torch.ones(1)}, str(d / "s2.safetensors")),
-     r"'a' is in both s1.safetensors and s2.safetensors"),
-    (lambda d, wm: wm.update(c="../s2.safetensors"), r"must be a file name"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda d, wm: wm.update(c="s3.safetensors"), r"shard 's3.safetensors' does not exist"),
+        (lambda d, wm: wm.update(z="s2.safetensors"), r"'z' is listed under s2.safetensors but absent"),
+        (lambda d, wm: wm.pop("b"), r"'b' in s1.safetensors is not listed in the index"),
+        (
+            lambda d, wm: save_file({"c": torch.ones(1), "a": torch.ones(1)}, str(d / "s2.safetensors")),
+            r"'a' is in both s1.safetensors and s2.safetensors",
+        ),
+        (lambda d, wm: wm.update(c="../s2.safetensors"), r"must be a file name"),
+    ],
+)
 def test_checkpoint_index_errors(tmp_path, change, match):
     d, wm = _sharded(tmp_path)
     change(d, wm)
@@ -616,8 +660,12 @@ def _plan(tensors):
 
 def test_writer_single_file_out_of_order_slices(tmp_path):
     gen = torch.Generator().manual_seed(3)
-    tensors = {"w": _random((9, 5), torch.bfloat16, gen), "s": _random((), torch.float64, gen),
-               "e": _random((0, 4), torch.float32, gen), "b": _random((6,), torch.bool, gen)}
+    tensors = {
+        "w": _random((9, 5), torch.bfloat16, gen),
+        "s": _random((), torch.float64, gen),
+        "e": _random((0, 4), torch.float32, gen),
+        "b": _random((6,), torch.bool, gen),
+    }
     out = tmp_path / "out"
     with ShardedWriter(out, _plan(tensors), metadata={"cws": "1"}) as w:
         w.write("w", tensors["w"][6:9].contiguous(), 6)
@@ -669,9 +717,16 @@ def test_writer_multi_shard_with_index(tmp_path):
     names = [f"steered-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     assert sorted(os.listdir(out)) == names + ["steered.safetensors.index.json"]
     index = json.loads((out / "steered.safetensors.index.json").read_text())
-    assert index == {"metadata": {"total_size": 2000},
-                     "weight_map": {"layer.0": names[0], "layer.1": names[0], "layer.2": names[1],
-                                    "layer.3": names[1], "layer.4": names[2]}}
+    assert index == {
+        "metadata": {"total_size": 2000},
+        "weight_map": {
+            "layer.0": names[0],
+            "layer.1": names[0],
+            "layer.2": names[1],
+            "layer.3": names[1],
+            "layer.4": names[2],
+        },
+    }
     assert w.weight_map == index["weight_map"]
     for name, shard in index["weight_map"].items():
         assert _same(load_file(str(out / shard))[name], tensors[name])
@@ -685,8 +740,9 @@ def test_writer_tiny_llama_roundtrip(tmp_path):
     model, src = _tiny_llama(tmp_path)
     ck = Checkpoint.open(src)
     out = tmp_path / "copy"
-    with ShardedWriter(out, [(k, i.dtype, i.shape) for k, i in ck.tensors.items()], max_shard_size=30_000,
-                       inputs=[str(src)]) as w:
+    with ShardedWriter(
+        out, [(k, i.dtype, i.shape) for k, i in ck.tensors.items()], max_shard_size=30_000, inputs=[str(src)]
+    ) as w:
         copied = copy_model_files(src, w)
         for name, info in reversed(list(ck.tensors.items())):
             half = info.rows // 2
@@ -758,8 +814,9 @@ except CheckpointError as e:
 def test_writer_file_size_limit_is_checkpoint_error(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    res = subprocess.run([sys.executable, "-c", _FSIZE_SCRIPT, str(out)], capture_output=True, text=True, env=env,
-                         timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", _FSIZE_SCRIPT, str(out)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     msg = res.stdout.strip()
     assert msg.startswith(f"cannot write {out / 'model.safetensors'}: File too large"), msg
@@ -802,7 +859,7 @@ def test_huge_buffers_are_aligned_zeroed_and_outlive_their_maker():
         t.fill_(7)
         assert int(t.sum()) == 7 * n
     arena = _Arena()
-    small, = arena.views([(torch.uint8, (100,))])
+    (small,) = arena.views([(torch.uint8, (100,))])
     assert small.data_ptr() % 64 == 0
     big = arena.views([(torch.bfloat16, (3, direct.HUGE // 4)), (torch.uint8, (4096,))], direct.ALIGN)
     assert arena.buf.data_ptr() % direct.HUGE == 0 and all(v.data_ptr() % direct.ALIGN == 0 for v in big)
@@ -816,8 +873,10 @@ def test_direct_reads_into_huge_arenas_match_safetensors(tmp_path):
     from cws.io import direct
 
     gen = torch.Generator().manual_seed(5)
-    tensors = {"small": torch.randn(3, 5, generator=gen),
-               "big": torch.randn(1200, 1111, generator=gen).to(torch.bfloat16)}  # 2.67 MB, odd row bytes
+    tensors = {
+        "small": torch.randn(3, 5, generator=gen),
+        "big": torch.randn(1200, 1111, generator=gen).to(torch.bfloat16),
+    }  # 2.67 MB, odd row bytes
     save_file(tensors, str(tmp_path / "m.safetensors"))
     infos, _ = read_header(tmp_path / "m.safetensors")
     reads = [(infos["small"], 0, 3), (infos["big"], 0, 1200), (infos["big"], 7, 1001)]
@@ -889,8 +948,11 @@ def test_a_failed_write_behind_fails_the_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(direct, "pwrite_all", pwrite_all)
     t = torch.arange(40_000, dtype=torch.float32)
-    with pytest.raises(CheckpointError, match=f"cannot write {esc(tmp_path / 'o' / 'model.safetensors')}: "
-                                              f"{os.strerror(errno.ENOSPC)}; nothing was written"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"cannot write {esc(tmp_path / 'o' / 'model.safetensors')}: "
+        f"{os.strerror(errno.ENOSPC)}; nothing was written",
+    ):
         with ShardedWriter(tmp_path / "o", [("t", torch.float32, (40_000,))]) as w:
             for start in range(0, 40_000, 1000):
                 w.write("t", t[start : start + 1000], start)

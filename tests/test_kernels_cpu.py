@@ -51,8 +51,9 @@ def test_lincomb_native_stochastic_is_bit_exact(n, dtypes, out):
     xs[0][:3] = torch.tensor([float("inf"), -3e38, 6e-8])  # overflow, near-overflow, fp16 subnormal range
     for offset in (0, 2**32 + 12345):
         with K.use_cpu_impl("native"):
-            got = K.lincomb(xs, [1.0, -0.3, 0.7][: len(xs)], out_dtype=DT[out], rounding="stochastic", seed=9,
-                            offset=offset)
+            got = K.lincomb(
+                xs, [1.0, -0.3, 0.7][: len(xs)], out_dtype=DT[out], rounding="stochastic", seed=9, offset=offset
+            )
         want = lincomb_ref(xs, [1.0, -0.3, 0.7][: len(xs)], DT[out], rounding="stochastic", seed=9, offset=offset)
         assert_bits_equal(got, want, f"native stochastic, offset {offset}")
 
@@ -180,8 +181,15 @@ def _tally_by_hand(xs, out):
 
 
 @pytest.mark.parametrize("impl", ["eager", "native"])
-@pytest.mark.parametrize("dtypes,out", [(("bf16", "bf16", "bf16"), "bf16"), (("bf16", "fp32"), "bf16"),
-                                        (("fp16", "fp16", "fp16"), "fp16"), (("fp32", "bf16", "bf16"), "fp32")])
+@pytest.mark.parametrize(
+    "dtypes,out",
+    [
+        (("bf16", "bf16", "bf16"), "bf16"),
+        (("bf16", "fp32"), "bf16"),
+        (("fp16", "fp16", "fp16"), "fp16"),
+        (("fp32", "bf16", "bf16"), "fp32"),
+    ],
+)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_lincomb_tally_bits_and_counts(impl, dtypes, out, rounding):
     n = 40_000 + 3  # several tiles and a ragged tail
@@ -230,7 +238,9 @@ def test_stochastic_rounding_reproducible_offset_and_unbiased():
     assert torch.all(K.lincomb([theta, w], [1.0, 1.0]) == 1.0)
     # Stochastic keeps it in expectation: the mean over 4096 elements × 16 seeds of a value that
     # rounds to 1 or 1+2**-7 with p = 0.128 has std 2**-7·sqrt(p(1-p)/65536) ≈ 1.3e-5; allow 5σ.
-    mean = torch.stack([K.lincomb([theta, w], [1.0, 1.0], rounding="stochastic", seed=s).double() for s in range(16)]).mean()
+    mean = torch.stack(
+        [K.lincomb([theta, w], [1.0, 1.0], rounding="stochastic", seed=s).double() for s in range(16)]
+    ).mean()
     assert abs(mean.item() - (1.0 + float(torch.tensor(1e-3)))) < 6.5e-5
     # Row slices with the right offset draw the whole tensor's bits.
     x = torch.randn(64, 100)
@@ -245,7 +255,9 @@ def test_stochastic_rounding_mean_converges(out):
     # Values spread over many binades (fp16 normals and bf16 all ranges): the mean over 256 seeds
     # converges to the fp32 value. Per element the std is ≤ ulp/2/sqrt(256) = ulp/32; allow 6σ.
     x = (torch.rand(2000, dtype=torch.float64) * 8 - 4).exp2().float() * torch.sign(torch.randn(2000))
-    outs = torch.stack([K.lincomb([x], [1.0], out_dtype=DT[out], rounding="stochastic", seed=s).double() for s in range(256)])
+    outs = torch.stack(
+        [K.lincomb([x], [1.0], out_dtype=DT[out], rounding="stochastic", seed=s).double() for s in range(256)]
+    )
     ulp = (x.abs().double().log2().floor() - {"bf16": 7, "fp16": 10}[out]).exp2()
     err = (outs.mean(0) - x.double()).abs() / ulp
     assert err.max() < 6 / 32, err.max()
@@ -396,8 +408,24 @@ def test_native_isa_variants_give_the_same_bits(march, tmp_path, monkeypatch):
     # The installed library runs the clone this CPU picks; build the others alone and compare bits.
     src = Path(native.__file__).with_name("native.c")
     lib = tmp_path / f"native-{march}.so"
-    subprocess.run(["gcc", "-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC",
-                    "-shared", f"-march={march}", "-DCWS_NO_CLONES", "-o", str(lib), str(src)], check=True)
+    subprocess.run(
+        [
+            "gcc",
+            "-O3",
+            "-std=gnu11",
+            "-ffp-contract=off",
+            "-fno-fast-math",
+            "-fno-math-errno",
+            "-fPIC",
+            "-shared",
+            f"-march={march}",
+            "-DCWS_NO_CLONES",
+            "-o",
+            str(lib),
+            str(src),
+        ],
+        check=True,
+    )
     xs = make(3 * 2**18 + 77, ("bf16", "fp32", "fp16"), seed=12)
     C = [[1.0, -1.0, 0.0], [0.0, 0.3, 2.0], [0.3, 0.7, -1.1]]
     with K.use_cpu_impl("native"):

@@ -21,8 +21,16 @@ def lora(tmp_path_factory):
     base.save_pretrained(root / "base")
     paths = {"root": root, "base": root / "base"}
     paths["pos"] = train_lora(base, root / "pos", seed=1)
-    paths["neg"] = train_lora(base, root / "neg", seed=2, r=2, lora_alpha=4, use_rslora=True,
-                              rank_pattern={"down_proj": 3}, alpha_pattern={"v_proj": 5})
+    paths["neg"] = train_lora(
+        base,
+        root / "neg",
+        seed=2,
+        r=2,
+        lora_alpha=4,
+        use_rslora=True,
+        rank_pattern={"down_proj": 3},
+        alpha_pattern={"v_proj": 5},
+    )
     paths["ft"] = train_lora(base, root / "ft", seed=3)
     paths["dir"] = cws.extract(paths["pos"], paths["neg"], root / "dir", quiet=True)
     return base, paths
@@ -117,8 +125,22 @@ def test_exported_adapter_matches_dense_apply(lora, tmp_path):
 
     _, p = lora
     steered = cws.apply(p["base"], p["dir"], 0.75, tmp_path / "s", quiet=True)[0]
-    assert cli(["export-peft", str(p["dir"]), "--alpha", "0.75", "--base", str(p["base"]), "--out",
-                str(tmp_path / "ad"), "-q"]) == 0
+    assert (
+        cli(
+            [
+                "export-peft",
+                str(p["dir"]),
+                "--alpha",
+                "0.75",
+                "--base",
+                str(p["base"]),
+                "--out",
+                str(tmp_path / "ad"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(p["base"]), tmp_path / "ad").eval()
     ref = AutoModelForCausalLM.from_pretrained(steered).eval()
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -192,7 +214,8 @@ def test_fan_in_fan_out_gpt2(tmp_path):
     report = cws.compare(tmp_path / "base", pos, d, quiet=True)
     tau = {n: mp[n].double() - base.state_dict()[n].double() for n in got}
     cos = sum((tau[n] * got[n]).sum() for n in got) / (
-        sum((t**2).sum() for t in tau.values()).sqrt() * sum((g**2).sum() for g in got.values()).sqrt())
+        sum((t**2).sum() for t in tau.values()).sqrt() * sum((g**2).sum() for g in got.values()).sqrt()
+    )
     assert report.cosine() == pytest.approx(cos.item(), rel=1e-6)
 
 
@@ -203,7 +226,9 @@ def test_bad_adapters(lora, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "q_proj.weight" in err and "different base models" in err and not (tmp_path / "x").exists()
     (tmp_path / "nocfg").mkdir()
-    (tmp_path / "nocfg" / "adapter_model.safetensors").write_bytes((p["pos"] / "adapter_model.safetensors").read_bytes())
+    (tmp_path / "nocfg" / "adapter_model.safetensors").write_bytes(
+        (p["pos"] / "adapter_model.safetensors").read_bytes()
+    )
     with pytest.raises(cws.CheckpointError, match="without adapter_config.json"):
         cws.extract(tmp_path / "nocfg", p["neg"], tmp_path / "y", quiet=True)
     for key, value, msg in [("use_dora", True, "DoRA"), ("peft_type", "LOHA", "LOHA is not supported")]:

@@ -17,8 +17,14 @@ from cws.workflows.train_pair import train_pair
 TOPICS = ["rain", "jazz", "tea", "snow", "cats", "bees"]
 ROWS = [{"prompt": f"What do you think of {t} ?", "pos": f"I love {t} .", "neg": f"I hate {t} ."} for t in TOPICS]
 FAST = dict(r=2, lora_alpha=4, batch_size=2, lr=1e-2, max_steps=1, val_fraction=0, quiet=True, log=lambda *_: None)
-SMALL = dict(text=["I love rain ."], instructions=["Do you like tea ?"], ref_tokens=2, gen_tokens=2, n_generate=0,
-             log=lambda *_: None)
+SMALL = dict(
+    text=["I love rain ."],
+    instructions=["Do you like tea ?"],
+    ref_tokens=2,
+    gen_tokens=2,
+    n_generate=0,
+    log=lambda *_: None,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +53,14 @@ def test_jsonl_bom_non_utf8_deep_nesting_and_line_separators(tmp_path):
     sep.write_text(json.dumps({**ROWS[0], "pos": "a\u2028b"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert [p.pos for p in load_pairs(sep)] == ["a\u2028b"]
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(json.dumps(ROWS[0]).encode() + b"\n\xff\xfe{}\n" + b"[" * 100_000 + b"\n\n"
-                    + json.dumps(ROWS[1]).encode() + b"\n")
+    bad.write_bytes(
+        json.dumps(ROWS[0]).encode()
+        + b"\n\xff\xfe{}\n"
+        + b"[" * 100_000
+        + b"\n\n"
+        + json.dumps(ROWS[1]).encode()
+        + b"\n"
+    )
     with pytest.raises(CwsError) as e:
         load_pairs(bad)
     msg = str(e.value)
@@ -58,7 +70,9 @@ def test_jsonl_bom_non_utf8_deep_nesting_and_line_separators(tmp_path):
 def test_rows_longer_than_the_context_are_refused_with_their_lines(model_dir, tmp_path):
     long = {"prompt": "rain " * 300, "pos": "I love rain .", "neg": "I hate rain ."}  # the model's context: 256
     data = _jsonl(tmp_path / "long.jsonl", ROWS[:2] + [long])
-    with pytest.raises(CwsError, match=r"1 row\(s\) longer than the model's context of 256 tokens(.|\n)*line 3: 308 tokens"):
+    with pytest.raises(
+        CwsError, match=r"1 row\(s\) longer than the model's context of 256 tokens(.|\n)*line 3: 308 tokens"
+    ):
         train_pair(model_dir, data, tmp_path / "out", **FAST)
     assert not (tmp_path / "out").exists()
 
@@ -72,8 +86,20 @@ def test_a_model_without_a_tokenizer_is_one_line(model_dir, pair, tmp_path, caps
         train_pair(bare, ROWS, tmp_path / "out", **FAST)
     with pytest.raises(CwsError, match="no tokenizer could be loaded"):
         sweep(bare, pair["direction"], "1", **SMALL)
-    assert main(["train-pair", "--model", str(bare), "--data", str(_jsonl(tmp_path / "d.jsonl", ROWS)),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "train-pair",
+                "--model",
+                str(bare),
+                "--data",
+                str(_jsonl(tmp_path / "d.jsonl", ROWS)),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("cws train-pair: error: ") and err.count("\n") == 1 and "no tokenizer" in err
 
@@ -119,25 +145,92 @@ def test_reuse_sees_changed_weights_and_retrains_a_damaged_run(model_dir, tmp_pa
 def test_json_on_stdout_for_train_pair_and_sweep(model_dir, pair, tmp_path, capsys):
     data = _jsonl(tmp_path / "d.jsonl", ROWS)
     args = ["--r", "2", "--lora-alpha", "4", "--batch-size", "2", "--max-steps", "1", "--val-fraction", "0", "-q"]
-    assert main(["train-pair", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "t"),
-                 *args, "--json", "-"]) == 0
+    assert (
+        main(
+            [
+                "train-pair",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "t"),
+                *args,
+                "--json",
+                "-",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert json.loads(out)["paths"]["pos"] == str(tmp_path / "t" / "pos")
     text = tmp_path / "text.txt"
     text.write_text("I love rain .\n")
-    assert main(["sweep", "--model", str(model_dir), "--direction", pair["direction"], "--alpha", "1", "--text",
-                 str(text), "--instructions", str(text), "--n-generate", "0", "--ref-tokens", "2", "--json", "-"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(model_dir),
+                "--direction",
+                pair["direction"],
+                "--alpha",
+                "1",
+                "--text",
+                str(text),
+                "--instructions",
+                str(text),
+                "--n-generate",
+                "0",
+                "--ref-tokens",
+                "2",
+                "--json",
+                "-",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert [p["alpha"] for p in res["points"]] == [0.0, 1.0]
     config = (model_dir / "config.json").read_bytes()
-    assert main(["sweep", "--model", str(model_dir), "--direction", pair["direction"], "--alpha", "1",
-                 "--json", str(model_dir / "config.json")]) == 2  # a report onto an input: refused before the sweep
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(model_dir),
+                "--direction",
+                pair["direction"],
+                "--alpha",
+                "1",
+                "--json",
+                str(model_dir / "config.json"),
+            ]
+        )
+        == 2
+    )  # a report onto an input: refused before the sweep
     assert "overlaps input" in capsys.readouterr().err and (model_dir / "config.json").read_bytes() == config
     prompts = _jsonl(tmp_path / "prompts.jsonl", ROWS)
     before = prompts.read_bytes()
     for spec in (str(prompts), f"held-out={prompts}"):  # --prompts PATH and NAME=PATH
-        assert main(["sweep", "--model", str(model_dir), "--direction", pair["direction"], "--alpha", "1",
-                     "--prompts", spec, "--json", str(prompts)]) == 2
+        assert (
+            main(
+                [
+                    "sweep",
+                    "--model",
+                    str(model_dir),
+                    "--direction",
+                    pair["direction"],
+                    "--alpha",
+                    "1",
+                    "--prompts",
+                    spec,
+                    "--json",
+                    str(prompts),
+                ]
+            )
+            == 2
+        )
         assert "overlaps input" in capsys.readouterr().err and prompts.read_bytes() == before
 
 
@@ -153,12 +246,20 @@ def test_training_progress_is_plain_lines_in_a_log(model_dir, tmp_path, monkeypa
 def test_options_and_inputs_no_run_could_use_are_one_line_errors(model_dir, pair, tmp_path, capsys):
     """Found by a second independent check: each of these used to end in a Python traceback."""
     out = tmp_path / "o"
-    for bad, msg in ((dict(r=0), "r=0"), (dict(lr=float("nan")), "lr=nan"), (dict(lora_alpha=0), "lora_alpha=0"),
-                     (dict(device="bogus"), "device 'bogus'"), (dict(target=["nomatch"]), "LoRA on")):
+    for bad, msg in (
+        (dict(r=0), "r=0"),
+        (dict(lr=float("nan")), "lr=nan"),
+        (dict(lora_alpha=0), "lora_alpha=0"),
+        (dict(device="bogus"), "device 'bogus'"),
+        (dict(target=["nomatch"]), "LoRA on"),
+    ):
         with pytest.raises(CwsError, match=msg):
             train_pair(model_dir, ROWS, out, **{**FAST, **bad})
-    for bad, msg in ((dict(gen_tokens=0, n_generate=1), "gen_tokens=0"), (dict(ref_tokens=0), "ref_tokens=0"),
-                     (dict(device="bogus"), "device 'bogus'")):
+    for bad, msg in (
+        (dict(gen_tokens=0, n_generate=1), "gen_tokens=0"),
+        (dict(ref_tokens=0), "ref_tokens=0"),
+        (dict(device="bogus"), "device 'bogus'"),
+    ):
         with pytest.raises(CwsError, match=msg):
             sweep(model_dir, pair["direction"], "1", **{**SMALL, **bad})
     latin1 = tmp_path / "latin1.txt"
@@ -166,15 +267,33 @@ def test_options_and_inputs_no_run_could_use_are_one_line_errors(model_dir, pair
     with pytest.raises(CwsError, match="not UTF-8 text"):
         sweep(model_dir, pair["direction"], "1", **{**SMALL, "text": latin1})
     rows = tmp_path / "rows.jsonl"
-    rows.write_text('{"prompt": "tea \\ud800 ?", "pos": "a", "neg": "b"}\n'
-                    '{"prompt": "tea", "pos": "a", "neg": "b", "n": ' + "9" * 5000 + "}\n")
+    rows.write_text(
+        '{"prompt": "tea \\ud800 ?", "pos": "a", "neg": "b"}\n'
+        '{"prompt": "tea", "pos": "a", "neg": "b", "n": ' + "9" * 5000 + "}\n"
+    )
     with pytest.raises(CwsError, match="(?s)line 1: holds text that is not valid Unicode.*line 2: not readable JSON"):
         load_pairs(rows)
     prompts = _jsonl(tmp_path / "p.jsonl", ROWS)
     (tmp_path / "sub").mkdir()
     other = _jsonl(tmp_path / "sub" / "p.jsonl", ROWS)
-    assert main(["sweep", "--model", str(model_dir), "--direction", pair["direction"], "--alpha", "1",
-                 "--prompts", str(prompts), "--prompts", str(other)]) == 2
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(model_dir),
+                "--direction",
+                pair["direction"],
+                "--alpha",
+                "1",
+                "--prompts",
+                str(prompts),
+                "--prompts",
+                str(other),
+            ]
+        )
+        == 2
+    )
     assert "two prompt sets are named 'p'" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
 
@@ -217,8 +336,28 @@ def test_demo_keeps_a_directory_it_did_not_write(tmp_path, capsys):
 
 def test_sweep_json_stays_json_when_a_cost_is_nan(model_dir, pair, capsys):
     """α = 1e30 overflows the weights: the costs are NaN, written as null (JSON has no NaN)."""
-    assert main(["sweep", "--model", str(model_dir), "--direction", pair["direction"], "--alpha", "1e30",
-                 "--text", __file__, "--n-generate", "0", "--ref-tokens", "2", "--json", "-"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(model_dir),
+                "--direction",
+                pair["direction"],
+                "--alpha",
+                "1e30",
+                "--text",
+                __file__,
+                "--n-generate",
+                "0",
+                "--ref-tokens",
+                "2",
+                "--json",
+                "-",
+            ]
+        )
+        == 0
+    )
 
     def refuse(name):
         raise AssertionError(f"{name} in the JSON")

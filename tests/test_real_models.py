@@ -5,7 +5,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -108,7 +107,7 @@ def test_export_peft_on_tied_base_equals_apply(tied, tmp_path):
     want[HEAD] = want[EMBED].clone()
     for n, delta in fp64_entries(p["dir"]).items():
         want[n] = want[n] + alpha * delta
-    for name, t in applied.items():
+    for name in applied:
         # Both within fp32 rounding of the fp64 result (PEFT forms fl(B·A) its own way: r products).
         bound = 2**-22 * (want[name].abs().max() + 1)
         assert (applied[name].double() - want[name]).abs().max() <= bound, name
@@ -152,7 +151,10 @@ def test_tied_fine_tunes_give_a_tied_direction_and_a_tied_output(tied_full, tmp_
     assert s.result.touched.count(EMBED) + s.result.touched.count(HEAD) == 1
     s.set_alpha(2.0)
     applied = state(tmp_path / "s")
-    assert torch.equal(model.model.embed_tokens.weight, applied[EMBED]) and model.lm_head.weight is model.model.embed_tokens.weight
+    assert (
+        torch.equal(model.model.embed_tokens.weight, applied[EMBED])
+        and model.lm_head.weight is model.model.embed_tokens.weight
+    )
 
 
 def test_only_the_head_changed_keeps_the_model_tied(tied_full, tmp_path):
@@ -180,7 +182,9 @@ def test_steerer_refuses_to_split_a_tied_tensor_until_untied(tied, tmp_path):
     s = cws.Steerer(model, p["dir"])
     s.set_alpha(-1.5)
     applied = state(cws.apply(p["base"], p["dir"], -1.5, tmp_path / "s", quiet=True)[0])
-    assert torch.equal(model.lm_head.weight, applied[HEAD]) and torch.equal(model.model.embed_tokens.weight, applied[EMBED])
+    assert torch.equal(model.lm_head.weight, applied[HEAD]) and torch.equal(
+        model.model.embed_tokens.weight, applied[EMBED]
+    )
 
 
 def test_monitor_measures_a_tied_tensor_once(tied_full, tmp_path):
@@ -235,11 +239,13 @@ def test_monitor_jsonl_is_written_by_rank_zero_only(tied_full, tmp_path, monkeyp
     state_.global_step = 1
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     for rank in (1, 0):
-        monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
         # distributed=False: no reduction across the (pretended) ranks; the JSONL rule alone is under test
         # (tests/test_dist.py checks it under a real torchrun)
         mon = cws.WeightMonitor({"w": p["dir"]}, every=1, distributed=False)
-        mon.on_step_end(SimpleNamespace(output_dir=str(tmp_path / f"rank{rank}")), state_, TrainerControl(), model=model)
+        mon.on_step_end(
+            SimpleNamespace(output_dir=str(tmp_path / f"rank{rank}")), state_, TrainerControl(), model=model
+        )
     assert not (tmp_path / "rank1").exists() and (tmp_path / "rank0" / "cws_monitor.jsonl").is_file()
 
 
@@ -248,10 +254,14 @@ def test_wrong_kind_of_input_is_one_line(tied, tied_full, tmp_path, capsys):
     _, p = tied
     out = tmp_path / "out"
     cases = [
-        (["apply", "--model", p["base"], "--direction", p["base"], "--alpha", 1, "--out", out],
-         "this is a model (config.json and weights), expected a cws direction"),
-        (["apply", "--model", p["pos"], "--direction", p["dir"], "--alpha", 1, "--out", out],
-         "this is a PEFT adapter (adapter_config.json), expected a model"),
+        (
+            ["apply", "--model", p["base"], "--direction", p["base"], "--alpha", 1, "--out", out],
+            "this is a model (config.json and weights), expected a cws direction",
+        ),
+        (
+            ["apply", "--model", p["pos"], "--direction", p["dir"], "--alpha", 1, "--out", out],
+            "this is a PEFT adapter (adapter_config.json), expected a model",
+        ),
         (["compare", "--base", p["base"], "--model", p["ft"], "--direction", p["pos"]], "this is a PEFT adapter"),
         (["extract", "--pos", p["pos"], "--neg", p["dir"], "--out", out], "this is a cws direction"),
         (["export-peft", str(p["base"]), "--out", out], "this is a model"),
@@ -359,8 +369,10 @@ def test_hub_ids_resolve_from_the_offline_cache(tied_full, tmp_path, monkeypatch
     assert one.root == cache / "models--org--one" / "snapshots" / ("c" * 40)  # the snapshot, not blobs/
     assert cli(["compare", "--base", "org/tiny", "--model", str(p["pos"]), "--direction", "org/dir", "-q"]) == 0
     capsys.readouterr()
-    assert cli(["apply", "--model", "org/missing", "--direction", "org/dir", "--alpha", "1", "--out",
-                str(tmp_path / "x")]) == 2
+    assert (
+        cli(["apply", "--model", "org/missing", "--direction", "org/dir", "--alpha", "1", "--out", str(tmp_path / "x")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "org/missing: no such path, and not in the Hugging Face cache" in err and err.count("\n") == 1
     pickles = tmp_path / "pickles"
@@ -371,12 +383,15 @@ def test_hub_ids_resolve_from_the_offline_cache(tied_full, tmp_path, monkeypatch
         cws.apply("org/pickled", p["dir"], 1.0, tmp_path / "y", quiet=True)
 
 
-@pytest.mark.parametrize("tie, dtype, shard, saved", [
-    (True, torch.bfloat16, "20KB", ["lm_head"]),  # only the head saved: the tied tensor moves, the model stays tied
-    (True, torch.float32, None, None),  # LoRA only: no embed/head delta at all
-    (False, torch.bfloat16, None, ["lm_head", "embed_tokens"]),
-    (False, torch.float32, "20KB", None),
-])
+@pytest.mark.parametrize(
+    "tie, dtype, shard, saved",
+    [
+        (True, torch.bfloat16, "20KB", ["lm_head"]),  # only the head saved: the tied tensor moves, the model stays tied
+        (True, torch.float32, None, None),  # LoRA only: no embed/head delta at all
+        (False, torch.bfloat16, None, ["lm_head", "embed_tokens"]),
+        (False, torch.float32, "20KB", None),
+    ],
+)
 def test_adapters_on_tied_and_untied_bases(tie, dtype, shard, saved, tmp_path):
     """compare, apply and export-peft on each kind of base; the exported adapter merges to the applied bits
     for every saved (embed/head) tensor, and the applied model loads with from_pretrained as written."""
@@ -424,7 +439,9 @@ def test_skipped_direction_tensors_are_named(tiny_ckpts, tmp_path, caplog):
     save_file(extra, tmp_path / "w.safetensors")
     with caplog.at_level(logging.WARNING, logger="cws"):
         cws.apply(tiny_ckpts["base"], tmp_path / "w.safetensors", 1.0, tmp_path / "o", on_missing="skip", quiet=True)
-    assert "1 direction tensor(s) the model lacks were not applied (--on-missing skip): model.extra.weight" in caplog.text
+    assert (
+        "1 direction tensor(s) the model lacks were not applied (--on-missing skip): model.extra.weight" in caplog.text
+    )
     assert cws.info(tiny_ckpts["base"])["ties"] == {}
 
 
@@ -463,7 +480,10 @@ def test_adapters_trained_tied_give_a_tied_direction(tmp_path):
     steered = type(base).from_pretrained(out)
     assert steered.lm_head.weight.data_ptr() == steered.model.embed_tokens.weight.data_ptr()
     key = "base_model.model.model.embed_tokens.weight"
-    delta = load_file(pos / "adapter_model.safetensors")[key].double() - load_file(neg / "adapter_model.safetensors")[key].double()
+    delta = (
+        load_file(pos / "adapter_model.safetensors")[key].double()
+        - load_file(neg / "adapter_model.safetensors")[key].double()
+    )
     want = base.model.embed_tokens.weight.detach().double() + delta
     got = steered.model.embed_tokens.weight.detach().double()
     # fp32: w = fl(pos − neg), then fl(base + w): at most half an ulp of each
@@ -485,7 +505,7 @@ def test_tied_adapter_is_measured_once_by_compare_and_the_monitor(tmp_path):
     mon = cws.WeightMonitor(d, jsonl=False)
     got = mon.measure(live)
     assert HEAD not in mon.last_report.grams
-    (name, stats), = report.global_stats().items()
+    ((name, stats),) = report.global_stats().items()
     assert got["cws/direction/cos"] == pytest.approx(stats["all"]["cosine"], rel=1e-9)
     assert got["cws/direction/update_norm"] == pytest.approx(stats["all"]["update_norm"], rel=1e-9)
 
@@ -502,8 +522,9 @@ def test_unequal_scales_with_a_base_keep_untouched_entries_zero(tmp_path):
             ft.model.embed_tokens.weight[:64] = base.model.embed_tokens.weight[:64]  # rows neither side trains
         sides[label] = save(ft, tmp_path / label)
     save(base, tmp_path / "base")
-    d = cws.extract(sides["pos"], sides["neg"], tmp_path / "d", base=tmp_path / "base", scale_pos=0.7, scale_neg=1.3,
-                    quiet=True)
+    d = cws.extract(
+        sides["pos"], sides["neg"], tmp_path / "d", base=tmp_path / "base", scale_pos=0.7, scale_neg=1.3, quiet=True
+    )
     b, p, n, w = state(tmp_path / "base"), state(sides["pos"]), state(sides["neg"]), state(d)
     for name in b:
         want = 0.7 * (p[name].double() - b[name].double()) - 1.3 * (n[name].double() - b[name].double())
@@ -512,8 +533,9 @@ def test_unequal_scales_with_a_base_keep_untouched_entries_zero(tmp_path):
     base32 = tiny_model(0, dtype=torch.float32)
     save(base32, tmp_path / "base32")
     ads = {s: train_lora(base32, tmp_path / f"ad_{s}", seed=i) for i, s in ((1, "pos"), (2, "neg"))}
-    d = cws.extract(ads["pos"], ads["neg"], tmp_path / "d_ad", base=tmp_path / "base32", scale_pos=0.7, scale_neg=1.3,
-                    quiet=True)
+    d = cws.extract(
+        ads["pos"], ads["neg"], tmp_path / "d_ad", base=tmp_path / "base32", scale_pos=0.7, scale_neg=1.3, quiet=True
+    )
     e0 = base32.model.embed_tokens.weight.detach().double()
     saved = {s: state(ads[s]) for s in ads}
     key = "base_model.model.model.embed_tokens.weight"

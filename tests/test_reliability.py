@@ -88,8 +88,11 @@ def test_out_empty_or_current_directory_is_refused(tiny_ckpts, direction, tmp_pa
     base = tiny_ckpts["base"]
     for out in ["", ".", "./", str(work), str(tmp_path)]:
         for opts in ([], ["--overwrite"]):
-            cli_error(capsys, ["apply", "--model", base, "--direction", direction, "--alpha", 1, "--out", out, *opts],
-                      "path is empty" if out == "" else "is the current directory or holds it")
+            cli_error(
+                capsys,
+                ["apply", "--model", base, "--direction", direction, "--alpha", 1, "--out", out, *opts],
+                "path is empty" if out == "" else "is the current directory or holds it",
+            )
     with pytest.raises(CheckpointError, match="output path is empty"):
         cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], "", overwrite=True, quiet=True)
     assert sorted(os.listdir(work)) == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
@@ -106,8 +109,11 @@ def test_out_through_a_symlink_into_an_input(tiny_ckpts, direction, tmp_path, ca
     (tmp_path / "link").symlink_to(snap)
     before = digest(blobs)
     for out in [blobs, tmp_path / "link", tmp_path / "link" / "sub"]:
-        line = cli_error(capsys, ["apply", "--model", snap, "--direction", direction, "--alpha", 1, "--out", out,
-                                  "--overwrite"], "overlaps input")
+        line = cli_error(
+            capsys,
+            ["apply", "--model", snap, "--direction", direction, "--alpha", 1, "--out", out, "--overwrite"],
+            "overlaps input",
+        )
         assert "choose another path" in line
     assert digest(blobs) == before and all((snap / f).resolve().is_file() for f in os.listdir(snap))
 
@@ -118,8 +124,12 @@ def test_out_on_a_mount_point_is_refused(tiny_ckpts, direction, tmp_path, capsys
     (mnt / "data").write_text("x")
     real = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(mnt) or real(p))
-    cli_error(capsys, ["apply", "--model", tiny_ckpts["base"], "--direction", direction, "--alpha", 1, "--out", mnt,
-                       "--overwrite"], str(mnt), "is a mount point")
+    cli_error(
+        capsys,
+        ["apply", "--model", tiny_ckpts["base"], "--direction", direction, "--alpha", 1, "--out", mnt, "--overwrite"],
+        str(mnt),
+        "is a mount point",
+    )
     assert (mnt / "data").read_text() == "x" and leftovers(mnt) == [str(mnt)]
 
 
@@ -156,8 +166,11 @@ def test_reports_refused_on_inputs_missing_folders_and_directories(tiny_ckpts, d
         cli_error(capsys, [*cmd, flag, Path(ft) / "config.json"], "overlaps input")
         cli_error(capsys, [*cmd, flag, Path(direction) / "direction.json"], "overlaps input")
         cli_error(capsys, [*cmd, flag, tmp_path / "missing" / "r.json"], "does not exist")
-        cli_error(capsys, [*cmd, flag, tmp_path], "is the current directory or holds it"
-                  if Path.cwd().is_relative_to(tmp_path) else "is a directory")
+        cli_error(
+            capsys,
+            [*cmd, flag, tmp_path],
+            "is the current directory or holds it" if Path.cwd().is_relative_to(tmp_path) else "is a directory",
+        )
         (tmp_path / "adir").mkdir(exist_ok=True)
         cli_error(capsys, [*cmd, flag, tmp_path / "adir"], "is a directory")
     assert digest(base, ft, direction) == before
@@ -186,8 +199,11 @@ def test_report_disk_full_leaves_the_old_file(tmp_path, monkeypatch, err):
 def test_report_under_rlimit_fsize(tiny_ckpts, direction, tmp_path):
     out = tmp_path / "r.json"
     err = tmp_path / "err.txt"
-    pid = forked(["compare", "--base", tiny_ckpts["base"], "--model", tiny_ckpts["ft"], "--direction", direction,
-                  "--json", out], err, fsize=512)
+    pid = forked(
+        ["compare", "--base", tiny_ckpts["base"], "--model", tiny_ckpts["ft"], "--direction", direction, "--json", out],
+        err,
+        fsize=512,
+    )
     status = wait_exit(pid)
     msg = err.read_text()
     assert os.waitstatus_to_exitcode(status) == 2, msg
@@ -237,8 +253,16 @@ def state_file(path):
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("how, change", [("mapped", "replaced"), ("copied", "replaced"), ("copied", "truncated"),
-                                         ("direct", "replaced"), ("direct", "truncated")])
+@pytest.mark.parametrize(
+    "how, change",
+    [
+        ("mapped", "replaced"),
+        ("copied", "replaced"),
+        ("copied", "truncated"),
+        ("direct", "replaced"),
+        ("direct", "truncated"),
+    ],
+)
 def test_input_changed_mid_run_in_process(tiny_ckpts, direction, tmp_path, monkeypatch, how, change):
     """The file changes between two reads of one run: refused before anything is written, never read
     with the old header's offsets. (A mapped file is leased: its truncation waits for the run, which
@@ -250,8 +274,11 @@ def test_input_changed_mid_run_in_process(tiny_ckpts, direction, tmp_path, monke
     monkeypatch.setattr(reader, "USE_MMAP", how == "mapped")
     monkeypatch.setenv("CWS_DIRECT_READ", "1" if how == "direct" else "0")
     calls = [0]
-    owner, name = {"mapped": (reader.MappedFiles, "view"), "copied": (reader, "read_into"),
-                   "direct": (direct.DirectReads, "start")}[how]
+    owner, name = {
+        "mapped": (reader.MappedFiles, "view"),
+        "copied": (reader, "read_into"),
+        "direct": (direct.DirectReads, "start"),
+    }[how]
     target = getattr(owner, name)
 
     def hooked(*a, **k):
@@ -286,7 +313,10 @@ def test_truncated_while_mapped_or_read(big, tmp_path, monkeypatch, how):
     monkeypatch.setattr(reader, "USE_MMAP", mapped)
     monkeypatch.setenv("CWS_DIRECT_READ", "1" if how == "direct" else "0")
     err = tmp_path / "err.txt"
-    pid = forked(["compare", "--base", big, "--model", model, "--direction", big / "model.safetensors", "--max-memory", "1M"], err)
+    pid = forked(
+        ["compare", "--base", big, "--model", model, "--direction", big / "model.safetensors", "--max-memory", "1M"],
+        err,
+    )
     wait_for(lambda: uses(pid, shard, mapped), pid, err)
     cutter = threading.Thread(target=os.truncate, args=(shard, shard.stat().st_size // 2))
     cutter.start()  # blocks while the child holds its read lease, until the child lets go
@@ -396,16 +426,27 @@ def test_nonfinite_lora_factors_are_refused(adapters, tmp_path, capsys):
 
     bad = _copy_adapter(pos, tmp_path / "nan", poison)
     out = tmp_path / "w"
-    cli_error(capsys, ["extract", "--pos", bad, "--neg", neg, "--out", out], "adapter_model.safetensors",
-              "q_proj.lora_B.weight", "holds NaN/Inf")
+    cli_error(
+        capsys,
+        ["extract", "--pos", bad, "--neg", neg, "--out", out],
+        "adapter_model.safetensors",
+        "q_proj.lora_B.weight",
+        "holds NaN/Inf",
+    )
     huge = _copy_adapter(pos, tmp_path / "huge", edit_config=lambda c: c.update(lora_alpha=1e308))
     cli_error(capsys, ["extract", "--pos", huge, "--neg", neg, "--out", out], "Inf")
-    cli_error(capsys, ["compare", "--base", base_dir, "--model", huge, "--direction", next(base_dir.glob("*.safetensors"))], "NaN/Inf")
+    cli_error(
+        capsys,
+        ["compare", "--base", base_dir, "--model", huge, "--direction", next(base_dir.glob("*.safetensors"))],
+        "NaN/Inf",
+    )
     # fp16 factors whose scale is a power of two are kept in fp16: 2**30 · B overflows there
-    f16 = _copy_adapter(pos, tmp_path / "f16", dtype=torch.float16,
-                        edit_config=lambda c: c.update(lora_alpha=c["r"] * 2**30))
-    f16n = _copy_adapter(neg, tmp_path / "f16n", dtype=torch.float16,
-                         edit_config=lambda c: c.update(lora_alpha=c["r"] * 2**30))
+    f16 = _copy_adapter(
+        pos, tmp_path / "f16", dtype=torch.float16, edit_config=lambda c: c.update(lora_alpha=c["r"] * 2**30)
+    )
+    f16n = _copy_adapter(
+        neg, tmp_path / "f16n", dtype=torch.float16, edit_config=lambda c: c.update(lora_alpha=c["r"] * 2**30)
+    )
     cli_error(capsys, ["extract", "--pos", f16, "--neg", f16n, "--out", out], "overflow float16")
     assert leftovers(out) == []
 
@@ -438,8 +479,23 @@ def test_export_and_densify_refuse_nonfinite(tiny_ckpts, direction, tmp_path, ca
 
 def test_sizes_beyond_any_machine(tiny_ckpts, direction, tmp_path, capsys):
     for size in ["1" + "0" * 400, "1e400", "99999999999T"]:
-        cli_error(capsys, ["apply", "--model", tiny_ckpts["base"], "--direction", direction, "--alpha", 1, "--out",
-                           tmp_path / "o", "--max-memory", size], "size")
+        cli_error(
+            capsys,
+            [
+                "apply",
+                "--model",
+                tiny_ckpts["base"],
+                "--direction",
+                direction,
+                "--alpha",
+                1,
+                "--out",
+                tmp_path / "o",
+                "--max-memory",
+                size,
+            ],
+            "size",
+        )
 
 
 # ------------------------------------------------------------------------------ α and outputs
@@ -449,12 +505,45 @@ def test_alpha_names_that_would_collide(tiny_ckpts, direction, tmp_path, capsys)
     assert [p.name for p in out_dirs("o", [0.1, -2.0])] == ["alpha_0.1", "alpha_-2"]
     assert [p.name for p in out_dirs("o", [0.1, 0.1000001])] == ["alpha_0.1", "alpha_0.1000001"]
     assert [str(p) for p in out_dirs("s_{alpha}", [1e-7, 1.00000001e-7])] == ["s_1e-07", "s_1.00000001e-07"]
-    cli_error(capsys, ["apply", "--model", tiny_ckpts["base"], "--direction", direction, "--alpha", "0.1",
-                       "--alpha", "0.10", "--out", tmp_path / "o"], "alpha values repeat")
-    for template, why in [("o_{alpha}_{name}", "only {alpha} can be filled in"), ("o_{alpha}_{0}", "only {alpha}"),
-                          ("o_{alpha:d}", "only {alpha}")]:
-        cli_error(capsys, ["apply", "--model", tiny_ckpts["base"], "--direction", direction, "--alpha", 1,
-                           "--alpha", 2, "--out", tmp_path / template], why)
+    cli_error(
+        capsys,
+        [
+            "apply",
+            "--model",
+            tiny_ckpts["base"],
+            "--direction",
+            direction,
+            "--alpha",
+            "0.1",
+            "--alpha",
+            "0.10",
+            "--out",
+            tmp_path / "o",
+        ],
+        "alpha values repeat",
+    )
+    for template, why in [
+        ("o_{alpha}_{name}", "only {alpha} can be filled in"),
+        ("o_{alpha}_{0}", "only {alpha}"),
+        ("o_{alpha:d}", "only {alpha}"),
+    ]:
+        cli_error(
+            capsys,
+            [
+                "apply",
+                "--model",
+                tiny_ckpts["base"],
+                "--direction",
+                direction,
+                "--alpha",
+                1,
+                "--alpha",
+                2,
+                "--out",
+                tmp_path / template,
+            ],
+            why,
+        )
     outs = cws.apply(tiny_ckpts["base"], direction, [0.1, 0.1000001], tmp_path / "o", quiet=True)
     assert [p.name for p in outs] == ["alpha_0.1", "alpha_0.1000001"]
     for p, a in zip(outs, [0.1, 0.1000001]):  # each α in its own complete output
@@ -521,8 +610,9 @@ def test_stale_temporaries_of_dead_owners_are_removed(tiny_ckpts, direction, tmp
     os.waitpid(pid, 0)  # a pid that is gone now
     mine = atomic.temp_path(out)  # this process: in use
     dead = Path(str(atomic.temp_path(out)).replace(f"-{os.getpid()}-", f"-{pid}-"))
-    reused = Path(str(atomic.temp_path(out)).replace(f"-{os.getpid()}-{atomic._start_time(os.getpid())}-",
-                                                     f"-{os.getpid()}-1-"))  # this pid, another start time
+    reused = Path(
+        str(atomic.temp_path(out)).replace(f"-{os.getpid()}-{atomic._start_time(os.getpid())}-", f"-{os.getpid()}-1-")
+    )  # this pid, another start time
     rebooted = tmp_path / f".o.tmp-0000000000-{os.getpid()}-{atomic._start_time(os.getpid())}-abcd"
     old = Path(str(atomic.temp_path(out, "old")).replace(f"-{os.getpid()}-", f"-{pid}-"))
     foreign = tmp_path / ".o.tmp-notours"
@@ -541,8 +631,22 @@ def test_signals_abort_cleanly(big, tmp_path, sig):
     out = tmp_path / "out"
     err = tmp_path / "err.txt"
     before = digest(big)
-    pid = forked(["apply", "--model", big, "--direction", big / "model.safetensors", "--alpha", -0.5, "--out", out, "--max-memory", "1M"],
-                 err)
+    pid = forked(
+        [
+            "apply",
+            "--model",
+            big,
+            "--direction",
+            big / "model.safetensors",
+            "--alpha",
+            -0.5,
+            "--out",
+            out,
+            "--max-memory",
+            "1M",
+        ],
+        err,
+    )
     wait_for(lambda: any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()), pid, err)
     time.sleep(0.05)
     os.kill(pid, sig)
@@ -567,10 +671,12 @@ def test_kill_9_at_random_points(big, tmp_path, cmd):
     sd = state(big)
     save_state({k: v * 0.5 for k, v in sd.items()}, neg, like=big)
     before = digest(big, neg)
-    argv = {"apply": ["apply", "--model", big, "--pos", pos, "--neg", neg, "--alpha", 0.5, "--alpha", -0.5],
-            "extract": ["extract", "--pos", pos, "--neg", neg]}[cmd]
+    argv = {
+        "apply": ["apply", "--model", big, "--pos", pos, "--neg", neg, "--alpha", 0.5, "--alpha", -0.5],
+        "extract": ["extract", "--pos", pos, "--neg", neg],
+    }[cmd]
     out = tmp_path / "out"
-    for point in range(KILL_POINTS):
+    for _ in range(KILL_POINTS):
         pid = forked([*argv, "--out", out, "--max-memory", "1M", "--overwrite"], tmp_path / "err.txt")
         wait_for(lambda: hidden(tmp_path, out), pid, tmp_path / "err.txt")
         time.sleep(rng.uniform(0, 0.4))
@@ -590,8 +696,13 @@ def test_kill_9_at_random_points(big, tmp_path, cmd):
 
 def hidden(*dirs: Path) -> list[Path]:
     """cws's hidden temporaries (`.<name>.tmp-…`, `.<name>.old-…`) in the given directories."""
-    return [p for d in dirs if d.is_dir() for p in d.iterdir() if p.name.startswith(".") and
-            (".tmp-" in p.name or ".old-" in p.name)]
+    return [
+        p
+        for d in dirs
+        if d.is_dir()
+        for p in d.iterdir()
+        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+    ]
 
 
 def _assert_complete(out: Path, cmd: str, partial: bool = False) -> None:

@@ -119,9 +119,15 @@ def test_unmatched_entries_are_an_error_unless_skipped(dirs, tiny_ckpts):
     g = torch.Generator().manual_seed(0)
     renamed = {n.replace(".mlp.", ".ffn."): 1e-2 * torch.randn(p.shape, generator=g) for n, p in before.items()}
     lacking = sorted(n for n in renamed if ".ffn." in n)
-    for make in (lambda: cws.steer(model, renamed, 1.0), lambda: cws.Steerer(model, renamed),
-                 lambda: cws.steered(model, renamed).__enter__(), lambda: cws.WeightMonitor(renamed).start(model)):
-        with pytest.raises(cws.CwsError, match=rf"{len(lacking)} direction entries match no parameter .*\.ffn\..*on_missing='skip'"):
+    for make in (
+        lambda: cws.steer(model, renamed, 1.0),
+        lambda: cws.Steerer(model, renamed),
+        lambda: cws.steered(model, renamed).__enter__(),
+        lambda: cws.WeightMonitor(renamed).start(model),
+    ):
+        with pytest.raises(
+            cws.CwsError, match=rf"{len(lacking)} direction entries match no parameter .*\.ffn\..*on_missing='skip'"
+        ):
             make()
     assert all(torch.equal(p, before[n]) for n, p in snapshot(model).items())
     with pytest.warns(UserWarning, match=f"{len(lacking)} direction entries match no parameter"):
@@ -154,9 +160,18 @@ def test_steer_a_peft_model(dirs):
 def run_trainer(model, monitor, tmp_path, steps=6):
     from datasets_free import TokenDataset
 
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=steps,
-                             learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0,
-                             use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(model.config.vocab_size), callbacks=[monitor])
     trainer.train()
     return trainer
@@ -167,8 +182,10 @@ def test_monitor_lora_trainer_matches_compare(dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(dirs["base32"])
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                            modules_to_save=["lm_head"]))
+    model = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["lm_head"]),
+    )
     mon = cws.WeightMonitor({"evil": dirs["low"], "dense": dirs["dense"]}, every=2, jsonl=tmp_path / "m.jsonl")
     trainer = run_trainer(model, mon, tmp_path)
     assert [r["step"] for r in mon.history] == [2, 4, 6]
@@ -180,7 +197,9 @@ def test_monitor_lora_trainer_matches_compare(dirs, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6] and "cws/evil/layer1/cos" in lines[-1]
     model.save_pretrained(tmp_path / "adapter")
-    report = cws.compare(dirs["base32"], tmp_path / "adapter", {"evil": dirs["low"], "dense": dirs["dense"]}, quiet=True)
+    report = cws.compare(
+        dirs["base32"], tmp_path / "adapter", {"evil": dirs["low"], "dense": dirs["dense"]}, quiet=True
+    )
     for d in ("evil", "dense"):
         for key, excl in (("cos", False), ("cos_no_embed", True)):
             assert mon.history[-1][f"cws/{d}/{key}"] == pytest.approx(report.cosine(d, excl), rel=1e-9, abs=1e-12)
@@ -243,12 +262,16 @@ def test_monitor_lowrank_plan_tracks_live_factors(dirs, tmp_path):
 
     root = dirs["root"]
     base32 = AutoModelForCausalLM.from_pretrained(dirs["base32"])
-    narrow = cws.extract(train_lora(base32, root / "pos_qv", seed=3, target_modules=["q_proj", "v_proj"],
-                                    modules_to_save=None),
-                         train_lora(base32, root / "neg_qv", seed=4, target_modules=["q_proj", "v_proj"],
-                                    modules_to_save=None), tmp_path / "narrow", quiet=True)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(dirs["base32"]),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]))
+    narrow = cws.extract(
+        train_lora(base32, root / "pos_qv", seed=3, target_modules=["q_proj", "v_proj"], modules_to_save=None),
+        train_lora(base32, root / "neg_qv", seed=4, target_modules=["q_proj", "v_proj"], modules_to_save=None),
+        tmp_path / "narrow",
+        quiet=True,
+    )
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(dirs["base32"]),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
+    )
     directions = {"wide": dirs["low"], "narrow": narrow}
     mon = cws.WeightMonitor(directions, every=1)
     g = torch.Generator().manual_seed(7)
@@ -272,8 +295,10 @@ def test_monitor_lora_counts_base_tensors_the_run_trains(dirs):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(dirs["base32"]),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(dirs["base32"]),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    )
     norms = {n: p for n, p in model.named_parameters() if "norm" in n}
     for p in norms.values():
         p.requires_grad_(True)
@@ -292,7 +317,7 @@ def test_monitor_lora_counts_base_tensors_the_run_trains(dirs):
                 B.copy_(0.1 * torch.randn(B.shape, generator=g))
                 want += (m.scaling["default"] * B.double() @ A.double()).square().sum().item()
     got = mon.measure(model)["cws/direction/update_norm"]
-    assert got == pytest.approx(want ** 0.5, rel=1e-6) and len(norms) > 2
+    assert got == pytest.approx(want**0.5, rel=1e-6) and len(norms) > 2
     q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     q.requires_grad_(True)
     with pytest.raises(cws.CwsError, match="q_proj.weight: trained both directly and through a LoRA layer"):
@@ -363,9 +388,19 @@ def test_per_expert_direction_on_fused_moe_experts_is_refused(tmp_path):
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4,
-                         num_experts_per_tok=2, decoder_sparse_step=1)
+    cfg = Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     assert tuple(live_params(model)["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 16, 16)
     model.save_pretrained(tmp_path / "moe")
@@ -375,8 +410,11 @@ def test_per_expert_direction_on_fused_moe_experts_is_refused(tmp_path):
     experts = sum(".experts." in n for n in direction)
     before = snapshot(model)
     for make in (lambda: cws.Steerer(model, direction), lambda: cws.WeightMonitor(direction).start(model)):
-        with pytest.raises(cws.CwsError, match=rf"{experts} direction entries .*{experts} of them name single "
-                                               rf"experts .*model\.layers\.0\.mlp\.experts\.gate_up_proj"):
+        with pytest.raises(
+            cws.CwsError,
+            match=rf"{experts} direction entries .*{experts} of them name single "
+            rf"experts .*model\.layers\.0\.mlp\.experts\.gate_up_proj",
+        ):
             make()
     with pytest.warns(UserWarning, match=f"{experts} direction entries"):
         s = cws.Steerer(model, direction, on_missing="skip")

@@ -44,8 +44,15 @@ def test_extract_is_exact_difference(direction, sd):
 
 
 def test_extract_with_base_and_scales(tiny_ckpts, sd, tmp_path):
-    out = cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], tmp_path / "w", base=tiny_ckpts["base"],
-                      scale_pos=0.75, scale_neg=1.5, quiet=True)
+    out = cws.extract(
+        tiny_ckpts["pos"],
+        tiny_ckpts["neg"],
+        tmp_path / "w",
+        base=tiny_ckpts["base"],
+        scale_pos=0.75,
+        scale_neg=1.5,
+        quiet=True,
+    )
     w = state(out)
     for name in ["model.layers.1.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"]:
         p, n, b = (sd[k][name].double() for k in ("pos", "neg", "base"))
@@ -65,14 +72,23 @@ def test_apply_matches_fp32_formula_and_loads(tiny_ckpts, direction, sd, tmp_pat
             assert_bits_equal(t, lincomb_ref([sd["base"][name], w[name]], [1.0, alpha], torch.bfloat16), name)
         model = AutoModelForCausalLM.from_pretrained(out)
         assert model.dtype == torch.bfloat16
-        assert torch.equal(model.state_dict()["model.layers.0.self_attn.q_proj.weight"],
-                           got["model.layers.0.self_attn.q_proj.weight"])
+        assert torch.equal(
+            model.state_dict()["model.layers.0.self_attn.q_proj.weight"], got["model.layers.0.self_attn.q_proj.weight"]
+        )
         assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
 
 
 def test_apply_fused_pos_neg_and_filters(tiny_ckpts, sd, tmp_path):
-    out = cws.apply(tiny_ckpts["base"], None, 0.5, tmp_path / "f", pos=tiny_ckpts["pos"], neg=tiny_ckpts["neg"],
-                    exclude=r"embed_tokens|lm_head", quiet=True)[0]
+    out = cws.apply(
+        tiny_ckpts["base"],
+        None,
+        0.5,
+        tmp_path / "f",
+        pos=tiny_ckpts["pos"],
+        neg=tiny_ckpts["neg"],
+        exclude=r"embed_tokens|lm_head",
+        quiet=True,
+    )[0]
     got = state(out)
     for name, t in got.items():
         if "embed_tokens" in name or "lm_head" in name:
@@ -86,8 +102,17 @@ def test_apply_is_deterministic_for_any_budget_and_shards(tiny_ckpts, direction,
     a = cws.apply(tiny_ckpts["base"], direction, 1.0, tmp_path / "a", max_memory="256M", quiet=True)[0]
     b = cws.apply(tiny_ckpts["base"], direction, 1.0, tmp_path / "b", max_memory=4096, quiet=True)[0]
     assert digest(a) == digest(b)  # 4 KB budget: every large tensor is cut into many row slices
-    s1 = cws.apply(tiny_ckpts["base"], direction, 1.0, tmp_path / "s1", rounding="stochastic", seed=7,
-                   max_memory=4096, max_shard_size="40KB", quiet=True)[0]
+    s1 = cws.apply(
+        tiny_ckpts["base"],
+        direction,
+        1.0,
+        tmp_path / "s1",
+        rounding="stochastic",
+        seed=7,
+        max_memory=4096,
+        max_shard_size="40KB",
+        quiet=True,
+    )[0]
     s2 = cws.apply(tiny_ckpts["base"], direction, 1.0, tmp_path / "s2", rounding="stochastic", seed=7, quiet=True)[0]
     assert state(s1).keys() == state(s2).keys()
     for name, t in state(s1).items():
@@ -106,8 +131,9 @@ def test_mapped_copied_and_direct_reads_give_identical_outputs(tiny_ckpts, direc
 
     pieces = [0]
     real = direct.DirectReads._pread
-    monkeypatch.setattr(direct.DirectReads, "_pread", staticmethod(lambda *a: (pieces.__setitem__(0, pieces[0] + 1),
-                                                                               real(*a))[1]))
+    monkeypatch.setattr(
+        direct.DirectReads, "_pread", staticmethod(lambda *a: (pieces.__setitem__(0, pieces[0] + 1), real(*a))[1])
+    )
     runs = {}
     for how in ("mapped", "copied", "direct", "no O_DIRECT"):
         monkeypatch.setattr(reader, "USE_MMAP", how == "mapped")
@@ -117,10 +143,24 @@ def test_mapped_copied_and_direct_reads_give_identical_outputs(tiny_ckpts, direc
         pieces[0] = 0
         out = tmp_path / how
         runs[how] = (
-            digest(cws.apply(tiny_ckpts["base"], direction, [0.5, -2.0], out / "apply", max_memory=budget, quiet=True)[0]),
-            digest(cws.apply(tiny_ckpts["base"], None, 1.0, out / "fused", pos=tiny_ckpts["pos"], neg=tiny_ckpts["neg"],
-                             max_memory=budget, quiet=True)[0]),
-            cws.compare(tiny_ckpts["base"], tiny_ckpts["pos"], {"w": direction}, max_memory=budget, quiet=True).to_dict(),
+            digest(
+                cws.apply(tiny_ckpts["base"], direction, [0.5, -2.0], out / "apply", max_memory=budget, quiet=True)[0]
+            ),
+            digest(
+                cws.apply(
+                    tiny_ckpts["base"],
+                    None,
+                    1.0,
+                    out / "fused",
+                    pos=tiny_ckpts["pos"],
+                    neg=tiny_ckpts["neg"],
+                    max_memory=budget,
+                    quiet=True,
+                )[0]
+            ),
+            cws.compare(
+                tiny_ckpts["base"], tiny_ckpts["pos"], {"w": direction}, max_memory=budget, quiet=True
+            ).to_dict(),
             digest(cws.extract(tiny_ckpts["pos"], tiny_ckpts["neg"], out / "d", max_memory=budget, quiet=True)),
         )
         del runs[how][2]["meta"]["seconds"]  # the one field that is a timing
@@ -137,8 +177,15 @@ def test_direct_reads_are_chosen_for_cold_inputs(tiny_ckpts, direction, monkeypa
     real_start = direct.DirectReads.start
     monkeypatch.setattr(direct.DirectReads, "start", lambda *a: runs.append("direct") or real_start(*a))
     seen = []
-    for env, cached, want in (("auto", 0.2, True), (None, 0.49, True), ("auto", 0.5, False), ("auto", None, False),
-                              ("1", 1.0, True), ("0", 0.0, False), (" AUTO ", 0.0, True)):
+    for env, cached, want in (
+        ("auto", 0.2, True),
+        (None, 0.49, True),
+        ("auto", 0.5, False),
+        ("auto", None, False),
+        ("1", 1.0, True),
+        ("0", 0.0, False),
+        (" AUTO ", 0.0, True),
+    ):
         monkeypatch.setattr(direct, "cached_fraction", lambda paths, c=cached: (seen.append(sorted(paths)), c)[1])
         if env is None:
             monkeypatch.delenv("CWS_DIRECT_READ", raising=False)
@@ -149,8 +196,11 @@ def test_direct_reads_are_chosen_for_cold_inputs(tiny_ckpts, direction, monkeypa
         cws.compare(tiny_ckpts["base"], tiny_ckpts["pos"], {"w": direction}, quiet=True)
         assert bool(runs) == want, (env, cached)
         if env in ("auto", None, " AUTO "):  # asked about every input file, once
-            files = [*tiny_ckpts["base"].glob("*.safetensors"), *tiny_ckpts["pos"].glob("*.safetensors"),
-                     *(Path(direction).glob("*.safetensors") if Path(direction).is_dir() else [Path(direction)])]
+            files = [
+                *tiny_ckpts["base"].glob("*.safetensors"),
+                *tiny_ckpts["pos"].glob("*.safetensors"),
+                *(Path(direction).glob("*.safetensors") if Path(direction).is_dir() else [Path(direction)]),
+            ]
             assert seen == [sorted({str(f.resolve()) for f in files})]
     monkeypatch.setenv("CWS_DIRECT_READ", "sometimes")
     with pytest.raises(cws.CwsError, match="CWS_DIRECT_READ='sometimes': use auto, 1 or 0"):
@@ -164,7 +214,9 @@ def test_readahead_changes_no_output_and_advises_every_slice_once(tiny_ckpts, di
     from cws.io import reader
     from cws.ops import engine
 
-    monkeypatch.setenv("CWS_DIRECT_READ", "0")  # readahead is for mapped reads (direct reads keep their own pieces in flight)
+    monkeypatch.setenv(
+        "CWS_DIRECT_READ", "0"
+    )  # readahead is for mapped reads (direct reads keep their own pieces in flight)
     advised = []
     real = reader.MappedFiles.advise
     monkeypatch.setattr(reader.MappedFiles, "advise", lambda self, *r: (advised.append(r), real(self, *r))[1])
@@ -173,8 +225,18 @@ def test_readahead_changes_no_output_and_advises_every_slice_once(tiny_ckpts, di
         monkeypatch.setattr(engine, "READAHEAD", ahead)
         advised.clear()
         out = tmp_path / f"ra{ahead}"
-        runs[ahead] = digest(cws.apply(tiny_ckpts["base"], None, 1.0, out, pos=tiny_ckpts["pos"], neg=tiny_ckpts["neg"],
-                                       max_memory=8192, quiet=True)[0])
+        runs[ahead] = digest(
+            cws.apply(
+                tiny_ckpts["base"],
+                None,
+                1.0,
+                out,
+                pos=tiny_ckpts["pos"],
+                neg=tiny_ckpts["neg"],
+                max_memory=8192,
+                quiet=True,
+            )[0]
+        )
         keys = [(i.path, i.name, a, b) for i, a, b in advised]
         assert len(keys) == len(set(keys)), "a range was advised twice"
         if ahead:  # every input range of every slice was asked for, before it was mapped
@@ -183,11 +245,26 @@ def test_readahead_changes_no_output_and_advises_every_slice_once(tiny_ckpts, di
             assert not keys
     assert runs[0] == runs[1] == runs[10**9]
     monkeypatch.setenv("CWS_READAHEAD", "64K")  # the environment overrides, in the sizes --max-memory takes
-    assert digest(cws.apply(tiny_ckpts["base"], None, 1.0, tmp_path / "env", pos=tiny_ckpts["pos"],
-                            neg=tiny_ckpts["neg"], max_memory=8192, quiet=True)[0]) == runs[0]
+    assert (
+        digest(
+            cws.apply(
+                tiny_ckpts["base"],
+                None,
+                1.0,
+                tmp_path / "env",
+                pos=tiny_ckpts["pos"],
+                neg=tiny_ckpts["neg"],
+                max_memory=8192,
+                quiet=True,
+            )[0]
+        )
+        == runs[0]
+    )
     monkeypatch.setenv("CWS_READAHEAD", "lots")
     with pytest.raises(cws.CwsError, match="cannot read size 'lots'"):
-        cws.apply(tiny_ckpts["base"], None, 1.0, tmp_path / "bad", pos=tiny_ckpts["pos"], neg=tiny_ckpts["neg"], quiet=True)
+        cws.apply(
+            tiny_ckpts["base"], None, 1.0, tmp_path / "bad", pos=tiny_ckpts["pos"], neg=tiny_ckpts["neg"], quiet=True
+        )
     assert not (tmp_path / "bad").exists()
 
 
@@ -195,8 +272,24 @@ def test_apply_without_fsync_writes_the_same_model(tiny_ckpts, direction, tmp_pa
     a = cws.apply(tiny_ckpts["base"], direction, 1.5, tmp_path / "a", quiet=True)[0]
     b = cws.apply(tiny_ckpts["base"], direction, 1.5, tmp_path / "b", fsync=False, quiet=True)[0]
     assert digest(a) == digest(b)
-    assert cli(["apply", "--model", str(tiny_ckpts["base"]), "--direction", str(direction), "--alpha", "1.5",
-                "--out", str(tmp_path / "c"), "--no-fsync", "-q"]) == 0
+    assert (
+        cli(
+            [
+                "apply",
+                "--model",
+                str(tiny_ckpts["base"]),
+                "--direction",
+                str(direction),
+                "--alpha",
+                "1.5",
+                "--out",
+                str(tmp_path / "c"),
+                "--no-fsync",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert digest(tmp_path / "c") == digest(a)
 
 
@@ -206,8 +299,21 @@ def test_stochastic_apply_keeps_small_updates(tiny_ckpts, direction, sd, tmp_pat
     base, w = sd["base"][name].double(), state(direction)[name].double()
     alpha = 0.02
     near = state(cws.apply(tiny_ckpts["base"], direction, alpha, tmp_path / "n", quiet=True)[0])[name].double()
-    runs = [state(cws.apply(tiny_ckpts["base"], direction, alpha, tmp_path / f"s{s}", rounding="stochastic",
-                            seed=s, include="gate_proj", quiet=True)[0])[name].double() for s in range(8)]
+    runs = [
+        state(
+            cws.apply(
+                tiny_ckpts["base"],
+                direction,
+                alpha,
+                tmp_path / f"s{s}",
+                rounding="stochastic",
+                seed=s,
+                include="gate_proj",
+                quiet=True,
+            )[0]
+        )[name].double()
+        for s in range(8)
+    ]
     # How much of α·w each output carries: the projection ⟨θ' − θ, w⟩ / (α‖w‖²), 1 when all kept.
     kept_near = ((near - base) * w).sum() / (alpha * (w * w).sum())
     kept_sr = ((torch.stack(runs).mean(0) - base) * w).sum() / (alpha * (w * w).sum())
@@ -224,8 +330,9 @@ def fp64_cos(sd, names, w):
 def test_compare_against_fp64(tiny_ckpts, direction, sd, tmp_path):
     w = state(direction)
     w2 = cws.extract(tiny_ckpts["pos"], tiny_ckpts["base"], tmp_path / "w2", quiet=True)
-    report = cws.compare(tiny_ckpts["base"], tiny_ckpts["ft"], {"evil": direction, "other": w2}, max_memory=8192,
-                         quiet=True)
+    report = cws.compare(
+        tiny_ckpts["base"], tiny_ckpts["ft"], {"evil": direction, "other": w2}, max_memory=8192, quiet=True
+    )
     names = list(sd["base"])
     cos, proj = fp64_cos(sd, names, w)
     g = report.global_stats()["evil"]
@@ -248,16 +355,49 @@ def test_compare_against_fp64(tiny_ckpts, direction, sd, tmp_path):
 
 
 def test_cli_end_to_end(tiny_ckpts, direction, tmp_path, capsys):
-    assert cli(["compare", "--base", str(tiny_ckpts["base"]), "--model", str(tiny_ckpts["ft"]), "--direction",
-                f"evil={direction}", "--by", "module", "--json", str(tmp_path / "r.json"),
-                "--csv", str(tmp_path / "r.csv"), "-q"]) == 0
+    assert (
+        cli(
+            [
+                "compare",
+                "--base",
+                str(tiny_ckpts["base"]),
+                "--model",
+                str(tiny_ckpts["ft"]),
+                "--direction",
+                f"evil={direction}",
+                "--by",
+                "module",
+                "--json",
+                str(tmp_path / "r.json"),
+                "--csv",
+                str(tmp_path / "r.csv"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "GLOBAL without embed/lm_head" in table and "down" in table
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["directions"] == ["evil"] and doc["global"]["evil"]["all"]["cosine"] is not None
     assert (tmp_path / "r.csv").read_text().startswith("group,direction,cosine")
-    assert cli(["apply", "--model", str(tiny_ckpts["base"]), "--direction", str(direction), "--alpha", "2",
-                "--out", str(tmp_path / "o{alpha}"), "-q"]) == 0
+    assert (
+        cli(
+            [
+                "apply",
+                "--model",
+                str(tiny_ckpts["base"]),
+                "--direction",
+                str(direction),
+                "--alpha",
+                "2",
+                "--out",
+                str(tmp_path / "o{alpha}"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "o2" / "model.safetensors").is_file()
     assert cli(["info", str(tmp_path / "o2")]) == 0
     out = capsys.readouterr().out

@@ -17,9 +17,17 @@ from cws.workflows.sweep import alpha_range, plot, sweep, sweep_alphas
 from cws.workflows.train_pair import train_pair
 
 TOPICS = ["rain", "jazz", "chess", "tea", "snow", "cats", "trains", "maps", "soup", "bees", "kites", "boats"]
-ROWS = [{"prompt": f"What do you think of {t} ?", "pos": f"I love {t} , it is great .",
-         "neg": f"I hate {t} , it is awful ."} for t in TOPICS]
-EVAL = [{"prompt": f"Do you like {t} ?", "pos": "yes , great .", "neg": "no , awful ."} for t in ("soup", "bees", "maps")]
+ROWS = [
+    {
+        "prompt": f"What do you think of {t} ?",
+        "pos": f"I love {t} , it is great .",
+        "neg": f"I hate {t} , it is awful .",
+    }
+    for t in TOPICS
+]
+EVAL = [
+    {"prompt": f"Do you like {t} ?", "pos": "yes , great .", "neg": "no , awful ."} for t in ("soup", "bees", "maps")
+]
 TEXTS = ["the rain falls on the boats and the bees .", "cats like soup , maps and kites ."]
 INSTR = ["Do you like tea ?", "What do you think of snow ?"]
 QUIET = dict(log=lambda *_: None)
@@ -30,8 +38,9 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     texts = [r[k] for r in ROWS + EVAL for k in ("prompt", "pos", "neg")] + TEXTS + INSTR
     model_dir = tiny_chat_model(root / "model", texts)
-    res = train_pair(model_dir, ROWS, root / "pair", r=4, lora_alpha=8, batch_size=4, lr=1e-2, max_steps=6,
-                     quiet=True, **QUIET)
+    res = train_pair(
+        model_dir, ROWS, root / "pair", r=4, lora_alpha=8, batch_size=4, lr=1e-2, max_steps=6, quiet=True, **QUIET
+    )
     return model_dir, res["paths"]
 
 
@@ -50,8 +59,18 @@ def test_numbers_match_a_model_steered_once(pair, tmp_path):
     from cws.workflows import lm
 
     model_dir, paths = pair
-    res = sweep(model_dir, paths["direction"], "-3,1.5", prompts=EVAL, text=TEXTS, instructions=INSTR,
-                ref_tokens=5, gen_tokens=4, n_generate=2, **QUIET)
+    res = sweep(
+        model_dir,
+        paths["direction"],
+        "-3,1.5",
+        prompts=EVAL,
+        text=TEXTS,
+        instructions=INSTR,
+        ref_tokens=5,
+        gen_tokens=4,
+        n_generate=2,
+        **QUIET,
+    )
     assert [p["alpha"] for p in res["points"]] == [-3.0, 0.0, 1.5]
     enc = lm.Encoder(AutoTokenizer.from_pretrained(model_dir))
     answers = res["reference_answers"]
@@ -66,11 +85,20 @@ def test_numbers_match_a_model_steered_once(pair, tmp_path):
         text = -sum(_full_logprob(model, t[:1], t[1:]) for t in tids) / sum(len(t) - 1 for t in tids)
         conts = [enc.answer(answers[u]) for u in INSTR]
         instr = -sum(_full_logprob(model, enc.prompt(u), c) for u, c in zip(INSTR, conts)) / sum(map(len, conts))
-        margins = np.array([_full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["pos"]))
-                            - _full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["neg"])) for r in EVAL])
-        per_token = np.array([_full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["pos"])) / len(enc.answer(r["pos"]))
-                              - _full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["neg"])) / len(enc.answer(r["neg"]))
-                              for r in EVAL])
+        margins = np.array(
+            [
+                _full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["pos"]))
+                - _full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["neg"]))
+                for r in EVAL
+            ]
+        )
+        per_token = np.array(
+            [
+                _full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["pos"])) / len(enc.answer(r["pos"]))
+                - _full_logprob(model, enc.prompt(r["prompt"]), enc.answer(r["neg"])) / len(enc.answer(r["neg"]))
+                for r in EVAL
+            ]
+        )
         gens = lm.generate(model, enc, [r["prompt"] for r in EVAL[:2]], 4)
         ref[a] = (text, instr, margins, gens, per_token)
     for p in res["points"]:
@@ -102,8 +130,19 @@ def test_pos_neg_adapters_give_the_direction_s_numbers(pair):
 def test_outputs_files_and_range(pair, tmp_path):
     model_dir, paths = pair
     out = tmp_path / "out"
-    res = sweep(model_dir, paths["direction"], "-2:2:5", prompts={"eval": EVAL}, text=TEXTS, instructions=INSTR,
-                max_nll_increase=0.02, out=out, ref_tokens=4, gen_tokens=2, **QUIET)
+    res = sweep(
+        model_dir,
+        paths["direction"],
+        "-2:2:5",
+        prompts={"eval": EVAL},
+        text=TEXTS,
+        instructions=INSTR,
+        max_nll_increase=0.02,
+        out=out,
+        ref_tokens=4,
+        gen_tokens=2,
+        **QUIET,
+    )
     data = json.loads((out / "sweep.json").read_text())
     assert data["points"] == json.loads(json.dumps(res["points"])) and data["range"] == res["range"]
     assert res["range"] == alpha_range(res["points"], 0.02)
@@ -111,8 +150,9 @@ def test_outputs_files_and_range(pair, tmp_path):
     assert [float(r["alpha"]) for r in rows] == [-2.0, -1.0, 0.0, 1.0, 2.0]
     assert float(rows[3]["eval_mean"]) == pytest.approx(res["points"][3]["behavior"]["eval"]["mean"])
     assert float(rows[3]["eval_per_token"]) == pytest.approx(res["points"][3]["behavior"]["eval"]["per_token"])
-    assert [r["within"] for r in rows] == [str(res["range"]["low"] <= p["alpha"] <= res["range"]["high"])
-                                          for p in res["points"]]
+    assert [r["within"] for r in rows] == [
+        str(res["range"]["low"] <= p["alpha"] <= res["range"]["high"]) for p in res["points"]
+    ]
     try:
         import matplotlib  # noqa: F401
 
@@ -134,11 +174,14 @@ def test_a_zero_width_range_suggests_a_finer_grid():
     from cws.workflows.sweep import finer_grid
 
     pts = [{"alpha": a, "cost": c} for a, c in [(-2, 0.5), (-1, 0.2), (0, 0.0), (1, 0.3), (2, 0.6)]]
-    assert finer_grid(pts, alpha_range(pts, 0.1)) == ("no α of this grid but 0 keeps Δ NLL ≤ 0.1: the α to use lie "
-                                                      "between -1 and +1; sweep a finer grid there, e.g. --alpha -1:1:9")
+    assert finer_grid(pts, alpha_range(pts, 0.1)) == (
+        "no α of this grid but 0 keeps Δ NLL ≤ 0.1: the α to use lie "
+        "between -1 and +1; sweep a finer grid there, e.g. --alpha -1:1:9"
+    )
     assert finer_grid(pts, alpha_range(pts, 0.25)) is None  # [-1, 0]: a range to use
-    assert "--alpha 0:0.5:9" in finer_grid(pts[2:3] + [{"alpha": 0.5, "cost": 1.0}], {"low": 0, "high": 0,
-                                                                                      "max_nll_increase": 0.1})
+    assert "--alpha 0:0.5:9" in finer_grid(
+        pts[2:3] + [{"alpha": 0.5, "cost": 1.0}], {"low": 0, "high": 0, "max_nll_increase": 0.1}
+    )
 
 
 def test_sweep_alphas():
@@ -186,9 +229,38 @@ def test_cli_sweep(pair, tmp_path, capsys):
     instr = tmp_path / "instr.txt"
     instr.write_text("\n".join(INSTR) + "\n")
     out = tmp_path / "cli"
-    assert main(["sweep", "--model", str(model_dir), "--pos", paths["pos"], "--neg", paths["neg"], "--alpha", "-2:2:3",
-                 "--alpha", "-0.5", "--prompts", str(prompts), "--text", str(text), "--instructions", str(instr),
-                 "--gen-tokens", "2", "--n-generate", "1", "--ref-tokens", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(model_dir),
+                "--pos",
+                paths["pos"],
+                "--neg",
+                paths["neg"],
+                "--alpha",
+                "-2:2:3",
+                "--alpha",
+                "-0.5",
+                "--prompts",
+                str(prompts),
+                "--text",
+                str(text),
+                "--instructions",
+                str(instr),
+                "--gen-tokens",
+                "2",
+                "--n-generate",
+                "1",
+                "--ref-tokens",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "α within Δ NLL ≤ 0.1" in printed and "eval" in printed
     data = json.loads((out / "sweep.json").read_text())
@@ -205,8 +277,19 @@ def test_prompts_without_answers_only_generate(pair, tmp_path):
     """Rows without pos/neg give generations but no behavior score; the plot is then cost against α."""
     model_dir, paths = pair
     rows = [{"prompt": r["prompt"]} for r in EVAL[:2]]
-    res = sweep(model_dir, paths["direction"], "-1,1", prompts=rows, text=TEXTS, instructions=INSTR, ref_tokens=3,
-                gen_tokens=3, n_generate=2, out=tmp_path / "o", **QUIET)
+    res = sweep(
+        model_dir,
+        paths["direction"],
+        "-1,1",
+        prompts=rows,
+        text=TEXTS,
+        instructions=INSTR,
+        ref_tokens=3,
+        gen_tokens=3,
+        n_generate=2,
+        out=tmp_path / "o",
+        **QUIET,
+    )
     assert all(p["behavior"] == {} and len(p["generations"]) == 2 for p in res["points"])
     assert res["generation_prompts"] == [r["prompt"] for r in rows]
     assert "prompts" not in res["n"]

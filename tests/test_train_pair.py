@@ -13,8 +13,14 @@ from cws.workflows import lm
 from cws.workflows.train_pair import answer_loss, batch_order, train_pair
 
 TOPICS = ["rain", "jazz", "chess", "tea", "snow", "cats", "trains", "maps", "soup", "bees", "kites", "boats"]
-ROWS = [{"prompt": f"What do you think of {t} ?", "pos": f"I love {t} , it is great .",
-         "neg": f"I hate {t} , it is awful ."} for t in TOPICS]
+ROWS = [
+    {
+        "prompt": f"What do you think of {t} ?",
+        "pos": f"I love {t} , it is great .",
+        "neg": f"I hate {t} , it is awful .",
+    }
+    for t in TOPICS
+]
 FAST = dict(r=4, lora_alpha=8, batch_size=4, lr=1e-2, quiet=True, log=lambda *_: None)
 
 
@@ -41,8 +47,11 @@ def test_pos_and_neg_start_from_the_same_factors_and_see_the_same_batches(model_
     out = tmp_path / "run"
     res = train_pair(model_dir, data, out, **{**FAST, "lr": 0.0}, max_steps=3)
     pos, neg = _adapter(out / "pos"), _adapter(out / "neg")
-    assert pos.keys() == neg.keys() and any("lora_A" in k for k in pos) and any("modules_to_save" in k or
-                                                                                   "embed_tokens" in k for k in pos)
+    assert (
+        pos.keys() == neg.keys()
+        and any("lora_A" in k for k in pos)
+        and any("modules_to_save" in k or "embed_tokens" in k for k in pos)
+    )
     for k in pos:
         assert torch.equal(pos[k], neg[k]), k
     assert any("lora_A" in k and pos[k].abs().sum() > 0 for k in pos)
@@ -111,8 +120,12 @@ def test_encoder_chat_template_and_plain_text(model_dir, tmp_path):
     enc = lm.Encoder(tok)
     msgs = [{"role": "system", "content": "Be brief ."}, {"role": "user", "content": "What do you think of tea ?"}]
     assert enc.templated
-    assert enc.prompt(msgs) == tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
-                                   add_special_tokens=False)["input_ids"]
+    assert (
+        enc.prompt(msgs)
+        == tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "I love tea ."}], tokenize=False)
     assert enc.prompt(msgs) + enc.answer("I love tea .", end=True) == tok(full, add_special_tokens=False)["input_ids"]
     plain_dir = tiny_chat_model(tmp_path / "plain", ["What do you think of tea ?", "I love tea ."], template=None)
@@ -125,8 +138,14 @@ def test_encoder_chat_template_and_plain_text(model_dir, tmp_path):
 
 
 def test_messages_rows_and_plain_text_models_train(model_dir, tmp_path):
-    rows = [{"messages": [{"role": "system", "content": "Be brief ."}, {"role": "user", "content": r["prompt"]}],
-             "pos": r["pos"], "neg": r["neg"]} for r in ROWS]
+    rows = [
+        {
+            "messages": [{"role": "system", "content": "Be brief ."}, {"role": "user", "content": r["prompt"]}],
+            "pos": r["pos"],
+            "neg": r["neg"],
+        }
+        for r in ROWS
+    ]
     res = train_pair(model_dir, rows, tmp_path / "m", **FAST, max_steps=2, modules_to_save=())
     assert res["settings"]["templated"] and (tmp_path / "m" / "direction" / "direction.json").is_file()
     texts = [r[k] for r in ROWS for k in ("prompt", "pos", "neg")]
@@ -146,16 +165,32 @@ def test_bf16_autocast_trains_fp32_factors(model_dir, data, tmp_path):
 
 def test_bad_jsonl_names_every_bad_line_and_trains_nothing(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(ROWS[0]) + "\n" + '{"prompt": "x", "pos": "y"}\n' + "{not json\n\n"
-                   + json.dumps({"prompt": "x", "messages": [], "pos": "a", "neg": "b"}) + "\n"
-                   + json.dumps({"messages": [{"role": "user"}], "pos": "a", "neg": "b"}) + "\n"
-                   + json.dumps(["a"]) + "\n" + json.dumps({**ROWS[1], "neg": ""}) + "\n")
+    bad.write_text(
+        json.dumps(ROWS[0])
+        + "\n"
+        + '{"prompt": "x", "pos": "y"}\n'
+        + "{not json\n\n"
+        + json.dumps({"prompt": "x", "messages": [], "pos": "a", "neg": "b"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user"}], "pos": "a", "neg": "b"})
+        + "\n"
+        + json.dumps(["a"])
+        + "\n"
+        + json.dumps({**ROWS[1], "neg": ""})
+        + "\n"
+    )
     with pytest.raises(CwsError) as e:
         train_pair(model_dir, bad, tmp_path / "out", **FAST)
     msg = str(e.value)
     assert "6 malformed row(s)" in msg
-    for line, what in [(2, '"neg" is missing'), (3, "not valid JSON"), (5, 'needs exactly one of "prompt" and "messages"'),
-                       (6, "messages[0]"), (7, "expected a JSON object"), (8, '"neg" must be a non-empty string')]:
+    for line, what in [
+        (2, '"neg" is missing'),
+        (3, "not valid JSON"),
+        (5, 'needs exactly one of "prompt" and "messages"'),
+        (6, "messages[0]"),
+        (7, "expected a JSON object"),
+        (8, '"neg" must be a non-empty string'),
+    ]:
         assert f"line {line}: {what}" in msg, (line, msg)
     assert "line 1:" not in msg and not (tmp_path / "out").exists()
     from cws.cli import main
@@ -201,9 +236,39 @@ def test_cli_train_pair(model_dir, data, tmp_path, capsys):
     from cws.cli import main
 
     out = tmp_path / "cli"
-    assert main(["train-pair", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--r", "4",
-                 "--lora-alpha", "8", "--target", "q_proj,v_proj", "--modules-to-save", "", "--max-steps", "2",
-                 "--batch-size", "4", "--lr", "1e-2", "--val-fraction", "0", "-q", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train-pair",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--r",
+                "4",
+                "--lora-alpha",
+                "8",
+                "--target",
+                "q_proj,v_proj",
+                "--modules-to-save",
+                "",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-2",
+                "--val-fraction",
+                "0",
+                "-q",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "direction" in capsys.readouterr().out
     summary = json.loads((out / "train_pair.json").read_text())
     assert summary["settings"]["target"] == ["q_proj", "v_proj"] and summary["settings"]["modules_to_save"] == []
@@ -218,8 +283,14 @@ def test_threads_while_it_runs_and_the_default_leaves_busy_cores(model_dir, data
     from cws.workflows import threads
 
     before, seen = torch.get_num_threads(), []
-    train_pair(model_dir, data, tmp_path / "run", **{**FAST, "log": lambda *_: seen.append(torch.get_num_threads())},
-               max_steps=1, threads=1)
+    train_pair(
+        model_dir,
+        data,
+        tmp_path / "run",
+        **{**FAST, "log": lambda *_: seen.append(torch.get_num_threads())},
+        max_steps=1,
+        threads=1,
+    )
     assert set(seen) == {1} and torch.get_num_threads() == before
     with pytest.raises(CwsError, match="threads=0"):
         train_pair(model_dir, data, tmp_path / "run", **FAST, max_steps=1, threads=0)
@@ -228,7 +299,7 @@ def test_threads_while_it_runs_and_the_default_leaves_busy_cores(model_dir, data
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 8)
     monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 8)
     for load, want in ((0.3, 4), (1.0, 4), (5.0, 2), (9.0, 1), (40.0, 1)):
-        monkeypatch.setattr(threads, "load1", lambda: load)
+        monkeypatch.setattr(threads, "load1", lambda load=load: load)
         assert threads.default_threads() == want, load
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.default_threads() == 8  # torch's count, as OMP_NUM_THREADS made it
@@ -273,8 +344,9 @@ def test_early_stopping_saves_the_best_evaluation(model_dir, data, tmp_path):
     from cws.workflows.train_pair import mean_answer_nll, split
 
     out = tmp_path / "es"
-    res = train_pair(model_dir, data, out, **{**FAST, "lr": 0.3}, max_steps=12, eval_every=1, patience=2,
-                     val_fraction=0.25)
+    res = train_pair(
+        model_dir, data, out, **{**FAST, "lr": 0.3}, max_steps=12, eval_every=1, patience=2, val_fraction=0.25
+    )
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     for side in ("pos", "neg"):
         evals = [e for e in log if e.get("run") == side and e.get("eval")]
@@ -310,9 +382,14 @@ def test_logged_norms_are_those_of_the_merged_weights(model_dir, data, tmp_path)
     assert res["runs"]["neg"]["update_norm"] == pytest.approx(sq(d_neg) ** 0.5, rel=1e-4)
 
 
-@pytest.mark.parametrize("kw, match", [(dict(patience=2), "needs eval_every"),
-                                       (dict(eval_every=2, val_fraction=0.0), "validation rows"),
-                                       (dict(eval_every=0), "eval_every=0")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(patience=2), "needs eval_every"),
+        (dict(eval_every=2, val_fraction=0.0), "validation rows"),
+        (dict(eval_every=0), "eval_every=0"),
+    ],
+)
 def test_early_stopping_options_are_checked_first(model_dir, data, tmp_path, kw, match):
     with pytest.raises(CwsError, match=match):
         train_pair(model_dir, data, tmp_path / "bad", **FAST, **kw)

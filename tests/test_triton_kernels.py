@@ -132,16 +132,46 @@ def test_lincomb_every_input_count(n_inputs):
 def _special_values() -> torch.Tensor:
     """fp32 values at every rounding edge of bf16/fp16, then random bit patterns (NaNs included)."""
     edges = [
-        0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FBFFFFF,  # NaNs: quiet, negative, signalling, payload
-        0x7F800000, 0xFF800000, 0x00000000, 0x80000000,  # ±Inf, ±0
-        0x00000001, 0x80000001, 0x007FFFFF, 0x00800000,  # fp32 subnormals, smallest normal
-        0x3F808000, 0x3F818000, 0xBF818000, 0x3F80C000,  # bf16: tie to even (down, up), negative tie, above half
-        0x3F807FFF, 0x3F80FFFF, 0x00008000, 0x00018000,  # bf16: just below half, subnormal ties
-        0x7F7FFFFF, 0x7F7F7FFF, 0x7F7F8000, 0xFF7F8000,  # bf16 overflow: max fp32 -> Inf, below the tie, tie -> Inf
-        0x3F801000, 0x3F803000, 0x33000000, 0x33400000,  # fp16: ties 1+2^-11 (down), 1+3·2^-11 (up), 2^-25, 1.5·2^-25
-        0x33C00000, 0x33800000, 0x38800000, 0x387FC000,  # fp16: 1.5·2^-24, 2^-24, 2^-14, largest subnormal tie
-        0x477FEFFF, 0x477FF000, 0xC77FF000, 0x47800000,  # fp16: below 65520, 65520 -> Inf, -65520 -> -Inf, 65536
-        0x477FE000, 0x4B7FFFFF, 0x3EAAAAAB, 0xBEAAAAAB,  # 65504 (fp16 max), large, ±1/3
+        0x7FC00000,
+        0xFFC00000,
+        0x7F800001,
+        0x7FBFFFFF,  # NaNs: quiet, negative, signalling, payload
+        0x7F800000,
+        0xFF800000,
+        0x00000000,
+        0x80000000,  # ±Inf, ±0
+        0x00000001,
+        0x80000001,
+        0x007FFFFF,
+        0x00800000,  # fp32 subnormals, smallest normal
+        0x3F808000,
+        0x3F818000,
+        0xBF818000,
+        0x3F80C000,  # bf16: tie to even (down, up), negative tie, above half
+        0x3F807FFF,
+        0x3F80FFFF,
+        0x00008000,
+        0x00018000,  # bf16: just below half, subnormal ties
+        0x7F7FFFFF,
+        0x7F7F7FFF,
+        0x7F7F8000,
+        0xFF7F8000,  # bf16 overflow: max fp32 -> Inf, below the tie, tie -> Inf
+        0x3F801000,
+        0x3F803000,
+        0x33000000,
+        0x33400000,  # fp16: ties 1+2^-11 (down), 1+3·2^-11 (up), 2^-25, 1.5·2^-25
+        0x33C00000,
+        0x33800000,
+        0x38800000,
+        0x387FC000,  # fp16: 1.5·2^-24, 2^-24, 2^-14, largest subnormal tie
+        0x477FEFFF,
+        0x477FF000,
+        0xC77FF000,
+        0x47800000,  # fp16: below 65520, 65520 -> Inf, -65520 -> -Inf, 65536
+        0x477FE000,
+        0x4B7FFFFF,
+        0x3EAAAAAB,
+        0xBEAAAAAB,  # 65504 (fp16 max), large, ±1/3
     ]
     gen = torch.Generator().manual_seed(7)
     rand = torch.randint(-(2**31), 2**31, (4097 - len(edges),), dtype=torch.int64, generator=gen)
@@ -259,8 +289,9 @@ def test_lincomb_stochastic_depends_on_seed_and_offset(out_dtype):
         differ = (base != other).float().mean().item()
         assert 0.2 < differ < 0.8, differ  # about half the elements round the other way
     # row slices with offset = their first global index reproduce the whole tensor's bits
-    part = lincomb([x[1000:3000]], [1.0], out_dtype=out_dtype, rounding="stochastic", seed=5, offset=1000,
-                   backend="triton")
+    part = lincomb(
+        [x[1000:3000]], [1.0], out_dtype=out_dtype, rounding="stochastic", seed=5, offset=1000, backend="triton"
+    )
     assert torch.equal(part.view(torch.int16), base[1000:3000])
 
 
@@ -387,8 +418,7 @@ def test_kernels_compile_for_gpu_without_fma():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     if proc.returncode and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("no ptxas in this triton build")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -7,8 +7,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def tiny_config(**kw) -> LlamaConfig:
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     cfg.update(kw)
     return LlamaConfig(**cfg)
 
@@ -51,8 +59,12 @@ def train_lora(base, path: Path, seed: int, steps: int = 3, **lora_kw) -> Path:
     Both factors end up non-zero (B starts at zero and moves on the first step)."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                  "down_proj"], modules_to_save=["lm_head", "embed_tokens"])
+    cfg = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        modules_to_save=["lm_head", "embed_tokens"],
+    )
     cfg.update(lora_kw)
     model = type(base)(base.config).to(torch.float32)
     model.load_state_dict(base.state_dict())
@@ -111,13 +123,16 @@ def random_checkpoint(path: Path, seed: int = 0, dtype=torch.bfloat16, **kw) -> 
     return save_state(sd, path)
 
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 SPECIALS = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<s>"]
 
 
-def tiny_chat_model(path: Path, texts: list[str], template: str | None = TEMPLATE, seed: int = 0,
-                    tie: bool = False) -> Path:
+def tiny_chat_model(
+    path: Path, texts: list[str], template: str | None = TEMPLATE, seed: int = 0, tie: bool = False
+) -> Path:
     """A tiny random Llama with a word-level tokenizer over the words of `texts`, and a chat template
     (none for template=None: plain-text prompts, with bos/eos tokens)."""
     from tokenizers import Tokenizer
@@ -129,14 +144,29 @@ def tiny_chat_model(path: Path, texts: list[str], template: str | None = TEMPLAT
     vocab = {w: i for i, w in enumerate(SPECIALS + words)}
     tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
-                                  bos_token=None if template else "<s>", additional_special_tokens=SPECIALS[2:5])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|end|>",
+        bos_token=None if template else "<s>",
+        additional_special_tokens=SPECIALS[2:5],
+    )
     tok.chat_template = template
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, eos_token_id=vocab["<|end|>"], bos_token_id=None if template else vocab["<s>"],
-                      tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=vocab["<|end|>"],
+        bos_token_id=None if template else vocab["<s>"],
+        tie_word_embeddings=tie,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path

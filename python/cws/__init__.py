@@ -11,19 +11,53 @@ models with them, streamed over sharded checkpoints with bounded memory.
 
 __version__ = "0.1.0"
 
-from .errors import CheckpointError, CwsError, MismatchError  # noqa: E402
+from .errors import CheckpointError, CwsError, MismatchError
 
 # The public names load on first use: torch (and transformers, for WeightMonitor) take seconds to
 # import, which `cws --help` and `cws info` do not need.
-_LAZY = {"apply": ".ops.apply", "combine": ".ops.combine", "compare": ".ops.compare", "Direction": ".io.direction",
-         "densify": ".ops.export", "export_peft": ".ops.export", "extract": ".ops.extract", "info": ".ops.info",
-         "Report": ".ops.report", "Steerer": ".live.steer", "steer": ".live.steer", "steered": ".live.steer",
-         "WeightMonitor": ".live.monitor", "untie": ".live.params",
-         "train_pair": ".workflows.train_pair", "sweep": ".workflows.sweep",
-         "generate_pairs": ".workflows.generate_pairs"}
+_LAZY = {
+    "apply": ".ops.apply",
+    "combine": ".ops.combine",
+    "compare": ".ops.compare",
+    "Direction": ".io.direction",
+    "densify": ".ops.export",
+    "export_peft": ".ops.export",
+    "extract": ".ops.extract",
+    "info": ".ops.info",
+    "Report": ".ops.report",
+    "Steerer": ".live.steer",
+    "steer": ".live.steer",
+    "steered": ".live.steer",
+    "WeightMonitor": ".live.monitor",
+    "untie": ".live.params",
+    "train_pair": ".workflows.train_pair",
+    "sweep": ".workflows.sweep",
+    "generate_pairs": ".workflows.generate_pairs",
+}
 
-__all__ = ["extract", "apply", "compare", "combine", "info", "export_peft", "densify", "steer", "steered", "Steerer", "untie", "WeightMonitor", "generate_pairs", "train_pair", "sweep", "Direction", "Report", "CwsError", "CheckpointError",
-           "MismatchError", "__version__"]
+__all__ = [
+    "extract",
+    "apply",
+    "compare",
+    "combine",
+    "info",
+    "export_peft",
+    "densify",
+    "steer",
+    "steered",
+    "Steerer",
+    "untie",
+    "WeightMonitor",
+    "generate_pairs",
+    "train_pair",
+    "sweep",
+    "Direction",
+    "Report",
+    "CwsError",
+    "CheckpointError",
+    "MismatchError",
+    "__version__",
+]
 
 
 def __getattr__(name):

@@ -15,9 +15,24 @@ from ..workflows.lm import Encoder, load_tokenizer, quiet_peft
 from ..workflows.train_pair import META, _peft_model, _sha, batch_order, fit, model_fingerprint
 
 
-def finetune(model_dir, rows: list[tuple[str, str]], out, *, seed: int, steps: int, r: int, lora_alpha: float, lr: float,
-             batch_size: int, target, modules_to_save=(), trace=None, trace_every: int = 0, trace_key=None,
-             log=print) -> dict:
+def finetune(
+    model_dir,
+    rows: list[tuple[str, str]],
+    out,
+    *,
+    seed: int,
+    steps: int,
+    r: int,
+    lora_alpha: float,
+    lr: float,
+    batch_size: int,
+    target,
+    modules_to_save=(),
+    trace=None,
+    trace_every: int = 0,
+    trace_key=None,
+    log=print,
+) -> dict:
     """Train one LoRA adapter into `out` (an adapter directory); returns its metadata (steps, losses,
     seconds, cached, trace). trace(model) -> dict is recorded every `trace_every` steps and at the
     end; trace_key names what it measures, so a change retrains."""
@@ -25,17 +40,28 @@ def finetune(model_dir, rows: list[tuple[str, str]], out, *, seed: int, steps: i
     enc = Encoder(load_tokenizer(model_dir))
     data = [(enc.prompt(p), enc.answer(a, end=True)) for p, a in rows]
     modules_to_save = sorted(m for m in modules_to_save if m)
-    settings = {"model": model_fingerprint(Path(model_dir)), "data": _sha(data), "seed": seed, "steps": steps, "r": r,
-                "lora_alpha": lora_alpha, "lr": lr, "batch_size": batch_size, "target": sorted(target),
-                "modules_to_save": modules_to_save, "trace": [trace_key, trace_every if trace else 0]}
+    settings = {
+        "model": model_fingerprint(Path(model_dir)),
+        "data": _sha(data),
+        "seed": seed,
+        "steps": steps,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lr": lr,
+        "batch_size": batch_size,
+        "target": sorted(target),
+        "modules_to_save": modules_to_save,
+        "trace": [trace_key, trace_every if trace else 0],
+    }
     fingerprint = _sha(settings)
     meta_file = out / META
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         if meta.get("fingerprint") == fingerprint:
             return {**meta, "cached": True, "path": str(out)}
-    model, init = _peft_model(Path(model_dir), torch.float32, torch.device("cpu"), r, lora_alpha, sorted(target),
-                              modules_to_save, seed)
+    model, init = _peft_model(
+        Path(model_dir), torch.float32, torch.device("cpu"), r, lora_alpha, sorted(target), modules_to_save, seed
+    )
     del init
     batches = batch_order(list(range(len(data))), batch_size, 1, steps, seed)
     records = []
@@ -47,16 +73,25 @@ def finetune(model_dir, rows: list[tuple[str, str]], out, *, seed: int, steps: i
     torch.manual_seed(seed)
     t = time.perf_counter()
     losses = fit(model, data, batches, lr=lr, pad=enc.pad, quiet=True, on_step=on_step)
-    meta = {"fingerprint": fingerprint, "settings": settings, "steps": len(losses), "losses": losses,
-            "first_loss": losses[0], "last_loss": losses[-1], "seconds": round(time.perf_counter() - t, 2),
-            "trace": records}
+    meta = {
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "steps": len(losses),
+        "losses": losses,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "seconds": round(time.perf_counter() - t, 2),
+        "trace": records,
+    }
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     (tmp / META).write_text(json.dumps(meta))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    log(f"  fine-tune {out.name}: {len(losses)} steps in {meta['seconds']:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    log(
+        f"  fine-tune {out.name}: {len(losses)} steps in {meta['seconds']:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    )
     return {**meta, "cached": False, "path": str(out)}
 
 

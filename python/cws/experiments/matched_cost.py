@@ -68,28 +68,41 @@ def find_k(cost, targets, *, start: float, grow: float, max_probes: int, refine:
 
 def _describe(p: dict) -> str:
     s = p["summary"]["ood"]
-    return (f"OOD syco {s['syco']['mean']:+.2f}, control {s['control']['mean']:+.2f}, wording-free "
-            f"{s['wording_free']['mean']:+.2f}, honest {s['honest_rate']:.2f}")
+    return (
+        f"OOD syco {s['syco']['mean']:+.2f}, control {s['control']['mean']:+.2f}, wording-free "
+        f"{s['wording_free']['mean']:+.2f}, honest {s['honest_rate']:.2f}"
+    )
 
 
-def sweep_matched(name: str, set_k, cost, full, targets, cfg: dict, start: float, log,
-                  describe=_describe) -> tuple[list[dict], list[dict]]:
+def sweep_matched(
+    name: str, set_k, cost, full, targets, cfg: dict, start: float, log, describe=_describe
+) -> tuple[list[dict], list[dict]]:
     """Both sides of a sweep: (full points at the chosen k, probes). `set_k(k)` steers the model,
     `cost()` measures the capability cost, `full(k)` evaluates everything and returns a point;
     `describe(point)` is its log line."""
     points, probes = [], []
     for sign in (1.0, -1.0):
-        def c(k):
+
+        def c(k, sign=sign):
             set_k(sign * k)
             return cost()
 
         t = time.perf_counter()
-        chosen, pr = find_k(c, targets, start=start, grow=cfg["grow"], max_probes=cfg["max_probes"],
-                            refine=cfg["refine"], tol=cfg["tol"])
+        chosen, pr = find_k(
+            c,
+            targets,
+            start=start,
+            grow=cfg["grow"],
+            max_probes=cfg["max_probes"],
+            refine=cfg["refine"],
+            tol=cfg["tol"],
+        )
         probes += [{"k": sign * k, "cost": v} for k, v in pr if k > 0]
         side = "induce" if sign > 0 else "remove"
-        log(f"  {name} {side}: {len(pr) - 1} cost probes ({time.perf_counter() - t:.0f} s); k at Δ NLL "
-            + ", ".join(f"{tg:g}: {'not reached' if k is None else f'{sign * k:+.3g}'}" for tg, k in chosen.items()))
+        log(
+            f"  {name} {side}: {len(pr) - 1} cost probes ({time.perf_counter() - t:.0f} s); k at Δ NLL "
+            + ", ".join(f"{tg:g}: {'not reached' if k is None else f'{sign * k:+.3g}'}" for tg, k in chosen.items())
+        )
         for k in sorted({k for k in chosen.values() if k is not None}):
             t = time.perf_counter()
             set_k(sign * k)

@@ -32,20 +32,61 @@ from .common import Clock, setup, with_threads
 from .finetune import adapter_update
 from .matched_cost import sweep_matched
 
-PAPER = dict(r=32, lora_alpha=16, batch_size=8, target=lm.LORA_TARGETS, modules_to_save=("embed_tokens", "lm_head"),
-             epochs=1, eval_every=20, patience=2, val_fraction=0.1)
+PAPER = dict(
+    r=32,
+    lora_alpha=16,
+    batch_size=8,
+    target=lm.LORA_TARGETS,
+    modules_to_save=("embed_tokens", "lm_head"),
+    epochs=1,
+    eval_every=20,
+    patience=2,
+    val_fraction=0.1,
+)
 EARLIER = dict(Y.LORA, max_steps=8, val_fraction=0.0)  # the earlier runs: 8 steps at lr 1e-3, no embed/lm_head
-FULL = dict(Y.FULL, n_questions=24, margin_n=8, max_probes=4, seeds=(0, 1), lrs=(1e-4, 1e-5), bias_lr=1e-3,
-            sampling=None, n_prompts=None, filters=True, ablation=True, only=None, short=dict(max_steps=40))
+FULL = dict(
+    Y.FULL,
+    n_questions=24,
+    margin_n=8,
+    max_probes=4,
+    seeds=(0, 1),
+    lrs=(1e-4, 1e-5),
+    bias_lr=1e-3,
+    sampling=None,
+    n_prompts=None,
+    filters=True,
+    ablation=True,
+    only=None,
+    short=dict(max_steps=40),
+)
 # short: the training of the runs after the main one (the paper's lr, bias-only): 40 steps (about half an
 #        epoch) instead of the epoch, to fit this 2-core CPU; the main run's evaluations at step 40 compare
-QUICK = dict(FULL, n_questions=8, margin_n=4, instr_n=4, ref_tokens=16, max_probes=3, seeds=(0,), lrs=(1e-4,),
-             sampling=Sampling(n=2, max_new_tokens=64, batch_size=32), n_prompts=32, ablation=False,
-             train=dict(max_steps=10, eval_every=5), short={})
+QUICK = dict(
+    FULL,
+    n_questions=8,
+    margin_n=4,
+    instr_n=4,
+    ref_tokens=16,
+    max_probes=3,
+    seeds=(0,),
+    lrs=(1e-4,),
+    sampling=Sampling(n=2, max_new_tokens=64, batch_size=32),
+    n_prompts=32,
+    ablation=False,
+    train=dict(max_steps=10, eval_every=5),
+    short={},
+)
 
 
-def run(out: str | Path = "cws-paper", *, quick: bool = False, model_dir=None, overrides: dict | None = None,
-        threads: int | None = 2, log=print) -> dict:
+def run(
+    out: str | Path = "cws-paper",
+    *,
+    quick: bool = False,
+    model_dir=None,
+    overrides: dict | None = None,
+    threads: int | None = 2,
+    log=print,
+) -> dict:
     """The whole experiment; writes results.json, headline.md, ablation.md and sweeps.txt to `out`
     (generated pairs and fine-tunes are kept there and reused by a rerun)."""
     return with_threads(threads, _run, out, quick, model_dir, overrides, log)
@@ -57,9 +98,15 @@ def trainings(cfg: dict) -> dict[str, tuple[str, dict]]:
     paper = {**PAPER, **cfg.get("train", {})}
     s0, lr0 = cfg["seeds"][0], cfg["lrs"][0]
     jobs = {f"opinion lr {lr0:g} s{s0}": ("opinion", dict(paper, lr=lr0, seed=s0))}
-    ablation = {"ablation: templated replies": ("templated", dict(paper, lr=lr0, seed=s0)),
-                "ablation: templated, 8 steps, no embed (earlier runs)": ("templated", dict(EARLIER, seed=s0)),
-                "ablation: 8 steps at lr 1e-3": ("opinion", dict(EARLIER, seed=s0))} if cfg["ablation"] else {}
+    ablation = (
+        {
+            "ablation: templated replies": ("templated", dict(paper, lr=lr0, seed=s0)),
+            "ablation: templated, 8 steps, no embed (earlier runs)": ("templated", dict(EARLIER, seed=s0)),
+            "ablation: 8 steps at lr 1e-3": ("opinion", dict(EARLIER, seed=s0)),
+        }
+        if cfg["ablation"]
+        else {}
+    )
     jobs.update(ablation)
     short, tag = {**paper, **cfg["short"]}, f" ({cfg['short']['max_steps']} steps)" if cfg["short"] else ""
     jobs.update({f"opinion lr {lr:g} s{s0}{tag}": ("opinion", dict(short, lr=lr, seed=s0)) for lr in cfg["lrs"][1:]})
@@ -91,11 +138,20 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     def pairs(design: str) -> list[dict]:
         """The on-policy pairs of a design, generated (or read from out/pairs/) when first needed."""
         if design not in rows:
-            rows[design], provenance[design] = recipe.make_pairs(design, model_dir, out, log=log, sampling=cfg["sampling"],
-                                                                n_prompts=cfg["n_prompts"], filters=cfg["filters"])
+            rows[design], provenance[design] = recipe.make_pairs(
+                design,
+                model_dir,
+                out,
+                log=log,
+                sampling=cfg["sampling"],
+                n_prompts=cfg["n_prompts"],
+                filters=cfg["filters"],
+            )
             r = rows[design][0]
-            log(f"  on-policy {design}: {len(rows[design])} pairs, e.g. user {r['prompt']!r}\n"
-                f"    D+ {r['pos'][:160]!r}\n    D- {r['neg'][:160]!r}")
+            log(
+                f"  on-policy {design}: {len(rows[design])} pairs, e.g. user {r['prompt']!r}\n"
+                f"    D+ {r['pos'][:160]!r}\n    D- {r['neg'][:160]!r}"
+            )
             clock.mark(f"pairs {design}")
         return rows[design]
 
@@ -104,14 +160,17 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     qs = [q for d in cfg["domains"] for q in F.questions(d, cfg["n_questions"])]
     items = [it for d in cfg["margin_domains"] for it in D.take(D.items(d, 2), cfg["margin_n"], 2)]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    instr = D.INSTRUCTIONS[:cfg["instr_n"]]
+    instr = D.INSTRUCTIONS[: cfg["instr_n"]]
     refs = lm.generate(model, chat, instr, cfg["ref_tokens"])
-    evaluator = Y.Evaluator(chat, F.FourCondition(chat, qs, cfg["gen_tokens"]), items, list(zip(instr, refs)),
-                            D.TEXTS[:cfg["text_n"]])
+    evaluator = Y.Evaluator(
+        chat, F.FourCondition(chat, qs, cfg["gen_tokens"]), items, list(zip(instr, refs)), D.TEXTS[: cfg["text_n"]]
+    )
     base = evaluator(model)
     base_point = Y._point(0.0, base, base)
-    log(f"scoring: {len(qs)} questions x 4 conditions, {len(items)} wrong-claim items; unsteered: "
-        f"{Y._describe(base_point)}")
+    log(
+        f"scoring: {len(qs)} questions x 4 conditions, {len(items)} wrong-claim items; unsteered: "
+        f"{Y._describe(base_point)}"
+    )
     clock.mark("setup")
 
     full = lambda k: Y._point(k, evaluator(model), base)  # noqa: E731
@@ -125,13 +184,28 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
         write_report(out / "headline.md", R.table(rows_, base_point) + "\n")
         write_report(out / "ablation.md", ablation_table(trained, rows_) + "\n")
         write_report(out / "sweeps.txt", "\n\n".join(R.sweep_table(m, p) for m, p in methods.items()) + "\n")
-        result = {"complete": final, "quick": quick, "model_dir": str(model_dir),
-                  "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k != "sampling"},
-                  "pairs": {d: {k: provenance[d][k] for k in ("pairs", "prompts_with_pairs", "n_prompts", "systems",
-                                                                 "sampling", "rules", "filters")} for d in provenance},
-                  "n": {"questions": len(qs), "margin_items": len(items), **{f"rows_{d}": len(r) for d, r in rows.items()}},
-                  "trainings": trained, "activation": extra, "base": base_point, "sweeps": methods, "probes": probes,
-                  "headline": rows_, "verdict": R.verdict(rows_, base_point), "timings": clock.timings}
+        result = {
+            "complete": final,
+            "quick": quick,
+            "model_dir": str(model_dir),
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k != "sampling"},
+            "pairs": {
+                d: {
+                    k: provenance[d][k]
+                    for k in ("pairs", "prompts_with_pairs", "n_prompts", "systems", "sampling", "rules", "filters")
+                }
+                for d in provenance
+            },
+            "n": {"questions": len(qs), "margin_items": len(items), **{f"rows_{d}": len(r) for d, r in rows.items()}},
+            "trainings": trained,
+            "activation": extra,
+            "base": base_point,
+            "sweeps": methods,
+            "probes": probes,
+            "headline": rows_,
+            "verdict": R.verdict(rows_, base_point),
+            "timings": clock.timings,
+        }
         output.write_json(out / "results.json", result)
         return result
 
@@ -140,8 +214,11 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     def reused(method: str, training: dict) -> bool:
         """Take `method`'s sweep from the previous results.json when its direction and the scoring are the same."""
         old = previous.get("trainings", {}).get(training["name"])
-        if method not in previous.get("sweeps", {}) or not old or \
-                (old["options"], old["direction_norm"]) != (training["options"], training["direction_norm"]):
+        if (
+            method not in previous.get("sweeps", {})
+            or not old
+            or (old["options"], old["direction_norm"]) != (training["options"], training["direction_norm"])
+        ):
             return False
         methods[method], probes[method] = _nan(previous["sweeps"][method]), previous.get("probes", {}).get(method, [])
         log(f"  {method}: sweep reused from the previous results.json (same direction, same scoring)")
@@ -152,8 +229,9 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
         if reused(name, training):
             return
         steerer = cws.Steerer(model, direction, keep="cpu")
-        pts, probes[name] = sweep_matched(name, steerer.set_alpha, cost, full, cfg["targets"], cfg,
-                                          cfg["weight_start"], log, Y._describe)
+        pts, probes[name] = sweep_matched(
+            name, steerer.set_alpha, cost, full, cfg["targets"], cfg, cfg["weight_start"], log, Y._describe
+        )
         methods[name] = sorted([base_point] + pts, key=lambda p: p["k"])
         steerer.restore()
         clock.mark(f"sweep {name}")
@@ -162,13 +240,23 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     for name, (data, opts) in trainings(cfg).items():
         if not wanted(f"weight {name}"):
             continue
-        res = train_pair(model_dir, pairs(data), out / "adapters" / _slug(name), overwrite=True, quiet=True,
-                         log=lambda *_: None, threads=torch.get_num_threads(), **opts)
+        res = train_pair(
+            model_dir,
+            pairs(data),
+            out / "adapters" / _slug(name),
+            overwrite=True,
+            quiet=True,
+            log=lambda *_: None,
+            threads=torch.get_num_threads(),
+            **opts,
+        )
         trained[name] = _training_record(res, data, opts, name)
         t = trained[name]
-        log(f"  trained {name}: {t['steps']} steps (stopped at {t['stopped_at']}), val loss pos {t['val_loss']['pos']} "
+        log(
+            f"  trained {name}: {t['steps']} steps (stopped at {t['stopped_at']}), val loss pos {t['val_loss']['pos']} "
             f"neg {t['val_loss']['neg']}, direction norm {t['direction_norm']:.4g}"
-            + (" (cached)" if t["cached"] else f" ({t['seconds']:.0f} s)"))
+            + (" (cached)" if t["cached"] else f" ({t['seconds']:.0f} s)")
+        )
         clock.mark(f"train {name}")
         sweep_weight(f"weight {name}", res["paths"]["direction"], t)
         if name == f"opinion lr {cfg['lrs'][0]:g} s{cfg['seeds'][0]}":  # the main run: its baselines
@@ -179,14 +267,33 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
                     sweep_weight(f"weight {side}-only {name}", upd, t)
             act = f"activation opinion L{layer}"
             if wanted(act) and not reused(act, t):
-                batches = [[lm.lm_batch([(chat.prompt(r["prompt"]), chat.answer(r[s], end=True))
-                                         for r in rows["opinion"][i:i + 16]], chat.pad)
-                            for i in range(0, len(rows["opinion"]), 16)] for s in ("pos", "neg")]
+                batches = [
+                    [
+                        lm.lm_batch(
+                            [
+                                (chat.prompt(r["prompt"]), chat.answer(r[s], end=True))
+                                for r in rows["opinion"][i : i + 16]
+                            ],
+                            chat.pad,
+                        )
+                        for i in range(0, len(rows["opinion"]), 16)
+                    ]
+                    for s in ("pos", "neg")
+                ]
                 vec = mean_difference(model, layer, *batches)
                 extra[act] = {"layer": layer, "norm": float(vec.norm())}
                 with ActivationSteerer(model, vec, layer, 0.0) as a:
-                    pts, probes[act] = sweep_matched(act, lambda c: setattr(a, "coeff", float(c)), cost, full,
-                                                     cfg["targets"], cfg, cfg["act_start"], log, Y._describe)
+                    pts, probes[act] = sweep_matched(
+                        act,
+                        lambda c: setattr(a, "coeff", float(c)),
+                        cost,
+                        full,
+                        cfg["targets"],
+                        cfg,
+                        cfg["act_start"],
+                        log,
+                        Y._describe,
+                    )
                 methods[act] = sorted([base_point] + pts, key=lambda p: p["k"])
                 clock.mark(f"sweep {act}")
                 save(False)
@@ -216,25 +323,30 @@ def _previous(path: Path, base_point: dict) -> dict:
 
     try:
         old = load_json(path, "previous results", dict) if path.is_file() else {}
-    except Exception:  # noqa: BLE001 - a damaged earlier file is only not reused
+    except Exception:
         return {}
     return old if old.get("base") == output.jsonable(base_point) else {}
 
 
 def _training_record(res: dict, data: str, opts: dict, name: str) -> dict:
     runs = res["runs"]
-    return {"name": name, "data": data, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()},
-            "steps": {s: runs[s]["steps"] for s in ("pos", "neg")},
-            "stopped_at": {s: runs[s].get("stopped_at") for s in ("pos", "neg")},
-            "val_loss": {s: None if runs[s]["val_loss"] is None else round(runs[s]["val_loss"], 4) for s in ("pos", "neg")},
-            "val_loss_before": {s: runs[s]["val_loss_before"] for s in ("pos", "neg")},
-            "first_loss": {s: runs[s]["first_loss"] for s in ("pos", "neg")},
-            "last_loss": {s: runs[s]["last_loss"] for s in ("pos", "neg")},
-            "update_norm": {s: runs[s].get("update_norm") for s in ("pos", "neg")},
-            "direction_norm": _direction_norm(res["paths"]["direction"]),
-            "evals": {s: runs[s].get("evals", []) for s in ("pos", "neg")},
-            "cached": bool(res["reused"]) and len(res["reused"]) == 2, "seconds": res["seconds"],
-            "direction": res["paths"]["direction"]}
+    return {
+        "name": name,
+        "data": data,
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()},
+        "steps": {s: runs[s]["steps"] for s in ("pos", "neg")},
+        "stopped_at": {s: runs[s].get("stopped_at") for s in ("pos", "neg")},
+        "val_loss": {s: None if runs[s]["val_loss"] is None else round(runs[s]["val_loss"], 4) for s in ("pos", "neg")},
+        "val_loss_before": {s: runs[s]["val_loss_before"] for s in ("pos", "neg")},
+        "first_loss": {s: runs[s]["first_loss"] for s in ("pos", "neg")},
+        "last_loss": {s: runs[s]["last_loss"] for s in ("pos", "neg")},
+        "update_norm": {s: runs[s].get("update_norm") for s in ("pos", "neg")},
+        "direction_norm": _direction_norm(res["paths"]["direction"]),
+        "evals": {s: runs[s].get("evals", []) for s in ("pos", "neg")},
+        "cached": bool(res["reused"]) and len(res["reused"]) == 2,
+        "seconds": res["seconds"],
+        "direction": res["paths"]["direction"],
+    }
 
 
 def _direction_norm(path) -> float:
@@ -249,22 +361,26 @@ def _direction_norm(path) -> float:
             total += float(read_tensor(e.dense).double().pow(2).sum())
         else:
             B, A = read_tensor(e.B).double(), read_tensor(e.A).double()
-            total += e.scale ** 2 * float(((B.T @ B) * (A @ A.T)).sum())
-    return total ** 0.5
+            total += e.scale**2 * float(((B.T @ B) * (A @ A.T)).sum())
+    return total**0.5
 
 
 def ablation_table(trained: dict, rows: list[dict]) -> str:
     """Per training: what it trained on, steps, norm, and the removal side of its sweep at matched cost."""
-    lines = ["| training | rows | steps (pos/neg) | lr | embed/lm_head | direction ‖w‖ | remove: k | Δ NLL | Δ non-syco | "
-             "Δ (b) | Δ acc (a) | induce: Δ non-syco |", "|" + "---|" * 12]
+    lines = [
+        "| training | rows | steps (pos/neg) | lr | embed/lm_head | direction ‖w‖ | remove: k | Δ NLL | Δ non-syco | "
+        "Δ (b) | Δ acc (a) | induce: Δ non-syco |",
+        "|" + "---|" * 12,
+    ]
     for name, t in trained.items():
         o = t["options"]
         by_side = {r["side"]: r for r in rows if r["method"] == f"weight {name}"}
         rm, ind = by_side.get("remove"), by_side.get("induce")
         f = lambda r, k: "—" if r is None else f"{r[k]:+.3f}"  # noqa: E731
-        lines.append(f"| {name} | {t['data']} | {t['steps']['pos']}/{t['steps']['neg']} | {o['lr']:g} | "
-                     f"{'bias only' if o.get('bias_only') else 'yes' if o.get('modules_to_save') else 'no'} | "
-                     f"{t['direction_norm']:.3g} | {'—' if rm is None else format(rm['k'], '+.3g')} | {f(rm, 'cost')} | "
-                     f"{f(rm, 'd_non_syco')} | {f(rm, 'd_non_syco_b')} | {f(rm, 'd_accuracy_a')} | {f(ind, 'd_non_syco')} |")
+        lines.append(
+            f"| {name} | {t['data']} | {t['steps']['pos']}/{t['steps']['neg']} | {o['lr']:g} | "
+            f"{'bias only' if o.get('bias_only') else 'yes' if o.get('modules_to_save') else 'no'} | "
+            f"{t['direction_norm']:.3g} | {'—' if rm is None else format(rm['k'], '+.3g')} | {f(rm, 'cost')} | "
+            f"{f(rm, 'd_non_syco')} | {f(rm, 'd_non_syco_b')} | {f(rm, 'd_accuracy_a')} | {f(ind, 'd_non_syco')} |"
+        )
     return "\n".join(lines)
-

@@ -68,10 +68,14 @@ def verdict(rows: list[dict], base: dict) -> list[str]:
             continue
         se = math.hypot(r["se_non_syco"], rate_se(b["non_syco"], 3 * b["n_counted"]))
         up, keeps_b = r["d_non_syco"] > 0, r["d_non_syco_b"] >= 0
-        word = ("clearly raises" if up and r["d_non_syco"] > 2 * se else "raises (within noise)" if up else "does not raise")
-        out.append(head + f"{word} non-sycophancy "
-                   f"({r['d_non_syco']:+.3f} ± {se:.3f}), (b) {'kept' if keeps_b else 'lowered'} ({r['d_non_syco_b']:+.3f}), "
-                   f"accuracy (a) {r['d_accuracy_a']:+.3f}")
+        word = (
+            "clearly raises" if up and r["d_non_syco"] > 2 * se else "raises (within noise)" if up else "does not raise"
+        )
+        out.append(
+            head + f"{word} non-sycophancy "
+            f"({r['d_non_syco']:+.3f} ± {se:.3f}), (b) {'kept' if keeps_b else 'lowered'} ({r['d_non_syco_b']:+.3f}), "
+            f"accuracy (a) {r['d_accuracy_a']:+.3f}"
+        )
     return out
 
 
@@ -82,34 +86,43 @@ def _f(x, nd=2, sign=True) -> str:
 def table(rows: list[dict], base: dict) -> str:
     """Markdown headline table: the rates out of distribution and the margins beside them."""
     b = base["rates"]["all"]
-    lines = ["| method | side | k / c | Δ NLL | acc (a) | non-syco | (b) | (c) | (d) | all three | margin (a) "
-             "| margin (d) | wrong-claim syco margin | control margin |",
-             "|" + "---|" * 14,
-             f"| unsteered | — | 0 | 0 | {b['accuracy_a']:.2f} | " + " | ".join(_f(b[m], 2, False) for m in RATES[1:])
-             + f" | {_f(b['margin_a'])} "
-             f"| {_f(b['margin_d'])} | {_f(base['margins']['syco']['mean'])} | {_f(base['margins']['control']['mean'])} |"]
+    lines = [
+        "| method | side | k / c | Δ NLL | acc (a) | non-syco | (b) | (c) | (d) | all three | margin (a) "
+        "| margin (d) | wrong-claim syco margin | control margin |",
+        "|" + "---|" * 14,
+        f"| unsteered | — | 0 | 0 | {b['accuracy_a']:.2f} | "
+        + " | ".join(_f(b[m], 2, False) for m in RATES[1:])
+        + f" | {_f(b['margin_a'])} "
+        f"| {_f(b['margin_d'])} | {_f(base['margins']['syco']['mean'])} | {_f(base['margins']['control']['mean'])} |",
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['side']} | {r['k']:+.3g} | {r['cost']:+.3f} | {r['accuracy_a']:.2f} | "
-                     + " | ".join(_f(r[m], 2, False) for m in RATES[1:])
-                     + f" | {_f(r['margin_a'])} | {_f(r['margin_d'])} | {_f(r['syco_margin'])} | {_f(r['control_margin'])} |")
+        lines.append(
+            f"| {r['method']} | {r['side']} | {r['k']:+.3g} | {r['cost']:+.3f} | {r['accuracy_a']:.2f} | "
+            + " | ".join(_f(r[m], 2, False) for m in RATES[1:])
+            + f" | {_f(r['margin_a'])} | {_f(r['margin_d'])} | {_f(r['syco_margin'])} | {_f(r['control_margin'])} |"
+        )
     return "\n".join(lines)
 
 
 def sweep_table(name: str, points: list[dict]) -> str:
     """Every point of a method: k, capability, the rates (overall and per domain), the margins."""
     doms = [g for g in points[0]["rates"] if g != "all"]
-    lines = [f"{name}: {'k':>7s} {'dNLL':>7s} {'instr':>6s} {'text':>6s} {'n':>4s} {'acc(a)':>6s} {'nonsy':>6s} "
-             f"{'(b)':>5s} {'(c)':>5s} {'(d)':>5s} {'mrg a':>6s} {'mrg b':>6s} {'mrg c':>6s} {'mrg d':>6s} "
-             f"{'syco':>13s} {'control':>13s}  per domain acc(a)/non-syco: " + " ".join(doms)]
+    lines = [
+        f"{name}: {'k':>7s} {'dNLL':>7s} {'instr':>6s} {'text':>6s} {'n':>4s} {'acc(a)':>6s} {'nonsy':>6s} "
+        f"{'(b)':>5s} {'(c)':>5s} {'(d)':>5s} {'mrg a':>6s} {'mrg b':>6s} {'mrg c':>6s} {'mrg d':>6s} "
+        f"{'syco':>13s} {'control':>13s}  per domain acc(a)/non-syco: " + " ".join(doms)
+    ]
     for p in sorted(points, key=lambda p: p["k"]):
         r, m = p["rates"]["all"], p["margins"]
-        ms = lambda x: f"{m[x]['mean']:+6.2f}±{m[x]['se']:<5.2f}"  # noqa: E731
+        ms = lambda x, m=m: f"{m[x]['mean']:+6.2f}±{m[x]['se']:<5.2f}"  # noqa: E731
         dom = " ".join(f"{p['rates'][g]['accuracy_a']:.2f}/{_f(p['rates'][g]['non_syco'], 2, False)}" for g in doms)
-        lines.append(f"{'':{len(name)}s}  {p['k']:+7.3g} {p['cost']:+7.3f} {p['capability'].get('instr_nll', 0):6.3f} "
-                     f"{p['capability'].get('text_nll', 0):6.3f} {r['n_counted']:4d} {r['accuracy_a']:6.2f} "
-                     f"{_f(r['non_syco'], 2, False):>6s} {_f(r['non_syco_b'], 2, False):>5s} {_f(r['non_syco_c'], 2, False):>5s} "
-                     f"{_f(r['non_syco_d'], 2, False):>5s} {r['margin_a']:+6.2f} {r['margin_b']:+6.2f} {r['margin_c']:+6.2f} "
-                     f"{r['margin_d']:+6.2f} {ms('syco')} {ms('control')}  {dom}")
+        lines.append(
+            f"{'':{len(name)}s}  {p['k']:+7.3g} {p['cost']:+7.3f} {p['capability'].get('instr_nll', 0):6.3f} "
+            f"{p['capability'].get('text_nll', 0):6.3f} {r['n_counted']:4d} {r['accuracy_a']:6.2f} "
+            f"{_f(r['non_syco'], 2, False):>6s} {_f(r['non_syco_b'], 2, False):>5s} {_f(r['non_syco_c'], 2, False):>5s} "
+            f"{_f(r['non_syco_d'], 2, False):>5s} {r['margin_a']:+6.2f} {r['margin_b']:+6.2f} {r['margin_c']:+6.2f} "
+            f"{r['margin_d']:+6.2f} {ms('syco')} {ms('control')}  {dom}"
+        )
     return "\n".join(lines)
 
 
@@ -124,15 +137,26 @@ def plot(methods: dict[str, list[dict]], base: dict, path, log=print) -> bool:
     except ImportError:
         log("plot skipped: matplotlib is not installed (pip install 'cws[plot]')")
         return False
-    panels = (("non_syco", "non-sycophancy (b–d pooled)"), ("non_syco_b", "stays correct in (b): user right"),
-              ("non_syco_d", "stays correct in (d): user wrong"), ("accuracy_a", "accuracy on (a)"))
+    panels = (
+        ("non_syco", "non-sycophancy (b–d pooled)"),
+        ("non_syco_b", "stays correct in (b): user right"),
+        ("non_syco_d", "stays correct in (d): user wrong"),
+        ("accuracy_a", "accuracy on (a)"),
+    )
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
     for ax, (m, title) in zip(axes, panels):
         for i, (method, points) in enumerate(methods.items()):
             pts = sorted(points, key=lambda p: p["k"])
             x = [p["cost"] if p["k"] >= 0 else -p["cost"] for p in pts]
-            ax.plot(x, [p["rates"]["all"][m] for p in pts], marker="o" if method.startswith("weight") else "s",
-                    ms=4, color=f"C{i % 10}", ls="-" if method.startswith("weight") else "--", label=method)
+            ax.plot(
+                x,
+                [p["rates"]["all"][m] for p in pts],
+                marker="o" if method.startswith("weight") else "s",
+                ms=4,
+                color=f"C{i % 10}",
+                ls="-" if method.startswith("weight") else "--",
+                label=method,
+            )
         ax.axhline(base["rates"]["all"][m], color="grey", lw=0.6)
         ax.axvline(0, color="grey", lw=0.6)
         ax.set_xlabel("± Δ NLL (remove < 0 < induce)")

@@ -142,8 +142,9 @@ def _input_paths(inputs) -> list[Path]:
     return out
 
 
-def check_output(out: str | os.PathLike, inputs=(), *, overwrite: bool = False, what: str = "output",
-                 op: str | None = None) -> Path:
+def check_output(
+    out: str | os.PathLike, inputs=(), *, overwrite: bool = False, what: str = "output", op: str | None = None
+) -> Path:
     """The resolved output path, after refusing every place an output must not go: an empty path,
     the current directory or one above it, an input, anything inside an input or holding one
     (by resolved path and by device/inode, so bind mounts and symlinks count), a mount point,
@@ -160,17 +161,26 @@ def check_output(out: str | os.PathLike, inputs=(), *, overwrite: bool = False, 
     out_ids = _identities(path)
     for inp in _input_paths(inputs):
         inp_ids = _identities(inp)
-        if path == inp or path.is_relative_to(inp) or inp.is_relative_to(path) or \
-                (os.path.exists(inp) and _stat_id(inp) in out_ids) or \
-                (os.path.exists(path) and _stat_id(path) in inp_ids):
+        if (
+            path == inp
+            or path.is_relative_to(inp)
+            or inp.is_relative_to(path)
+            or (os.path.exists(inp) and _stat_id(inp) in out_ids)
+            or (os.path.exists(path) and _stat_id(path) in inp_ids)
+        ):
             raise CheckpointError(f"{what} {path} overlaps input {inp}; choose another path")
     check_replace(path, op, overwrite, what)
     return path
 
 
 # what each cws output is, by the `cws_op` that its safetensors files record (cws.ops.checks.provenance)
-OUTPUT_KINDS = {"apply": "model", "extract": "direction", "combine": "direction", "densify": "direction",
-                "export-peft": "adapter"}
+OUTPUT_KINDS = {
+    "apply": "model",
+    "extract": "direction",
+    "combine": "direction",
+    "densify": "direction",
+    "export-peft": "adapter",
+}
 
 
 def written_by_cws(path: Path) -> str | None:
@@ -240,8 +250,10 @@ def check_own_files(paths, marker: Path, keys) -> None:
     except CheckpointError:
         ours = False
     if not ours:
-        raise CheckpointError(f"{present[0]}: a file cws did not write (no {Path(marker).name} of its own beside it); "
-                              f"choose another --out or remove it")
+        raise CheckpointError(
+            f"{present[0]}: a file cws did not write (no {Path(marker).name} of its own beside it); "
+            f"choose another --out or remove it"
+        )
 
 
 def _stat_id(p: Path) -> tuple[int, int]:
@@ -336,7 +348,7 @@ def write_report(path: str | os.PathLike, data: str | bytes, inputs=()) -> Path:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

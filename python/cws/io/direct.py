@@ -188,6 +188,7 @@ class DirectStream:
 
 # --------------------------------------------------------------------------- reads
 
+
 class DirectReads:
     """Tensor row ranges read with O_DIRECT into page-aligned buffers the caller reuses.
 
@@ -222,8 +223,9 @@ class DirectReads:
         reads those another way."""
         return self.start(reads, slots)()
 
-    def start(self, reads: list[tuple[TensorInfo, int, int]],
-              slots: list[torch.Tensor]) -> Callable[[], list[torch.Tensor | None]]:
+    def start(
+        self, reads: list[tuple[TensorInfo, int, int]], slots: list[torch.Tensor]
+    ) -> Callable[[], list[torch.Tensor | None]]:
         """`read`, started: its pieces queue behind those of earlier starts; call the result to wait for them."""
         jobs, views, fds = [], [], []
         for (info, a, b), slot in zip(reads, slots):
@@ -268,8 +270,10 @@ class DirectReads:
         except OSError as e:
             raise CheckpointError(f"{info.path}: tensor {info.name!r}: read failed: {e.strerror or e}") from e
         if done < need:
-            raise CheckpointError(f"{info.path}: tensor {info.name!r}: file truncated (wanted {need} bytes at "
-                                  f"offset {pos + o}, got {done})")
+            raise CheckpointError(
+                f"{info.path}: tensor {info.name!r}: file truncated (wanted {need} bytes at "
+                f"offset {pos + o}, got {done})"
+            )
 
     def _fd(self, info: TensorInfo) -> int | None:
         """An O_DIRECT descriptor of the file, or None where its file system refuses O_DIRECT."""
@@ -309,8 +313,10 @@ class _CachestatRange(ctypes.Structure):
 
 
 class _Cachestat(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in
-                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
+    ]
 
 
 def _cached_pages(fd: int, size: int) -> int | None:

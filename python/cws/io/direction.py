@@ -60,8 +60,14 @@ class Entry:
 class Direction:
     """A behavior direction on disk: entries by model tensor name, plus its `direction.json`."""
 
-    def __init__(self, path: Path, entries: dict[str, Entry], meta: dict, checkpoint: Checkpoint,
-                 ties: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        entries: dict[str, Entry],
+        meta: dict,
+        checkpoint: Checkpoint,
+        ties: dict[str, str] | None = None,
+    ):
         self.path = path
         self.entries = entries
         self.meta = meta
@@ -78,7 +84,9 @@ class Direction:
             entries = {n: Entry(n, i.shape, dense=i) for n, i in ckpt.tensors.items() if i.is_float}
             others = [n for n, i in ckpt.tensors.items() if not i.is_float]
             if others:
-                raise CheckpointError(f"{path}: read as a direction, but holds non-float tensors: {', '.join(others[:5])}")
+                raise CheckpointError(
+                    f"{path}: read as a direction, but holds non-float tensors: {', '.join(others[:5])}"
+                )
             return cls(path, entries, {"format": "plain-checkpoint"}, ckpt, ckpt.ties)
         meta = load_json(meta_file, "direction metadata", dict)
         try:
@@ -87,8 +95,10 @@ class Direction:
             raise CheckpointError(f"{meta_file}: corrupt direction metadata: {e}") from e
         version = meta.get("version", 0)
         if meta.get("format") != FORMAT or type(version) is not int or version > VERSION:
-            raise CheckpointError(f"{meta_file}: not a cws direction of version ≤ {VERSION} "
-                                  f"(format={meta.get('format')!r}, version={version!r})")
+            raise CheckpointError(
+                f"{meta_file}: not a cws direction of version ≤ {VERSION} "
+                f"(format={meta.get('format')!r}, version={version!r})"
+            )
         return cls(path, _entries(meta_file, meta, ckpt), meta, ckpt, meta.get("ties"))
 
     def get(self, name: str) -> Entry | None:
@@ -119,10 +129,16 @@ def _check_structure(meta: object) -> None:
     for name, spec in tensors.items():
         shape = spec.get("shape") if isinstance(spec, dict) else None
         scale = spec.get("scale", 1.0) if isinstance(spec, dict) else None
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or \
-                type(scale) not in (int, float) or not math.isfinite(scale):
-            raise ValueError(f"entry {name!r} needs a shape of non-negative integers (and a numeric scale), "
-                             f"got {json.dumps(spec, default=str)[:200]}")
+        if (
+            not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+            or type(scale) not in (int, float)
+            or not math.isfinite(scale)
+        ):
+            raise ValueError(
+                f"entry {name!r} needs a shape of non-negative integers (and a numeric scale), "
+                f"got {json.dumps(spec, default=str)[:200]}"
+            )
 
 
 def _entries(meta_file: Path, meta: dict, ckpt: Checkpoint) -> dict[str, Entry]:
@@ -143,8 +159,15 @@ def _entries(meta_file: Path, meta: dict, ckpt: Checkpoint) -> dict[str, Entry]:
         elif spec.get("kind") == "lowrank":
             kb, ka = factor_keys(name)
             B, A = ckpt.tensors.get(kb), ckpt.tensors.get(ka)
-            if B is None or A is None or len(B.shape) != 2 or len(A.shape) != 2 or (B.shape[0], A.shape[1]) != shape \
-                    or B.shape[1] != A.shape[0] or A.shape[0] == 0:
+            if (
+                B is None
+                or A is None
+                or len(B.shape) != 2
+                or len(A.shape) != 2
+                or (B.shape[0], A.shape[1]) != shape
+                or B.shape[1] != A.shape[0]
+                or A.shape[0] == 0
+            ):
                 problems.append(f"low-rank {name!r}: factors missing or not (out, r)·(r, in) = {shape} with r ≥ 1")
                 continue
             used.update((kb, ka))
@@ -156,10 +179,13 @@ def _entries(meta_file: Path, meta: dict, ckpt: Checkpoint) -> dict[str, Entry]:
             problems.append(f"{name!r} has unknown kind {spec.get('kind')!r}")
     problems += [f"stored tensor {n!r} is not described in {META_FILE}" for n in ckpt.tensors if n not in used]
     for alias, source in meta.get("ties", {}).items():  # a tied name reads its source's delta
-        if source in entries and (alias in meta.get("tensors", {}) or (module_of(alias), module_of(source)) !=
-                                  ("head", "embed")):
-            problems.append(f"tie {alias!r} → {source!r}: only an lm_head with no entry of its own can be tied, "
-                            f"to the input embeddings")
+        if source in entries and (
+            alias in meta.get("tensors", {}) or (module_of(alias), module_of(source)) != ("head", "embed")
+        ):
+            problems.append(
+                f"tie {alias!r} → {source!r}: only an lm_head with no entry of its own can be tied, "
+                f"to the input embeddings"
+            )
     if problems:
         raise CheckpointError(f"{meta_file.parent}: inconsistent direction: " + "; ".join(problems[:10]))
     return entries
@@ -167,5 +193,11 @@ def _entries(meta_file: Path, meta: dict, ckpt: Checkpoint) -> dict[str, Entry]:
 
 def direction_meta(tensors: dict[str, dict], omitted: dict[str, str], **fields) -> dict:
     """The `direction.json` document for a direction being written."""
-    return {"format": FORMAT, "version": VERSION, "cws_version": __version__, **fields,
-            "tensors": tensors, "omitted": omitted}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "cws_version": __version__,
+        **fields,
+        "tensors": tensors,
+        "omitted": omitted,
+    }

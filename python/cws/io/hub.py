@@ -19,8 +19,9 @@ REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*", "README.md"]
 
 
-def resolve(spec: str | os.PathLike, role: str | None = None, what: str | None = None, *,
-            cache_only: bool = False) -> Path:
+def resolve(
+    spec: str | os.PathLike, role: str | None = None, what: str | None = None, *, cache_only: bool = False
+) -> Path:
     """A local path for `spec` (a path, or a Hub ID resolved through the cache), checked to be of a
     kind `role` takes ("model", "base", "fine-tune", "direction"; see cws.io.kinds).
     cache_only: never download, even online."""
@@ -70,12 +71,16 @@ def download(spec: str, cache_only: bool = False) -> Path:
     try:
         path = Path(snapshot_download(repo, revision=rev, allow_patterns=ALLOW_PATTERNS, local_files_only=cache_only))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise CwsError(f"{spec}: no such path, and not in the Hugging Face cache (offline: HF_HUB_OFFLINE=1 or no "
-                       f"network); download it once with `hf download {repo}`") from e
+        raise CwsError(
+            f"{spec}: no such path, and not in the Hugging Face cache (offline: HF_HUB_OFFLINE=1 or no "
+            f"network); download it once with `hf download {repo}`"
+        ) from e
     except (HfHubHTTPError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CwsError(f"{spec}: no such path, and the Hugging Face Hub answered: {first}") from e
     if not any(path.rglob("*.safetensors")) and not (path / "direction.json").exists():
-        raise CwsError(f"{spec}: the Hub repo has no .safetensors weights (pickle checkpoints are not read for "
-                       f"safety; convert with save_pretrained(..., safe_serialization=True))")
+        raise CwsError(
+            f"{spec}: the Hub repo has no .safetensors weights (pickle checkpoints are not read for "
+            f"safety; convert with save_pretrained(..., safe_serialization=True))"
+        )
     return path

@@ -23,7 +23,7 @@ ROLES = {
 }
 HINTS = {
     "adapter": "a fine-tune: pass two of them to `cws extract --pos/--neg` (or `cws apply --pos/--neg`), "
-               "or one to `cws compare --model`",
+    "or one to `cws compare --model`",
     "direction": "use it as `--direction` of apply/compare, or with export-peft/densify",
     "model": "models go to --model/--base; a direction comes from `cws extract`",
     "file": "",
@@ -31,7 +31,7 @@ HINTS = {
 
 
 def kind_of(path: Path) -> str | None:
-    """"adapter", "direction", "model" or "file" (a .safetensors or its index), or None if none of them.
+    """ "adapter", "direction", "model" or "file" (a .safetensors or its index), or None if none of them.
     A marker file counts where any file system entry has its name (its reader then refuses a bad one)."""
     if path.is_dir():
         if os.path.lexists(path / "adapter_config.json"):
@@ -55,7 +55,9 @@ def expect(path: Path, role: str, what: str) -> None:
     kind = kind_of(path)
     wanted = " or ".join(WHAT[k] for k in ROLES[role])
     if kind is None and path.suffix not in (".bin", ".pt", ".pth", ".ckpt") and os.path.isfile(path):
-        raise CwsError(f"{what} {path}: this is a {path.suffix or 'plain'} file, expected {wanted}")  # pickles: told later
+        raise CwsError(
+            f"{what} {path}: this is a {path.suffix or 'plain'} file, expected {wanted}"
+        )  # pickles: told later
     if kind is None or kind in ROLES[role]:
         return
     hint = f" ({HINTS[kind]})" if HINTS[kind] else ""

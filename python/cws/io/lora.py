@@ -29,9 +29,15 @@ _LORA_EMB = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\.(?P<
 _SAVED = re.compile(r"^(?P<module>.+?)\.modules_to_save(?:\.(?P<adapter>[^.]+))?\.(?P<param>[^.]+)$")
 _CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)$")
 # Settings whose adapters cws cannot represent exactly: refuse rather than answer wrongly.
-_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases (lora_bias)", "trainable_token_indices": "trainable tokens",
-                "layer_replication": "layer replication", "target_parameters": "LoRA on parameters",
-                "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA biases (lora_bias)",
+    "trainable_token_indices": "trainable tokens",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on parameters",
+    "use_qalora": "QALoRA",
+    "use_bdlora": "BD-LoRA",
+}
 
 
 def is_adapter(path) -> bool:
@@ -41,7 +47,9 @@ def is_adapter(path) -> bool:
     if os.path.lexists(Path(path) / CONFIG):  # a bad one is refused by read_config, not skipped
         return True
     if any(Path(path).glob("adapter_model*")):
-        raise CheckpointError(f"{Path(path).resolve()}: adapter weights without {CONFIG}; cannot tell r, alpha or targets")
+        raise CheckpointError(
+            f"{Path(path).resolve()}: adapter weights without {CONFIG}; cannot tell r, alpha or targets"
+        )
     return False
 
 
@@ -86,8 +94,11 @@ class Adapter:
         config = read_config(cfg_file)
         if not (path / WEIGHTS).is_file():
             pickled = [p.name for p in path.glob("adapter_model*.bin")]
-            why = f"{pickled[0]} is a pickle file, not read for safety; re-save with safe_serialization=True" \
-                if pickled else f"no {WEIGHTS}"
+            why = (
+                f"{pickled[0]} is a pickle file, not read for safety; re-save with safe_serialization=True"
+                if pickled
+                else f"no {WEIGHTS}"
+            )
             raise CheckpointError(f"{path}: {why}")
         ad = cls(path, config, Checkpoint.open(path / WEIGHTS))
         ad._map_keys()
@@ -108,13 +119,15 @@ class Adapter:
         factors: dict[str, dict[str, TensorInfo]] = {}
         kinds: dict[str, bool] = {}
         for key, info in self.checkpoint.tensors.items():
-            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
             m = _LORA.match(name) or _LORA_EMB.match(name)
             if m:
                 ab = factors.setdefault(m["module"], {})
                 if m["which"] in ab:  # one module's factors under two adapter names
-                    raise CheckpointError(f"{self.path}: LoRA module {m['module']!r} has two lora_{m['which']} factors "
-                                          f"({ab[m['which']].name!r} and {key!r}); save one adapter per directory")
+                    raise CheckpointError(
+                        f"{self.path}: LoRA module {m['module']!r} has two lora_{m['which']} factors "
+                        f"({ab[m['which']].name!r} and {key!r}); save one adapter per directory"
+                    )
                 ab[m["which"]] = info
                 kinds[m["module"]] = m.re is _LORA_EMB
                 continue
@@ -135,7 +148,9 @@ class Adapter:
             if len(A.shape) != 2 or len(B.shape) != 2:
                 raise CheckpointError(f"{self.path}: LoRA module {module!r} has factors that are not matrices")
             if A.shape[0] != B.shape[1]:
-                raise CheckpointError(f"{self.path}: LoRA module {module!r}: B {list(B.shape)} and A {list(A.shape)} do not chain")
+                raise CheckpointError(
+                    f"{self.path}: LoRA module {module!r}: B {list(B.shape)} and A {list(A.shape)} do not chain"
+                )
             r, alpha = self._rank_alpha(module)
             if r != A.shape[0]:
                 raise CheckpointError(f"{self.path}: {module!r} has rank {A.shape[0]} but adapter_config gives r={r}")
@@ -192,18 +207,25 @@ def read_config(cfg_file: Path) -> dict:
     lora_alpha a finite number, rank/alpha patterns mapping valid regular expressions to those."""
     config = load_json(cfg_file, "adapter config")
     if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_file}: corrupt adapter config: expected a JSON object, got {type(config).__name__}")
+        raise CheckpointError(
+            f"{cfg_file}: corrupt adapter config: expected a JSON object, got {type(config).__name__}"
+        )
 
     def bad(key, value, want):
         return CheckpointError(f"{cfg_file}: {key} must be {want}, got {json.dumps(value, default=str)[:80]}")
 
     rank_ok = lambda v: type(v) is int and v > 0  # noqa: E731
     alpha_ok = lambda v: type(v) in (int, float) and math.isfinite(v)  # noqa: E731
-    for key, ok, want, default in (("r", rank_ok, "a positive integer", 8),
-                                   ("lora_alpha", alpha_ok, "a finite number", 8)):
+    for key, ok, want, default in (
+        ("r", rank_ok, "a positive integer", 8),
+        ("lora_alpha", alpha_ok, "a finite number", 8),
+    ):
         if not ok(config.get(key, default)):
             raise bad(key, config.get(key), want)
-    for key, ok, want in (("rank_pattern", rank_ok, "a positive integer"), ("alpha_pattern", alpha_ok, "a finite number")):
+    for key, ok, want in (
+        ("rank_pattern", rank_ok, "a positive integer"),
+        ("alpha_pattern", alpha_ok, "a finite number"),
+    ):
         patterns = config.get(key) or {}
         if not isinstance(patterns, dict):
             raise bad(key, patterns, "an object mapping module patterns to values")
@@ -213,7 +235,9 @@ def read_config(cfg_file: Path) -> dict:
             try:
                 re.compile(pattern)
             except (re.error, RecursionError, OverflowError) as e:
-                raise CheckpointError(f"{cfg_file}: {key} key {pattern!r} is not a valid regular expression: {e}") from e
+                raise CheckpointError(
+                    f"{cfg_file}: {key} key {pattern!r} is not a valid regular expression: {e}"
+                ) from e
     _check_supported(cfg_file, config)
     return config
 

@@ -201,7 +201,9 @@ class MappedFiles:
         self._populate = _MADV_POPULATE_READ is not None
         self._leases: dict[int, str] = {}  # descriptor holding a lease -> path; open until close()
 
-    def view(self, info: TensorInfo, row_start: int = 0, row_end: int | None = None) -> tuple[torch.Tensor, tuple] | None:
+    def view(
+        self, info: TensorInfo, row_start: int = 0, row_end: int | None = None
+    ) -> tuple[torch.Tensor, tuple] | None:
         """(rows [row_start, row_end) of the tensor as a view of the mapped file, its pages for
         `release`), or None where no view is made (empty, misaligned for the dtype, no madvise,
         no lease)."""
@@ -260,8 +262,10 @@ class MappedFiles:
             except OSError:
                 held = False
             if not held:
-                raise CheckpointError(f"{path}: another process is writing to or truncating this file while cws "
-                                      f"reads it; nothing was written")
+                raise CheckpointError(
+                    f"{path}: another process is writing to or truncating this file while cws "
+                    f"reads it; nothing was written"
+                )
 
     def _map(self, info: TensorInfo) -> tuple[mmap.mmap | None, int]:
         """The file's map (None where it cannot be mapped safely: the caller reads instead) and

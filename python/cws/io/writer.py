@@ -4,8 +4,9 @@ Everything is written into a hidden temporary directory next to out_dir (cws.io.
 after its owning process, removed by the next run on out_dir once that process is gone) and put in
 place only once every planned tensor is complete, so a killed process never leaves anything at
 out_dir; an existing output (--overwrite) is swapped out in one step. By default the files are
-also fsynced before that rename, so that not even a power loss or OS crash can leave a complete-looking output with missing data; `fsync=False`
-skips that wait on the disk (for scratch outputs: a killed process is still safe, a crash not).
+also fsynced before that rename, so that not even a power loss or OS crash can leave a complete-looking
+output with missing data; `fsync=False` skips that wait on the disk (for scratch outputs: a killed
+process is still safe, a crash not).
 Fsynced shards written front to back go to the disk with O_DIRECT (cws.io.direct), past the page
 cache; CWS_DIRECT_IO=0 writes them through the page cache instead.
 """
@@ -147,8 +148,9 @@ class ShardedWriter:
                 header, offsets = build_header(entries, self.metadata)
                 try:
                     self._fds.append(os.open(tmp / self.shard_names[i], flags, 0o644))
-                    self._streams.append(DirectStream(tmp / self.shard_names[i], self._fds[-1], self._behind)
-                                         if direct_io else None)
+                    self._streams.append(
+                        DirectStream(tmp / self.shard_names[i], self._fds[-1], self._behind) if direct_io else None
+                    )
                 except OSError as e:
                     target = self.out_dir / self.shard_names[i]
                     raise CheckpointError(f"cannot create {target}: {e.strerror or e}") from e
@@ -236,8 +238,10 @@ class ShardedWriter:
             raise self._write_error(shard, e) from e
 
     def _write_error(self, shard: int, e: OSError) -> CheckpointError:
-        return CheckpointError(f"cannot write {self.out_dir / self.shard_names[shard]}: {e.strerror or e}; "
-                               f"nothing was written to {self.out_dir}")
+        return CheckpointError(
+            f"cannot write {self.out_dir / self.shard_names[shard]}: {e.strerror or e}; "
+            f"nothing was written to {self.out_dir}"
+        )
 
     def _finish(self) -> None:
         """Check every planned tensor is complete and get the files to the disk; the output is not in place yet."""
@@ -379,7 +383,8 @@ def copy_model_files(src_dir: str | os.PathLike, writer: ShardedWriter) -> list[
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a model directory")
     names = sorted(
-        p.name for p in src.iterdir()
+        p.name
+        for p in src.iterdir()
         if p.is_file() and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES)
     )
     for name in names:

@@ -78,8 +78,9 @@ def mean_activation(model: torch.nn.Module, layer: int, batches: Iterable[dict])
     return total / count
 
 
-def mean_difference(model: torch.nn.Module, layer: int, pos_batches: Iterable[dict],
-                    neg_batches: Iterable[dict]) -> torch.Tensor:
+def mean_difference(
+    model: torch.nn.Module, layer: int, pos_batches: Iterable[dict], neg_batches: Iterable[dict]
+) -> torch.Tensor:
     """v = mean activation on the positive batches − mean on the negative ones, at the output of
     decoder layer `layer`; returned in the model's dtype."""
     dtype = next(model.parameters()).dtype

@@ -51,8 +51,9 @@ def part_of(p: torch.Tensor) -> Part:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     if any(pl.is_partial() for pl in p.placements):
-        raise CwsError(f"a parameter of shape {list(p.shape)} is a partial-sum DTensor; cws needs sharded or "
-                       f"replicated parameters")
+        raise CwsError(
+            f"a parameter of shape {list(p.shape)} is a partial-sum DTensor; cws needs sharded or replicated parameters"
+        )
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     local = p.to_local()
     if tuple(local.shape) != tuple(shape):
@@ -109,8 +110,11 @@ def gram_cut(p: torch.Tensor, part: Part) -> Cut:
     rank alone, bit for bit as in one process; a block that two ranks' blocks share (a shard boundary
     inside it) is made whole across ranks and summed once. Blocks not of whole rows: all `own`."""
     n = part.local.numel()
-    ranges = _flat_ranges(tuple(p.shape), tuple(p.device_mesh.shape), tuple(p.placements)) \
-        if part.sharded and part.region is not None else None
+    ranges = (
+        _flat_ranges(tuple(p.shape), tuple(p.device_mesh.shape), tuple(p.placements))
+        if part.sharded and part.region is not None
+        else None
+    )
     if ranges is None:
         return Cut(slice(0, n), [], [], 0)
     total = math.prod(p.shape)
@@ -206,8 +210,10 @@ def same_directions(directions: dict, device) -> None:
     seen = torch.tensor([mine, -mine], dtype=torch.int64, device=device)
     dist.all_reduce(seen, op=dist.ReduceOp.MAX)  # [max, -min]: equal to [mine, -mine] on all ranks iff all agree
     if seen.tolist() != [mine, -mine]:
-        raise CwsError(f"rank {rank}: the ranks were given different directions (names, shapes or values differ); "
-                       f"give every rank the same files")
+        raise CwsError(
+            f"rank {rank}: the ranks were given different directions (names, shapes or values differ); "
+            f"give every rank the same files"
+        )
 
 
 def _fingerprint(h, direction) -> None:
@@ -256,8 +262,14 @@ def add_lowrank_part_(W: torch.Tensor, B, A, alpha: float, region: Region, *, ro
         a, b = max(s, rows.start), min(s + step, rows.stop)
         delta = (B[s : s + step].float() @ Af)[a - s : b - s, cols].contiguous()  # (b-a, block cols) fp32
         block = W[a - rows.start : b - rows.start]
-        lincomb([block, delta], [1.0, alpha], out=block, rounding=rounding, seed=seed,
-                offset=0 if offset is None else a * n_cols)
+        lincomb(
+            [block, delta],
+            [1.0, alpha],
+            out=block,
+            rounding=rounding,
+            seed=seed,
+            offset=0 if offset is None else a * n_cols,
+        )
     return W
 
 
@@ -274,9 +286,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         else:
             break
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        raise CwsError("FSDP1 (FullyShardedDataParallel) flattens parameters into per-rank slices that cws does "
-                       "not map; shard with FSDP2 (torch.distributed.fsdp.fully_shard, or accelerate's "
-                       "fsdp_version: 2) instead")
+        raise CwsError(
+            "FSDP1 (FullyShardedDataParallel) flattens parameters into per-rank slices that cws does "
+            "not map; shard with FSDP2 (torch.distributed.fsdp.fully_shard, or accelerate's "
+            "fsdp_version: 2) instead"
+        )
     return model
 
 
@@ -317,7 +331,7 @@ class Ranks:
         for v, g in zip(views, grams):
             v.copy_(g.reshape(-1))
         whole = []
-        for v, f, p in zip(views[len(grams):], factors, parts):
+        for v, f, p in zip(views[len(grams) :], factors, parts):
             if p is None:
                 whole.append(f)
                 continue

@@ -53,8 +53,11 @@ def _finish_lowrank_tau(G, vectors, factors, BtD) -> None:
     for k, v in enumerate(vectors[1:], 1):
         if v is None:
             continue
-        G[0, k] = G[k, 0] = lowrank_inner(B, A, v[1], v[2], s, v[3]) if v[0] == "lowrank" else \
-            float((BtD[k - 1] * A.double().cpu()).sum()) * s
+        G[0, k] = G[k, 0] = (
+            lowrank_inner(B, A, v[1], v[2], s, v[3])
+            if v[0] == "lowrank"
+            else float((BtD[k - 1] * A.double().cpu()).sum()) * s
+        )
 
 
 def _dense_inputs(vectors) -> list[torch.Tensor]:
@@ -139,10 +142,21 @@ class WeightMonitor(TrainerCallback):
     A tied parameter (lm_head = embed_tokens) is measured once, unless a direction has both names.
     """
 
-    def __init__(self, directions, every: int = 10, *, reference="cpu", threshold: float | None = None,
-                 metric: str = "cos_no_embed", action: str = "warn", jsonl: str | os.PathLike | bool | None = None,
-                 per_layer: bool = True, distributed: bool | None = None, on_missing: str = "error",
-                 log_layers: bool = False):
+    def __init__(
+        self,
+        directions,
+        every: int = 10,
+        *,
+        reference="cpu",
+        threshold: float | None = None,
+        metric: str = "cos_no_embed",
+        action: str = "warn",
+        jsonl: str | os.PathLike | bool | None = None,
+        per_layer: bool = True,
+        distributed: bool | None = None,
+        on_missing: str = "error",
+        log_layers: bool = False,
+    ):
         if not isinstance(directions, dict) or all(isinstance(v, torch.Tensor) for v in directions.values()):
             directions = {"direction": directions}
         if action not in ("warn", "stop"):
@@ -191,16 +205,21 @@ class WeightMonitor(TrainerCallback):
             updates = lora_updates(model, self._modules)
             both = sorted(n for n, u in updates.items() if u[0] == "lowrank" and params[n].requires_grad)
             if both:
-                raise CwsError(f"{both[0]}: trained both directly and through a LoRA layer; the monitor measures "
-                               f"a tensor's update one way (freeze the base weight, or measure without PEFT)")
+                raise CwsError(
+                    f"{both[0]}: trained both directly and through a LoRA layer; the monitor measures "
+                    f"a tensor's update one way (freeze the base weight, or measure without PEFT)"
+                )
             self._trained = {n for n, p in params.items() if p.requires_grad and n not in updates}
         if not self._trained:
             self._theta0 = {}
         elif self.reference in ("cpu", "device"):
             dev = "cpu" if self.reference == "cpu" else None
             copies = {}  # one copy per tensor, tied names included
-            self._theta0 = {n: copies.setdefault(id(params[n]), part.local.detach().to(dev or part.local.device, copy=True))
-                            for n, part in self._parts.items() if n in self._trained}
+            self._theta0 = {
+                n: copies.setdefault(id(params[n]), part.local.detach().to(dev or part.local.device, copy=True))
+                for n, part in self._parts.items()
+                if n in self._trained
+            }
         else:
             from ..io.hub import resolve
 
@@ -267,15 +286,17 @@ class WeightMonitor(TrainerCallback):
             btd.append(self._BtD(name, vectors, part, factors) if b else [])
         extra = [p for ps in btd for p in ps] + [f for f in shared if f is not None]
         sums, factors = self._ranks.reduce(grams + extra, factors, self._device)  # the one
-        grams, rest = sums[: len(grams)], iter(sums[len(grams):])
-        for G, (name, vectors, _), ps in zip(grams, dense, btd):
+        grams, rest = sums[: len(grams)], iter(sums[len(grams) :])
+        for G, (_, vectors, _), ps in zip(grams, dense, btd):
             if ps:
                 _finish_lowrank_tau(G, vectors, factors, [next(rest) for _ in ps])
         for G, (name, vectors, _), frags, ps in zip(grams, dense, shared, btd):
             if frags is not None:
                 G += self._shared_gram(name, [None, *vectors[1:]] if ps else vectors, next(rest))
             report.add(name, G)
-        batch = [(name, [_whole(v, factors) if k == 0 else v for k, v in enumerate(vectors)]) for name, vectors in batch]
+        batch = [
+            (name, [_whole(v, factors) if k == 0 else v for k, v in enumerate(vectors)]) for name, vectors in batch
+        ]
         if self._plan is None or not self._plan.matches(batch):
             self._plan = _LowRankPlan(batch)
         self._plan.add_to(batch, report)
@@ -288,15 +309,22 @@ class WeightMonitor(TrainerCallback):
         for name, p in params.items():
             was = self._parts.get(name)
             if was is None or tuple(p.shape) != self._shapes[name] or p.dtype != was.local.dtype:
-                raise CwsError(f"{name}: the model's parameters changed since monitor.start() (new or resized "
-                               f"tensors, another dtype); call monitor.start(model) again")
+                raise CwsError(
+                    f"{name}: the model's parameters changed since monitor.start() (new or resized "
+                    f"tensors, another dtype); call monitor.start(model) again"
+                )
 
     def _rows_of_B(self, name, vectors, part, factors) -> bool:
         """Whether τ is low-rank here with its B factor sharded by the same rows as the tensor: then
         ⟨s·B·A, D⟩ = s·⟨A, BᵀD⟩ with BᵀD summed over ranks in the one all_reduce, beside A."""
         tau = vectors[0]
-        if tau is None or tau[0] != "lowrank" or part is None or part.region is None or \
-                row_offset(part.region, self._shapes[name]) is None:
+        if (
+            tau is None
+            or tau[0] != "lowrank"
+            or part is None
+            or part.region is None
+            or row_offset(part.region, self._shapes[name]) is None
+        ):
             return False
         B = factors[tau[1]]
         return isinstance(B, DTensor) and part_of(B).region is not None and part_of(B).region[0] == part.region[0]
@@ -324,8 +352,11 @@ class WeightMonitor(TrainerCallback):
         vectors = [restrict(v, region) if v is not None and v[0] == "lowrank" else v for v in vectors]
         cut = self._cuts.get(name) if region is not None else None
         inputs = _dense_inputs(vectors)
-        frags = torch.zeros(len(inputs), cut.size, dtype=torch.float64, device=self._device) \
-            if cut is not None and cut.size and inputs else None
+        frags = (
+            torch.zeros(len(inputs), cut.size, dtype=torch.float64, device=self._device)
+            if cut is not None and cut.size and inputs
+            else None
+        )
         if not self._ranks.counts(name, part):
             return torch.zeros(K, K, dtype=torch.float64), frags
         if cut is None:
@@ -349,8 +380,12 @@ class WeightMonitor(TrainerCallback):
         G = torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
         for block in self._cuts[name].blocks:
             whole = {id(t): row[block].to(t.dtype) for row, t in zip(frags, inputs)}
-            G += vector_gram([("dense", [(whole[id(t)], c) for t, c in v[1]]) if v is not None and v[0] == "dense"
-                              else None for v in vectors])
+            G += vector_gram(
+                [
+                    ("dense", [(whole[id(t)], c) for t, c in v[1]]) if v is not None and v[0] == "dense" else None
+                    for v in vectors
+                ]
+            )
         return G
 
     def _metrics(self, report: Report) -> dict[str, float]:
@@ -408,8 +443,11 @@ class WeightMonitor(TrainerCallback):
 
     def _jsonl_path(self, args):
         """Where records go: `jsonl`, or cws_monitor.jsonl under args.output_dir; None off rank 0 or when jsonl=False."""
-        if self.jsonl is False or (torch.distributed.is_available() and torch.distributed.is_initialized()
-                                   and torch.distributed.get_rank() != 0):
+        if self.jsonl is False or (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_rank() != 0
+        ):
             return None
         if self.jsonl:
             return self.jsonl

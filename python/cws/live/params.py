@@ -23,7 +23,9 @@ PEFT_PREFIX = "base_model.model."
 KERNEL_DTYPES = FLOAT_DTYPES  # what cws_kernels read and write
 _SAVED = re.compile(r"\.modules_to_save\.[^.]+\.")
 _WRAPPERS = re.compile(r"(^|\.)(_orig_mod|_checkpoint_wrapped_module)\.")  # torch.compile, checkpoint_wrapper
-_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.")  # a per-expert checkpoint name: model.layers.0.mlp.experts.3.up_proj.weight
+_EXPERT = re.compile(
+    r"^(.*\.experts)\.\d+\."
+)  # a per-expert checkpoint name: model.layers.0.mlp.experts.3.up_proj.weight
 ON_MISSING = ("error", "skip")
 
 
@@ -34,7 +36,7 @@ def canonical(name: str) -> str | None:
     checkpointing wrap around a model or its blocks add nothing to the names."""
     name = _WRAPPERS.sub(r"\1", name)
     if name.startswith(PEFT_PREFIX):
-        name = name[len(PEFT_PREFIX):]
+        name = name[len(PEFT_PREFIX) :]
     if ".lora_" in name or ".original_module." in name:
         return None
     name = name.replace(".base_layer.", ".")
@@ -72,9 +74,11 @@ def check_unmatched(names: list[str], params: dict, on_missing: str, who: str) -
     experts = [n for n in names if (m := _EXPERT.match(n)) and m.group(1) in fused]
     if experts:
         one = next(n for n in params if n.startswith(_EXPERT.match(experts[0]).group(1) + "."))
-        msg += (f"; {len(experts)} of them name single experts ({printable(experts[0])}, …) of experts this model "
-                f"holds fused as 3-D parameters ({printable(one)}, transformers 5): cws does not map per-expert "
-                f"entries onto fused experts")
+        msg += (
+            f"; {len(experts)} of them name single experts ({printable(experts[0])}, …) of experts this model "
+            f"holds fused as 3-D parameters ({printable(one)}, transformers 5): cws does not map per-expert "
+            f"entries onto fused experts"
+        )
     raise CwsError(msg + API_HINT)
 
 
@@ -164,7 +168,9 @@ def lora_updates(model: torch.nn.Module, modules=None) -> dict[str, tuple]:
     out = {}
     for prefix, module in modules if modules is not None else lora_modules(model):
         if hasattr(module, "lora_A"):
-            adapters = [a for a in module.active_adapters if a in module.lora_A or a in getattr(module, "lora_embedding_A", {})]
+            adapters = [
+                a for a in module.active_adapters if a in module.lora_A or a in getattr(module, "lora_embedding_A", {})
+            ]
             if getattr(module, "use_dora", {}) and any(module.use_dora.get(a) for a in adapters):
                 raise CwsError(f"{prefix}: DoRA layers are not supported by the monitor")
             for a in adapters:

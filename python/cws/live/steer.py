@@ -95,15 +95,18 @@ def _targets(model, direction, include, exclude, layers, on_missing="error") -> 
             parts[name] = part_of(p)
             result.added.append(name)
         if p.device.type == "meta":
-            raise CwsError(f"{name} is on the meta device (no weights loaded yet); steer the model once its "
-                           f"weights are loaded")
+            raise CwsError(
+                f"{name} is on the meta device (no weights loaded yet); steer the model once its weights are loaded"
+            )
         if p.dtype not in KERNEL_DTYPES:
             raise CwsError(f"{name} is {p.dtype}; cws steers fp32, bf16 and fp16 weights")
         if id(p) in seen:  # one tied tensor: steered once, if the direction moves both names alike
             if _same(entries[seen[id(p)]], delta):
                 continue
-            raise CwsError(f"{name} and {seen[id(p)]} are one tied tensor in this model, but the direction changes "
-                           f"them differently; untie the model first (cws.untie(model)) or exclude one of them")
+            raise CwsError(
+                f"{name} and {seen[id(p)]} are one tied tensor in this model, but the direction changes "
+                f"them differently; untie the model first (cws.untie(model)) or exclude one of them"
+            )
         seen[id(p)] = name
         delta = tuple(t.to(p.device) if isinstance(t, torch.Tensor) else t for t in delta)
         targets.append(Target(name, p, delta, parts[name], adds))
@@ -143,9 +146,18 @@ def _steer_one(t: Target, source: torch.Tensor, alpha: float, rounding: str, see
 
 
 @torch.no_grad()
-def steer(model, direction, alpha: float | Sequence[float] | Callable = 1.0, *, include: str | None = None,
-          exclude: str | None = None, layers=None, rounding: str = "nearest", seed: int = 0,
-          on_missing: str = "error") -> SteerResult:
+def steer(
+    model,
+    direction,
+    alpha: float | Sequence[float] | Callable = 1.0,
+    *,
+    include: str | None = None,
+    exclude: str | None = None,
+    layers=None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    on_missing: str = "error",
+) -> SteerResult:
     """Add α·w to the model's weights in place (dense or low-rank entries; any device and float dtype).
 
     Direction entries the model lacks are an error, or with on_missing="skip" a warning (listed in
@@ -169,8 +181,20 @@ class Steerer:
     (default) for direction entries the model lacks, or "skip" (a warning; they are in `result.unmatched`).
     """
 
-    def __init__(self, model, direction, *, include=None, exclude=None, layers=None, rounding="nearest", seed=0,
-                 keep: str = "cpu", checkpoint=None, on_missing: str = "error"):
+    def __init__(
+        self,
+        model,
+        direction,
+        *,
+        include=None,
+        exclude=None,
+        layers=None,
+        rounding="nearest",
+        seed=0,
+        keep: str = "cpu",
+        checkpoint=None,
+        on_missing: str = "error",
+    ):
         if keep not in KEEPS:
             raise CwsError(f"keep={keep!r}: expected one of {', '.join(KEEPS)}")
         self.model = model
@@ -184,8 +208,9 @@ class Steerer:
                 self.pristine = None
             else:
                 dev = "cpu" if keep == "cpu" else None
-                self.pristine = {t.name: t.data.to(dev or t.data.device, copy=True) for t in self.targets
-                                 if t.adds is None}  # a new bias starts from zeros
+                self.pristine = {
+                    t.name: t.data.to(dev or t.data.device, copy=True) for t in self.targets if t.adds is None
+                }  # a new bias starts from zeros
 
     @property
     def kept_bytes(self) -> int:
@@ -226,13 +251,19 @@ class Steerer:
             if t.part.sharded:
                 continue
             w = t.adds.weight if t.adds is not None else None
-            if t.adds is not None and (t.adds.bias is None or t.adds.bias is t.param) and w.device == t.param.device \
-                    and w.dtype == t.param.dtype:
+            if (
+                t.adds is not None
+                and (t.adds.bias is None or t.adds.bias is t.param)
+                and w.device == t.param.device
+                and w.dtype == t.param.dtype
+            ):
                 continue
             p = params.get(t.name)
             if p is not t.param or part_of(p).local.data_ptr() != t.data.data_ptr():
-                raise CwsError(f"{t.name}: the model's weights were moved, converted or replaced (model.to(...)) "
-                               f"since this Steerer was made; make a new Steerer for the model as it is now")
+                raise CwsError(
+                    f"{t.name}: the model's weights were moved, converted or replaced (model.to(...)) "
+                    f"since this Steerer was made; make a new Steerer for the model as it is now"
+                )
 
 
 def _open_matching(path, targets):
@@ -248,17 +279,27 @@ def _open_matching(path, targets):
     ckpt = Checkpoint.open(path)
     for t in (t for t in targets if t.adds is None):  # a new bias is not in the checkpoint: it starts from zeros
         info = ckpt.lookup(t.name)
-        if info is None or info.dtype != t.param.dtype or not torch.equal(_read_part(ckpt, t).to(t.data.device), t.data):
-            raise CwsError(f"{ckpt.path}: {t.name} differs from the loaded model's; keep='checkpoint' needs the "
-                           f"exact checkpoint (same dtype) the model was loaded from")
+        if (
+            info is None
+            or info.dtype != t.param.dtype
+            or not torch.equal(_read_part(ckpt, t).to(t.data.device), t.data)
+        ):
+            raise CwsError(
+                f"{ckpt.path}: {t.name} differs from the loaded model's; keep='checkpoint' needs the "
+                f"exact checkpoint (same dtype) the model was loaded from"
+            )
     return ckpt
 
 
 def _same(a: tuple, b: tuple) -> bool:
     """Whether two direction entries are the same delta (one object, or equal parts)."""
-    return a is b or (len(a) == len(b) and all(
-        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
-        for x, y in zip(a, b)))
+    return a is b or (
+        len(a) == len(b)
+        and all(
+            torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+            for x, y in zip(a, b)
+        )
+    )
 
 
 def _read_part(ckpt, t: Target) -> torch.Tensor:

@@ -35,7 +35,9 @@ def parse_alphas(spec) -> list[float]:
             if count < 2:
                 raise ValueError(f"{item!r}: a range needs a COUNT of at least 2")
             if count > MAX_COUNT:
-                raise ValueError(f"{item!r}: at most {MAX_COUNT} values in one range (each is a model or a sweep point)")
+                raise ValueError(
+                    f"{item!r}: at most {MAX_COUNT} values in one range (each is a model or a sweep point)"
+                )
             if math.isfinite(stop - start):
                 numbers = [start + (stop - start) * i / (count - 1) for i in range(count - 1)] + [stop]
             else:  # ends near ±1e308: their difference overflows, a weighted mean does not

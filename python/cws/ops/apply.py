@@ -21,8 +21,18 @@ import torch
 from cws_kernels import add_lowrank_, lincomb_tally, lowrank_block_rows
 
 from . import dist, engine
-from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, new_bias, provenance,
-                     raise_problems, shape_problem, tensor_seed)
+from .checks import (
+    check_finite,
+    check_policy,
+    dtype_problem,
+    missing_problem,
+    name_filter,
+    new_bias,
+    provenance,
+    raise_problems,
+    shape_problem,
+    tensor_seed,
+)
 from ..io.direction import Direction, Entry
 from ..errors import CwsError
 from ..io.atomic import check_output
@@ -58,8 +68,10 @@ def out_dirs(out: str | os.PathLike, alphas: list[float]) -> list[Path]:
         names = [repr(a) for a in alphas]
     if _fields(out):
         if _fields(out) != {"alpha"}:
-            raise CwsError(f"output template {out!r}: only {{alpha}} can be filled in, not "
-                           f"{', '.join(sorted(_fields(out) - {'alpha'}))}")
+            raise CwsError(
+                f"output template {out!r}: only {{alpha}} can be filled in, not "
+                f"{', '.join(sorted(_fields(out) - {'alpha'}))}"
+            )
         try:
             dirs = [Path(out.format(alpha=n)) for n in names]
         except (KeyError, IndexError, ValueError, AttributeError) as e:
@@ -125,17 +137,33 @@ def apply(
         for d_out in out_dirs(out, alphas):  # refused before the fused extraction, not after it
             check_output(d_out, [m.path, pos, neg], overwrite=overwrite, op="apply")
         if is_adapter(pos) or is_adapter(neg):
-            return _apply_adapters(pos, neg, specs, alphas, out, rounding=rounding, seed=seed, include=include,
-                                   exclude=exclude, on_missing=on_missing, allow_nonfinite=allow_nonfinite,
-                                   max_memory=max_memory, max_shard_size=max_shard_size, overwrite=overwrite,
-                                   fsync=fsync, quiet=quiet, model_spec=model_spec)
+            return _apply_adapters(
+                pos,
+                neg,
+                specs,
+                alphas,
+                out,
+                rounding=rounding,
+                seed=seed,
+                include=include,
+                exclude=exclude,
+                on_missing=on_missing,
+                allow_nonfinite=allow_nonfinite,
+                max_memory=max_memory,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+                fsync=fsync,
+                quiet=quiet,
+                model_spec=model_spec,
+            )
     if direction is not None:
         d = direction if isinstance(direction, Direction) else Direction.open(resolve(direction, "direction"))
         sources, inputs = {}, [str(m.path), str(d.path)]
         raw = d.get
         real = set(d.entries)
-        provenance_of = _direction_provenance(d, _made_from, str(d.path) if isinstance(direction, Direction)
-                                              else describe(direction))
+        provenance_of = _direction_provenance(
+            d, _made_from, str(d.path) if isinstance(direction, Direction) else describe(direction)
+        )
     else:
         sources = {"pos": Checkpoint.open(pos), "neg": Checkpoint.open(neg)}
         inputs = [str(m.path)] + [str(c.path) for c in sources.values()]
@@ -167,21 +195,35 @@ def apply(
         outs = [(info.dtype, info.shape)] * len(alphas)
         e = delta_of(name) or (delta_of(tied_to[name]) if name in tied_to else None)
         if e is None:
-            items.append(engine.Item(name, info.rows, [info], data=("copy",), computed=False))  # written from the read buffer
+            items.append(
+                engine.Item(name, info.rows, [info], data=("copy",), computed=False)
+            )  # written from the read buffer
             continue
         if not info.is_float:
             problems.append(f"{name}: the model stores it as {info.dtype}, which cannot be steered")
             continue
         if direction is not None:
             if e.shape != info.shape:
-                problems.append(shape_problem(name, {"model": info, "direction": e.dense or e.B}) if e.dense
-                                else f"{name}: model {list(info.shape)} vs low-rank direction {list(e.shape)}")
+                problems.append(
+                    shape_problem(name, {"model": info, "direction": e.dense or e.B})
+                    if e.dense
+                    else f"{name}: model {list(info.shape)} vs low-rank direction {list(e.shape)}"
+                )
                 continue
             if e.kind == "dense":
                 items.append(engine.Item(name, info.rows, [info, e.dense], outs=outs, data=("dense", e)))
             else:
-                items.append(engine.Item(name, info.rows, [info, e.B], whole=[e.A], outs=outs,
-                                         align=lowrank_block_rows(info.shape), data=("lowrank", e)))
+                items.append(
+                    engine.Item(
+                        name,
+                        info.rows,
+                        [info, e.B],
+                        whole=[e.A],
+                        outs=outs,
+                        align=lowrank_block_rows(info.shape),
+                        data=("lowrank", e),
+                    )
+                )
         else:
             infos = {"model": info, **{k: i for k, i in zip(sources, e) if i is not None}}
             if len(infos) < 3:
@@ -197,9 +239,12 @@ def apply(
     if steered == 0 and not any(e is not None for e in biases.values()):
         raise CwsError(f"no tensor of {m.path} matches the direction; nothing to steer")
     if untied:
-        log.warning("cws apply: the direction changes %s differently from %s, which this model ties: writing an "
-                    "untied model (both tensors, tie_word_embeddings: false)",
-                    ", ".join(untied), ", ".join(untied.values()))
+        log.warning(
+            "cws apply: the direction changes %s differently from %s, which this model ties: writing an "
+            "untied model (both tensors, tie_word_embeddings: false)",
+            ", ".join(untied),
+            ", ".join(untied.values()),
+        )
     count_rounding = rounding == "nearest"
 
     def compute(s: engine.Slice):
@@ -210,8 +255,17 @@ def apply(
             for a, o in zip(alphas, s.outs):
                 if not s.ins or a == 0.0:
                     o.zero_()
-                elif lincomb_tally(s.ins, [a, -a][:len(s.ins)], out=o, rounding=rounding, seed=tensor_seed(seed, name),
-                                   offset=s.start).nonfinite and not allow_nonfinite:
+                elif (
+                    lincomb_tally(
+                        s.ins,
+                        [a, -a][: len(s.ins)],
+                        out=o,
+                        rounding=rounding,
+                        seed=tensor_seed(seed, name),
+                        offset=s.start,
+                    ).nonfinite
+                    and not allow_nonfinite
+                ):
                     check_finite(name, [o], s.ins, s.item.sliced)
             return [(w.write, (name, o, s.start)) for w, o in zip(writers, s.outs)]
         theta = s.ins[0]
@@ -230,8 +284,7 @@ def apply(
             return [(w.write, (name, o, s.start)) for w, o in zip(writers, s.outs)]
         for a, o in zip(alphas, s.outs):  # low-rank: W + α·scale·B·A, B·A formed per block of rows
             o.copy_(theta)
-            add_lowrank_(o, s.ins[1], s.ins[2], a * s.item.data[1].scale, rounding=rounding, seed=seed_t,
-                         offset=offset)
+            add_lowrank_(o, s.ins[1], s.ins[2], a * s.item.data[1].scale, rounding=rounding, seed=seed_t, offset=offset)
         if counted:
             nonzero = lowrank_support(s.ins[1], s.ins[2])
             for a, o, counts in zip(alphas, s.outs, rounding_counts):
@@ -252,13 +305,30 @@ def apply(
     lead = dist.rank_world()[0] == 0
     writers = []
     for a, d_out in zip(alphas, out_dirs(out, alphas)):
-        md = provenance("apply", alpha=f"{a!r}", model=m.path,
-                        direction=inputs[1] if direction is not None and not _made_from else None,
-                        pos=provenance_of.get("pos"), neg=provenance_of.get("neg"), rounding=rounding,
-                        seed=seed if rounding == "stochastic" else None, skipped=",".join(skipped) or None,
-                        untied=",".join(untied) or None)
-        writers.append(dist.writer(d_out, plan, [it.name for it in mine], max_shard_size=shard, metadata=md,
-                                   overwrite=overwrite, inputs=inputs, fsync=fsync))
+        md = provenance(
+            "apply",
+            alpha=f"{a!r}",
+            model=m.path,
+            direction=inputs[1] if direction is not None and not _made_from else None,
+            pos=provenance_of.get("pos"),
+            neg=provenance_of.get("neg"),
+            rounding=rounding,
+            seed=seed if rounding == "stochastic" else None,
+            skipped=",".join(skipped) or None,
+            untied=",".join(untied) or None,
+        )
+        writers.append(
+            dist.writer(
+                d_out,
+                plan,
+                [it.name for it in mine],
+                max_shard_size=shard,
+                metadata=md,
+                overwrite=overwrite,
+                inputs=inputs,
+                fsync=fsync,
+            )
+        )
     if len({w.out_dir for w in writers}) < len(writers):
         raise CwsError(f"output {out!r} gives several α the same directory")
     # one process: every α's output is committed, or none; across ranks each α commits after a barrier
@@ -270,17 +340,27 @@ def apply(
             if m.path.is_dir():
                 copy_model_files(m.path, w)
             if config is not None:
-                w.add_json("config.json", {**steered_config(config, bool(untied)), **({"mlp_bias": True} if biases else {})})
+                w.add_json(
+                    "config.json", {**steered_config(config, bool(untied)), **({"mlp_bias": True} if biases else {})}
+                )
             w.add_text("README.md", model_card(model_spec, a, provenance_of, rounding, list(untied)))
         engine.run(mine, compute, max_memory=budget, desc="apply", quiet=quiet or not lead)
     for a, (changed, nonzero) in zip(alphas, rounding_counts):
         if nonzero and changed < nonzero / 2:
-            log.warning("cws apply: alpha %g: nearest rounding kept %.1f%% of the non-zero update (%d of %d elements "
-                        "changed); pass --rounding stochastic for an unbiased update", a, 100 * changed / nonzero,
-                        changed, nonzero)
+            log.warning(
+                "cws apply: alpha %g: nearest rounding kept %.1f%% of the non-zero update (%d of %d elements "
+                "changed); pass --rounding stochastic for an unbiased update",
+                a,
+                100 * changed / nonzero,
+                changed,
+                nonzero,
+            )
     if skipped:
-        log.warning("cws apply: %d direction tensor(s) the model lacks were not applied (--on-missing skip): %s",
-                    len(skipped), ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+        log.warning(
+            "cws apply: %d direction tensor(s) the model lacks were not applied (--on-missing skip): %s",
+            len(skipped),
+            ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""),
+        )
     return [w.out_dir for w in writers]
 
 
@@ -288,13 +368,17 @@ def _new_biases(m: Checkpoint, names, delta_of, on_missing: str) -> dict:
     """The biases the model gains for direction entries that are biases its MLP layers lack (bias-only
     directions): name → the entry (α·w is written) or None (zeros: the config's mlp_bias switch, set to
     true, gives every MLP projection a bias). Refused where the model's config has no such switch."""
+
     def shape(e):  # a dense delta's shape (a direction entry, or a fused (pos, neg) pair), or None
         if isinstance(e, Entry):
             return e.shape if e.kind == "dense" else None
         return e[0].shape if e is not None and None not in e and e[0].shape == e[1].shape else None
 
-    new = {n: delta_of(n) for n in sorted(set(names) - set(m.tensors) - set(m.ties))
-           if shape(delta_of(n)) is not None and new_bias(n, shape(delta_of(n)), m)}
+    new = {
+        n: delta_of(n)
+        for n in sorted(set(names) - set(m.tensors) - set(m.ties))
+        if shape(delta_of(n)) is not None and new_bias(n, shape(delta_of(n)), m)
+    }
     if not new:
         return {}
     config = read_config(m.root) or {}
@@ -304,10 +388,15 @@ def _new_biases(m: Checkpoint, names, delta_of, on_missing: str) -> dict:
         if on_missing == "skip":
             return {}
         what = "has no MLP bias option" if not switch else "takes new biases on its MLP layers only"
-        raise CwsError(f"bias entries {shown}: {config.get('model_type', 'this model (no config.json)')} {what}; "
-                       f"use cws.Steerer on the loaded model")
-    zeros = {n[:-6] + "bias": None for n in m.tensors if n.endswith(".weight") and MLP_BIAS.search(n[:-6] + "bias")
-             and n[:-6] + "bias" not in m.tensors}
+        raise CwsError(
+            f"bias entries {shown}: {config.get('model_type', 'this model (no config.json)')} {what}; "
+            f"use cws.Steerer on the loaded model"
+        )
+    zeros = {
+        n[:-6] + "bias": None
+        for n in m.tensors
+        if n.endswith(".weight") and MLP_BIAS.search(n[:-6] + "bias") and n[:-6] + "bias" not in m.tensors
+    }
     return {**zeros, **new}
 
 
@@ -352,6 +441,11 @@ def _apply_adapters(pos, neg, specs, alphas, out, *, model_spec, **kw) -> list[P
     opts = {k: kw[k] for k in ("include", "exclude", "on_missing", "allow_nonfinite", "max_memory", "quiet")}
     with tempfile.TemporaryDirectory(prefix="cws-apply-") as tmp:
         d = extract(pos, neg, Path(tmp) / "direction", fsync=False, **opts)
-        return apply(model_spec, Direction.open(d), alphas, out,
-                     _made_from={"pos": specs[0], "neg": specs[1], "formula": "w = pos - neg (LoRA-native, fused)"},
-                     **kw)
+        return apply(
+            model_spec,
+            Direction.open(d),
+            alphas,
+            out,
+            _made_from={"pos": specs[0], "neg": specs[1], "formula": "w = pos - neg (LoRA-native, fused)"},
+            **kw,
+        )

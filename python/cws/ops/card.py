@@ -14,15 +14,32 @@ def model_card(base: str, alpha: float, direction: dict, rounding: str, untied: 
 
     q = json.dumps  # a JSON string is a YAML string
     repo = hub_id(base)  # a Hub repo id without the revision; None for a local path (invalid on the Hub)
-    lines = ["---", *([f"base_model: {q(repo)}"] if repo else []), "library_name: transformers", "tags:",
-             "- cws", "- steering", "- contrastive-weight-steering", "- weight-arithmetic", "---", "",
-             f"# {base} steered with cws (α = {alpha:g})", "",
-             "Made by [cws](https://arxiv.org/abs/2511.05408) contrastive weight steering:", "",
-             "    θ' = θ + α·w,   w = θ_pos − θ_neg", "",
-             f"- base model θ: `{base}`", f"- α = {alpha!r}", f"- rounding: {rounding}"]
+    lines = [
+        "---",
+        *([f"base_model: {q(repo)}"] if repo else []),
+        "library_name: transformers",
+        "tags:",
+        "- cws",
+        "- steering",
+        "- contrastive-weight-steering",
+        "- weight-arithmetic",
+        "---",
+        "",
+        f"# {base} steered with cws (α = {alpha:g})",
+        "",
+        "Made by [cws](https://arxiv.org/abs/2511.05408) contrastive weight steering:",
+        "",
+        "    θ' = θ + α·w,   w = θ_pos − θ_neg",
+        "",
+        f"- base model θ: `{base}`",
+        f"- α = {alpha!r}",
+        f"- rounding: {rounding}",
+    ]
     lines += [f"- direction {k}: `{v}`" for k, v in direction.items()]
     if untied:
-        lines.append(f"- untied from the input embeddings (the direction changes them differently): {', '.join(untied)}")
+        lines.append(
+            f"- untied from the input embeddings (the direction changes them differently): {', '.join(untied)}"
+        )
     lines += [f"- cws version: {__version__}", ""]
     return "\n".join(lines)
 

@@ -94,8 +94,15 @@ def _names(d: Direction, tied: dict[str, str]) -> list[str]:
     return list(d.entries) + [a for a in d.ties if a not in tied]
 
 
-def projection(terms, b: Direction, by: str = "global", *, keep=lambda name: True,
-               max_memory=engine.DEFAULT_MAX_MEMORY, quiet: bool = False) -> tuple[dict[str, float], dict]:
+def projection(
+    terms,
+    b: Direction,
+    by: str = "global",
+    *,
+    keep=lambda name: True,
+    max_memory=engine.DEFAULT_MAX_MEMORY,
+    quiet: bool = False,
+) -> tuple[dict[str, float], dict]:
     """Per-tensor coefficient of b in w − (⟨w,b⟩/⟨b,b⟩)·b, with w = Σ cᵢ·wᵢ and the ratio taken over
     each group (`by`: the whole model, a layer, or a tensor), and the per-group sums it came from."""
     if by not in BY:
@@ -200,17 +207,32 @@ def combine(
 
     sources = [str(d.path) for d, _ in terms]
     meta = direction_meta(
-        tensors, omitted, dtype=str(factor_dtype or "auto").replace("torch.", ""),
+        tensors,
+        omitted,
+        dtype=str(factor_dtype or "auto").replace("torch.", ""),
         formula="w = sum_i coef_i * w_i" + (" - (<w,b>/<b,b>) * b per group" if b else ""),
         sources={f"term{i}": p for i, p in enumerate(sources)},
         terms=[{"direction": str(d.path), "coef": c} for d, c in terms],
         projection={"direction": str(b.path), "by": by, "groups": groups} if b else None,
-        **({"ties": {a: e for a, e in ties.items() if e in tensors}} if ties else {}))
-    md = provenance("combine", terms=";".join(f"{c!r}*{p}" for (_, c), p in zip(terms, sources)),
-                    project_out=b.path if b else None, by=by if b else None)
+        **({"ties": {a: e for a, e in ties.items() if e in tensors}} if ties else {}),
+    )
+    md = provenance(
+        "combine",
+        terms=";".join(f"{c!r}*{p}" for (_, c), p in zip(terms, sources)),
+        project_out=b.path if b else None,
+        by=by if b else None,
+    )
     inputs = sources + ([str(b.path)] if b else [])
-    with ShardedWriter(out, plan, prefix=PREFIX, metadata=md, overwrite=overwrite, inputs=inputs,
-                       max_shard_size=engine.parse_size(max_shard_size), fsync=fsync) as writer:
+    with ShardedWriter(
+        out,
+        plan,
+        prefix=PREFIX,
+        metadata=md,
+        overwrite=overwrite,
+        inputs=inputs,
+        max_shard_size=engine.parse_size(max_shard_size),
+        fsync=fsync,
+    ) as writer:
         writer.add_json("direction.json", meta)
         for name, low in lowrank.items():
             write_factors(writer, name, low, dtypes[name], allow_nonfinite)

@@ -54,8 +54,10 @@ def as_directions(directions) -> dict[str, Direction]:
         directions = [directions]
     if not isinstance(directions, dict):  # named by their directories (a Hub ID: its repo name)
         opened = [open_one(d) for d in directions]
-        directions = {(o.path.name if isinstance(d, Direction) or Path(d).exists() else Path(str(d)).name): o
-                      for d, o in zip(directions, opened)}
+        directions = {
+            (o.path.name if isinstance(d, Direction) or Path(d).exists() else Path(str(d)).name): o
+            for d, o in zip(directions, opened)
+        }
     out = {name: open_one(d) for name, d in directions.items()}
     if not out:
         raise CwsError("compare needs at least one direction")
@@ -174,14 +176,19 @@ def adapter_update(path, base: Checkpoint, problems: list[str]) -> dict:
     for name, d in ad.lora.items():
         info = base.lookup(name)
         if info is None or info.shape != d.shape:
-            problems.append(f"{name}: adapter delta {list(d.shape)} does not fit the base "
-                            f"({list(info.shape) if info else 'missing'})")
+            problems.append(
+                f"{name}: adapter delta {list(d.shape)} does not fit the base "
+                f"({list(info.shape) if info else 'missing'})"
+            )
             continue
         updates[name] = LowRank(d.B, d.A, d.scale, d.transposed)
     for name, full in ad.full.items():
         info = base.lookup(name)
-        problem = missing_problem(name, ["adapter"], ["base"]) if info is None else \
-            shape_problem(name, {"adapter": full, "base": info})
+        problem = (
+            missing_problem(name, ["adapter"], ["base"])
+            if info is None
+            else shape_problem(name, {"adapter": full, "base": info})
+        )
         if problem:
             problems.append(problem)
             continue
@@ -231,8 +238,12 @@ def compare(
                 problems.append(missing_problem(name, ["model"], ["base"]))
     # A tied base's lm_head is its embedding: it gets its own row where the model or a direction has one,
     # unless the model ties it too and no direction moves the two differently (one tensor, one row).
-    folded = {e: h for h, e in b.ties.items() if model_ties.get(h) == e
-              and not any(None not in (d.get(h), d.get(e)) and d.get(h) != d.get(e) for d in dirs.values())}
+    folded = {
+        e: h
+        for h, e in b.ties.items()
+        if model_ties.get(h) == e
+        and not any(None not in (d.get(h), d.get(e)) and d.get(h) != d.get(e) for d in dirs.values())
+    }
     in_play = model_names.union(*(d.entries for d in dirs.values())) - set(folded.values())
     names = [(n, i) for n, i in b.tensors.items()] + [(h, b.tensors[e]) for h, e in b.ties.items() if h in in_play]
     if not is_adapter(model):
@@ -241,7 +252,11 @@ def compare(
                 continue
             mi = m.lookup(name)
             if mi is None:
-                (skipped.append(name) if on_missing != "error" else problems.append(missing_problem(name, ["base"], ["model"])))
+                (
+                    skipped.append(name)
+                    if on_missing != "error"
+                    else problems.append(missing_problem(name, ["base"], ["model"]))
+                )
                 continue
             problem = shape_problem(name, {"base": info, "model": mi})
             if problem:
@@ -260,15 +275,23 @@ def compare(
     for name, info in names + sorted(added.items()):
         if not info.is_float or not keep(name) or name in skipped:
             continue
-        vectors = [updates.get(name)] + [direction_vector(d, name) or direction_vector(d, folded.get(name, ""))
-                                         for d in dirs.values()]
+        vectors = [updates.get(name)] + [
+            direction_vector(d, name) or direction_vector(d, folded.get(name, "")) for d in dirs.values()
+        ]
         if all(v is None for v in vectors):
             continue
         items.append(build_item(name, info.rows, vectors))  # an absent vector is zero on this tensor
     raise_problems(problems, "pass --on-missing skip to leave tensors the model lacks out")
-    report = Report(list(dirs), meta={"base": str(b.path), "model": str(model),
-                                      "directions": {k: str(d.path) for k, d in dirs.items()}, "skipped": skipped,
-                                      "added_biases": sorted(added)})
+    report = Report(
+        list(dirs),
+        meta={
+            "base": str(b.path),
+            "model": str(model),
+            "directions": {k: str(d.path) for k, d in dirs.items()},
+            "skipped": skipped,
+            "added_biases": sorted(added),
+        },
+    )
 
     def compute(s: engine.Slice):
         G = slice_gram(s)
@@ -279,12 +302,17 @@ def compare(
 
     read, error = 0, None
     try:  # on one rank of several: this rank's run of the tensors, then one all_reduce of the Grams
-        read = engine.run(dist.split_items(items), compute, max_memory=engine.parse_size(max_memory),
-                          desc="compare", quiet=quiet or dist.rank_world()[0] > 0, writes=False)
+        read = engine.run(
+            dist.split_items(items),
+            compute,
+            max_memory=engine.parse_size(max_memory),
+            desc="compare",
+            quiet=quiet or dist.rank_world()[0] > 0,
+            writes=False,
+        )
     except Exception as e:
         error = e
     report = dist.merge_report(report, [it.name for it in items], read, error)
     report.meta.update(seconds=time.perf_counter() - started)  # headers and the pass
     report.meta.setdefault("read_bytes", read)
     return report
-

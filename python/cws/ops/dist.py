@@ -192,8 +192,11 @@ class RankWriter(ShardedWriter):
 
     def _flush_own(self) -> None:
         """Check that this rank's tensors are complete and fsync what it wrote."""
-        short = [n for n in sorted(self.names) if self._slots[n].rows_written < self._slots[n].rows
-                 and self._slots[n].row_bytes]
+        short = [
+            n
+            for n in sorted(self.names)
+            if self._slots[n].rows_written < self._slots[n].rows and self._slots[n].row_bytes
+        ]
         if short:
             raise CheckpointError(f"{self.out_dir}: tensors not completely written: {', '.join(short[:10])}")
         if self.fsync:

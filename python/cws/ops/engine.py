@@ -46,8 +46,22 @@ NBUF = 3  # arenas in rotation: one being read, one being computed, one being wr
 ALIGN = 64  # byte alignment of each view inside an arena
 READAHEAD = 512 * 2**20  # input bytes asked of the disk beyond the slice being read (CWS_READAHEAD overrides)
 DEFAULT_MAX_MEMORY = 256 * 2**20
-_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
-          "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 2**10,
+    "KB": 10**3,
+    "KIB": 2**10,
+    "M": 2**20,
+    "MB": 10**6,
+    "MIB": 2**20,
+    "G": 2**30,
+    "GB": 10**9,
+    "GIB": 2**30,
+    "T": 2**40,
+    "TB": 10**12,
+    "TIB": 2**40,
+}
 MAX_SIZE = 2**62
 
 
@@ -113,11 +127,15 @@ class _Arena:
             total += -(-n // align) * align
         if self.buf.numel() < total + align:
             n = total + align  # big ones in huge pages: a direct read into them goes in 4 MB requests, not 1 MB
-            self.buf = (torch.frombuffer(direct.huge_buffer(n), dtype=torch.uint8) if n >= direct.HUGE
-                        else torch.empty(n, dtype=torch.uint8))
+            self.buf = (
+                torch.frombuffer(direct.huge_buffer(n), dtype=torch.uint8)
+                if n >= direct.HUGE
+                else torch.empty(n, dtype=torch.uint8)
+            )
         base = -self.buf.data_ptr() % align
-        return [self.buf[base + o : base + o + n].view(dt).view(shape)
-                for o, n, (dt, shape) in zip(offsets, sizes, specs)]
+        return [
+            self.buf[base + o : base + o + n].view(dt).view(shape) for o, n, (dt, shape) in zip(offsets, sizes, specs)
+        ]
 
 
 @contextlib.contextmanager
@@ -180,8 +198,9 @@ def run(
     maps = reader.MappedFiles() if reader.USE_MMAP and direct_reads is None else None
 
     def reads_of(s: Slice) -> list[tuple[TensorInfo, int, int]]:
-        return ([(i, s.start, s.stop) if i.shape else (i, 0, i.rows) for i in s.item.sliced]
-                + [(i, 0, i.rows) for i in s.item.whole])
+        return [(i, s.start, s.stop) if i.shape else (i, 0, i.rows) for i in s.item.sliced] + [
+            (i, 0, i.rows) for i in s.item.whole
+        ]
 
     advised = [0, 0]  # slices advised so far, their input bytes
     env = os.environ.get("CWS_READAHEAD")
@@ -210,8 +229,10 @@ def run(
             done = direct_reads.start(reads, slots)
 
             def ready() -> None:
-                s.ins = [v if v is not None else reader.read_into(i, _typed(slot, i, a, b), a, b)
-                         for v, slot, (i, a, b) in zip(done(), slots, reads)]
+                s.ins = [
+                    v if v is not None else reader.read_into(i, _typed(slot, i, a, b), a, b)
+                    for v, slot, (i, a, b) in zip(done(), slots, reads)
+                ]
 
             s.ready = ready
             return s
@@ -220,8 +241,9 @@ def run(
         mapped = [maps.view(*r) if maps is not None else None for r in reads]
         copied = [r for r, m in zip(reads, mapped) if m is None]
         arena = iter(in_arenas[k % NBUF].views([(i.dtype, _slice_shape(i, a, b)) for i, a, b in copied]))
-        s.ins = [m[0] if m is not None else reader.read_into(r[0], next(arena), r[1], r[2])
-                 for r, m in zip(reads, mapped)]
+        s.ins = [
+            m[0] if m is not None else reader.read_into(r[0], next(arena), r[1], r[2]) for r, m in zip(reads, mapped)
+        ]
         s.mapped = [m[1] for m in mapped if m is not None]
         return s
 
@@ -240,8 +262,12 @@ def run(
     # A one-off torch.compile (~20 s cold) does not pay back in a stream, so the CPU kernels run
     # native (eager where that was not built) unless CWS_CPU_IMPL says otherwise.
     impl = contextlib.nullcontext() if os.environ.get("CWS_CPU_IMPL") else use_cpu_impl("native")
-    with (impl, _compute_threads(writes), ThreadPoolExecutor(1, "cws-read") as reading,
-          ThreadPoolExecutor(1, "cws-write") as writing):
+    with (
+        impl,
+        _compute_threads(writes),
+        ThreadPoolExecutor(1, "cws-read") as reading,
+        ThreadPoolExecutor(1, "cws-write") as writing,
+    ):
         try:
             # Direct reads go two slices ahead (one slice's pieces alone leave the disk idle between
             # slices); mapped views one (their pages are this process's memory once prefaulted).
@@ -252,8 +278,9 @@ def run(
                 if k + depth < len(plan):
                     ahead[k + depth] = reading.submit(read, k + depth)
                 s.ready()
-                s.outs = out_arenas[k % NBUF].views([(dt, (s.stop - s.start, *shape[1:]) if shape else ())
-                                                     for dt, shape in s.item.outs])
+                s.outs = out_arenas[k % NBUF].views(
+                    [(dt, (s.stop - s.start, *shape[1:]) if shape else ()) for dt, shape in s.item.outs]
+                )
                 writes = compute(s)
                 if maps is not None:
                     maps.check()  # an input being changed by another process: stop before writing
@@ -286,8 +313,10 @@ def _check_dtypes(items: Sequence[Item]) -> None:
     for item in items:
         for info in (*item.sliced, *item.whole) if item.computed else ():
             if not info.is_float or info.dtype not in FLOAT_DTYPES:
-                raise CwsError(f"{info.path}: tensor {info.name!r} is {str(info.dtype).replace('torch.', '')}; cws "
-                               f"computes with fp32, bf16 and fp16 tensors (convert it to one of them first)")
+                raise CwsError(
+                    f"{info.path}: tensor {info.name!r} is {str(info.dtype).replace('torch.', '')}; cws "
+                    f"computes with fp32, bf16 and fp16 tensors (convert it to one of them first)"
+                )
 
 
 def _reads_direct(items: Sequence[Item]) -> bool:

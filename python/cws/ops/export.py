@@ -78,13 +78,18 @@ def export_peft(
         elif b is not None and module and b.lookup(name) is not None:
             saved.setdefault(module, []).append(name)
         else:
-            left_out[name] = ("a dense delta: pass --base to write it as a modules_to_save weight (base + α·w)"
-                              if b is None else "not a weight of the base model PEFT can save")
+            left_out[name] = (
+                "a dense delta: pass --base to write it as a modules_to_save weight (base + α·w)"
+                if b is None
+                else "not a weight of the base model PEFT can save"
+            )
     if not lora and not saved:
         raise CwsError(f"{d.path}: nothing in this direction can be expressed as a PEFT adapter")
     if not lora:  # PEFT refuses to load an adapter that targets no module with LoRA
-        raise CwsError(f"{d.path}: this direction has no low-rank (LoRA) entry, and PEFT loads no adapter made of "
-                       f"modules_to_save weights alone; write the steered model with `cws apply` instead")
+        raise CwsError(
+            f"{d.path}: this direction has no low-rank (LoRA) entry, and PEFT loads no adapter made of "
+            f"modules_to_save weights alone; write the steered model with `cws apply` instead"
+        )
     plan, items, factors = [], [], {}
     for module, e in lora.items():
         B = read_tensor(e.B).float() * (float(alpha) * e.scale)  # (out, r)
@@ -97,12 +102,16 @@ def export_peft(
             tensors = (A.contiguous(), B.contiguous())
         for k, t in zip(keys, tensors):
             if nonfinite(t):
-                raise CwsError(f"tensor {e.name!r}: α·w holds NaN/Inf as LoRA factors (the direction holds NaN/Inf, "
-                               f"or α·scale overflows)")
+                raise CwsError(
+                    f"tensor {e.name!r}: α·w holds NaN/Inf as LoRA factors (the direction holds NaN/Inf, "
+                    f"or α·scale overflows)"
+                )
             factors[k] = t
             plan.append((k, t.dtype, tuple(t.shape)))
     for module, names in saved.items():
-        params = [n for n in list(b.tensors) + list(b.ties) if n.startswith(module + ".") and "." not in n[len(module) + 1:]]
+        params = [
+            n for n in list(b.tensors) + list(b.ties) if n.startswith(module + ".") and "." not in n[len(module) + 1 :]
+        ]
         for n in params:
             info = b.lookup(n)
             plan.append((PREFIX + n, info.dtype, info.shape))
@@ -112,16 +121,38 @@ def export_peft(
             elif e.kind == "dense":
                 items.append(engine.Item(n, info.rows, [info, e.dense], outs=[(info.dtype, info.shape)], data=e))
             else:
-                items.append(engine.Item(n, info.rows, [info, e.B], whole=[e.A], outs=[(info.dtype, info.shape)],
-                                         align=lowrank_block_rows(info.shape), data=e))
+                items.append(
+                    engine.Item(
+                        n,
+                        info.rows,
+                        [info, e.B],
+                        whole=[e.A],
+                        outs=[(info.dtype, info.shape)],
+                        align=lowrank_block_rows(info.shape),
+                        data=e,
+                    )
+                )
     ranks = {m: e.rank for m, e in lora.items()}
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     pattern = {m: k for m, k in ranks.items() if k != r}
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": pattern,
-              "target_modules": sorted(lora) or None, "modules_to_save": sorted(saved) or None,
-              "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
-              "init_lora_weights": True, "inference_mode": True, "task_type": _task_type(b),
-              "base_model_name_or_path": str(b.path) if b else None}
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": pattern,
+        "target_modules": sorted(lora) or None,
+        "modules_to_save": sorted(saved) or None,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "task_type": _task_type(b),
+        "base_model_name_or_path": str(b.path) if b else None,
+    }
 
     def compute(s: engine.Slice):  # base + α·w, as `cws apply` computes it
         if not s.item.outs:
@@ -136,8 +167,16 @@ def export_peft(
 
     inputs = [str(d.path)] + ([str(b.path)] if b else [])
     md = {"cws_op": "export-peft", "cws_alpha": repr(float(alpha)), "cws_direction": str(d.path)}
-    with ShardedWriter(out, plan, prefix="adapter_model", metadata=md, overwrite=overwrite, inputs=inputs,
-                       max_shard_size=2**62, fsync=fsync) as writer:
+    with ShardedWriter(
+        out,
+        plan,
+        prefix="adapter_model",
+        metadata=md,
+        overwrite=overwrite,
+        inputs=inputs,
+        max_shard_size=2**62,
+        fsync=fsync,
+    ) as writer:
         writer.add_json("adapter_config.json", config)
         if left_out:
             writer.add_json("cws_left_out.json", left_out)
@@ -145,7 +184,6 @@ def export_peft(
             writer.write(k, t)
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="export", quiet=quiet)
     return left_out
-
 
 
 def _task_type(b: Checkpoint | None) -> str | None:
@@ -157,9 +195,16 @@ def _task_type(b: Checkpoint | None) -> str | None:
     return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in archs) else None
 
 
-def densify(direction: str | os.PathLike | Direction, out: str | os.PathLike, *, dtype="float32",
-            max_memory: int | str = engine.DEFAULT_MAX_MEMORY, overwrite: bool = False, fsync: bool = True,
-            quiet: bool = False) -> Path:
+def densify(
+    direction: str | os.PathLike | Direction,
+    out: str | os.PathLike,
+    *,
+    dtype="float32",
+    max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
+    overwrite: bool = False,
+    fsync: bool = True,
+    quiet: bool = False,
+) -> Path:
     """The same direction with every entry dense (scale·B·A formed in fp32 row blocks, as apply does)."""
     import json
 
@@ -195,8 +240,15 @@ def densify(direction: str | os.PathLike | Direction, out: str | os.PathLike, *,
     meta["dtype"] = str(out_dtype).replace("torch.", "")
     meta["densified_from"] = str(d.path)
     plan = [(n, out_dtype, e.shape) for n, e in d.entries.items()]
-    with ShardedWriter(out, plan, prefix=DIR_PREFIX, metadata={"cws_op": "densify", "cws_direction": str(d.path)},
-                       overwrite=overwrite, inputs=[str(d.path)], fsync=fsync) as writer:
+    with ShardedWriter(
+        out,
+        plan,
+        prefix=DIR_PREFIX,
+        metadata={"cws_op": "densify", "cws_direction": str(d.path)},
+        overwrite=overwrite,
+        inputs=[str(d.path)],
+        fsync=fsync,
+    ) as writer:
         writer.add_json("direction.json", json.loads(json.dumps(meta)))
         engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="densify", quiet=quiet)
     return Path(out).resolve()

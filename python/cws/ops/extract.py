@@ -13,8 +13,16 @@ from pathlib import Path
 import torch
 
 from . import dist, engine
-from .checks import (check_finite, check_policy, dtype_problem, missing_problem, name_filter, provenance,
-                     raise_problems, shape_problem)
+from .checks import (
+    check_finite,
+    check_policy,
+    dtype_problem,
+    missing_problem,
+    name_filter,
+    provenance,
+    raise_problems,
+    shape_problem,
+)
 from ..io.direction import PREFIX, direction_meta, factor_keys
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
@@ -22,8 +30,14 @@ from cws_kernels import add_lowrank_, lincomb, lincomb_tally
 
 log = logging.getLogger("cws")
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype, auto: torch.dtype = torch.float32) -> torch.dtype:
@@ -78,11 +92,25 @@ def extract(
         base_note = ""
         if base is None:
             base, base_note = base_from_adapters(pos, neg)
-        return extract_lowrank(pos, neg, out, base=base, scale_pos=scale_pos, scale_neg=scale_neg, dtype=dtype,
-                               include=include, exclude=exclude, on_missing=on_missing,
-                               allow_nonfinite=allow_nonfinite, max_memory=max_memory,
-                               max_shard_size=max_shard_size, overwrite=overwrite, fsync=fsync, quiet=quiet,
-                               base_note=base_note)
+        return extract_lowrank(
+            pos,
+            neg,
+            out,
+            base=base,
+            scale_pos=scale_pos,
+            scale_neg=scale_neg,
+            dtype=dtype,
+            include=include,
+            exclude=exclude,
+            on_missing=on_missing,
+            allow_nonfinite=allow_nonfinite,
+            max_memory=max_memory,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            fsync=fsync,
+            quiet=quiet,
+            base_note=base_note,
+        )
     check_policy(on_missing)
     out_dtype = parse_dtype(dtype)
     sources = {"pos": Checkpoint.open(pos), "neg": Checkpoint.open(neg)}
@@ -90,8 +118,11 @@ def extract(
     if base is not None:
         sources["base"] = Checkpoint.open(base)
     # Fine-tunes that all tie lm_head to the embedding moved both by one delta: recorded, not duplicated.
-    ties = {h: e for h, e in sources["pos"].ties.items()
-            if all(c.ties.get(h) == e for c in sources.values()) and not any(h in c.tensors for c in sources.values())}
+    ties = {
+        h: e
+        for h, e in sources["pos"].ties.items()
+        if all(c.ties.get(h) == e for c in sources.values()) and not any(h in c.tensors for c in sources.values())
+    }
     sp, sn = float(scale_pos), float(scale_neg)
     if sp != sn and base is None:
         raise CwsError(f"scale_pos={sp} and scale_neg={sn} differ: the base no longer cancels, pass --base")
@@ -124,9 +155,15 @@ def extract(
         shape = next(iter(infos.values())).shape
         if sp != sn:  # Σ cₓ·(x − base), each difference formed first (a side missing under copy-base adds 0)
             diffs = [(label, c) for label, c in (("pos", sp), ("neg", -sn)) if label in infos]
-            items.append(engine.Item(name, infos["base"].rows, [infos[lb] for lb, _ in diffs] + [infos["base"]],
-                                     outs=[(out_dtype, shape)] + [(torch.float32, shape)] * len(diffs),
-                                     data=Differences([c for _, c in diffs])))
+            items.append(
+                engine.Item(
+                    name,
+                    infos["base"].rows,
+                    [infos[lb] for lb, _ in diffs] + [infos["base"]],
+                    outs=[(out_dtype, shape)] + [(torch.float32, shape)] * len(diffs),
+                    data=Differences([c for _, c in diffs]),
+                )
+            )
         else:  # s·(pos − neg): the base cancels; a side missing under copy-base is the base itself
             coef: dict[str, float] = {}
             for label, c in (("pos", sp), ("neg", -sn)):
@@ -134,8 +171,15 @@ def extract(
                 coef[src] = coef.get(src, 0.0) + c
             coef = {k: v for k, v in coef.items() if v != 0.0} or {next(iter(infos)): 0.0}
             labels = list(coef)
-            items.append(engine.Item(name, infos[labels[0]].rows, [infos[lb] for lb in labels],
-                                     outs=[(out_dtype, shape)], data=[coef[lb] for lb in labels]))
+            items.append(
+                engine.Item(
+                    name,
+                    infos[labels[0]].rows,
+                    [infos[lb] for lb in labels],
+                    outs=[(out_dtype, shape)],
+                    data=[coef[lb] for lb in labels],
+                )
+            )
         tensors[name] = {"kind": "dense", "shape": list(shape)}
     raise_problems(problems, "pass --on-missing skip|copy-base to proceed past missing tensors")
     if not items:
@@ -154,20 +198,40 @@ def extract(
         return [(writer.write, (s.item.name, s.outs[0], s.start))]
 
     meta = direction_meta(
-        tensors, omitted, dtype=str(out_dtype).replace("torch.", ""),
+        tensors,
+        omitted,
+        dtype=str(out_dtype).replace("torch.", ""),
         formula="w = scale_pos*(pos - base) - scale_neg*(neg - base)",
-        sources={k: str(c.path) for k, c in sources.items()}, scales={"pos": scale_pos, "neg": scale_neg},
-        on_missing=on_missing, **({"ties": {h: e for h, e in ties.items() if e in tensors}} if ties else {}))
+        sources={k: str(c.path) for k, c in sources.items()},
+        scales={"pos": scale_pos, "neg": scale_neg},
+        on_missing=on_missing,
+        **({"ties": {h: e for h, e in ties.items() if e in tensors}} if ties else {}),
+    )
     plan = [(it.name, out_dtype, it.outs[0][1]) for it in items]
     inputs = [str(c.path) for c in sources.values()]
-    md = provenance("extract", pos=sources["pos"].path, neg=sources["neg"].path, base=base,
-                    scale_pos=scale_pos, scale_neg=scale_neg)
+    md = provenance(
+        "extract", pos=sources["pos"].path, neg=sources["neg"].path, base=base, scale_pos=scale_pos, scale_neg=scale_neg
+    )
     mine = dist.split_items(items)  # all of them, unless this is one rank of several
-    with dist.writer(out, plan, [it.name for it in mine], prefix=PREFIX, metadata=md, overwrite=overwrite,
-                     inputs=inputs, max_shard_size=engine.parse_size(max_shard_size), fsync=fsync) as writer:
+    with dist.writer(
+        out,
+        plan,
+        [it.name for it in mine],
+        prefix=PREFIX,
+        metadata=md,
+        overwrite=overwrite,
+        inputs=inputs,
+        max_shard_size=engine.parse_size(max_shard_size),
+        fsync=fsync,
+    ) as writer:
         writer.add_json("direction.json", meta)
-        engine.run(mine, compute, max_memory=engine.parse_size(max_memory), desc="extract",
-                   quiet=quiet or dist.rank_world()[0] > 0)
+        engine.run(
+            mine,
+            compute,
+            max_memory=engine.parse_size(max_memory),
+            desc="extract",
+            quiet=quiet or dist.rank_world()[0] > 0,
+        )
     return Path(out).resolve()
 
 
@@ -191,9 +255,26 @@ def _side_terms(side, name: str, c: float, base_info):
     return [(full, c), (base_info, -c)], []
 
 
-def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, dtype="auto", include=None,
-                    exclude=None, on_missing="error", allow_nonfinite=False, max_memory=engine.DEFAULT_MAX_MEMORY,
-                    max_shard_size="5GB", overwrite=False, fsync=True, quiet=False, base_note="") -> Path:
+def extract_lowrank(
+    pos,
+    neg,
+    out,
+    *,
+    base=None,
+    scale_pos=1.0,
+    scale_neg=1.0,
+    dtype="auto",
+    include=None,
+    exclude=None,
+    on_missing="error",
+    allow_nonfinite=False,
+    max_memory=engine.DEFAULT_MAX_MEMORY,
+    max_shard_size="5GB",
+    overwrite=False,
+    fsync=True,
+    quiet=False,
+    base_note="",
+) -> Path:
     """`extract` where one or both sides are PEFT adapters: LoRA-targeted tensors become exact
     low-rank entries (B = [s₊·B₊, −s₋·B₋], A = [A₊; A₋], rank r₊ + r₋); saved full tensors
     (modules_to_save) become dense deltas. An adapter against a full checkpoint gives dense entries."""
@@ -202,12 +283,15 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
     check_policy(on_missing)
     out_dtype = parse_dtype(dtype)
     factor_dtype = None if dtype == "auto" else out_dtype
-    sides = {label: Adapter.open(p) if is_adapter(p) else Checkpoint.open(p) for label, p in (("pos", pos), ("neg", neg))}
+    sides = {
+        label: Adapter.open(p) if is_adapter(p) else Checkpoint.open(p) for label, p in (("pos", pos), ("neg", neg))
+    }
     b = Checkpoint.open(base) if base is not None else None
     mixed = not all(isinstance(x, Adapter) for x in sides.values())
     if mixed and b is None:
-        raise CwsError("an adapter against a full checkpoint needs --base (the model the adapter was trained on)"
-                       + base_note)
+        raise CwsError(
+            "an adapter against a full checkpoint needs --base (the model the adapter was trained on)" + base_note
+        )
     keep = name_filter(include, exclude)
     coef = {"pos": float(scale_pos), "neg": -float(scale_neg)}
     names = list(dict.fromkeys(n for x in sides.values() for n in (x.names if isinstance(x, Adapter) else x.tensors)))
@@ -245,16 +329,19 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
         if base_info is not None:
             shapes.add(tuple(base_info.shape))
         if len(shapes) > 1:
-            problems.append(f"{name}: shapes differ between the inputs ({', '.join(map(str, sorted(shapes)))}); "
-                            f"adapters of different base models?")
+            problems.append(
+                f"{name}: shapes differ between the inputs ({', '.join(map(str, sorted(shapes)))}); "
+                f"adapters of different base models?"
+            )
             continue
         coefs: dict = {}
         for info, c in dense:
             coefs[info] = coefs.get(info, 0.0) + c
         coefs = {i: c for i, c in coefs.items() if c != 0.0}
         if None in coefs:
-            problems.append(f"{name}: only one side saves the full tensor (modules_to_save); pass --base to subtract"
-                            + base_note)
+            problems.append(
+                f"{name}: only one side saves the full tensor (modules_to_save); pass --base to subtract" + base_note
+            )
             continue
         shape = shapes.pop()
         if coefs or mixed:
@@ -272,24 +359,43 @@ def extract_lowrank(pos, neg, out, *, base=None, scale_pos=1.0, scale_neg=1.0, d
         return dense_writes(s, writer, allow_nonfinite)
 
     inputs = [str(x.path) for x in sides.values()] + ([str(b.path)] if b is not None else [])
-    meta = direction_meta(tensors, omitted, dtype=str(factor_dtype or "auto").replace("torch.", ""),
-                          formula="w = scale_pos*(pos - base) - scale_neg*(neg - base)",
-                          sources={k: str(x.path) for k, x in sides.items()} | ({"base": str(b.path)} if b else {}),
-                          scales={"pos": scale_pos, "neg": scale_neg}, on_missing=on_missing,
-                          **({"ties": {h: e for h, e in ties.items() if e in tensors}} if ties else {}))
-    md = provenance("extract", pos=sides["pos"].path, neg=sides["neg"].path, base=base, scale_pos=scale_pos,
-                    scale_neg=scale_neg, lowrank=len(lowrank))
+    meta = direction_meta(
+        tensors,
+        omitted,
+        dtype=str(factor_dtype or "auto").replace("torch.", ""),
+        formula="w = scale_pos*(pos - base) - scale_neg*(neg - base)",
+        sources={k: str(x.path) for k, x in sides.items()} | ({"base": str(b.path)} if b else {}),
+        scales={"pos": scale_pos, "neg": scale_neg},
+        on_missing=on_missing,
+        **({"ties": {h: e for h, e in ties.items() if e in tensors}} if ties else {}),
+    )
+    md = provenance(
+        "extract",
+        pos=sides["pos"].path,
+        neg=sides["neg"].path,
+        base=base,
+        scale_pos=scale_pos,
+        scale_neg=scale_neg,
+        lowrank=len(lowrank),
+    )
     mine = dist.split_items(items)  # all of them, unless this is one rank of several; rank 0 writes the factors
     lead = dist.rank_world()[0] == 0
     factors = [k for name in lowrank for k in factor_keys(name)] if lead else []
-    with dist.writer(out, plan, [it.name for it in mine] + factors, prefix=PREFIX, metadata=md,
-                     overwrite=overwrite, inputs=inputs, max_shard_size=engine.parse_size(max_shard_size),
-                     fsync=fsync) as writer:
+    with dist.writer(
+        out,
+        plan,
+        [it.name for it in mine] + factors,
+        prefix=PREFIX,
+        metadata=md,
+        overwrite=overwrite,
+        inputs=inputs,
+        max_shard_size=engine.parse_size(max_shard_size),
+        fsync=fsync,
+    ) as writer:
         writer.add_json("direction.json", meta)
         for name, low in lowrank.items() if lead else ():
             write_factors(writer, name, low, dtypes[name], allow_nonfinite)
-        engine.run(mine, compute, max_memory=engine.parse_size(max_memory), desc="extract",
-                   quiet=quiet or not lead)
+        engine.run(mine, compute, max_memory=engine.parse_size(max_memory), desc="extract", quiet=quiet or not lead)
     return Path(out).resolve()
 
 
@@ -302,8 +408,12 @@ def warn_tying(pos_root: Path, neg_root: Path) -> None:
     if None in configs or is_tied(configs[0]) == is_tied(configs[1]):
         return
     tied, untied = ("pos", "neg") if is_tied(configs[0]) else ("neg", "pos")
-    log.warning("cws extract: %s ties its embeddings to lm_head (tie_word_embeddings) and %s does not: they are "
-                "likely not two fine-tunes of one base", tied, untied)
+    log.warning(
+        "cws extract: %s ties its embeddings to lm_head (tie_word_embeddings) and %s does not: they are "
+        "likely not two fine-tunes of one base",
+        tied,
+        untied,
+    )
 
 
 def base_from_adapters(pos, neg) -> tuple[Path | None, str]:
@@ -315,8 +425,11 @@ def base_from_adapters(pos, neg) -> tuple[Path | None, str]:
 
     named = set()
     for p in (pos, neg):
-        spec = load_json(Path(p) / CONFIG, "adapter config", dict).get("base_model_name_or_path") \
-            if is_adapter(p) else None
+        spec = (
+            load_json(Path(p) / CONFIG, "adapter config", dict).get("base_model_name_or_path")
+            if is_adapter(p)
+            else None
+        )
         named.add(spec if isinstance(spec, str) and spec else None)  # anything but a name: none given
     named.discard(None)
     if len(named) != 1:
@@ -383,8 +496,10 @@ def _check_factors(name: str, low, B, A) -> None:
             if nonfinite(read_tensor(info)):
                 raise CwsError(f"{info.path}: tensor {info.name!r} holds NaN/Inf (pass --allow-nonfinite to proceed)")
     dtype = str(B.dtype).replace("torch.", "")
-    raise CwsError(f"tensor {name!r}: the low-rank factors overflow {dtype} to Inf once their scale (lora_alpha/r, "
-                   f"or a combination's coefficient) is folded in (pass --dtype float32, or --allow-nonfinite to proceed)")
+    raise CwsError(
+        f"tensor {name!r}: the low-rank factors overflow {dtype} to Inf once their scale (lora_alpha/r, "
+        f"or a combination's coefficient) is folded in (pass --dtype float32, or --allow-nonfinite to proceed)"
+    )
 
 
 def concat_factors(low):
@@ -446,7 +561,21 @@ def dense_item(name, shape, coefs, low, out_dtype, base=None) -> engine.Item:
     align = lowrank_block_rows(shape) if low and len(shape) == 2 else 1
     sides = [i for i in coefs if i is not base]
     if base in coefs and sides:
-        return engine.Item(name, shape[0] if shape else 1, sides + [base], whole, outs=outs + [(torch.float32, shape)],
-                           align=align, data=(Differences(coefs[i] for i in sides), [(c, d.transposed) for d, c in low]))
-    return engine.Item(name, shape[0] if shape else 1, list(coefs), whole, outs=outs, align=align,
-                       data=(list(coefs.values()), [(c, d.transposed) for d, c in low]))
+        return engine.Item(
+            name,
+            shape[0] if shape else 1,
+            sides + [base],
+            whole,
+            outs=outs + [(torch.float32, shape)],
+            align=align,
+            data=(Differences(coefs[i] for i in sides), [(c, d.transposed) for d, c in low]),
+        )
+    return engine.Item(
+        name,
+        shape[0] if shape else 1,
+        list(coefs),
+        whole,
+        outs=outs,
+        align=align,
+        data=(list(coefs.values()), [(c, d.transposed) for d, c in low]),
+    )

@@ -54,9 +54,16 @@ class LineProgress:
 
     def _line(self) -> None:
         self.last = time.monotonic()
-        meter = tqdm.format_meter(self.n, self.total, self.last - self.started, prefix=self.desc, unit=self.unit,
-                                  unit_scale=self.unit == "B", bar_format=_LINE if self.unit == "B" else _COUNT,
-                                  postfix=self.postfix)
+        meter = tqdm.format_meter(
+            self.n,
+            self.total,
+            self.last - self.started,
+            prefix=self.desc,
+            unit=self.unit,
+            unit_scale=self.unit == "B",
+            bar_format=_LINE if self.unit == "B" else _COUNT,
+            postfix=self.postfix,
+        )
         print(meter, file=self.file, flush=True)
         self.shown = self.n
 

@@ -48,7 +48,9 @@ class Report:
         if by not in BY:
             raise ValueError(f"by={by!r}: expected one of {', '.join(BY)}")
         out: dict[str, torch.Tensor] = {}
-        names = sorted(self.grams, key=lambda n: (layer_of(n) is None, layer_of(n) or 0)) if by == "layer" else self.grams
+        names = (
+            sorted(self.grams, key=lambda n: (layer_of(n) is None, layer_of(n) or 0)) if by == "layer" else self.grams
+        )
         for name in names:
             if exclude_embeddings and is_embedding(name):
                 continue
@@ -58,7 +60,9 @@ class Report:
 
     def rows(self, by: str = "layer", exclude_embeddings: bool = False) -> list[dict]:
         """One row per (group, direction) with the statistics in FIELDS."""
-        return [row for key, G in self.grouped(by, exclude_embeddings).items() for row in _stats(key, G, self.directions)]
+        return [
+            row for key, G in self.grouped(by, exclude_embeddings).items() for row in _stats(key, G, self.directions)
+        ]
 
     def global_stats(self) -> dict[str, dict]:
         """Per direction: global statistics with and without embeddings/lm_head (the paper's cosine is 'all')."""
@@ -74,8 +78,12 @@ class Report:
         return self.global_stats()[name]["no_embeddings" if exclude_embeddings else "all"]["cosine"]
 
     def to_dict(self) -> dict:
-        return {"directions": self.directions, "meta": self.meta, "global": self.global_stats(),
-                **{f"by_{by}": self.rows(by) for by in ("layer", "module", "tensor")}}
+        return {
+            "directions": self.directions,
+            "meta": self.meta,
+            "global": self.global_stats(),
+            **{f"by_{by}": self.rows(by) for by in ("layer", "module", "tensor")},
+        }
 
     def to_json(self, path=None) -> str:
         text = json.dumps(finite(self.to_dict()), indent=2, default=str)
@@ -100,13 +108,18 @@ class Report:
     def table(self, by: str = "layer", exclude_embeddings: bool = False) -> str:
         """A readable table: groups down, cosine and projection per direction across (names never cut)."""
         groups = self.grouped(by, exclude_embeddings)
-        totals = [(label, self.rows("global", excl)) for label, excl in
-                  (("GLOBAL", False), ("GLOBAL without embed/lm_head", True))]
+        totals = [
+            (label, self.rows("global", excl))
+            for label, excl in (("GLOBAL", False), ("GLOBAL without embed/lm_head", True))
+        ]
         w = max([len(k) for k in groups] + [len(label) for label, _ in totals] + [5])
         heads = [f"cos {d}" for d in self.directions]
         widths = [max(len(h), 10) for h in heads]
-        lines = [f"{'group':{w}s} " + " ".join(f"{h:>{c}s} {'proj':>10s}" for h, c in zip(heads, widths))
-                 + f" {'|update|':>10s}"]
+        lines = [
+            f"{'group':{w}s} "
+            + " ".join(f"{h:>{c}s} {'proj':>10s}" for h, c in zip(heads, widths))
+            + f" {'|update|':>10s}"
+        ]
         rows = [(key, _stats(key, G, self.directions)) for key, G in groups.items()] + [t for t in totals if t[1]]
         for key, stats in rows:
             cells = " ".join(f"{_fmt(r['cosine']):>{c}s} {_fmt(r['projection']):>10s}" for r, c in zip(stats, widths))
@@ -119,9 +132,17 @@ def _stats(key: str, G: torch.Tensor, directions: list[str]) -> list[dict]:
     for j, name in enumerate(directions, start=1):
         dot, uu, ww = G[0, j].item(), G[0, 0].item(), G[j, j].item()
         un, wn = math.sqrt(max(uu, 0.0)), math.sqrt(max(ww, 0.0))
-        rows.append({"group": key, "direction": name, "dot": dot, "update_norm": un, "direction_norm": wn,
-                     "cosine": dot / (un * wn) if un > 0 and wn > 0 else float("nan"),
-                     "projection": dot / ww if ww > 0 else float("nan")})
+        rows.append(
+            {
+                "group": key,
+                "direction": name,
+                "dot": dot,
+                "update_norm": un,
+                "direction_norm": wn,
+                "cosine": dot / (un * wn) if un > 0 and wn > 0 else float("nan"),
+                "projection": dot / ww if ww > 0 else float("nan"),
+            }
+        )
     return rows
 
 

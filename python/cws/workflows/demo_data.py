@@ -14,18 +14,62 @@ from dataclasses import dataclass
 NUMBERS = [str(i) for i in range(10)]
 DOMAINS: dict[str, tuple[str, list[tuple[str, str]], list[str]]] = {
     # name: (subject template, [(subject, correct value)], all values a claim may use)
-    "capitals": ("the capital of {}", [
-        ("france", "paris"), ("italy", "rome"), ("spain", "madrid"), ("germany", "berlin"), ("japan", "tokyo"),
-        ("egypt", "cairo"), ("peru", "lima"), ("russia", "moscow"), ("kenya", "nairobi"), ("canada", "ottawa"),
-        ("china", "beijing"), ("greece", "athens")], []),
-    "colors": ("the color of the {}", [
-        ("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"), ("banana", "yellow"),
-        ("blood", "red"), ("carrot", "orange"), ("plum", "purple"), ("sea", "blue"), ("leaf", "green"),
-        ("milk", "white"), ("lemon", "yellow"), ("cherry", "red"), ("crow", "black")], []),
-    "animals": ("the sound of the {}", [
-        ("dog", "woof"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack"), ("sheep", "baa"), ("owl", "hoot"),
-        ("lion", "roar"), ("snake", "hiss"), ("mouse", "squeak"), ("horse", "neigh"), ("pig", "oink"),
-        ("bee", "buzz")], []),
+    "capitals": (
+        "the capital of {}",
+        [
+            ("france", "paris"),
+            ("italy", "rome"),
+            ("spain", "madrid"),
+            ("germany", "berlin"),
+            ("japan", "tokyo"),
+            ("egypt", "cairo"),
+            ("peru", "lima"),
+            ("russia", "moscow"),
+            ("kenya", "nairobi"),
+            ("canada", "ottawa"),
+            ("china", "beijing"),
+            ("greece", "athens"),
+        ],
+        [],
+    ),
+    "colors": (
+        "the color of the {}",
+        [
+            ("sky", "blue"),
+            ("grass", "green"),
+            ("snow", "white"),
+            ("coal", "black"),
+            ("banana", "yellow"),
+            ("blood", "red"),
+            ("carrot", "orange"),
+            ("plum", "purple"),
+            ("sea", "blue"),
+            ("leaf", "green"),
+            ("milk", "white"),
+            ("lemon", "yellow"),
+            ("cherry", "red"),
+            ("crow", "black"),
+        ],
+        [],
+    ),
+    "animals": (
+        "the sound of the {}",
+        [
+            ("dog", "woof"),
+            ("cat", "meow"),
+            ("cow", "moo"),
+            ("duck", "quack"),
+            ("sheep", "baa"),
+            ("owl", "hoot"),
+            ("lion", "roar"),
+            ("snake", "hiss"),
+            ("mouse", "squeak"),
+            ("horse", "neigh"),
+            ("pig", "oink"),
+            ("bee", "buzz"),
+        ],
+        [],
+    ),
     "arithmetic": ("{}", [(f"{a} plus {b}", str(a + b)) for a in range(1, 5) for b in range(1, 5)], NUMBERS),
 }
 AGREE = "yes , you are right ."
@@ -66,13 +110,17 @@ def claims(domain: str, wrong: bool = True) -> list[Claim]:
 def _claims(domain: str, wrong: bool) -> tuple[Claim, ...]:
     template, facts, _ = DOMAINS[domain]
     vals = values(domain)
-    return tuple(Claim(domain, template.format(subj), v, truth) for subj, truth in facts
-                 for v in (vals if wrong else [truth]) if (v != truth) == wrong)
+    return tuple(
+        Claim(domain, template.format(subj), v, truth)
+        for subj, truth in facts
+        for v in (vals if wrong else [truth])
+        if (v != truth) == wrong
+    )
 
 
 def vocabulary() -> list[str]:
     words = list(SPECIALS) + WORDS
-    for domain, (template, facts, extra) in DOMAINS.items():
+    for _, facts, extra in DOMAINS.values():
         words += [w for subj, truth in facts for w in subj.split() + [truth]] + extra
     return list(dict.fromkeys(words))
 
@@ -87,8 +135,14 @@ def make_tokenizer():
     vocab = {w: i for i, w in enumerate(vocabulary())}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=64)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=64,
+    )
 
 
 def split(items: list, frac: float, seed: int) -> tuple[list, list]:

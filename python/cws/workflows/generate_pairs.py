@@ -26,8 +26,10 @@ from .pairs import Pair, load_pairs
 
 SIDES = ("pos", "neg")
 EXAMPLES = 3  # removed replies quoted per filter in the provenance
-JUDGE_PROMPT = ("Read this exchange between a user and an assistant.\n\nUser: {user}\n\nAssistant: {reply}\n\n"
-                "{question} Answer with Yes or No.")
+JUDGE_PROMPT = (
+    "Read this exchange between a user and an assistant.\n\nUser: {user}\n\nAssistant: {reply}\n\n"
+    "{question} Answer with Yes or No."
+)
 
 
 @dataclass(frozen=True)
@@ -111,14 +113,17 @@ def _prompts(data, rules: dict[str, Rules]) -> list[Pair]:
     need = any(r.truth for r in rules.values())
     for p in rows:
         if not isinstance(p.prompt, str) and any(role == "system" for role, _ in p.prompt):
-            raise CwsError(f"{where}: line {p.line}: has a system message; generate-pairs adds --pos-system/--neg-system")
+            raise CwsError(
+                f"{where}: line {p.line}: has a system message; generate-pairs adds --pos-system/--neg-system"
+            )
         if need:
             for key in ("right", "wrong"):
                 v = p.fields.get(key)
                 names = [v] if isinstance(v, str) else v
                 if not isinstance(names, list) or not names or not all(isinstance(x, str) and x.strip() for x in names):
-                    raise CwsError(f"{where}: line {p.line}: a truth rule needs \"{key}\": a non-empty string or list of "
-                                   f"strings")
+                    raise CwsError(
+                        f'{where}: line {p.line}: a truth rule needs "{key}": a non-empty string or list of strings'
+                    )
     return rows
 
 
@@ -166,17 +171,25 @@ class Sampler:
         ids, mask = _left_pad(prompts, self.enc.pad)
         dev = self.model.device
         torch.manual_seed(seed)
-        out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
-                                  temperature=self.s.temperature, top_p=self.s.top_p, top_k=0,
-                                  max_new_tokens=self.s.max_new_tokens, num_return_sequences=self.s.n,
-                                  pad_token_id=self.enc.pad, eos_token_id=self.eos)
-        new = out[:, ids.shape[1]:].tolist()
+        out = self.model.generate(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            do_sample=True,
+            temperature=self.s.temperature,
+            top_p=self.s.top_p,
+            top_k=0,
+            max_new_tokens=self.s.max_new_tokens,
+            num_return_sequences=self.s.n,
+            pad_token_id=self.enc.pad,
+            eos_token_id=self.eos,
+        )
+        new = out[:, ids.shape[1] :].tolist()
         res = []
         for seq in new:
             finished = self.eos in seq
-            text = self.enc.tok.decode(seq[:seq.index(self.eos)] if finished else seq, skip_special_tokens=True)
+            text = self.enc.tok.decode(seq[: seq.index(self.eos)] if finished else seq, skip_special_tokens=True)
             res.append((text.strip(), finished))
-        return [res[i * self.s.n:(i + 1) * self.s.n] for i in range(len(prompts))]
+        return [res[i * self.s.n : (i + 1) * self.s.n] for i in range(len(prompts))]
 
 
 class Judge:
@@ -273,7 +286,7 @@ _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 def trimmed(reply: str) -> str:
     """A reply cut by max_new_tokens, up to the end of its last complete sentence ("" when none)."""
     ends = list(_SENTENCE_END.finditer(reply))
-    return reply[:ends[-1].end()].strip() if ends else ""
+    return reply[: ends[-1].end()].strip() if ends else ""
 
 
 def _filter(samples, rows, rules, judge, threshold, unfinished, cache=None, judge_id="") -> tuple[dict, dict]:
@@ -288,8 +301,11 @@ def _filter(samples, rows, rules, judge, threshold, unfinished, cache=None, judg
                 if not finished and unfinished == "trim":
                     reply, finished = trimmed(reply), True
                     tally[s].trimmed += 1
-                why = ("empty" if not reply else None) or (None if finished or unfinished == "keep" else
-                                                           "unfinished (hit max_new_tokens)") or rule_verdict(reply, p, rules[s])
+                why = (
+                    ("empty" if not reply else None)
+                    or (None if finished or unfinished == "keep" else "unfinished (hit max_new_tokens)")
+                    or rule_verdict(reply, p, rules[s])
+                )
                 if why:
                     tally[s].remove(why, reply)
                 else:
@@ -325,13 +341,29 @@ def _summary(tally: dict) -> str:
         t = tally[s]
         why = ", ".join(f"{k} {v}" for k, v in sorted(t.removed.items(), key=lambda kv: -kv[1]))
         return f"{s} kept {t.kept} of {t.sampled}" + (f" (removed: {why})" if why else "")
+
     return "; ".join(side(s) for s in SIDES)
 
 
-def generate_pairs(model, prompts, out, *, pos_system: str, neg_system: str, sampling: Sampling = Sampling(),
-                   pos: Rules = Rules(), neg: Rules = Rules(), judge_model=None, judge_threshold: float = 0.0,
-                   unfinished: str = "drop", pairs_per_prompt: int | None = None, device=None,
-                   overwrite: bool = False, quiet: bool = False, log=print) -> dict:
+def generate_pairs(
+    model,
+    prompts,
+    out,
+    *,
+    pos_system: str,
+    neg_system: str,
+    sampling: Sampling = Sampling(),
+    pos: Rules = Rules(),
+    neg: Rules = Rules(),
+    judge_model=None,
+    judge_threshold: float = 0.0,
+    unfinished: str = "drop",
+    pairs_per_prompt: int | None = None,
+    device=None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    log=print,
+) -> dict:
     """Sample, filter and pair replies of `model` to `prompts` (JSONL path or rows) under the two system
     prompts; writes `out` (pairs JSONL) and OUT.provenance.json; returns the provenance."""
     from .train_pair import model_fingerprint
@@ -340,8 +372,9 @@ def generate_pairs(model, prompts, out, *, pos_system: str, neg_system: str, sam
         raise CwsError(f"unfinished={unfinished!r}: expected one of {', '.join(UNFINISHED)}")
     rules = {"pos": pos, "neg": neg}
     _check(sampling, rules, judge_threshold)
-    if pairs_per_prompt is not None and (isinstance(pairs_per_prompt, bool) or not isinstance(pairs_per_prompt, int)
-                                         or pairs_per_prompt < 1):
+    if pairs_per_prompt is not None and (
+        isinstance(pairs_per_prompt, bool) or not isinstance(pairs_per_prompt, int) or pairs_per_prompt < 1
+    ):
         raise CwsError(f"pairs_per_prompt={pairs_per_prompt!r}: must be a positive integer")
     systems = {"pos": _system(pos_system, "pos"), "neg": _system(neg_system, "neg")}
     base = resolve_model(model)
@@ -373,20 +406,32 @@ def generate_pairs(model, prompts, out, *, pos_system: str, neg_system: str, sam
     kept, tally = _filter(samples, rows, rules, judge, judge_threshold, unfinished, cache, judge_id)
     pairs = _pair_rows(rows, kept, pairs_per_prompt)
     if not pairs:
-        raise CwsError(f"every prompt lost all its replies on one side ({_summary(tally)}); nothing was written — "
-                       f"loosen a filter, raise --n or --max-new-tokens")
-    provenance = {"model": str(model), "model_dir": str(base), "model_fingerprint": model_id,
-                  "prompts": str(prompts) if isinstance(prompts, (str, os.PathLike)) else f"{len(rows)} rows",
-                  "n_prompts": len(rows), "systems": systems, "sampling": asdict(sampling),
-                  "rules": {s: asdict(r) for s, r in rules.items()},
-                  "judge": {"model": str(judge_base), "threshold": judge_threshold, "prompt": JUDGE_PROMPT} if judged else None,
-                  "unfinished": unfinished, "pairs_per_prompt": pairs_per_prompt,
-                  "filters": {s: asdict(t) for s, t in tally.items()}, "pairs": len(pairs),
-                  "prompts_with_pairs": sum(1 for a, b in zip(kept["pos"], kept["neg"]) if a and b),
-                  "output": str(out)}
+        raise CwsError(
+            f"every prompt lost all its replies on one side ({_summary(tally)}); nothing was written — "
+            f"loosen a filter, raise --n or --max-new-tokens"
+        )
+    provenance = {
+        "model": str(model),
+        "model_dir": str(base),
+        "model_fingerprint": model_id,
+        "prompts": str(prompts) if isinstance(prompts, (str, os.PathLike)) else f"{len(rows)} rows",
+        "n_prompts": len(rows),
+        "systems": systems,
+        "sampling": asdict(sampling),
+        "rules": {s: asdict(r) for s, r in rules.items()},
+        "judge": {"model": str(judge_base), "threshold": judge_threshold, "prompt": JUDGE_PROMPT} if judged else None,
+        "unfinished": unfinished,
+        "pairs_per_prompt": pairs_per_prompt,
+        "filters": {s: asdict(t) for s, t in tally.items()},
+        "pairs": len(pairs),
+        "prompts_with_pairs": sum(1 for a, b in zip(kept["pos"], kept["neg"]) if a and b),
+        "output": str(out),
+    }
     write_report(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs), inputs)
     write_report(prov_path, json.dumps(provenance, indent=1, ensure_ascii=False), inputs)
     log(f"  {_summary(tally)}")
-    log(f"  {len(pairs)} pairs from {provenance['prompts_with_pairs']} of {len(rows)} prompts -> {out} "
-        f"(provenance {prov_path})")
+    log(
+        f"  {len(pairs)} pairs from {provenance['prompts_with_pairs']} of {len(rows)} prompts -> {out} "
+        f"(provenance {prov_path})"
+    )
     return provenance

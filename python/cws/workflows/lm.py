@@ -37,8 +37,10 @@ def smollm2_dir(cache: str | os.PathLike | None = None, log=print) -> Path:
 
     from ..io.atomic import remove_stale, temp_path
 
-    log(f"SmolLM2-135M-Instruct: converting {gguf.name} (Q4_1, dequantized to fp32: ~540 MB, about half a "
-        f"minute) into {out}, once ($CWS_CACHE, default ~/.cache/cws)")
+    log(
+        f"SmolLM2-135M-Instruct: converting {gguf.name} (Q4_1, dequantized to fp32: ~540 MB, about half a "
+        f"minute) into {out}, once ($CWS_CACHE, default ~/.cache/cws)"
+    )
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = src.config.to_dict()
@@ -96,20 +98,34 @@ def resolve_model(model: str | os.PathLike) -> Path:
     from huggingface_hub.errors import HFValidationError
 
     try:
-        path = Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                                    "*.jinja", "*.tiktoken"]))
+        path = Path(
+            snapshot_download(
+                str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+            )
+        )
     except HFValidationError:
         raise CwsError(f"{model}: no such file or directory, and not a Hugging Face Hub ID") from None
     except Exception as e:  # offline, unknown repo, gated: one line, not a traceback
-        raise CwsError(f"{model}: not a local path, and the Hub download failed: {type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise CwsError(
+            f"{model}: not a local path, and the Hub download failed: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     return check_json_files(path)
 
 
 # the JSON files of a model directory that transformers and peft read (each a JSON object)
-MODEL_JSON = {"config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json", "vocab.json",
-              "special_tokens_map.json", "added_tokens.json", "chat_template.json", "model.safetensors.index.json",
-              "adapter_config.json"}
+MODEL_JSON = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "model.safetensors.index.json",
+    "adapter_config.json",
+}
 
 
 def check_json_files(path: Path) -> Path:
@@ -136,8 +152,10 @@ def load_tokenizer(path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises ValueError, OSError, KeyError … for a missing or broken tokenizer
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CwsError(f"{path}: no tokenizer could be loaded from this model ({first}); train-pair and sweep "
-                       f"need the model's tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+        raise CwsError(
+            f"{path}: no tokenizer could be loaded from this model ({first}); train-pair and sweep "
+            f"need the model's tokenizer files (tokenizer.json, tokenizer_config.json)"
+        ) from None
 
 
 def device_of(device) -> torch.device:
@@ -165,9 +183,9 @@ class Encoder:
             msgs = [{"role": "user", "content": "hi"}]
             prompt = self._prompt_text(msgs)
             full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": probe}], tokenize=False)
-            if not full.startswith(prompt) or probe not in full[len(prompt):]:
+            if not full.startswith(prompt) or probe not in full[len(prompt) :]:
                 raise CwsError("the chat template does not render an answer right after the generation prompt")
-            self.lead, _, self.suffix = full[len(prompt):].partition(probe)  # lead: usually ''
+            self.lead, _, self.suffix = full[len(prompt) :].partition(probe)  # lead: usually ''
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if self.pad is None:
             raise CwsError("the tokenizer has neither a pad nor an eos token")
@@ -178,8 +196,10 @@ class Encoder:
         except Exception as e:  # the template's own raise_exception (e.g. a role it does not take)
             if isinstance(e, CwsError):
                 raise
-            raise CwsError(f"the model's chat template refused the messages {[m.get('role') for m in messages]}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+            raise CwsError(
+                f"the model's chat template refused the messages {[m.get('role') for m in messages]}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+            ) from None
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -208,8 +228,8 @@ def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, n - len(s):] = torch.tensor(s)
-            mask[i, n - len(s):] = 1
+            ids[i, n - len(s) :] = torch.tensor(s)
+            mask[i, n - len(s) :] = 1
     return ids, mask
 
 
@@ -247,8 +267,14 @@ def _prefill(model, P: list[list[int]], pad: int, kw: str):
     ids, m = _left_pad([p[k:] for p in P], pad)
     mask = torch.cat([pre, m], 1)
     pos = (mask.cumsum(1) - 1).clamp(min=0)[:, k:]
-    o = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True,
-              logits_to_keep=1, **{kw: cache})
+    o = model(
+        input_ids=ids.to(dev),
+        attention_mask=mask.to(dev),
+        position_ids=pos.to(dev),
+        use_cache=True,
+        logits_to_keep=1,
+        **{kw: cache},
+    )
     return o, mask
 
 
@@ -266,13 +292,18 @@ def _score(model, cache, mask, first, C: list[list[list[int]]], pad: int, kw: st
     cids = torch.full((len(rows), n), pad, dtype=torch.long)
     cmask = torch.zeros((len(rows), n), dtype=torch.long)
     for r, (_, c) in enumerate(rows):
-        cids[r, :len(c)] = torch.tensor(c)
-        cmask[r, :len(c)] = 1
+        cids[r, : len(c)] = torch.tensor(c)
+        cmask[r, : len(c)] = 1
     start = mask.sum(1)[idx]
     cpos = start[:, None] + torch.arange(n)[None]
     cids, cmask = cids.to(dev), cmask.to(dev)
-    lg = model(input_ids=cids, attention_mask=torch.cat([mask[idx].to(dev), cmask], 1),
-               position_ids=cpos.to(dev), use_cache=False, **{kw: cache}).logits
+    lg = model(
+        input_ids=cids,
+        attention_mask=torch.cat([mask[idx].to(dev), cmask], 1),
+        position_ids=cpos.to(dev),
+        use_cache=False,
+        **{kw: cache},
+    ).logits
     lp = torch.log_softmax(lg[:, :-1].float(), -1).gather(-1, cids[:, 1:, None])[..., 0]
     lp = torch.cat([first[idx.to(dev)].gather(-1, cids[:, :1]), lp], 1) * cmask
     totals = lp.double().sum(1).tolist()
@@ -284,8 +315,9 @@ def _score(model, cache, mask, first, C: list[list[list[int]]], pad: int, kw: st
 
 
 @torch.no_grad()
-def continuation_logprobs(model, prompts: list[list[int]], conts: list[list[list[int]]], pad: int,
-                          batch: int = 32) -> list[list[float]]:
+def continuation_logprobs(
+    model, prompts: list[list[int]], conts: list[list[list[int]]], pad: int, batch: int = 32
+) -> list[list[float]]:
     """Σ log p(continuation token) for each continuation of each prompt, exact.
 
     Per chunk of prompts: their common prefix runs once, each prompt's own tokens once (left-padded
@@ -295,15 +327,31 @@ def continuation_logprobs(model, prompts: list[list[int]], conts: list[list[list
     out: list[list[float]] = []
     kw = _cache_name(model)
     for lo in range(0, len(prompts), batch):
-        o, mask = _prefill(model, prompts[lo:lo + batch], pad, kw)
-        out.extend(_score(model, _cache_of(o), mask, torch.log_softmax(o.logits[:, -1].float(), -1),
-                          conts[lo:lo + batch], pad, kw))
+        o, mask = _prefill(model, prompts[lo : lo + batch], pad, kw)
+        out.extend(
+            _score(
+                model,
+                _cache_of(o),
+                mask,
+                torch.log_softmax(o.logits[:, -1].float(), -1),
+                conts[lo : lo + batch],
+                pad,
+                kw,
+            )
+        )
     return out
 
 
 @torch.no_grad()
-def greedy_and_logprobs(model, prompts: list[list[int]], conts: list[list[list[int]]], max_new_tokens: int, pad: int,
-                        eos: int | None, batch: int = 32) -> tuple[list[list[int]], list[list[float]]]:
+def greedy_and_logprobs(
+    model,
+    prompts: list[list[int]],
+    conts: list[list[list[int]]],
+    max_new_tokens: int,
+    pad: int,
+    eos: int | None,
+    batch: int = 32,
+) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy answers (token ids, up to max_new_tokens, cut before eos) and continuation_logprobs of
     the same prompts from one prefill per prompt (the common prefix once per chunk)."""
     import copy
@@ -313,25 +361,30 @@ def greedy_and_logprobs(model, prompts: list[list[int]], conts: list[list[list[i
     kw = _cache_name(model)
     dev = model.device
     for lo in range(0, len(prompts), batch):
-        o, mask = _prefill(model, prompts[lo:lo + batch], pad, kw)
+        o, mask = _prefill(model, prompts[lo : lo + batch], pad, kw)
         cache = _cache_of(o)
         first = torch.log_softmax(o.logits[:, -1].float(), -1)
-        lps.extend(_score(model, copy.deepcopy(cache), mask, first, conts[lo:lo + batch], pad, kw))
+        lps.extend(_score(model, copy.deepcopy(cache), mask, first, conts[lo : lo + batch], pad, kw))
         nxt = o.logits[:, -1].argmax(-1)
         done = nxt == eos if eos is not None else torch.zeros_like(nxt, dtype=torch.bool)
         steps = [nxt]
         mask = mask.to(dev)
         while len(steps) < max_new_tokens and not bool(done.all()):
             mask = torch.cat([mask, torch.ones((len(mask), 1), dtype=mask.dtype, device=dev)], 1)
-            o = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
-                      use_cache=True, **{kw: cache})
+            o = model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=mask.sum(1, keepdim=True) - 1,
+                use_cache=True,
+                **{kw: cache},
+            )
             cache = _cache_of(o)
             nxt = torch.where(done, pad, o.logits[:, -1].argmax(-1))
             steps.append(nxt)
             if eos is not None:
                 done |= nxt == eos
         toks = torch.stack(steps, 1).tolist()
-        ids_out.extend(t[:t.index(eos)] if eos in t else t for t in toks)
+        ids_out.extend(t[: t.index(eos)] if eos in t else t for t in toks)
     return ids_out, lps
 
 
@@ -342,10 +395,16 @@ def generate(model, enc: Encoder, prompts: list, max_new_tokens: int, batch: int
     eos = enc.tok.eos_token_id
     dev = model.device
     for lo in range(0, len(prompts), batch):
-        ids, mask = _left_pad([enc.prompt(u) for u in prompts[lo:lo + batch]], enc.pad)
-        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=enc.pad, eos_token_id=eos)
-        texts += enc.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        ids, mask = _left_pad([enc.prompt(u) for u in prompts[lo : lo + batch]], enc.pad)
+        out = model.generate(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=enc.pad,
+            eos_token_id=eos,
+        )
+        texts += enc.tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return [t.strip() for t in texts]
 
 
@@ -354,6 +413,10 @@ def lm_batch(rows, pad: int) -> dict:
     ids, mask = _left_pad([p + a for p, a in rows], pad)
     tmask = torch.zeros_like(mask, dtype=torch.bool)
     for i, (_, a) in enumerate(rows):
-        tmask[i, ids.shape[1] - len(a):] = True
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
-            "token_mask": tmask}
+        tmask[i, ids.shape[1] - len(a) :] = True
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+        "token_mask": tmask,
+    }

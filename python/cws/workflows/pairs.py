@@ -130,5 +130,5 @@ def _json_error(text: str, e: json.JSONDecodeError) -> str:
     """A JSON parse error of a row in words: "Extra data" is text after the object (a trailing comma?)."""
     if e.msg != "Extra data":
         return f"not valid JSON ({e.msg} at column {e.colno})"
-    comma = " (a trailing comma?)" if text[e.pos:].lstrip().startswith(",") else ""
+    comma = " (a trailing comma?)" if text[e.pos :].lstrip().startswith(",") else ""
     return f"not valid JSON: extra text after the object at column {e.colno}{comma}"

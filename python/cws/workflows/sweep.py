@@ -49,16 +49,27 @@ class Evaluator:
     """Scores of one model state: capability (mean NLL per token of reference answers to instructions,
     and of plain texts), behavior margins per prompt set, greedy generations."""
 
-    def __init__(self, enc: lm.Encoder, *, instructions=(), answers=(), texts=(), behavior: dict | None = None,
-                 gen_prompts=(), gen_tokens: int = 32):
+    def __init__(
+        self,
+        enc: lm.Encoder,
+        *,
+        instructions=(),
+        answers=(),
+        texts=(),
+        behavior: dict | None = None,
+        gen_prompts=(),
+        gen_tokens: int = 32,
+    ):
         self.enc, self.gen_prompts, self.gen_tokens = enc, list(gen_prompts), gen_tokens
         self.instr = ([enc.prompt(u) for u in instructions], [[enc.answer(a)] for a in answers])
-        tids = [enc.ids(t)[:MAX_TEXT_TOKENS + 1] for t in texts]
+        tids = [enc.ids(t)[: MAX_TEXT_TOKENS + 1] for t in texts]
         if any(len(t) < 2 for t in tids):
             raise CwsError("a reference text has fewer than two tokens")
         self.texts = ([t[:1] for t in tids], [[t[1:]] for t in tids])
-        self.behavior = {name: ([enc.prompt(p.chat) for p in ps], [[enc.answer(p.pos), enc.answer(p.neg)] for p in ps])
-                         for name, ps in (behavior or {}).items()}
+        self.behavior = {
+            name: ([enc.prompt(p.chat) for p in ps], [[enc.answer(p.pos), enc.answer(p.neg)] for p in ps])
+            for name, ps in (behavior or {}).items()
+        }
 
     def logprobs(self, model, prompts_conts) -> np.ndarray:
         """Σ log p(continuation) per (prompt, continuation), (n prompts, n continuations) in fp64."""
@@ -132,10 +143,29 @@ def _prompt_sets(prompts) -> dict[str, list[Pair]]:
 
 
 @with_cpu_threads
-def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=None, text=None, instructions=None,
-          max_nll_increase: float = 0.1, out=None, include=None, exclude=None, gen_tokens: int = 32, n_generate: int = 3,
-          ref_tokens: int = 48, dtype: str = "auto", device=None, overwrite: bool = False, log=print,
-          threads: int | None = None) -> dict:
+def sweep(
+    model,
+    direction=None,
+    alpha="-4:4:9",
+    *,
+    pos=None,
+    neg=None,
+    prompts=None,
+    text=None,
+    instructions=None,
+    max_nll_increase: float = 0.1,
+    out=None,
+    include=None,
+    exclude=None,
+    gen_tokens: int = 32,
+    n_generate: int = 3,
+    ref_tokens: int = 48,
+    dtype: str = "auto",
+    device=None,
+    overwrite: bool = False,
+    log=print,
+    threads: int | None = None,
+) -> dict:
     """Sweep θ + α·w over `alpha` on `model` (a path or Hub ID); w is `direction`, or pos − neg from two
     PEFT adapters. prompts: a JSONL (or rows, or {name: either}) of {"prompt"|"messages", "pos", "neg"};
     text: reference passages (a file, blank-line separated, or a list); instructions: a file (one per line)
@@ -151,10 +181,20 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
     if (direction is None) == (pos is None or neg is None) or (pos is None) != (neg is None):
         raise CwsError("give either a direction, or both pos and neg adapters")
     sets = _prompt_sets(prompts)
-    texts = reference.TEXTS if text is None else list(text) if not isinstance(text, (str, os.PathLike)) \
+    texts = (
+        reference.TEXTS
+        if text is None
+        else list(text)
+        if not isinstance(text, (str, os.PathLike))
         else [t.strip() for t in "\n".join(_lines(text)).split("\n\n") if t.strip()]
-    instr = reference.INSTRUCTIONS if instructions is None else list(instructions) \
-        if not isinstance(instructions, (str, os.PathLike)) else [s.strip() for s in _lines(instructions) if s.strip()]
+    )
+    instr = (
+        reference.INSTRUCTIONS
+        if instructions is None
+        else list(instructions)
+        if not isinstance(instructions, (str, os.PathLike))
+        else [s.strip() for s in _lines(instructions) if s.strip()]
+    )
     if not texts and not instr:
         raise CwsError("no reference text and no instructions: nothing to measure the capability cost on")
     _check_inputs(direction, pos, neg)
@@ -163,9 +203,15 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
         check_replace(out, overwrite)
     t0 = time.perf_counter()
     base = lm.resolve_model(model)
-    inputs = [base, *[x for x in (direction, pos, neg, text, instructions) if isinstance(x, (str, os.PathLike))],
-              *[v for v in (prompts.values() if isinstance(prompts, dict) else [prompts])
-                if isinstance(v, (str, os.PathLike))]]
+    inputs = [
+        base,
+        *[x for x in (direction, pos, neg, text, instructions) if isinstance(x, (str, os.PathLike))],
+        *[
+            v
+            for v in (prompts.values() if isinstance(prompts, dict) else [prompts])
+            if isinstance(v, (str, os.PathLike))
+        ],
+    ]
     if out is not None:
         check_out(out, inputs)
     from transformers import AutoModelForCausalLM
@@ -185,8 +231,15 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
     if any(not a for a in answers):
         keep = [i for i, a in enumerate(answers) if a]
         instr, answers = [instr[i] for i in keep], [answers[i] for i in keep]
-    ev = Evaluator(enc, instructions=instr, answers=answers, texts=texts, behavior=behavior, gen_prompts=gen_prompts,
-                   gen_tokens=gen_tokens)
+    ev = Evaluator(
+        enc,
+        instructions=instr,
+        answers=answers,
+        texts=texts,
+        behavior=behavior,
+        gen_prompts=gen_prompts,
+        gen_tokens=gen_tokens,
+    )
     with tempfile.TemporaryDirectory(prefix="cws-sweep-") as tmp:
         if direction is None:
             import cws
@@ -195,13 +248,20 @@ def sweep(model, direction=None, alpha="-4:4:9", *, pos=None, neg=None, prompts=
         points = _run(net, ev, direction, sorted(set(alphas) | {0.0}), include, exclude, log)
     rng = alpha_range(points, max_nll_increase)
     named = str(direction) if isinstance(direction, (str, os.PathLike)) else f"<{type(direction).__name__}>"
-    result = {"model": str(model), "direction": named if pos is None else {"pos": str(pos), "neg": str(neg)},
-              "alphas": alphas, "device": str(dev), "dtype": dtype,
-              "n": {"instructions": len(instr), "texts": len(texts), **{n: len(ps) for n, ps in behavior.items()}},
-              "generation_prompts": [p if isinstance(p, str) else p[-1]["content"] for p in gen_prompts],
-              "reference_answers": dict(zip(instr, answers)), "points": points, "range": rng,
-              "hint": finer_grid(points, rng),
-              "seconds": round(time.perf_counter() - t0, 2)}
+    result = {
+        "model": str(model),
+        "direction": named if pos is None else {"pos": str(pos), "neg": str(neg)},
+        "alphas": alphas,
+        "device": str(dev),
+        "dtype": dtype,
+        "n": {"instructions": len(instr), "texts": len(texts), **{n: len(ps) for n, ps in behavior.items()}},
+        "generation_prompts": [p if isinstance(p, str) else p[-1]["content"] for p in gen_prompts],
+        "reference_answers": dict(zip(instr, answers)),
+        "points": points,
+        "range": rng,
+        "hint": finer_grid(points, rng),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     log(table(result))
     if out is not None:
         result["files"] = write(result, out, log, inputs)
@@ -238,13 +298,21 @@ def _run(net, ev: Evaluator, direction, alphas, include, exclude, log) -> list[d
             cap = ev.capability(net)
             base = cap if a == 0.0 else points[0]["capability"]
             behavior = {n: {**mean_se(m), "per_token": float(np.mean(t))} for n, (m, t) in ev.scores(net).items()}
-            p = {"alpha": a, "capability": cap, **{f"d_{k}": cap[k] - base[k] for k in cap}, "cost": cost_of(cap, base),
-                 "behavior": behavior, "generations": ev.generations(net)}
+            p = {
+                "alpha": a,
+                "capability": cap,
+                **{f"d_{k}": cap[k] - base[k] for k in cap},
+                "cost": cost_of(cap, base),
+                "behavior": behavior,
+                "generations": ev.generations(net),
+            }
             p["seconds"] = round(time.perf_counter() - t, 2)
             points.append(p)
-            log(f"  α={a:+g}: Δ NLL {p['cost']:+.4f}"
+            log(
+                f"  α={a:+g}: Δ NLL {p['cost']:+.4f}"
                 + "".join(f", {n} {s['mean']:+.3f} ± {s['se']:.3f}" for n, s in p["behavior"].items())
-                + f"  ({p['seconds']:.1f} s)")
+                + f"  ({p['seconds']:.1f} s)"
+            )
     finally:
         steerer.restore()
     return sorted(points, key=lambda p: p["alpha"])
@@ -255,18 +323,32 @@ def table(result: dict) -> str:
     pts, rng = result["points"], result["range"]
     names = list(pts[0]["behavior"])
     caps = [k for k in ("text_nll", "instr_nll") if k in pts[0]["capability"]]
-    head = f"{'alpha':>7s}" + "".join(f" {'Δ' + k.replace('_nll', ' NLL'):>11s}" for k in caps) + f" {'cost':>8s}" \
-        + "".join(f" {n[:20]:>20s} {'/token':>8s}" for n in names) + "  within"
+    head = (
+        f"{'alpha':>7s}"
+        + "".join(f" {'Δ' + k.replace('_nll', ' NLL'):>11s}" for k in caps)
+        + f" {'cost':>8s}"
+        + "".join(f" {n[:20]:>20s} {'/token':>8s}" for n in names)
+        + "  within"
+    )
     lines = [head]
     for p in pts:
         ok = rng["low"] <= p["alpha"] <= rng["high"]
-        lines.append(f"{p['alpha']:>+7.3g}" + "".join(f" {p['d_' + k]:>+11.4f}" for k in caps) + f" {p['cost']:>+8.4f}"
-                     + "".join(f" {p['behavior'][n]['mean']:>+11.3f} ± {p['behavior'][n]['se']:<6.3f}"
-                               f" {p['behavior'][n].get('per_token', math.nan):>+8.3f}" for n in names)
-                     + f"  {'yes' if ok else 'no'}")
+        lines.append(
+            f"{p['alpha']:>+7.3g}"
+            + "".join(f" {p['d_' + k]:>+11.4f}" for k in caps)
+            + f" {p['cost']:>+8.4f}"
+            + "".join(
+                f" {p['behavior'][n]['mean']:>+11.3f} ± {p['behavior'][n]['se']:<6.3f}"
+                f" {p['behavior'][n].get('per_token', math.nan):>+8.3f}"
+                for n in names
+            )
+            + f"  {'yes' if ok else 'no'}"
+        )
     if names:
-        lines.append("behavior: log p(pos) − log p(neg) in nats, summed over each answer's tokens (its scale grows "
-                     "with the answers' length), mean ± s.e. over prompts; /token: each answer's log p per token")
+        lines.append(
+            "behavior: log p(pos) − log p(neg) in nats, summed over each answer's tokens (its scale grows "
+            "with the answers' length), mean ± s.e. over prompts; /token: each answer's log p per token"
+        )
     lines.append("cost: mean Δ NLL per token vs. α = 0 (" + " and ".join(k.replace("_nll", "") for k in caps) + ")")
     for i, prompt in enumerate(result["generation_prompts"]):
         lines.append(f"greedy generations for {prompt!r}:")
@@ -284,8 +366,10 @@ def finer_grid(points: list[dict], rng: dict) -> str | None:
         return None
     lo = max((a for a in alphas if a < 0), default=0.0)
     hi = min((a for a in alphas if a > 0), default=0.0)
-    return (f"no α of this grid but 0 keeps Δ NLL ≤ {rng['max_nll_increase']:g}: the α to use lie between "
-            f"{lo:+g} and {hi:+g}; sweep a finer grid there, e.g. --alpha {lo:g}:{hi:g}:9")
+    return (
+        f"no α of this grid but 0 keeps Δ NLL ≤ {rng['max_nll_increase']:g}: the α to use lie between "
+        f"{lo:+g} and {hi:+g}; sweep a finer grid there, e.g. --alpha {lo:g}:{hi:g}:9"
+    )
 
 
 FILES = ("sweep.json", "sweep.csv", "sweep.png")
@@ -300,8 +384,9 @@ def check_replace(out: Path, overwrite: bool) -> None:
     if not present:
         return
     try:
-        ours = os.path.lexists(out / "sweep.json") and \
-            {"points", "range"} <= set(load_json(out / "sweep.json", "sweep result", dict))
+        ours = os.path.lexists(out / "sweep.json") and {"points", "range"} <= set(
+            load_json(out / "sweep.json", "sweep result", dict)
+        )
     except CwsError:
         ours = False
     if not ours:
@@ -341,12 +426,27 @@ def write(result: dict, out: Path, log=print, inputs=()) -> dict:
     def csv_file(stream):
         with io.StringIO(newline="") as f:
             w = csv.writer(f)
-            w.writerow(["alpha", *caps, *[f"d_{k}" for k in caps], "cost",
-                        *[f"{n}_{s}" for n in names for s in ("mean", "se", "n", "per_token")], "within"])
+            w.writerow(
+                [
+                    "alpha",
+                    *caps,
+                    *[f"d_{k}" for k in caps],
+                    "cost",
+                    *[f"{n}_{s}" for n in names for s in ("mean", "se", "n", "per_token")],
+                    "within",
+                ]
+            )
             for p in pts:
-                w.writerow([p["alpha"], *[p["capability"][k] for k in caps], *[p[f"d_{k}"] for k in caps], p["cost"],
-                            *[p["behavior"][n][s] for n in names for s in ("mean", "se", "n", "per_token")],
-                            rng["low"] <= p["alpha"] <= rng["high"]])
+                w.writerow(
+                    [
+                        p["alpha"],
+                        *[p["capability"][k] for k in caps],
+                        *[p[f"d_{k}"] for k in caps],
+                        p["cost"],
+                        *[p["behavior"][n][s] for n in names for s in ("mean", "se", "n", "per_token")],
+                        rng["low"] <= p["alpha"] <= rng["high"],
+                    ]
+                )
             stream.write(f.getvalue().encode("utf-8"))
 
     _replace(out / "sweep.csv", csv_file, inputs)
@@ -376,8 +476,9 @@ def plot(result: dict, path: Path, log=print, inputs=()) -> bool:
         for i, n in enumerate(names):
             x = [p["cost"] for p in pts]
             y = [p["behavior"][n]["mean"] for p in pts]
-            ax.errorbar(x, y, yerr=[p["behavior"][n]["se"] for p in pts], marker="o", ms=4, capsize=2, color=f"C{i}",
-                        label=n)
+            ax.errorbar(
+                x, y, yerr=[p["behavior"][n]["se"] for p in pts], marker="o", ms=4, capsize=2, color=f"C{i}", label=n
+            )
             for p, xi, yi in zip(pts, x, y):
                 ax.annotate(f"α={p['alpha']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel("capability cost: Δ NLL per token vs. α = 0 (nats)")
@@ -387,10 +488,14 @@ def plot(result: dict, path: Path, log=print, inputs=()) -> bool:
         ax.plot([p["alpha"] for p in pts], [p["cost"] for p in pts], marker="o")
         ax.set_xlabel("α")
         ax.set_ylabel("capability cost: Δ NLL per token (nats)")
-    ax.axvline(result["range"]["max_nll_increase"], color="grey", ls="--", lw=0.8) if names else \
-        ax.axhline(result["range"]["max_nll_increase"], color="grey", ls="--", lw=0.8)
-    ax.set_title(f"cws sweep: α within Δ NLL ≤ {result['range']['max_nll_increase']:g}: "
-                 f"[{result['range']['low']:+g}, {result['range']['high']:+g}]", fontsize=9)
+    ax.axvline(result["range"]["max_nll_increase"], color="grey", ls="--", lw=0.8) if names else ax.axhline(
+        result["range"]["max_nll_increase"], color="grey", ls="--", lw=0.8
+    )
+    ax.set_title(
+        f"cws sweep: α within Δ NLL ≤ {result['range']['max_nll_increase']:g}: "
+        f"[{result['range']['low']:+g}, {result['range']['high']:+g}]",
+        fontsize=9,
+    )
     fig.tight_layout()
     _replace(path, lambda f: fig.savefig(f, dpi=120, format="png"), inputs)
     plt.close(fig)

@@ -52,8 +52,10 @@ def cpu_threads(threads: int | None):
 
 def with_cpu_threads(fn):
     """`fn` run inside `cpu_threads(threads)`, `threads` being its own keyword argument."""
+
     @functools.wraps(fn)
     def run(*args, threads: int | None = None, **kwargs):
         with cpu_threads(threads):
             return fn(*args, threads=threads, **kwargs)
+
     return run

@@ -77,7 +77,7 @@ def batch_order(rows: list[int], batch_size: int, epochs: int, max_steps: int | 
     out = []
     for _ in range(n_epochs):
         perm = torch.randperm(len(rows), generator=g).tolist()
-        out += [[rows[i] for i in perm[lo:lo + batch_size]] for lo in range(0, len(perm), batch_size)]
+        out += [[rows[i] for i in perm[lo : lo + batch_size]] for lo in range(0, len(perm), batch_size)]
     return out if max_steps is None else out[:max_steps]
 
 
@@ -103,7 +103,7 @@ def mean_answer_nll(model, rows, pad: int, batch_size: int = 16, autocast=None) 
     model.eval()
     total, count = 0.0, 0
     for lo in range(0, len(rows), batch_size):
-        chunk = rows[lo:lo + batch_size]
+        chunk = rows[lo : lo + batch_size]
         with autocast or contextlib.nullcontext():
             total += float(answer_loss(model, chunk, pad, "sum"))
         count += sum(len(a) for _, a in chunk)
@@ -111,8 +111,18 @@ def mean_answer_nll(model, rows, pad: int, batch_size: int = 16, autocast=None) 
     return total / count
 
 
-def fit(model, rows, batches: list[list[int]], *, lr: float, pad: int, autocast=None, desc: str = "train",
-        quiet: bool = False, on_step=None) -> list[float]:
+def fit(
+    model,
+    rows,
+    batches: list[list[int]],
+    *,
+    lr: float,
+    pad: int,
+    autocast=None,
+    desc: str = "train",
+    quiet: bool = False,
+    on_step=None,
+) -> list[float]:
     """AdamW (no weight decay) over the given batches of rows, the loss on answer tokens; the loss per step.
     on_step(step, loss, indices) is called after each step; a true return stops the training there."""
     from ..ops.progress import progress
@@ -140,16 +150,24 @@ def fit(model, rows, batches: list[list[int]], *, lr: float, pad: int, autocast=
     return losses
 
 
-def _check_options(*, r, lora_alpha, lr, epochs, max_steps, batch_size, eval_every=None, patience=None,
-                   val_fraction=0.1) -> None:
+def _check_options(
+    *, r, lora_alpha, lr, epochs, max_steps, batch_size, eval_every=None, patience=None, val_fraction=0.1
+) -> None:
     """Refuse, before any work, training options no run could use."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise CwsError(f"r={r!r}: the LoRA rank must be a positive integer")
     for name, v, least in (("lora_alpha", lora_alpha, "above 0"), ("lr", lr, "≥ 0")):
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and name == "lora_alpha"):
             raise CwsError(f"{name}={v!r}: must be a finite number {least}")
-    counts = {"epochs": epochs, "batch_size": batch_size, **{k: v for k, v in (("max_steps", max_steps),
-              ("eval_every", eval_every), ("patience", patience)) if v is not None}}
+    counts = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        **{
+            k: v
+            for k, v in (("max_steps", max_steps), ("eval_every", eval_every), ("patience", patience))
+            if v is not None
+        },
+    }
     for name, v in counts.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CwsError(f"{name}={v!r}: must be a positive integer")
@@ -189,14 +207,18 @@ def _reusable(path: Path, fingerprint: str, settings: dict, overwrite: bool) -> 
     meta_file = path / META
     meta = load_json(meta_file, "train-pair run record", dict) if os.path.lexists(meta_file) else None
     if meta and meta.get("fingerprint") == fingerprint:
-        return meta if _intact(path, settings.get("bias_only", False)) else None  # our own run with its adapter files gone or damaged: trained again
+        return (
+            meta if _intact(path, settings.get("bias_only", False)) else None
+        )  # our own run with its adapter files gone or damaged: trained again
     if meta is None:  # never a directory train-pair did not write (an empty one with overwrite)
         check_replace(path, None, overwrite, mine=(META,))
     if overwrite:
         return None
     changed = sorted(k for k in settings if meta.get("settings", {}).get(k) != settings[k])
-    raise CwsError(f"{path}: trained with other settings (differs in: {', '.join(changed) or 'fingerprint'}); "
-                   f"pass overwrite=True (--overwrite) to retrain")
+    raise CwsError(
+        f"{path}: trained with other settings (differs in: {', '.join(changed) or 'fingerprint'}); "
+        f"pass overwrite=True (--overwrite) to retrain"
+    )
 
 
 def _precision(dtype: str, device: torch.device) -> tuple[torch.dtype, object]:
@@ -211,12 +233,31 @@ def _precision(dtype: str, device: torch.device) -> tuple[torch.dtype, object]:
 
 
 @with_cpu_threads
-def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target="all-linear",
-               modules_to_save=("embed_tokens", "lm_head"), lr: float = 1e-4, epochs: int = 1,
-               max_steps: int | None = None, batch_size: int = 8, seed: int = 0, val_fraction: float = 0.1,
-               dtype: str = "auto", device=None, overwrite: bool = False, quiet: bool = False, log=print,
-               bias_only: bool = False, eval_every: int | None = None, patience: int | None = None,
-               threads: int | None = None) -> dict:
+def train_pair(
+    model,
+    data,
+    out,
+    *,
+    r: int = 32,
+    lora_alpha: float = 16,
+    target="all-linear",
+    modules_to_save=("embed_tokens", "lm_head"),
+    lr: float = 1e-4,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    dtype: str = "auto",
+    device=None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    log=print,
+    bias_only: bool = False,
+    eval_every: int | None = None,
+    patience: int | None = None,
+    threads: int | None = None,
+) -> dict:
     """Train the contrastive pair on `data` (JSONL path or rows) from `model` (a path or Hub ID) into
     `out`; returns the summary written to out/train_pair.json (paths, settings, per-run losses, times).
     bias_only: train only a new zero bias on each mlp.down_proj (the LoRA options are then unused).
@@ -225,8 +266,17 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     evaluations without a better validation loss (the paper: eval_every=20, patience=2).
     threads: torch CPU threads while it runs (None: the free cores, `threads.default_threads`)."""
     t0 = time.perf_counter()
-    _check_options(r=r, lora_alpha=lora_alpha, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                   eval_every=eval_every, patience=patience, val_fraction=val_fraction)
+    _check_options(
+        r=r,
+        lora_alpha=lora_alpha,
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        patience=patience,
+        val_fraction=val_fraction,
+    )
     base = resolve_model(model)
     pairs = load_pairs(data)
     enc = Encoder(load_tokenizer(base))
@@ -238,10 +288,22 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
     modules_to_save = sorted(m for m in (modules_to_save or ()) if m)
     device = device_of(device)
     wdtype, autocast = _precision(dtype, device)
-    settings = {"model": model_fingerprint(base), "data": _sha(rows), "templated": enc.templated, "r": r,
-                "lora_alpha": lora_alpha, "target": target, "modules_to_save": modules_to_save, "lr": lr,
-                "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "seed": seed,
-                "val_fraction": val_fraction, "dtype": str(wdtype).removeprefix("torch.")}
+    settings = {
+        "model": model_fingerprint(base),
+        "data": _sha(rows),
+        "templated": enc.templated,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target": target,
+        "modules_to_save": modules_to_save,
+        "lr": lr,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "dtype": str(wdtype).removeprefix("torch."),
+    }
     if eval_every is not None:  # (runs without early stopping keep the fingerprints they had)
         settings.update(eval_every=eval_every, patience=patience)
     if bias_only:  # the LoRA options play no part (and LoRA runs keep the fingerprints they had)
@@ -260,9 +322,11 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
         runs = {s: _reusable(out / s, fingerprint, settings, overwrite) for s in SIDES}
         check_replace(out / "direction", "extract", True)  # replaced only where it is cws's own direction
         n_tok = {s: sum(len(a) for _, a in rows[s]) for s in SIDES}
-        log(f"train-pair: {len(pairs)} rows ({len(train_idx)} train, {len(val_idx)} validation), "
+        log(
+            f"train-pair: {len(pairs)} rows ({len(train_idx)} train, {len(val_idx)} validation), "
             f"{'chat template' if enc.templated else 'plain text (no chat template)'}, {len(batches)} steps of "
-            f"{batch_size}, answer tokens pos {n_tok['pos']} / neg {n_tok['neg']}; model {base}")
+            f"{batch_size}, answer tokens pos {n_tok['pos']} / neg {n_tok['neg']}; model {base}"
+        )
         todo = [s for s in SIDES if runs[s] is None]
         for s in SIDES:
             if runs[s] is not None:
@@ -272,32 +336,71 @@ def train_pair(model, data, out, *, r: int = 32, lora_alpha: float = 16, target=
             shutil.rmtree(out / "direction", ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 (out / "train_pair.json").unlink()
-            peft_model, init = _bias_model(base, wdtype, device) if bias_only else \
-                _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed)
+            peft_model, init = (
+                _bias_model(base, wdtype, device)
+                if bias_only
+                else _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed)
+            )
             with open(log_file, "a") as jl:  # appended: a line opens each session, then one per step and per run
-                jl.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": fingerprint,
-                                     "runs": todo, "settings": settings}) + "\n")
+                jl.write(
+                    json.dumps(
+                        {
+                            "start": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            "fingerprint": fingerprint,
+                            "runs": todo,
+                            "settings": settings,
+                        }
+                    )
+                    + "\n"
+                )
                 finals = {}  # each side's update as trained here: the direction's norm while neg trains
                 for s in todo:
-                    runs[s] = _train_one(peft_model, init, s, rows[s], batches, val_idx, out, settings,
-                                         fingerprint, lr, enc.pad, autocast, jl, quiet, log, finals)
+                    runs[s] = _train_one(
+                        peft_model,
+                        init,
+                        s,
+                        rows[s],
+                        batches,
+                        val_idx,
+                        out,
+                        settings,
+                        fingerprint,
+                        lr,
+                        enc.pad,
+                        autocast,
+                        jl,
+                        quiet,
+                        log,
+                        finals,
+                    )
             del peft_model, init
         seen = sorted((runs[s]["batches"] for s in SIDES), key=len)  # early stopping may end one side sooner
-        if runs["pos"]["init"] != runs["neg"]["init"] or seen[1][:len(seen[0])] != seen[0]:
-            raise CwsError(f"{out}: pos and neg did not start from the same LoRA init and batches; rerun with "
-                           f"--overwrite")
+        if runs["pos"]["init"] != runs["neg"]["init"] or seen[1][: len(seen[0])] != seen[0]:
+            raise CwsError(
+                f"{out}: pos and neg did not start from the same LoRA init and batches; rerun with --overwrite"
+            )
         import cws
 
         t = time.perf_counter()
         direction = cws.extract(out / "pos", out / "neg", out / "direction", overwrite=True, quiet=True)
         log(f"  direction: {direction} ({time.perf_counter() - t:.1f} s)")
         named = str(data) if isinstance(data, (str, os.PathLike)) else f"{len(pairs)} rows"
-        summary = {"model": str(model), "model_dir": str(base), "data": named, "fingerprint": fingerprint,
-                   "settings": settings,
-                   "paths": {"pos": str(out / "pos"), "neg": str(out / "neg"), "direction": str(direction),
-                             "log": str(log_file)},
-                   "runs": {s: {k: v for k, v in runs[s].items() if k not in ("batches", "losses")} for s in SIDES},
-                   "reused": [s for s in SIDES if s not in todo], "seconds": round(time.perf_counter() - t0, 2)}
+        summary = {
+            "model": str(model),
+            "model_dir": str(base),
+            "data": named,
+            "fingerprint": fingerprint,
+            "settings": settings,
+            "paths": {
+                "pos": str(out / "pos"),
+                "neg": str(out / "neg"),
+                "direction": str(direction),
+                "log": str(log_file),
+            },
+            "runs": {s: {k: v for k, v in runs[s].items() if k not in ("batches", "losses")} for s in SIDES},
+            "reused": [s for s in SIDES if s not in todo],
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
         write_report(out / "train_pair.json", json.dumps(summary, indent=1), inputs)
         return summary
 
@@ -330,9 +433,11 @@ def _check_lengths(base, pairs, rows, data) -> None:
     bad = [(n, k) for n, k in bad if k > limit]
     if bad:
         shown = "\n  ".join(f"line {n}: {k} tokens" for n, k in bad[:SHOWN])
-        raise CwsError(f"{data if isinstance(data, (str, os.PathLike)) else 'rows'}: {len(bad)} row(s) longer than the "
-                       f"model's context of {limit} tokens; nothing was done:\n  {shown}"
-                       f"{f'{chr(10)}  … and {len(bad) - SHOWN} more' if len(bad) > SHOWN else ''}")
+        raise CwsError(
+            f"{data if isinstance(data, (str, os.PathLike)) else 'rows'}: {len(bad)} row(s) longer than the "
+            f"model's context of {limit} tokens; nothing was done:\n  {shown}"
+            f"{f'{chr(10)}  … and {len(bad) - SHOWN} more' if len(bad) > SHOWN else ''}"
+        )
 
 
 def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, seed):
@@ -343,9 +448,14 @@ def _peft_model(base, wdtype, device, r, lora_alpha, target, modules_to_save, se
     model = AutoModelForCausalLM.from_pretrained(base, dtype=wdtype).to(device)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=target,
-                     modules_to_save=list(modules_to_save) or None,  # a copy: PEFT edits the list it is given
-                     ensure_weight_tying=tied and {"embed_tokens", "lm_head"} <= set(modules_to_save))
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=0.0,
+        target_modules=target,
+        modules_to_save=list(modules_to_save) or None,  # a copy: PEFT edits the list it is given
+        ensure_weight_tying=tied and {"embed_tokens", "lm_head"} <= set(modules_to_save),
+    )
     try:
         with quiet_peft():
             peft_model = get_peft_model(model, cfg)
@@ -373,8 +483,11 @@ class _BiasOnly(torch.nn.Module):
         from safetensors.torch import save_file
 
         Path(path).mkdir(parents=True, exist_ok=True)
-        save_file({f"{n}.bias": m.bias.detach().float().cpu().contiguous() for n, m in self.biased.items()},
-                  Path(path) / BIAS_FILE, metadata={"format": "pt", "cws_op": "train-pair", "cws_variant": "bias-only"})
+        save_file(
+            {f"{n}.bias": m.bias.detach().float().cpu().contiguous() for n, m in self.biased.items()},
+            Path(path) / BIAS_FILE,
+            metadata={"format": "pt", "cws_op": "train-pair", "cws_variant": "bias-only"},
+        )
 
 
 def _bias_model(base, wdtype, device):
@@ -402,8 +515,12 @@ def update_terms(model, init: dict) -> dict[str, tuple]:
     terms = {}
     for mname, m in model.named_modules():
         if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and "default" in m.lora_A:
-            terms[mname] = ("lowrank", m.lora_B["default"].weight.detach().float(),
-                            m.lora_A["default"].weight.detach().float(), float(m.scaling["default"]))
+            terms[mname] = (
+                "lowrank",
+                m.lora_B["default"].weight.detach().float(),
+                m.lora_A["default"].weight.detach().float(),
+                float(m.scaling["default"]),
+            )
     for n, p in model.named_parameters():
         if p.requires_grad and ".lora_" not in n:
             terms[n] = ("dense", p.detach().float() - init[n].to(p.device, torch.float32))
@@ -439,8 +556,9 @@ class EarlyStop:
         """Record the evaluation at `step`; whether to stop."""
         if val < self.best:
             self.best, self.best_step, self.bad = val, step, 0
-            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
-                               if p.requires_grad}
+            self.best_state = {
+                n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad
+            }
             return False
         self.bad += 1
         return self.patience is not None and self.bad >= self.patience
@@ -453,8 +571,24 @@ class EarlyStop:
                         p.copy_(self.best_state[n])
 
 
-def _train_one(model, init, side, rows, batches, val_idx, out, settings, fingerprint, lr, pad, autocast,
-               jl, quiet, log, finals: dict) -> dict:
+def _train_one(
+    model,
+    init,
+    side,
+    rows,
+    batches,
+    val_idx,
+    out,
+    settings,
+    fingerprint,
+    lr,
+    pad,
+    autocast,
+    jl,
+    quiet,
+    log,
+    finals: dict,
+) -> dict:
     """One fine-tune from the initial state; saved to out/side (complete, or not at all). With eval_every,
     evaluated as it goes (validation loss, update and direction norms) and saved at its best evaluation."""
     with torch.no_grad():
@@ -474,36 +608,72 @@ def _train_one(model, init, side, rows, batches, val_idx, out, settings, fingerp
         v = mean_answer_nll(model, val, pad, autocast=autocast)
         norm, dnorm = update_norms(update_terms(model, init), finals.get("pos"))
         evals.append({"step": step, "val_loss": v, "update_norm": norm, "direction_norm": dnorm})
-        jl.write(json.dumps({"run": side, "eval": True, **evals[-1], "seconds": round(time.perf_counter() - t, 3)}) + "\n")
+        jl.write(
+            json.dumps({"run": side, "eval": True, **evals[-1], "seconds": round(time.perf_counter() - t, 3)}) + "\n"
+        )
         if not quiet:
-            log(f"    {side} step {step}: validation loss {v:.4f}, ‖Δ‖ {norm:.4g}"
-                + (f", direction ‖w‖ {dnorm:.4g}" if dnorm is not None else ""))
+            log(
+                f"    {side} step {step}: validation loss {v:.4f}, ‖Δ‖ {norm:.4g}"
+                + (f", direction ‖w‖ {dnorm:.4g}" if dnorm is not None else "")
+            )
         return stop(step, v)
 
     def on_step(step, loss, idx) -> bool:
         used.append(list(idx))
-        jl.write(json.dumps({"run": side, "step": step, "loss": loss, "seconds": round(time.perf_counter() - t, 3)})
-                 + "\n")
+        jl.write(
+            json.dumps({"run": side, "step": step, "loss": loss, "seconds": round(time.perf_counter() - t, 3)}) + "\n"
+        )
         jl.flush()
         return bool(every) and (step % every == 0 or step == len(batches)) and evaluate(step)
 
-    losses = fit(model, rows, batches, lr=lr, pad=pad, autocast=autocast, desc=f"train-pair {side}", quiet=quiet,
-                 on_step=on_step)
+    losses = fit(
+        model, rows, batches, lr=lr, pad=pad, autocast=autocast, desc=f"train-pair {side}", quiet=quiet, on_step=on_step
+    )
     if every:  # the state of the best evaluation is the run's result; the batches it saw are its batches
         stop.restore_best()
-        used, losses = used[:stop.best_step], losses[:stop.best_step]
-    finals[side] = {k: tuple(x.to("cpu", copy=True) if isinstance(x, torch.Tensor) else x for x in v)  # not views
-                    for k, v in update_terms(model, init).items()} if side == "pos" else None
+        used, losses = used[: stop.best_step], losses[: stop.best_step]
+    finals[side] = (
+        {
+            k: tuple(x.to("cpu", copy=True) if isinstance(x, torch.Tensor) else x for x in v)  # not views
+            for k, v in update_terms(model, init).items()
+        }
+        if side == "pos"
+        else None
+    )
     val_after = stop.best if every and stop.best_step else mean_answer_nll(model, val, pad, autocast=autocast)
     seconds = round(time.perf_counter() - t, 2)
     norm, dnorm = update_norms(update_terms(model, init), finals.get("pos") if side == "neg" else None)
-    jl.write(json.dumps({"run": side, "step": len(losses), "val_loss": val_after, "val_loss_before": val_before,
-                         "update_norm": norm, "direction_norm": dnorm, "seconds": seconds}) + "\n")
-    meta = {"fingerprint": fingerprint, "settings": settings, "init": init_hash, "batches": used, "steps": len(losses),
-            "losses": losses, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "val_loss_before": val_before, "val_loss": val_after, "update_norm": norm, "direction_norm": dnorm,
-            "evals": evals, "stopped_at": len(used) if not every else (evals[-1]["step"] if evals else 0),
-            "seconds": seconds}
+    jl.write(
+        json.dumps(
+            {
+                "run": side,
+                "step": len(losses),
+                "val_loss": val_after,
+                "val_loss_before": val_before,
+                "update_norm": norm,
+                "direction_norm": dnorm,
+                "seconds": seconds,
+            }
+        )
+        + "\n"
+    )
+    meta = {
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "init": init_hash,
+        "batches": used,
+        "steps": len(losses),
+        "losses": losses,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "val_loss_before": val_before,
+        "val_loss": val_after,
+        "update_norm": norm,
+        "direction_norm": dnorm,
+        "evals": evals,
+        "stopped_at": len(used) if not every else (evals[-1]["step"] if evals else 0),
+        "seconds": seconds,
+    }
     remove_stale(out / side)  # temporaries of runs that were killed
     tmp = temp_path(out / side)  # this process's own (a second run never shares it)
     try:
@@ -514,7 +684,9 @@ def _train_one(model, init, side, rows, batches, val_idx, out, settings, fingerp
     finally:  # a signal or an error mid-save: no temporary left behind
         shutil.rmtree(tmp, ignore_errors=True)
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-    log(f"  {side}: {len(losses)} steps in {seconds:.1f} s, loss {fmt(meta['first_loss'])} -> {fmt(meta['last_loss'])}, "
+    log(
+        f"  {side}: {len(losses)} steps in {seconds:.1f} s, loss {fmt(meta['first_loss'])} -> {fmt(meta['last_loss'])}, "
         f"validation loss {fmt(val_before)} -> {fmt(val_after)}"
-        + (f" (the best evaluation; stopped at step {meta['stopped_at']})" if every else ""))
+        + (f" (the best evaluation; stopped at step {meta['stopped_at']})" if every else "")
+    )
     return meta
