@@ -108,6 +108,7 @@ def _outputs(world, out):
         "export-peft": ["export-peft", w["dir"], "--base", w["base"], "--out", out, "-q"],
         "export-peft-alphas": ["export-peft", w["dir"], "--alpha", "1,2", "--out", f"{out}{{alpha}}", "-q"],
         "densify": ["densify", w["dir"], "--out", out, "-q"],
+        "compress": ["compress", w["dir"], "--rank", "1", "--out", out, "-q"],
     }
 
 
@@ -120,6 +121,7 @@ COMMANDS = [
     "export-peft",
     "export-peft-alphas",
     "densify",
+    "compress",
 ]
 
 
@@ -299,6 +301,7 @@ CASES = [
     ("export-peft", "dir", "direction.json"),
     ("export-peft", "base", "config.json"),
     ("densify", "dir", "direction.json"),
+    ("compress", "dir", "direction.json"),
     ("sweep", "dir", "direction.json"),
     ("sweep", "pos", "adapter_config.json"),
     ("sweep", "prompts", "p.jsonl"),
@@ -330,6 +333,8 @@ def _argv(cmd: str, key: str, p: dict, out: Path) -> list:
         return ["compare", "--base", p["base"], "--model", p["pos"], "--direction", p["dir"], "-q"]
     if cmd in ("combine", "densify"):
         return [cmd, p["dir"], "--out", out, "-q"]
+    if cmd == "compress":
+        return ["compress", p["dir"], "--rank", 1, "--out", out, "-q"]
     if cmd == "export-peft":
         return ["export-peft", p["dir"], "--base", p["base"], "--out", out, "-q"]
     if cmd == "train-pair":
@@ -382,6 +387,7 @@ def test_the_matrix_commands_run_on_intact_inputs(world, tmp_path, capsys, cmd, 
         "combine",
         "export-peft",
         "densify",
+        "compress",
         "sweep",
         "train-pair",
         "generate-pairs",

@@ -517,6 +517,66 @@ def _densify(args) -> None:
     _emit(args, f"dense direction written to {out}", json=_as_json({"command": "densify", "direction": str(out)}))
 
 
+# --- compress -------------------------------------------------------------------------------------
+
+
+def _add_compress(sub) -> None:
+    p = _command(
+        sub,
+        "compress",
+        "a direction with every matrix entry as low-rank factors (truncated SVD)",
+        "Writes the direction with each matrix entry as B·A: a dense delta (from full fine-tunes, or the\n"
+        "embed/lm_head part of an adapter's direction) by SVD in fp32, a low-rank entry of larger rank\n"
+        "re-factored exactly. --rank R for every tensor, or --energy E: per tensor the smallest rank that\n"
+        "keeps that share of ‖w‖². Prints the energy kept and the cosine with the original (fp64).\n"
+        "Then export-peft writes it as a pure LoRA adapter.",
+        "cws compress dirs/full-ft --rank 64 --out dirs/full-ft-r64\n"
+        "cws compress dirs/sycophancy --energy 0.99 --out dirs/sycophancy-99",
+    )
+    p.add_argument("direction", help="direction directory (or a checkpoint of deltas)")
+    p.add_argument("--out", required=True, help="direction directory to write")
+    p.add_argument("--rank", type=int, help="the rank of every matrix entry")
+    p.add_argument(
+        "--energy", type=float, help="per tensor, the smallest rank that keeps this share of ‖w‖², e.g. 0.99"
+    )
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=("auto", "exact", "randomized"),
+        help="SVD: exact (LAPACK), randomized (torch.svd_lowrank, seeded; --rank only), or auto: randomized "
+        "where the rank is under a quarter of the tensor's (default)",
+    )
+    p.add_argument(
+        "--dtype", default="float32", help="storage dtype of new factors: float32 (default), bfloat16 or float16"
+    )
+    _budget(p)
+    _output(p, shards=False)
+    _json(p, "the report (per tensor: rank, energy kept, cosine; the whole direction's)")
+    p.set_defaults(run=_compress)
+
+
+def _compress(args) -> None:
+    from .ops.compress import compress, report_lines
+
+    report = compress(
+        args.direction,
+        args.out,
+        rank=args.rank,
+        energy=args.energy,
+        method=args.method,
+        dtype=args.dtype,
+        max_memory=args.max_memory,
+        overwrite=args.overwrite,
+        fsync=args.fsync,
+        quiet=args.quiet,
+    )
+    from pathlib import Path
+
+    out = Path(args.out).resolve()
+    text = "\n".join(report_lines(report) + [f"low-rank direction written to {out}"])
+    _emit(args, text, json=_as_json({"command": "compress", "direction": str(out), **report}))
+
+
 # --- combine --------------------------------------------------------------------------------------
 
 
@@ -1053,6 +1113,7 @@ COMMANDS = (
     _add_combine,
     _add_export_peft,
     _add_densify,
+    _add_compress,
     _add_info,
     _add_generate_pairs,
     _add_train_pair,

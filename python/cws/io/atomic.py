@@ -179,6 +179,7 @@ OUTPUT_KINDS = {
     "extract": "direction",
     "combine": "direction",
     "densify": "direction",
+    "compress": "direction",
     "export-peft": "adapter",
 }
 

@@ -24,7 +24,7 @@ ROLES = {
 HINTS = {
     "adapter": "a fine-tune: pass two of them to `cws extract --pos/--neg` (or `cws apply --pos/--neg`), "
     "or one to `cws compare --model`",
-    "direction": "use it as `--direction` of apply/compare, or with export-peft/densify",
+    "direction": "use it as `--direction` of apply/compare, or with export-peft/densify/compress",
     "model": "models go to --model/--base; a direction comes from `cws extract`",
     "file": "",
 }
