@@ -207,6 +207,8 @@ def test_paper_recipe_pipeline_on_tiny_model(tiny_dir, tmp_path):
     } == set(res["sweeps"])
     table = (out / "ablation.md").read_text().splitlines()
     assert len(table) == 2 + len(names) and all(n in "".join(table) for n in names)
+    training = (out / "training.md").read_text().splitlines()
+    assert len(training) == 2 + len(names) and all(f"| {n} | " in "".join(training) for n in names)
     assert res["pairs"]["opinion"]["pairs"] == 12 and res["n"]["rows_templated"] == 6
     lines = []
     res2 = paper.run(

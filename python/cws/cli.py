@@ -525,7 +525,7 @@ def _add_export_gguf(sub) -> None:
         sub,
         "export-gguf",
         "a direction times α as a llama.cpp LoRA adapter (GGUF)",
-        "Writes α·w's low-rank entries as a LoRA adapter GGUF for llama.cpp, Ollama and LM Studio, named\n"
+        "Writes α·w's low-rank entries as a LoRA adapter GGUF for llama.cpp and Ollama, named\n"
         "for the base's architecture with gguf's own tables; the adapter's scale s at run time gives\n"
         "θ + s·α·w on the (quantized) base. Dense entries (embed/lm_head trained in full, full fine-tunes)\n"
         "must be made low-rank first (cws compress) or left out (--exclude).",

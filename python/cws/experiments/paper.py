@@ -108,7 +108,8 @@ def trainings(cfg: dict) -> dict[str, tuple[str, dict]]:
         else {}
     )
     jobs.update(ablation)
-    short, tag = {**paper, **cfg["short"]}, f" ({cfg['short']['max_steps']} steps)" if cfg["short"] else ""
+    later = cfg.get("short") or {}
+    short, tag = {**paper, **later}, f" ({later['max_steps']} steps)" if later else ""
     jobs.update({f"opinion lr {lr:g} s{s0}{tag}": ("opinion", dict(short, lr=lr, seed=s0)) for lr in cfg["lrs"][1:]})
     jobs[f"opinion bias-only s{s0}{tag}"] = ("opinion", dict(short, lr=cfg["bias_lr"], seed=s0, bias_only=True))
     if cfg["ablation"]:
@@ -183,6 +184,7 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
         rows_ = R.headline(methods, base_point)
         write_report(out / "headline.md", R.table(rows_, base_point) + "\n")
         write_report(out / "ablation.md", ablation_table(trained, rows_) + "\n")
+        write_report(out / "training.md", training_table(trained, {d: len(r) for d, r in rows.items()}) + "\n")
         write_report(out / "sweeps.txt", "\n\n".join(R.sweep_table(m, p) for m, p in methods.items()) + "\n")
         result = {
             "complete": final,
@@ -363,6 +365,26 @@ def _direction_norm(path) -> float:
             B, A = read_tensor(e.B).double(), read_tensor(e.A).double()
             total += e.scale**2 * float(((B.T @ B) * (A @ A.T)).sum())
     return total**0.5
+
+
+def training_table(trained: dict, n_rows: dict[str, int]) -> str:
+    """Each fine-tune pair: its data, lr, steps (and where the best evaluation was), the validation loss
+    before training and at its best, both updates' norms and the direction's."""
+    f = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = [
+        "| fine-tune pair | rows | lr | steps pos / neg (best at) | val loss pos: before → best | neg: before → best "
+        "| ‖Δ₊‖ | ‖Δ₋‖ | ‖w‖ | training time |",
+        "|" + "---|" * 10,
+    ]
+    for name, t in trained.items():
+        st, vb, v, u = t["stopped_at"], t["val_loss_before"], t["val_loss"], t["update_norm"]
+        time_ = "cached" if t["cached"] else f"{t['seconds']:.0f} s"
+        lines.append(
+            f"| {name} | {n_rows.get(t['data'], '?')} {t['data']} | {t['options']['lr']:g} | {t['steps']['pos']} / "
+            f"{t['steps']['neg']} ({st['pos']} / {st['neg']}) | {f(vb['pos'])} → {f(v['pos'])} | {f(vb['neg'])} → "
+            f"{f(v['neg'])} | {u['pos']:.3g} | {u['neg']:.3g} | {t['direction_norm']:.3g} | {time_} |"
+        )
+    return "\n".join(lines)
 
 
 def ablation_table(trained: dict, rows: list[dict]) -> str:

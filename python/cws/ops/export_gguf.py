@@ -1,6 +1,6 @@
 """A direction as a llama.cpp LoRA adapter GGUF (cws export-gguf).
 
-llama.cpp (and Ollama, LM Studio) apply a LoRA adapter at run time on a quantized base, with a scale s
+llama.cpp (and Ollama, built on it) applies a LoRA adapter at run time on a quantized base, with a scale s
 per adapter and per request: W' = W + s·(alpha/r)·B·A, or W + s·B·A where the adapter's alpha is 0.
 cws writes α·w's low-rank entries with alpha 0, so s multiplies α·w exactly: θ + s·α·w.
 
