@@ -188,3 +188,25 @@ def test_cli(full_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "rank 99 is larger than tensor" in err
     assert cli(["compress", str(tmp_path / "c"), "--rank", "1", "--out", str(tmp_path / "c")]) == 2  # its own input
+
+
+def test_nonfinite_and_empty_entries(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "d").mkdir()
+    nan = torch.tensor([[float("nan"), 1.0], [2.0, 3.0]])
+    save_file(
+        {"a.weight": nan, "b.weight": torch.randn(3, 4), "c.weight": torch.zeros(0, 4)},
+        tmp_path / "d" / "m.safetensors",
+    )
+    with pytest.raises(cws.CwsError, match="tensor 'a.weight': the direction holds NaN/Inf there"):
+        cws.compress(tmp_path / "d", tmp_path / "out", rank=1, quiet=True)
+    assert not (tmp_path / "out").exists()
+    save_file(
+        {"b.weight": torch.randn(3, 4), "c.weight": torch.zeros(0, 4), "z.weight": torch.zeros(5, 6)},
+        tmp_path / "d" / "m.safetensors",
+    )
+    report = cws.compress(tmp_path / "d", tmp_path / "out", energy=0.9, quiet=True)
+    assert report["kept_dense"] == {"c.weight": "empty (shape [0, 4])"}
+    assert report["tensors"]["z.weight"]["rank"] == 1 and report["tensors"]["z.weight"]["energy"] == 1.0  # zero: rank 1
+    assert set(cws.Direction.open(tmp_path / "out").entries) == {"b.weight", "c.weight", "z.weight"}

@@ -68,8 +68,12 @@ def compress(
     _check_options(rank, energy, method)
     d = direction if isinstance(direction, Direction) else Direction.open(resolve(direction, "direction"))
     out_dtype = parse_dtype(dtype)
-    matrices = {n: e for n, e in d.entries.items() if len(e.shape) == 2}
-    kept_dense = {n: f"not a matrix (shape {list(e.shape)})" for n, e in d.entries.items() if n not in matrices}
+    matrices = {n: e for n, e in d.entries.items() if len(e.shape) == 2 and min(e.shape) > 0}
+    kept_dense = {
+        n: f"{'empty' if 0 in e.shape else 'not a matrix'} (shape {list(e.shape)})"
+        for n, e in d.entries.items()
+        if n not in matrices
+    }
     if not matrices:
         raise CwsError(f"{d.path}: no entry is a matrix: nothing to compress")
     _check_rank(matrices, rank)
@@ -157,11 +161,13 @@ def _choose_ranks(matrices, rank, energy, method, budget: int, quiet: bool) -> d
 
 def _factorize(e: Entry, rank: int | None, energy: float | None, method: str) -> Factors:
     """fp32 factors B (out, k), A (k, in) of the best rank-k approximation of entry `e`."""
+    tensors = [read_tensor(e.B), read_tensor(e.A)] if e.kind == "lowrank" else [read_tensor(e.dense).float()]
+    if any(nonfinite(t) for t in tensors):
+        raise CwsError(f"tensor {e.name!r}: the direction holds NaN/Inf there; it has no SVD")
     if e.kind == "lowrank":
-        U, S, Vh = _lowrank_svd(read_tensor(e.B), read_tensor(e.A), e.scale)
+        U, S, Vh = _lowrank_svd(*tensors, e.scale)
     else:
-        M = read_tensor(e.dense).float()
-        U, S, Vh = _dense_svd(M, rank, method, seed=zlib.crc32(e.name.encode()))
+        U, S, Vh = _dense_svd(tensors[0], rank, method, seed=zlib.crc32(e.name.encode()))
     k = rank if rank is not None else _rank_for(S, energy)
     root = S[:k].sqrt()
     return Factors(e.name, k, (U[:, :k] * root).float().contiguous(), (root[:, None] * Vh[:k]).float().contiguous())
