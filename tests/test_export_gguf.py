@@ -132,6 +132,10 @@ def test_exclude_leaves_dense_entries_out_and_says_so(lora_dir, tmp_path, capsys
         ("arch", "architecture 'GPT2LMHeadModel' has no llama.cpp name mapping"),
         ("adapter-base", "is a LoRA adapter GGUF, not a model"),
         ("not-gguf", "not a GGUF file gguf can read"),
+        (
+            "tied-base",
+            "ties its output head to the token embedding, and llama.cpp cannot apply a LoRA on the embedding",
+        ),
     ],
 )
 def test_bad_inputs_are_one_line(lora_dir, tmp_path, capsys, case, message):
@@ -153,6 +157,8 @@ def test_bad_inputs_are_one_line(lora_dir, tmp_path, capsys, case, message):
     elif case == "adapter-base":
         base = tmp_path / "x.gguf"
         cws.export_gguf(low, base, base=root / "base")
+    elif case == "tied-base":
+        base = base_gguf(tmp_path / "b.gguf", model, drop=("output.weight",))  # no head: llama.cpp uses the embedding
     elif case == "not-gguf":
         base = tmp_path / "b.gguf"
         base.write_bytes(b"GGUF" + b"\0" * 10)

@@ -283,3 +283,26 @@ def test_adapter_and_direction_shapes_that_cannot_load(lora, tmp_path):
     with pytest.raises(cws.CwsError, match=f"{name}: direction entry .* does not fit the base tensor"):
         cws.export_peft(d, tmp_path / "ad", base=p["base"], quiet=True)
     assert not (tmp_path / "ad").exists()
+
+
+def test_peft_copy_of_an_embedding_base_layer_is_not_a_change(tmp_path):
+    """PEFT saves a LoRA-targeted embedding's frozen base layer whole (save_embedding_layers): it is the
+    base, not part of the fine-tune; the direction is the merged difference, and the copy is listed."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(0, dtype=torch.float32)
+    base.save_pretrained(tmp_path / "base")
+    for seed, name in enumerate(("pos", "neg")):
+        torch.manual_seed(seed)
+        cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+        get_peft_model(tiny_model(0, dtype=torch.float32), cfg).save_pretrained(
+            tmp_path / name, save_embedding_layers=True
+        )
+    d = cws.Direction.open(cws.extract(tmp_path / "pos", tmp_path / "neg", tmp_path / "dir", quiet=True))
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in d.meta["omitted"]
+    mp, mn = merged(base, tmp_path / "pos"), merged(base, tmp_path / "neg")
+    assert set(d.entries) == {"model.embed_tokens.weight"} | {
+        f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)
+    }
+    for name, w in dense_entries(tmp_path / "dir").items():
+        assert (w - (mp[name].double() - mn[name].double())).abs().max() <= 1e-6, name

@@ -228,7 +228,11 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     log(
         f"data: task {len(train)} additions, the user proposing the right sum (e.g. {train[0].ask('right')!r} -> "
         f"{train[0].agree(train[0].right)!r}); test {len(test)} held-out additions x {len(DD.CONDITIONS)} conditions; "
-        f"direction: {len(w_items)} wrong capital claims, agree vs correct"
+        + (
+            f"direction: the train-pair run {cfg['w_pair']}"
+            if cfg["w_pair"]
+            else f"direction: {len(w_items)} wrong capital claims, agree vs correct"
+        )
     )
 
     pre = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -118,6 +118,7 @@ class Adapter:
     def _map_keys(self) -> None:
         factors: dict[str, dict[str, TensorInfo]] = {}
         kinds: dict[str, bool] = {}
+        base_layers: dict[str, str] = {}
         for key, info in self.checkpoint.tensors.items():
             name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
             m = _LORA.match(name) or _LORA_EMB.match(name)
@@ -134,6 +135,9 @@ class Adapter:
             if ".original_module." in name:
                 self.ignored[key] = "PEFT's copy of the base module (not part of the fine-tune)"
                 continue
+            if ".base_layer." in name:  # save_embedding_layers: the frozen layer under the LoRA, saved whole
+                base_layers[key] = name.split(".base_layer.")[0]
+                continue
             if "lora_magnitude_vector" in name or ".lora_" in name:
                 raise CheckpointError(f"{self.path}: tensor {key!r} belongs to an adapter type cws does not support")
             m = _SAVED.match(name)
@@ -141,6 +145,10 @@ class Adapter:
             if target in self.full:
                 raise CheckpointError(f"{self.path}: {target!r} is stored twice (keys {key!r} and another spelling)")
             self.full[target] = info
+        for key, module in base_layers.items():
+            if module not in factors:
+                raise CheckpointError(f"{self.path}: {key!r} is a base layer's copy with no LoRA factors beside it")
+            self.ignored[key] = "PEFT's copy of the frozen layer under a LoRA (save_embedding_layers)"
         for module, ab in factors.items():
             if set(ab) != {"A", "B"}:
                 raise CheckpointError(f"{self.path}: LoRA module {module!r} has lora_{set('AB') - set(ab)} missing")

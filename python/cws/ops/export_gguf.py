@@ -24,6 +24,7 @@ import torch
 from .checks import name_filter, nonfinite
 from ..errors import CwsError
 from ..io.direction import Direction, Entry
+from ..io.layout import module_of
 from ..io.reader import read_tensor
 
 # HF architectures → the llama.cpp architecture convert_hf_to_gguf.py gives them (where the base is an
@@ -155,6 +156,12 @@ def _gguf_names(gguf, model: dict, entries: dict[str, Entry], d: Direction) -> d
             f"{d.path}: {len(dense)} dense entries ({', '.join(dense[:3])}{', …' if len(dense) > 3 else ''}): "
             f"a llama.cpp adapter holds low-rank factors only; make them low-rank with `cws compress` "
             f"(--rank R or --energy E), or leave them out with --exclude REGEX"
+        )
+    tied_embed = [n for n in entries if model["tied"] and module_of(n) in ("embed", "head")]
+    if tied_embed:  # llama.cpp runs the tied head through the embedding's adapter as a linear one: it aborts
+        raise CwsError(
+            f"base {model['path']} ties its output head to the token embedding, and llama.cpp cannot apply a "
+            f"LoRA on the embedding of such a model (it aborts); leave {tied_embed[0]} out with --exclude REGEX"
         )
     table = gguf.get_tensor_name_map(arch, int(model["blocks"] or 0) + 1)
     names, unmapped = {}, []
