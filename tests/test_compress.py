@@ -7,19 +7,7 @@ import torch
 
 import cws
 from cws.cli import main as cli
-from tiny import perturbed, save, state, tiny_model, train_lora
-
-
-def fp64_entries(direction) -> dict[str, torch.Tensor]:
-    """Every entry of a direction as an fp64 dense delta."""
-    d = cws.Direction.open(direction)
-    out = {}
-    for name, e in d.entries.items():
-        if e.kind == "dense":
-            out[name] = d.checkpoint.read(name).double()
-        else:
-            out[name] = d.checkpoint.read(e.B.name).double() @ d.checkpoint.read(e.A.name).double() * e.scale
-    return out
+from tiny import fp64_entries, perturbed, save, state, tiny_model, train_lora
 
 
 def truncated(M: torch.Tensor, k: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 import cws
 from cws.cli import main as cli
-from tiny import tiny_model, train_lora
+from tiny import fp64_entries, tiny_model, train_lora
 
 gguf = pytest.importorskip("gguf")
 
@@ -89,22 +89,13 @@ def test_adapter_holds_alpha_w_under_llamacpp_names(lora_dir, tmp_path):
         assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
         assert fields["general.architecture"] == "llama" and fields["adapter.lora.alpha"] == 0.0
         assert fields["cws.op"] == "export-gguf" and fields["cws.alpha"] == -1.5
-        want = {n: -1.5 * t for n, t in fp64(tmp_path / "low").items()}
+        want = {n: -1.5 * t.numpy() for n, t in fp64_entries(tmp_path / "low").items()}
         assert len(tensors) == 2 * len(want) == 2 * len(res["tensors"])
         for gname, info in res["tensors"].items():
             a, b = tensors[gname + ".lora_a"].astype(np.float64), tensors[gname + ".lora_b"].astype(np.float64)
             delta = a @ b.T if gname == "token_embd.weight" else b @ a  # llama.cpp reads the embedding's pair flipped
             np.testing.assert_allclose(hf_order(delta, gname), want[info["from"]], rtol=0, atol=1e-6)
         assert {i["from"] for i in res["tensors"].values()} == set(want)
-
-
-def fp64(direction) -> dict[str, np.ndarray]:
-    d = cws.Direction.open(direction)
-    out = {}
-    for n, e in d.entries.items():
-        B, A = d.checkpoint.read(e.B.name).double(), d.checkpoint.read(e.A.name).double()
-        out[n] = (B @ A * e.scale).numpy()
-    return out
 
 
 def test_exclude_leaves_dense_entries_out_and_says_so(lora_dir, tmp_path, capsys):

@@ -10,7 +10,7 @@ import cws
 from cws.cli import main as cli
 from cws_kernels.reference import lincomb_ref
 from kernel_utils import assert_bits_equal
-from tiny import merged, state, tiny_model, train_lora
+from tiny import fp64_entries, merged, state, tiny_model, train_lora
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +34,6 @@ def lora(tmp_path_factory):
     paths["ft"] = train_lora(base, root / "ft", seed=3)
     paths["dir"] = cws.extract(paths["pos"], paths["neg"], root / "dir", quiet=True)
     return base, paths
-
-
-def dense_entries(direction) -> dict[str, torch.Tensor]:
-    """Every entry of a direction as an fp64 dense delta (factors multiplied in fp64)."""
-    d = cws.Direction.open(direction)
-    out = {}
-    for name, e in d.entries.items():
-        if e.kind == "dense":
-            out[name] = d.checkpoint.read(name).double()
-        else:
-            out[name] = d.checkpoint.read(e.B.name).double() @ d.checkpoint.read(e.A.name).double() * e.scale
-    return out
 
 
 def assert_close_to_merged(got: dict, want: dict, mp: dict, mn: dict):
@@ -72,7 +60,7 @@ def test_extract_lowrank_equals_merged_difference(lora):
     changed = {n for n in mp if not torch.equal(mp[n], mn[n])}
     assert set(kinds) == changed  # norms are untouched by both: not in the direction
     want = {n: mp[n].double() - mn[n].double() for n in changed}
-    assert_close_to_merged(dense_entries(p["dir"]), want, mp, mn)
+    assert_close_to_merged(fp64_entries(p["dir"]), want, mp, mn)
     # The direction is tiny next to a dense one: factors of rank r₊ + r₋ instead of out × in.
     low = sum(cws.Direction.open(p["dir"]).entries[n].nbytes for n, k in kinds.items() if k == "lowrank")
     dense = sum(want[n].numel() * 4 for n, k in kinds.items() if k == "lowrank")
@@ -83,7 +71,7 @@ def test_compare_from_factors_matches_dense(lora, tmp_path):
     base, p = lora
     report = cws.compare(p["base"], p["ft"], p["dir"], quiet=True)
     mf = merged(base, p["ft"])
-    w = dense_entries(p["dir"])
+    w = fp64_entries(p["dir"])
     b = base.state_dict()
     for excl in (False, True):
         names = [n for n in b if not (excl and ("embed" in n or "lm_head" in n))]
@@ -166,8 +154,8 @@ def test_modules_to_save_key_spellings(lora, tmp_path):
     (tmp_path / "old").mkdir()
     save_file(old, tmp_path / "old" / "adapter_model.safetensors")
     (tmp_path / "old" / "adapter_config.json").write_text((p["pos"] / "adapter_config.json").read_text())
-    a = dense_entries(cws.extract(tmp_path / "old", p["neg"], tmp_path / "d1", quiet=True))
-    b = dense_entries(p["dir"])
+    a = fp64_entries(cws.extract(tmp_path / "old", p["neg"], tmp_path / "d1", quiet=True))
+    b = fp64_entries(p["dir"])
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     both = dict(old, **{"base_model.model.lm_head.weight": sd["base_model.model.lm_head.weight"].clone()})
     save_file(both, tmp_path / "old" / "adapter_model.safetensors")
@@ -190,7 +178,7 @@ def test_union_of_targets_and_mixed_inputs(lora, tmp_path):
     save({k: v.contiguous() for k, v in mn.items()}, tmp_path / "full" / "model.safetensors")
     with pytest.raises(cws.CwsError, match="needs --base"):
         cws.extract(p["pos"], tmp_path / "full", tmp_path / "m0", quiet=True)
-    mixed = dense_entries(cws.extract(p["pos"], tmp_path / "full", tmp_path / "m", base=p["base"], quiet=True))
+    mixed = fp64_entries(cws.extract(p["pos"], tmp_path / "full", tmp_path / "m", base=p["base"], quiet=True))
     mp = merged(base, p["pos"])
     want = {n: mp[n].double() - mn[n].double() for n in mixed}
     assert_close_to_merged(mixed, want, mp, mn)
@@ -207,7 +195,7 @@ def test_fan_in_fan_out_gpt2(tmp_path):
     neg = train_lora(base, tmp_path / "neg", seed=2, **kw)
     d = cws.extract(pos, neg, tmp_path / "d", quiet=True)
     mp, mn = merged(base, pos), merged(base, neg)
-    got = dense_entries(d)
+    got = fp64_entries(d)
     want = {n: mp[n].double() - mn[n].double() for n in got}
     assert got["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D stores (in, out)
     assert_close_to_merged(got, want, mp, mn)
@@ -304,5 +292,5 @@ def test_peft_copy_of_an_embedding_base_layer_is_not_a_change(tmp_path):
     assert set(d.entries) == {"model.embed_tokens.weight"} | {
         f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)
     }
-    for name, w in dense_entries(tmp_path / "dir").items():
+    for name, w in fp64_entries(tmp_path / "dir").items():
         assert (w - (mp[name].double() - mn[name].double())).abs().max() <= 1e-6, name

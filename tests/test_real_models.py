@@ -17,7 +17,7 @@ from cws.cli import main as cli
 from cws.io.checkpoint import Checkpoint
 from cws_kernels.reference import lincomb_ref
 from kernel_utils import assert_bits_equal
-from tiny import perturbed, save, state, tiny_model, train_lora
+from tiny import fp64_entries, perturbed, save, state, tiny_model, train_lora
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -33,15 +33,6 @@ def tied(tmp_path_factory):
         p[name] = train_lora(base, root / name, seed=seed)
     p["dir"] = cws.extract(p["pos"], p["neg"], root / "dir", quiet=True)
     return base, p
-
-
-def fp64_entries(direction) -> dict[str, torch.Tensor]:
-    d = cws.Direction.open(direction)
-    out = {}
-    for name, e in d.entries.items():
-        r = d.checkpoint.read
-        out[name] = r(name).double() if e.kind == "dense" else r(e.B.name).double() @ r(e.A.name).double() * e.scale
-    return out
 
 
 def test_tied_base_stores_the_head_once(tied):

@@ -170,3 +170,15 @@ def tiny_chat_model(
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def fp64_entries(direction) -> dict:
+    """Every entry of a direction as its dense delta in fp64 (low-rank factors multiplied in fp64)."""
+    import cws
+
+    d = cws.Direction.open(direction)
+    read = d.checkpoint.read
+    return {
+        n: read(n).double() if e.kind == "dense" else read(e.B.name).double() @ read(e.A.name).double() * e.scale
+        for n, e in d.entries.items()
+    }

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,7 +45,7 @@ class Factors:
     B: torch.Tensor | None = None
     A: torch.Tensor | None = None
     kept: bool = False  # a low-rank entry already within the rank: written as stored
-    stats: dict = field(default_factory=dict)
+    source: list | None = None  # the entry's tensors as read, while at hand (not kept between passes)
 
 
 def compress(
@@ -147,7 +147,7 @@ def _choose_ranks(matrices, rank, energy, method, budget: int, quiet: bool) -> d
             plan[name] = Factors(name, min(rank, e.rank or rank), kept=e.kind == "lowrank" and e.rank <= rank)
             continue
         f = _factorize(e, None, energy, method)
-        f.kept = e.kind == "lowrank" and f.rank == e.rank
+        f.kept, f.source = e.kind == "lowrank" and f.rank == e.rank, None
         nbytes = (f.B.numel() + f.A.numel()) * 4
         if f.kept or cached + nbytes > budget:
             f.B = f.A = None  # written as stored, or computed again at the write
@@ -170,7 +170,8 @@ def _factorize(e: Entry, rank: int | None, energy: float | None, method: str) ->
         U, S, Vh = _dense_svd(tensors[0], rank, method, seed=zlib.crc32(e.name.encode()))
     k = rank if rank is not None else _rank_for(S, energy)
     root = S[:k].sqrt()
-    return Factors(e.name, k, (U[:, :k] * root).float().contiguous(), (root[:, None] * Vh[:k]).float().contiguous())
+    B, A = (U[:, :k] * root).float().contiguous(), (root[:, None] * Vh[:k]).float().contiguous()
+    return Factors(e.name, k, B, A, source=tensors)
 
 
 def _dense_svd(M: torch.Tensor, k: int | None, method: str, seed: int):
@@ -218,20 +219,22 @@ def _write_entry(writer, e: Entry, f: Factors, out_dtype: torch.dtype, method: s
         )
     writer.write(kb, B.contiguous())
     writer.write(ka, A.contiguous())
-    return _measure(e, B.double(), A.double()) | {"rank": f.rank}
+    return _measure(e, B.double(), A.double(), f.source) | {"rank": f.rank}
 
 
-def _measure(e: Entry, B: torch.Tensor, A: torch.Tensor) -> dict:
-    """‖M‖², ⟨M, BA⟩ and ‖BA‖² in fp64 (M read in row blocks): the kept energy ‖BA‖²/‖M‖² and the cosine."""
+def _measure(e: Entry, B: torch.Tensor, A: torch.Tensor, source: list | None = None) -> dict:
+    """‖M‖², ⟨M, BA⟩ and ‖BA‖² in fp64, M in row blocks (from `source`, the entry as read, or read again):
+    the kept energy ‖BA‖²/‖M‖² and the cosine."""
     kept = float(((B.T @ B) * (A @ A.T)).sum())
     if e.kind == "lowrank":
-        B0, A0 = read_tensor(e.B).double(), read_tensor(e.A).double()
+        B0, A0 = (t.double() for t in (source or [read_tensor(e.B), read_tensor(e.A)]))
         total = e.scale**2 * float(((B0.T @ B0) * (A0 @ A0.T)).sum())
         inner = e.scale * float(((B.T @ B0) * (A @ A0.T)).sum())
     else:
         total, BtM = 0.0, torch.zeros(B.shape[1], e.shape[1], dtype=torch.float64)
         for start in range(0, e.shape[0], 4096):
-            rows = read_tensor(e.dense, start, min(start + 4096, e.shape[0])).double()
+            stop = min(start + 4096, e.shape[0])
+            rows = (source[0][start:stop] if source else read_tensor(e.dense, start, stop)).double()
             total += float((rows * rows).sum())
             BtM += B[start : start + len(rows)].T @ rows
         inner = float((BtM * A).sum())
