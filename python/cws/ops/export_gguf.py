@@ -150,18 +150,18 @@ def _gguf_names(gguf, model: dict, entries: dict[str, Entry], d: Direction) -> d
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(model["arch"])
     if arch is None:
         raise CwsError(f"base {model['path']}: llama.cpp architecture {model['arch']!r} is unknown to gguf")
+    tied_embed = [n for n in entries if model["tied"] and module_of(n) in ("embed", "head")]
+    if tied_embed:  # llama.cpp runs the tied head through the embedding's adapter as a linear one: it aborts
+        raise CwsError(
+            f"base {model['path']} ties its output head to the token embedding, and llama.cpp cannot apply a "
+            f"LoRA on the embedding of such a model (it aborts); leave {tied_embed[0]} out with --exclude REGEX"
+        )
     dense = [n for n, e in entries.items() if e.kind == "dense"]
     if dense:
         raise CwsError(
             f"{d.path}: {len(dense)} dense entries ({', '.join(dense[:3])}{', …' if len(dense) > 3 else ''}): "
             f"a llama.cpp adapter holds low-rank factors only; make them low-rank with `cws compress` "
             f"(--rank R or --energy E), or leave them out with --exclude REGEX"
-        )
-    tied_embed = [n for n in entries if model["tied"] and module_of(n) in ("embed", "head")]
-    if tied_embed:  # llama.cpp runs the tied head through the embedding's adapter as a linear one: it aborts
-        raise CwsError(
-            f"base {model['path']} ties its output head to the token embedding, and llama.cpp cannot apply a "
-            f"LoRA on the embedding of such a model (it aborts); leave {tied_embed[0]} out with --exclude REGEX"
         )
     table = gguf.get_tensor_name_map(arch, int(model["blocks"] or 0) + 1)
     names, unmapped = {}, []
