@@ -8,7 +8,7 @@ import torch
 import cws
 from cws.errors import CwsError
 from cws.io.layout import layer_of
-from test_lora import dense_entries as fp64  # every entry as an fp64 dense delta
+from tiny import fp64_entries as fp64  # every entry as an fp64 dense delta
 from tiny import perturbed, save, tiny_model, train_lora
 
 
