@@ -40,7 +40,6 @@ OVERSAMPLE, POWER_ITERATIONS = 10, 4  # torch.svd_lowrank's q = k + OVERSAMPLE, 
 class Factors:
     """One entry's output: `rank` and, once computed, B (out, k) and A (k, in) in fp32."""
 
-    name: str
     rank: int
     B: torch.Tensor | None = None
     A: torch.Tensor | None = None
@@ -144,7 +143,7 @@ def _choose_ranks(matrices, rank, energy, method, budget: int, quiet: bool) -> d
     bar = progress(len(matrices), "choosing ranks", disable=quiet or rank is not None, unit="tensors")
     for name, e in matrices.items():
         if rank is not None:
-            plan[name] = Factors(name, min(rank, e.rank or rank), kept=e.kind == "lowrank" and e.rank <= rank)
+            plan[name] = Factors(min(rank, e.rank or rank), kept=e.kind == "lowrank" and e.rank <= rank)
             continue
         f = _factorize(e, None, energy, method)
         f.kept, f.source = e.kind == "lowrank" and f.rank == e.rank, None
@@ -171,7 +170,7 @@ def _factorize(e: Entry, rank: int | None, energy: float | None, method: str) ->
     k = rank if rank is not None else _rank_for(S, energy)
     root = S[:k].sqrt()
     B, A = (U[:, :k] * root).float().contiguous(), (root[:, None] * Vh[:k]).float().contiguous()
-    return Factors(e.name, k, B, A, source=tensors)
+    return Factors(k, B, A, source=tensors)
 
 
 def _dense_svd(M: torch.Tensor, k: int | None, method: str, seed: int):
@@ -225,10 +224,10 @@ def _write_entry(writer, e: Entry, f: Factors, out_dtype: torch.dtype, method: s
 def _measure(e: Entry, B: torch.Tensor, A: torch.Tensor, source: list | None = None) -> dict:
     """‖M‖², ⟨M, BA⟩ and ‖BA‖² in fp64, M in row blocks (from `source`, the entry as read, or read again):
     the kept energy ‖BA‖²/‖M‖² and the cosine."""
-    kept = float(((B.T @ B) * (A @ A.T)).sum())
+    kept = _squared_norm(B, A)
     if e.kind == "lowrank":
         B0, A0 = (t.double() for t in (source or [read_tensor(e.B), read_tensor(e.A)]))
-        total = e.scale**2 * float(((B0.T @ B0) * (A0 @ A0.T)).sum())
+        total = e.scale**2 * _squared_norm(B0, A0)
         inner = e.scale * float(((B.T @ B0) * (A @ A0.T)).sum())
     else:
         total, BtM = 0.0, torch.zeros(B.shape[1], e.shape[1], dtype=torch.float64)
@@ -246,9 +245,13 @@ def _measure(e: Entry, B: torch.Tensor, A: torch.Tensor, source: list | None = N
     }
 
 
+def _squared_norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B·A‖² without forming B·A: the sum of (BᵀB) ∘ (AAᵀ), r×r."""
+    return float(((B.T @ B) * (A @ A.T)).sum())
+
+
 def _norm(e: Entry) -> float:
-    B, A = read_tensor(e.B).double(), read_tensor(e.A).double()
-    return abs(e.scale) * math.sqrt(float(((B.T @ B) * (A @ A.T)).sum()))
+    return abs(e.scale) * math.sqrt(_squared_norm(read_tensor(e.B).double(), read_tensor(e.A).double()))
 
 
 def _global(per_tensor: dict[str, dict]) -> dict:

@@ -229,6 +229,7 @@ def _write(gguf, final: Path, arch: str, tensors: dict[str, torch.Tensor], alpha
     """The adapter GGUF, written to a temporary beside `final`, fsynced and renamed into place."""
     from .. import __version__
     from ..io.atomic import remove_stale, temp_path
+    from ..io.writer import _fsync_path
 
     remove_stale(final)
     tmp = temp_path(final)
@@ -246,11 +247,7 @@ def _write(gguf, final: Path, arch: str, tensors: dict[str, torch.Tensor], alpha
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(tmp)
         os.rename(tmp, final)
     except BaseException as e:
         try:
@@ -260,3 +257,7 @@ def _write(gguf, final: Path, arch: str, tensors: dict[str, torch.Tensor], alpha
         if isinstance(e, OSError):
             raise CwsError(f"cannot write {final}: {e.strerror or e}; nothing was left behind") from e
         raise
+    try:  # the rename itself, as ShardedWriter makes its outputs durable
+        _fsync_path(final.parent)
+    except OSError as e:
+        raise CwsError(f"wrote {final}, but could not sync its folder: {e.strerror or e}") from e
