@@ -53,6 +53,8 @@ def fixtures(root: Path) -> dict[str, Path]:
     fx["lora_neg"] = train_lora(base, root / "lora_neg", seed=2)
     fx["lora_plain_pos"] = train_lora(base, root / "lora_plain_pos", seed=3, modules_to_save=None)
     fx["lora_plain_neg"] = train_lora(base, root / "lora_plain_neg", seed=4, modules_to_save=None)
+    fx["lora_tied_pos"] = train_lora(tied, root / "lora_tied_pos", seed=5, modules_to_save=["lm_head"])
+    fx["lora_tied_neg"] = train_lora(tied, root / "lora_tied_neg", seed=6, modules_to_save=["lm_head"])
     return fx
 
 
@@ -76,6 +78,8 @@ def cases(fx: dict[str, Path], out: Path) -> dict[str, Path]:
     ex("extract_lora_scaled", fx["lora_pos"], fx["lora_neg"], base=fx["base"], scale_pos=0.7, scale_neg=1.3)
     ex("extract_lora_fp32", fx["lora_plain_pos"], fx["lora_plain_neg"], dtype="float32")
     ex("extract_mixed", fx["lora_pos"], fx["neg"], base=fx["base"])
+    ex("extract_lora_tied", fx["lora_tied_pos"], fx["lora_tied_neg"])
+    ex("extract_copy_base", fx["pos"], fx["neg"], base=fx["base"], on_missing="copy-base", exclude="norm")
     w, lw = done["extract_full"], done["extract_lora"]
 
     def ap(name, *a, **kw):
@@ -90,18 +94,21 @@ def cases(fx: dict[str, Path], out: Path) -> dict[str, Path]:
     ap("apply_lowrank_fp32", fx["fp32"], done["extract_lora_plain"], 1.0, on_missing="error")
     ap("apply_tied", fx["tied"], done["extract_tied"], 3.0)
     ap("apply_filter", fx["base"], w, 1.0, include="mlp")
+    ap("apply_tied_lora", fx["tied"], done["extract_lora_tied"], [-1.0, 2.0])
     done["combine"] = cws.combine([(w, 1.0), (lw, -0.5)], out / "combine", **q)
     done["combine_lowrank"] = cws.combine([(lw, 2.0), (done["extract_lora_plain"], 1.0)], out / "combine_lowrank", **q)
     done["combine_project"] = cws.combine([(w, 1.0)], out / "combine_project", project_out=lw, by="layer", **q)
     cws.export_peft(lw, out / "peft_nobase", alpha=2.0, **q)
     cws.export_peft(lw, out / "peft_base", alpha=-1.5, base=fx["base"], **q)
     cws.export_peft(done["extract_lora_plain"], out / "peft_tied_free", alpha=1.0, **q)
-    done.update({k: out / k for k in ("peft_nobase", "peft_base", "peft_tied_free")})
+    cws.export_peft(done["extract_lora_tied"], out / "peft_tied_base", alpha=2.0, base=fx["tied"], **q)
+    done.update({k: out / k for k in ("peft_nobase", "peft_base", "peft_tied_free", "peft_tied_base")})
     done["densify"] = cws.densify(lw, out / "densify", dtype="bfloat16", **q)
     done["densify_fp32"] = cws.densify(done["extract_lora_plain"], out / "densify_fp32", **q)
     for name, model, dirs in [
         ("compare_full", fx["ft"], [w, lw]),
         ("compare_adapter", fx["lora_pos"], [w, done["extract_lora_plain"]]),
+        ("compare_tied", fx["tied_pos"], [done["extract_tied"], done["extract_lora_tied"]]),
     ]:
         report = cws.compare(fx["base"], model, dirs, **q)
         report.meta.pop("seconds", None)

@@ -19,6 +19,25 @@ from ..io.format import TensorInfo
 from ..io.layout import module_of
 
 ON_MISSING = ("error", "skip", "copy-base")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype, auto: torch.dtype = torch.float32) -> torch.dtype:
+    """A storage dtype from its name; "auto" gives `auto`."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return auto
+    if dtype not in DTYPES:
+        raise CwsError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def check_policy(on_missing: str) -> str:

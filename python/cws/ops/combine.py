@@ -11,40 +11,20 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import engine
-from .checks import name_filter, provenance, raise_problems
-from .compare import build_item, direction_vector, slice_gram
-from .extract import dense_item, dense_writes, direction_plan, parse_dtype, write_factors
+from .checks import parse_dtype, provenance
+from .compare import direction_vector
+from .extract import dense_sum, exact_factor_dtype, lowrank_meta
+from .plan import FactorPair, Factors, Gram, Output, Plan, StreamOptions, run_plan
 from ..errors import CwsError
 from ..io.direction import PREFIX, Direction, direction_meta
-from ..io.format import TensorInfo
 from ..io.hub import resolve
 from ..io.layout import layer_of
-from ..io.writer import ShardedWriter
 
 BY = ("global", "layer", "tensor")
-
-
-@dataclass(frozen=True)
-class _Factors:
-    """A direction's low-rank entry as extract's helpers read LoRA deltas: delta = B·A."""
-
-    B: TensorInfo
-    A: TensorInfo
-    transposed: bool = False
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.B.shape[0], self.A.shape[1]
 
 
 def parse_terms(terms) -> list[tuple[Direction, float]]:
@@ -94,41 +74,28 @@ def _names(d: Direction, tied: dict[str, str]) -> list[str]:
     return list(d.entries) + [a for a in d.ties if a not in tied]
 
 
-def projection(
-    terms,
-    b: Direction,
-    by: str = "global",
-    *,
-    keep=lambda name: True,
-    max_memory=engine.DEFAULT_MAX_MEMORY,
-    quiet: bool = False,
-) -> tuple[dict[str, float], dict]:
+def projection(terms, b: Direction, by: str = "global", *, options: StreamOptions | None = None):
     """Per-tensor coefficient of b in w − (⟨w,b⟩/⟨b,b⟩)·b, with w = Σ cᵢ·wᵢ and the ratio taken over
     each group (`by`: the whole model, a layer, or a tensor), and the per-group sums it came from."""
     if by not in BY:
         raise CwsError(f"by={by!r}: expected one of {', '.join(BY)}")
-    dirs = [d for d, _ in terms] + [b]
-    coefs = [c for _, c in terms]
-    items = []
-    for name in _names(b, shared_ties(dirs)):
-        e = b.get(name)
-        if keep(name):
-            vectors = [direction_vector(d, name) for d in dirs]
-            items.append(build_item(name, e.shape[0] if e.shape else 1, vectors))
+    opts = options or StreamOptions()
+    dirs, coefs, keep = [d for d, _ in terms] + [b], [c for _, c in terms], opts.keep()
     sums: dict = {}  # group -> [⟨w,b⟩, ⟨b,b⟩]
     group_of = {}
 
-    def compute(s: engine.Slice):
-        G = slice_gram(s)
+    def collect(name: str, G: torch.Tensor) -> None:
         if not torch.isfinite(G).all():
-            raise CwsError(f"tensor {s.item.name!r}: NaN/Inf in a direction")
-        g = group_of.setdefault(s.item.name, _group(s.item.name, by))
-        acc = sums.setdefault(g, [0.0, 0.0])
+            raise CwsError(f"tensor {name!r}: NaN/Inf in a direction")
+        acc = sums.setdefault(group_of.setdefault(name, _group(name, by)), [0.0, 0.0])
         acc[0] += sum(c * G[i, -1].item() for i, c in enumerate(coefs))
         acc[1] += G[-1, -1].item()
-        return []
 
-    engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="project", quiet=quiet, writes=False)
+    plan = Plan("project", collect=collect)
+    for name in filter(keep, _names(b, shared_ties(dirs))):
+        e = b.get(name)
+        plan.steps.append(Gram(name, e.shape[0] if e.shape else 1, [direction_vector(d, name) for d in dirs]))
+    run_plan(plan, opts)
     ratio = {g: (wb / bb if bb > 0 else 0.0) for g, (wb, bb) in sums.items()}
     groups = {g: {"w_dot_b": wb, "b_dot_b": bb, "coef": ratio[g]} for g, (wb, bb) in sums.items()}
     return {name: -ratio[g] for name, g in group_of.items()}, groups
@@ -141,40 +108,39 @@ def combine(
     project_out: str | os.PathLike | Direction | None = None,
     by: str = "global",
     dtype: str | torch.dtype = "auto",
-    include: str | None = None,
-    exclude: str | None = None,
-    allow_nonfinite: bool = False,
-    max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
-    max_shard_size: int | str = "5GB",
-    overwrite: bool = False,
-    fsync: bool = True,
-    quiet: bool = False,
+    options: StreamOptions | None = None,
+    **stream,
 ) -> Path:
     """Write w = Σ cᵢ·wᵢ (minus its projection on `project_out`, per `by` group) as a direction.
 
     terms: see `parse_terms`. A tensor absent from a direction counts as zero there. dtype "auto":
     dense entries in fp32, low-rank factors in their own dtype when every folded coefficient is a
-    power of two (exact), else fp32; any other dtype is used for everything.
+    power of two (exact), else fp32; any other dtype is used for everything. Options: `StreamOptions`
+    (include/exclude, allow_nonfinite, max_memory, max_shard_size, overwrite, fsync, quiet).
     """
+    opts = StreamOptions.of(options, **stream)
     terms = parse_terms(terms)
-    out_dtype = parse_dtype(dtype)
-    factor_dtype = None if dtype == "auto" else out_dtype
-    keep = name_filter(include, exclude)
-    max_memory = engine.parse_size(max_memory)
     b = None
     if project_out is not None:
         b = project_out if isinstance(project_out, Direction) else Direction.open(resolve(project_out, "direction"))
-    coef_b, groups = projection(terms, b, by, keep=keep, max_memory=max_memory, quiet=quiet) if b else ({}, {})
+    coef_b, groups = projection(terms, b, by, options=opts) if b else ({}, {})
+    run_plan(plan_combine(terms, out, b, coef_b, groups, by, dtype, opts), opts)
+    return Path(out).resolve()
 
+
+def plan_combine(terms, out, b, coef_b: dict, groups: dict, by: str, dtype, opts: StreamOptions) -> Plan:
+    """The plan of `combine`, once the projection's coefficients (`coef_b`) are known."""
+    out_dtype = parse_dtype(dtype)
+    factor_dtype = None if dtype == "auto" else out_dtype
+    keep = opts.keep()
     dirs = [d for d, _ in terms] + ([b] if b else [])
     ties = shared_ties(dirs)
-    names = list(dict.fromkeys(n for d in dirs for n in _names(d, ties)))
-    tensors, omitted, items, lowrank, problems = {}, {}, [], {}, []
-    for name in names:
+    tensors, omitted, dense, low, plan = {}, {}, [], [], Plan("combine")
+    for name in dict.fromkeys(n for d in dirs for n in _names(d, ties)):
         if not keep(name):
             omitted[name] = "excluded by --include/--exclude"
             continue
-        contrib: dict = {}  # (direction path, name) -> [entry, coefficient], duplicates merged
+        contrib: dict = {}  # direction path -> [entry, coefficient], duplicates merged
         for d, c in terms + ([(b, coef_b.get(name, 0.0))] if b else []):
             e = d.get(name)
             if e is not None and c != 0.0:
@@ -185,26 +151,22 @@ def combine(
             continue
         shapes = {e.shape for e, _ in contrib}
         if len(shapes) > 1:
-            problems.append(f"{name}: the directions disagree on its shape ({', '.join(map(str, sorted(shapes)))})")
+            plan.problems.append(
+                f"{name}: the directions disagree on its shape ({', '.join(map(str, sorted(shapes)))})"
+            )
             continue
         shape = shapes.pop()
-        dense = {e.dense: c for e, c in contrib if e.kind == "dense"}
-        low = [(_Factors(e.B, e.A), c * e.scale) for e, c in contrib if e.kind == "lowrank"]
-        if dense:
-            items.append(dense_item(name, shape, dense, low, out_dtype))
+        terms_dense = {e.dense: c for e, c in contrib if e.kind == "dense"}
+        factors = [(FactorPair(e.B, e.A), c * e.scale) for e, c in contrib if e.kind == "lowrank"]
+        if terms_dense:
+            dense.append(dense_sum(name, shape, terms_dense, factors, out_dtype))
             tensors[name] = {"kind": "dense", "shape": list(shape)}
         else:
-            lowrank[name] = low
-            tensors[name] = {"kind": "lowrank", "shape": list(shape), "rank": sum(f.rank for f, _ in low), "scale": 1.0}
-    raise_problems(problems)
-    if not tensors:
+            low.append(Factors(name, factors, factor_dtype or exact_factor_dtype(factors)))
+            tensors[name] = lowrank_meta(factors)
+    if not tensors and not plan.problems:
         raise CwsError("the combination is zero on every tensor: nothing to write")
-
-    plan, dtypes = direction_plan(items, lowrank, out_dtype, factor_dtype)
-
-    def compute(s: engine.Slice):
-        return dense_writes(s, writer, allow_nonfinite)
-
+    plan.steps = dense + low
     sources = [str(d.path) for d, _ in terms]
     meta = direction_meta(
         tensors,
@@ -223,18 +185,5 @@ def combine(
         by=by if b else None,
     )
     inputs = sources + ([str(b.path)] if b else [])
-    with ShardedWriter(
-        out,
-        plan,
-        prefix=PREFIX,
-        metadata=md,
-        overwrite=overwrite,
-        inputs=inputs,
-        max_shard_size=engine.parse_size(max_shard_size),
-        fsync=fsync,
-    ) as writer:
-        writer.add_json("direction.json", meta)
-        for name, low in lowrank.items():
-            write_factors(writer, name, low, dtypes[name], allow_nonfinite)
-        engine.run(items, compute, max_memory=max_memory, desc="combine", quiet=quiet)
-    return Path(out).resolve()
+    plan.outputs = [Output(out, md, inputs, PREFIX, {"direction.json": meta})]
+    return plan

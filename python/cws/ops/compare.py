@@ -18,7 +18,8 @@ import torch
 from cws_kernels import gram, lincomb, lowrank_dense_inner, lowrank_inner
 
 from . import dist, engine
-from .checks import check_policy, missing_problem, name_filter, new_bias, raise_problems, shape_problem
+from .checks import check_policy, missing_problem, new_bias, raise_problems, shape_problem
+from .plan import Gram, Plan, StreamOptions, run_plan
 from ..io.direction import Direction
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
@@ -146,8 +147,8 @@ def vector_gram(vectors: list, scratch: list[torch.Tensor] | None = None) -> tor
     return G
 
 
-def slice_gram(s: engine.Slice) -> torch.Tensor:
-    """The Gram matrix of an item's vectors over one streamed slice."""
+def slice_gram(s: engine.Slice, layout: list) -> torch.Tensor:
+    """The Gram matrix of an item's vectors over one streamed slice (`layout`: build_item's)."""
     n_sliced = len(s.item.sliced)
 
     def get(ref):
@@ -155,7 +156,7 @@ def slice_gram(s: engine.Slice) -> torch.Tensor:
         return s.ins[n_sliced + i] if is_whole else s.ins[i]
 
     vectors = []
-    for spec in s.item.data:
+    for spec in layout:
         if spec is None:
             vectors.append(None)
         elif spec[0] == "dense":
@@ -201,28 +202,41 @@ def compare(
     model: str | os.PathLike,
     directions,
     *,
-    include: str | None = None,
-    exclude: str | None = None,
-    on_missing: str = "error",
-    allow_nonfinite: bool = False,
-    max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
-    quiet: bool = False,
+    options: StreamOptions | None = None,
+    **stream,
 ) -> Report:
     """Report of τ = θ_model − θ_base against each direction, per tensor (group it with `Report`).
 
     `model` may be a full checkpoint or a PEFT adapter trained from `base` (compared from its factors).
-    on_missing="skip" leaves out tensors the model lacks; the default is an error.
+    Options (`StreamOptions`): on_missing="skip" leaves out tensors the model lacks (the default is an
+    error); include/exclude, allow_nonfinite, max_memory, quiet.
     """
+    started = time.perf_counter()
+    opts = StreamOptions.of(options, **stream)
+    plan, report = plan_compare(base, model, directions, opts)
+    raise_problems(plan.problems, plan.missing_hint)  # on every rank alike, before any reading
+    read, error = 0, None
+    try:  # on one rank of several: this rank's run of the tensors, then one all_reduce of the Grams
+        read = run_plan(plan, opts)
+    except Exception as e:
+        error = e
+    report = dist.merge_report(report, [s.key for s in plan.steps], read, error)
+    report.meta.update(seconds=time.perf_counter() - started)  # headers and the pass
+    report.meta.setdefault("read_bytes", read)
+    return report
+
+
+def plan_compare(base, model, directions, opts: StreamOptions) -> tuple[Plan, Report]:
+    """The plan of `compare` (headers only) and the report its Gram steps fill."""
     from ..io.hub import resolve
     from ..io.lora import Adapter, is_adapter
 
-    started = time.perf_counter()
-    check_policy(on_missing)
+    check_policy(opts.on_missing)
     dirs = as_directions(directions)
-    keep = name_filter(include, exclude)
+    keep = opts.keep()
     b = Checkpoint.open(resolve(base, "base"))
     model = resolve(model, "fine-tune", "model")
-    problems, items, skipped = [], [], []
+    problems, skipped = [], []
     added = {}  # biases the base's layers lack (bias-only directions, models they steered): zero in the base
     if is_adapter(model):
         updates = adapter_update(model, b, problems)
@@ -247,22 +261,7 @@ def compare(
     in_play = model_names.union(*(d.entries for d in dirs.values())) - set(folded.values())
     names = [(n, i) for n, i in b.tensors.items()] + [(h, b.tensors[e]) for h, e in b.ties.items() if h in in_play]
     if not is_adapter(model):
-        for name, info in names:
-            if not info.is_float:
-                continue
-            mi = m.lookup(name)
-            if mi is None:
-                (
-                    skipped.append(name)
-                    if on_missing != "error"
-                    else problems.append(missing_problem(name, ["base"], ["model"]))
-                )
-                continue
-            problem = shape_problem(name, {"base": info, "model": mi})
-            if problem:
-                problems.append(problem)
-                continue
-            updates[name] = Dense([(mi, 1.0), (info, -1.0)])
+        _full_updates(m, names, updates, skipped, problems, opts.on_missing)
     for dname, d in dirs.items():
         for name, e in d.entries.items():
             info = b.lookup(name)
@@ -272,47 +271,41 @@ def compare(
                 problems.append(missing_problem(name, [f"direction {dname}"], ["base"]))
             elif e.shape != info.shape:
                 problems.append(f"{name}: base {list(info.shape)} vs direction {dname} {list(e.shape)}")
+    meta = {"base": str(b.path), "model": str(model), "directions": {k: str(d.path) for k, d in dirs.items()}}
+    report = Report(list(dirs), meta={**meta, "skipped": skipped, "added_biases": sorted(added)})
+
+    def collect(name: str, G: torch.Tensor) -> None:
+        if not opts.allow_nonfinite and not torch.isfinite(G).all():
+            raise CwsError(f"tensor {name!r}: NaN/Inf in the inputs (pass --allow-nonfinite to proceed)")
+        report.add(name, G)
+
+    hint = "pass --on-missing skip to leave tensors the model lacks out"
+    plan = Plan("compare", problems=problems, missing_hint=hint, collect=collect)
     for name, info in names + sorted(added.items()):
         if not info.is_float or not keep(name) or name in skipped:
             continue
         vectors = [updates.get(name)] + [
             direction_vector(d, name) or direction_vector(d, folded.get(name, "")) for d in dirs.values()
         ]
-        if all(v is None for v in vectors):
+        if any(v is not None for v in vectors):  # an absent vector is zero on this tensor
+            plan.steps.append(Gram(name, info.rows, vectors))
+    return plan, report
+
+
+def _full_updates(m: Checkpoint, names, updates: dict, skipped: list, problems: list, on_missing: str) -> None:
+    """τ = θ_model − θ_base per tensor of the base, for a full checkpoint `m`."""
+    for name, info in names:
+        if not info.is_float:
             continue
-        items.append(build_item(name, info.rows, vectors))  # an absent vector is zero on this tensor
-    raise_problems(problems, "pass --on-missing skip to leave tensors the model lacks out")
-    report = Report(
-        list(dirs),
-        meta={
-            "base": str(b.path),
-            "model": str(model),
-            "directions": {k: str(d.path) for k, d in dirs.items()},
-            "skipped": skipped,
-            "added_biases": sorted(added),
-        },
-    )
-
-    def compute(s: engine.Slice):
-        G = slice_gram(s)
-        if not allow_nonfinite and not torch.isfinite(G).all():
-            raise CwsError(f"tensor {s.item.name!r}: NaN/Inf in the inputs (pass --allow-nonfinite to proceed)")
-        report.add(s.item.name, G)
-        return []
-
-    read, error = 0, None
-    try:  # on one rank of several: this rank's run of the tensors, then one all_reduce of the Grams
-        read = engine.run(
-            dist.split_items(items),
-            compute,
-            max_memory=engine.parse_size(max_memory),
-            desc="compare",
-            quiet=quiet or dist.rank_world()[0] > 0,
-            writes=False,
-        )
-    except Exception as e:
-        error = e
-    report = dist.merge_report(report, [it.name for it in items], read, error)
-    report.meta.update(seconds=time.perf_counter() - started)  # headers and the pass
-    report.meta.setdefault("read_bytes", read)
-    return report
+        mi = m.lookup(name)
+        if mi is None:
+            if on_missing != "error":
+                skipped.append(name)
+            else:
+                problems.append(missing_problem(name, ["base"], ["model"]))
+            continue
+        problem = shape_problem(name, {"base": info, "model": mi})
+        if problem:
+            problems.append(problem)
+            continue
+        updates[name] = Dense([(mi, 1.0), (info, -1.0)])

@@ -26,7 +26,7 @@ import torch
 from . import engine
 from .checks import nonfinite, provenance
 from .progress import progress
-from .extract import parse_dtype
+from .checks import parse_dtype
 from ..errors import CwsError
 from ..io.direction import FORMAT, PREFIX, Direction, Entry, direction_meta, factor_keys
 from ..io.reader import read_tensor

@@ -11,22 +11,18 @@ makes them (PEFT would merge LoRA on both into the one tied tensor twice).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
 from pathlib import Path
 
-import torch
 
-from cws_kernels import add_lowrank_, lincomb, lowrank_block_rows
-
-from . import engine
-from .checks import check_finite, nonfinite
+from .checks import parse_dtype
+from .plan import Copy, DenseSum, FactorPair, LoraFactors, Output, Plan, Steer, SteerLowRank, StreamOptions, run_plan
 from ..io.direction import Direction
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from ..io.reader import read_tensor
-from ..io.writer import ShardedWriter
 from ..io.layout import module_of
 from ..io.lora import PREFIX, _CONV1D
 
@@ -41,19 +37,54 @@ def export_peft(
     *,
     alpha: float = 1.0,
     base: str | os.PathLike | None = None,
-    max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
-    overwrite: bool = False,
-    fsync: bool = True,
-    quiet: bool = False,
+    options: StreamOptions | None = None,
+    **stream,
 ) -> dict[str, str]:
-    """Write α·w as a PEFT adapter at `out`; returns {tensor: reason} for what could not be exported."""
+    """Write α·w as a PEFT adapter at `out`; returns {tensor: reason} for what could not be exported.
+    Options (`StreamOptions`): max_memory, overwrite, fsync, quiet."""
+    opts = StreamOptions.of(options, **stream)
+    plan, left_out = plan_export_peft(direction, out, alpha=alpha, base=base)
+    run_plan(plan, opts)
+    return left_out
+
+
+def plan_export_peft(direction, out, *, alpha: float = 1.0, base=None) -> tuple[Plan, dict[str, str]]:
+    """The plan of `export_peft` (headers only), and what it leaves out (tensor → why)."""
     from ..io.hub import resolve
-    from ..io.ties import split_ties
 
     if not math.isfinite(alpha):
         raise CwsError(f"alpha must be a finite number, got {alpha}")
     d = direction if isinstance(direction, Direction) else Direction.open(resolve(direction, "direction"))
     b = Checkpoint.open(resolve(base, "base")) if base is not None else None
+    lora, saved, left_out, entries = _split(d, b)
+    plan = Plan("export", hint="")
+    for module, e in lora.items():
+        embedding = module_of(module + ".weight") == "embed"  # PEFT's embedding LoRA stores delta = (B·A)ᵀ
+        names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        plan.steps.append(LoraFactors(e, tuple(f"{PREFIX}{module}.{k}" for k in names), float(alpha), embedding))
+    for module, names in saved.items():
+        params = [
+            n for n in list(b.tensors) + list(b.ties) if n.startswith(module + ".") and "." not in n[len(module) + 1 :]
+        ]
+        for n in params:
+            plan.steps.append(
+                _saved_step(PREFIX + n, b.lookup(n), entries.get(n) if n in names else None, float(alpha))
+            )
+    md = {"cws_op": "export-peft", "cws_alpha": repr(float(alpha)), "cws_direction": str(d.path)}
+    files = {"adapter_config.json": _adapter_config(lora, saved, b)}
+    if left_out:
+        files["cws_left_out.json"] = left_out
+    inputs = [str(d.path)] + ([str(b.path)] if b else [])
+    plan.outputs = [Output(out, md, inputs, "adapter_model", files, max_shard_size=2**62)]
+    return plan, left_out
+
+
+def _split(d: Direction, b: Checkpoint | None) -> tuple[dict, dict, dict, dict]:
+    """The direction's entries as LoRA modules {module: entry}, modules PEFT saves in full
+    {module: [tensor names]} (needs the base), those left out {tensor: why}, and the entry of every
+    name (a tied base's embedding and head both carry the tensor's delta)."""
+    from ..io.ties import split_ties
+
     left_out: dict[str, str] = {}
     lora, saved = {}, {}
     entries = {**{a: d.get(a) for a in d.ties}, **d.entries}  # the direction's tied names move with their source
@@ -90,52 +121,24 @@ def export_peft(
             f"{d.path}: this direction has no low-rank (LoRA) entry, and PEFT loads no adapter made of "
             f"modules_to_save weights alone; write the steered model with `cws apply` instead"
         )
-    plan, items, factors = [], [], {}
-    for module, e in lora.items():
-        B = read_tensor(e.B).float() * (float(alpha) * e.scale)  # (out, r)
-        A = read_tensor(e.A).float()  # (r, in)
-        if module_of(module + ".weight") == "embed":  # PEFT's embedding LoRA stores delta = (lora_B·lora_A)ᵀ
-            keys = (f"{PREFIX}{module}.lora_embedding_A", f"{PREFIX}{module}.lora_embedding_B")
-            tensors = (B.T.contiguous(), A.T.contiguous())
-        else:
-            keys = (f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight")
-            tensors = (A.contiguous(), B.contiguous())
-        for k, t in zip(keys, tensors):
-            if nonfinite(t):
-                raise CwsError(
-                    f"tensor {e.name!r}: α·w holds NaN/Inf as LoRA factors (the direction holds NaN/Inf, "
-                    f"or α·scale overflows)"
-                )
-            factors[k] = t
-            plan.append((k, t.dtype, tuple(t.shape)))
-    for module, names in saved.items():
-        params = [
-            n for n in list(b.tensors) + list(b.ties) if n.startswith(module + ".") and "." not in n[len(module) + 1 :]
-        ]
-        for n in params:
-            info = b.lookup(n)
-            plan.append((PREFIX + n, info.dtype, info.shape))
-            e = entries.get(n) if n in names else None
-            if e is None:
-                items.append(engine.Item(n, info.rows, [info], computed=False))  # copied as it is
-            elif e.kind == "dense":
-                items.append(engine.Item(n, info.rows, [info, e.dense], outs=[(info.dtype, info.shape)], data=e))
-            else:
-                items.append(
-                    engine.Item(
-                        n,
-                        info.rows,
-                        [info, e.B],
-                        whole=[e.A],
-                        outs=[(info.dtype, info.shape)],
-                        align=lowrank_block_rows(info.shape),
-                        data=e,
-                    )
-                )
+    return lora, saved, left_out, entries
+
+
+def _saved_step(key: str, info, e, alpha: float):
+    """A modules_to_save weight: base + α·w, as `cws apply` computes it (copied where w does not touch it)."""
+    if e is None:
+        return Copy(key, info)
+    if e.kind == "dense":
+        return Steer(key, info, [(e.dense, 1.0)], [alpha])
+    return SteerLowRank(key, info, e.B, e.A, e.scale, [alpha])
+
+
+def _adapter_config(lora: dict, saved: dict, b: Checkpoint | None) -> dict:
+    """adapter_config.json: rank and alpha equal per module (scaling 1), the common rank as `r`."""
     ranks = {m: e.rank for m, e in lora.items()}
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     pattern = {m: k for m, k in ranks.items() if k != r}
-    config = {
+    return {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": r,
@@ -154,37 +157,6 @@ def export_peft(
         "base_model_name_or_path": str(b.path) if b else None,
     }
 
-    def compute(s: engine.Slice):  # base + α·w, as `cws apply` computes it
-        if not s.item.outs:
-            return [(writer.write, (PREFIX + s.item.name, s.ins[0], s.start))]
-        if s.item.data.kind == "dense":
-            lincomb([s.ins[0], s.ins[1]], [1.0, alpha], out=s.outs[0])
-        else:
-            s.outs[0].copy_(s.ins[0])
-            add_lowrank_(s.outs[0], s.ins[1], s.ins[2], alpha * s.item.data.scale)
-        check_finite(s.item.name, s.outs, s.ins, s.item.sliced + s.item.whole, hint="")
-        return [(writer.write, (PREFIX + s.item.name, s.outs[0], s.start))]
-
-    inputs = [str(d.path)] + ([str(b.path)] if b else [])
-    md = {"cws_op": "export-peft", "cws_alpha": repr(float(alpha)), "cws_direction": str(d.path)}
-    with ShardedWriter(
-        out,
-        plan,
-        prefix="adapter_model",
-        metadata=md,
-        overwrite=overwrite,
-        inputs=inputs,
-        max_shard_size=2**62,
-        fsync=fsync,
-    ) as writer:
-        writer.add_json("adapter_config.json", config)
-        if left_out:
-            writer.add_json("cws_left_out.json", left_out)
-        for k, t in factors.items():
-            writer.write(k, t)
-        engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="export", quiet=quiet)
-    return left_out
-
 
 def _task_type(b: Checkpoint | None) -> str | None:
     """CAUSAL_LM for a causal LM base (AutoPeftModelForCausalLM needs it), else None."""
@@ -200,55 +172,34 @@ def densify(
     out: str | os.PathLike,
     *,
     dtype="float32",
-    max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
-    overwrite: bool = False,
-    fsync: bool = True,
-    quiet: bool = False,
+    options: StreamOptions | None = None,
+    **stream,
 ) -> Path:
-    """The same direction with every entry dense (scale·B·A formed in fp32 row blocks, as apply does)."""
-    import json
+    """The same direction with every entry dense (scale·B·A formed in fp32 row blocks, as apply does).
+    Options (`StreamOptions`): max_memory, max_shard_size, overwrite, fsync, quiet."""
+    opts = StreamOptions.of(options, **stream)
+    run_plan(plan_densify(direction, out, dtype), opts)
+    return Path(out).resolve()
 
+
+def plan_densify(direction, out, dtype="float32") -> Plan:
+    """The plan of `densify` (headers only)."""
     from ..io.hub import resolve
     from ..io.direction import PREFIX as DIR_PREFIX
-    from .extract import parse_dtype
 
     d = direction if isinstance(direction, Direction) else Direction.open(resolve(direction, "direction"))
     out_dtype = parse_dtype(dtype)
-    items = []
+    plan = Plan("densify", hint="")
     for name, e in d.entries.items():
-        outs = [(torch.float32, e.shape)] + ([(out_dtype, e.shape)] if out_dtype != torch.float32 else [])
         if e.kind == "dense":
-            items.append(engine.Item(name, e.dense.rows, [e.dense], outs=outs))
+            plan.steps.append(DenseSum(name, tuple(e.shape), out_dtype, [(e.dense, 1.0)]))
         else:
-            items.append(engine.Item(name, e.shape[0], [e.B], [e.A], outs=outs, align=lowrank_block_rows(e.shape)))
-
-    def compute(s: engine.Slice):
-        acc = s.outs[0]
-        if d.entries[s.item.name].kind == "dense":
-            lincomb([s.ins[0]], [1.0], out=acc)
-        else:
-            acc.zero_()
-            add_lowrank_(acc, s.ins[0], s.ins[1], d.entries[s.item.name].scale)
-        res = s.outs[-1]
-        if res is not acc:
-            res.copy_(acc)
-        check_finite(s.item.name, [res], s.ins, s.item.sliced + s.item.whole, hint="")
-        return [(writer.write, (s.item.name, res, s.start))]
-
+            plan.steps.append(DenseSum(name, tuple(e.shape), out_dtype, [], [(FactorPair(e.B, e.A), e.scale)]))
     meta = dict(d.meta)
     meta["tensors"] = {n: {"kind": "dense", "shape": list(e.shape)} for n, e in d.entries.items()}
     meta["dtype"] = str(out_dtype).replace("torch.", "")
     meta["densified_from"] = str(d.path)
-    plan = [(n, out_dtype, e.shape) for n, e in d.entries.items()]
-    with ShardedWriter(
-        out,
-        plan,
-        prefix=DIR_PREFIX,
-        metadata={"cws_op": "densify", "cws_direction": str(d.path)},
-        overwrite=overwrite,
-        inputs=[str(d.path)],
-        fsync=fsync,
-    ) as writer:
-        writer.add_json("direction.json", json.loads(json.dumps(meta)))
-        engine.run(items, compute, max_memory=engine.parse_size(max_memory), desc="densify", quiet=quiet)
-    return Path(out).resolve()
+    md = {"cws_op": "densify", "cws_direction": str(d.path)}
+    meta = json.loads(json.dumps(meta))
+    plan.outputs = [Output(out, md, [str(d.path)], DIR_PREFIX, {"direction.json": meta})]
+    return plan
