@@ -32,7 +32,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def digest(path: Path) -> dict[str, str]:
     """SHA-256 of every file under `path` (a file: itself), by relative name."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(p.relative_to(path.parent if path.is_file() else path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return {
+        str(p.relative_to(path.parent if path.is_file() else path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in files
+    }
 
 
 def fixtures(root: Path) -> dict[str, Path]:
@@ -126,7 +129,7 @@ def torchrun_cases(fx: dict[str, Path], out: Path) -> dict[str, Path]:
             "--out", out / "torchrun_apply", "--rounding", "stochastic",
         ],
     }  # fmt: skip
-    for name, a in args.items():
+    for a in args.values():
         subprocess.run([*run, "-m", "cws", *map(str, a), "--quiet"], check=True, capture_output=True)
     return {name: out / name for name in args}
 

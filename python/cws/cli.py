@@ -82,10 +82,18 @@ def _command(sub, name: str, summary: str, description: str, example: str) -> ar
     )
 
 
-def _selection(p: argparse.ArgumentParser, on_missing: tuple[str, ...], missing_help: str) -> None:
+# The options below are declared here once and reach the ops as one `StreamOptions` (`_options`).
+
+
+def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include", metavar="REGEX", help="only tensors whose name matches this regex")
     p.add_argument("--exclude", metavar="REGEX", help="leave out tensors whose name matches this regex")
-    p.add_argument("--on-missing", default="error", choices=on_missing, help=missing_help + " (default: error)")
+
+
+def _selection(p: argparse.ArgumentParser, on_missing: tuple[str, ...] = (), missing_help: str = "") -> None:
+    _filters(p)
+    if on_missing:
+        p.add_argument("--on-missing", default="error", choices=on_missing, help=missing_help + " (default: error)")
     p.add_argument("--allow-nonfinite", action="store_true", help="proceed past NaN/Inf in the inputs")
 
 
@@ -122,15 +130,11 @@ def _json(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _io_opts(args) -> dict:
-    return dict(
-        include=args.include,
-        exclude=args.exclude,
-        on_missing=args.on_missing,
-        allow_nonfinite=args.allow_nonfinite,
-        max_memory=args.max_memory,
-        quiet=args.quiet,
-    )
+def _options(args):
+    """The stream options a command's arguments hold (`cws.ops.plan.StreamOptions`)."""
+    from .ops.plan import StreamOptions
+
+    return StreamOptions.from_args(args)
 
 
 def _emit(args, text: str | None, **machine: str) -> None:
@@ -232,10 +236,7 @@ def _extract(args) -> None:
         scale_pos=args.scale_pos,
         scale_neg=args.scale_neg,
         dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        fsync=args.fsync,
-        **_io_opts(args),
+        options=_options(args),
     )
     d = info(out)
     summary = {
@@ -304,10 +305,7 @@ def _apply(args) -> None:
         neg=args.neg,
         rounding=args.rounding,
         seed=args.seed,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        fsync=args.fsync,
-        **_io_opts(args),
+        options=_options(args),
     )
     summary = {
         "command": "apply",
@@ -376,7 +374,7 @@ def _compare(args) -> None:
     for target in (args.json, args.csv, args.plot):  # refused before the work, not after it
         if target and target != "-":
             check_report(target, [args.base, args.model, *directions.values()])
-    report = cws.compare(args.base, args.model, directions, **_io_opts(args))
+    report = cws.compare(args.base, args.model, directions, options=_options(args))
     if not args.quiet:
         gb, sec = report.meta["read_bytes"] / 1e9, report.meta["seconds"]
         print(f"read {gb:.2f} GB in {sec:.2f} s ({gb / max(sec, 1e-9):.2f} GB/s)", file=sys.stderr)
@@ -461,16 +459,7 @@ def _export_peft(args) -> None:
     for out in outs:  # every α's output refused before the first is written
         check_output(out, [x for x in (args.direction, args.base) if x], overwrite=args.overwrite, op="export-peft")
     for a, out in zip(alphas, outs):
-        left_out = export_peft(
-            args.direction,
-            out,
-            alpha=a,
-            base=args.base,
-            max_memory=args.max_memory,
-            overwrite=args.overwrite,
-            fsync=args.fsync,
-            quiet=args.quiet,
-        )
+        left_out = export_peft(args.direction, out, alpha=a, base=args.base, options=_options(args))
         outputs.append({"alpha": a, "path": str(out.resolve()), "left_out": left_out})
         lines.append(f"adapter written to {out}" + (f" (alpha {a:g})" if len(alphas) > 1 else ""))
     left_out = outputs[0]["left_out"]  # the same for every α
@@ -505,15 +494,7 @@ def _add_densify(sub) -> None:
 def _densify(args) -> None:
     from .ops.export import densify
 
-    out = densify(
-        args.direction,
-        args.out,
-        dtype=args.dtype,
-        max_memory=args.max_memory,
-        overwrite=args.overwrite,
-        fsync=args.fsync,
-        quiet=args.quiet,
-    )
+    out = densify(args.direction, args.out, dtype=args.dtype, options=_options(args))
     _emit(args, f"dense direction written to {out}", json=_as_json({"command": "densify", "direction": str(out)}))
 
 
@@ -539,8 +520,7 @@ def _add_export_gguf(sub) -> None:
     p.add_argument("--out", required=True, help="adapter file to write (.gguf)")
     p.add_argument("--alpha", type=float, default=1.0, help="scale folded into the adapter (default 1)")
     p.add_argument("--dtype", default="f32", choices=("f32", "f16"), help="factor storage type (default f32)")
-    p.add_argument("--include", metavar="REGEX", help="only entries whose name matches this regex")
-    p.add_argument("--exclude", metavar="REGEX", help="leave out entries whose name matches this regex")
+    _filters(p)
     p.add_argument("--overwrite", action="store_true", help="replace an adapter cws wrote before")
     _json(p, "a summary (the adapter, its architecture and tensors, what was excluded)")
     p.set_defaults(run=_export_gguf)
@@ -613,10 +593,7 @@ def _compress(args) -> None:
         energy=args.energy,
         method=args.method,
         dtype=args.dtype,
-        max_memory=args.max_memory,
-        overwrite=args.overwrite,
-        fsync=args.fsync,
-        quiet=args.quiet,
+        options=_options(args),
     )
     from pathlib import Path
 
@@ -654,9 +631,7 @@ def _add_combine(sub) -> None:
         default="auto",
         help="storage dtype: auto (fp32 dense; factors in their own dtype when exact), float32, bfloat16, float16",
     )
-    p.add_argument("--include", metavar="REGEX", help="only tensors whose name matches this regex")
-    p.add_argument("--exclude", metavar="REGEX", help="leave out tensors whose name matches this regex")
-    p.add_argument("--allow-nonfinite", action="store_true", help="proceed past NaN/Inf in the inputs")
+    _selection(p)
     _budget(p)
     _output(p)
     _json(p, "a summary (the direction written, and the projection's per-group ratios)")
@@ -673,14 +648,7 @@ def _combine(args) -> None:
         project_out=args.project_out,
         by=args.by,
         dtype=args.dtype,
-        include=args.include,
-        exclude=args.exclude,
-        allow_nonfinite=args.allow_nonfinite,
-        max_memory=args.max_memory,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        fsync=args.fsync,
-        quiet=args.quiet,
+        options=_options(args),
     )
     d = info(out)
     cfg = d["config"]

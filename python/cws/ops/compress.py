@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import engine
-from .checks import nonfinite, provenance
+from .plan import StreamOptions
+from .checks import nonfinite, parse_dtype, provenance
 from .progress import progress
-from .checks import parse_dtype
 from ..errors import CwsError
 from ..io.direction import FORMAT, PREFIX, Direction, Entry, direction_meta, factor_keys
 from ..io.reader import read_tensor
@@ -55,15 +54,16 @@ def compress(
     energy: float | None = None,
     method: str = "auto",
     dtype: str = "float32",
-    max_memory: int | str = engine.DEFAULT_MAX_MEMORY,
-    overwrite: bool = False,
-    fsync: bool = True,
-    quiet: bool = False,
+    options: StreamOptions | None = None,
+    **stream,
 ) -> dict:
     """Write `direction` with every matrix entry low-rank at `out`; returns the report
-    ({"tensors": {name: {rank, energy, cosine}}, "kept_dense": {name: why}, "global": {...}})."""
+    ({"tensors": {name: {rank, energy, cosine}}, "kept_dense": {name: why}, "global": {...}}).
+    Options (`StreamOptions`): max_memory (the SVD's working set), overwrite, fsync, quiet."""
     from ..io.hub import resolve
 
+    opts = StreamOptions.of(options, **stream)
+    max_memory, overwrite, fsync, quiet = opts.max_memory, opts.overwrite, opts.fsync, opts.quiet
     _check_options(rank, energy, method)
     d = direction if isinstance(direction, Direction) else Direction.open(resolve(direction, "direction"))
     out_dtype = parse_dtype(dtype)
@@ -76,7 +76,7 @@ def compress(
     if not matrices:
         raise CwsError(f"{d.path}: no entry is a matrix: nothing to compress")
     _check_rank(matrices, rank)
-    plan = _choose_ranks(matrices, rank, energy, method, engine.parse_size(max_memory), quiet)
+    plan = _choose_ranks(matrices, rank, energy, method, max_memory, quiet)
     report = {"tensors": {}, "kept_dense": kept_dense}
     tensors = {}
     for name, f in plan.items():
