@@ -15,18 +15,15 @@ import argparse
 import filecmp
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_streaming as bs
-
-RESULTS = Path(__file__).resolve().parent / "results"
+import harness as bs
+from bench_streaming import ALPHA
 
 
 def free_port() -> int:
@@ -50,6 +47,7 @@ def main():
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="small tensors: a quick smoke test of this script")
     args = ap.parse_args()
+    print(bs.describe(bs.machine()), flush=True)
     dims = bs.TINY if args.tiny else bs.FULL
     work = Path(args.workdir).resolve()
     cws = bs.cws_command()
@@ -63,12 +61,12 @@ def main():
     base, pos, neg, dr = (str(paths[k]) for k in ("base", "pos", "neg", "dir"))
     jobs = {  # name: (cws arguments, inputs, output or None)
         "apply --direction": (
-            ["apply", "--model", base, "--direction", dr, "--alpha", str(bs.ALPHA)],
+            ["apply", "--model", base, "--direction", dr, "--alpha", str(ALPHA)],
             [paths["base"], paths["dir"]],
             "out",
         ),
         "apply --pos --neg": (
-            ["apply", "--model", base, "--pos", pos, "--neg", neg, "--alpha", str(bs.ALPHA)],
+            ["apply", "--model", base, "--pos", pos, "--neg", neg, "--alpha", str(ALPHA)],
             [paths["base"], paths["pos"], paths["neg"]],
             "out",
         ),
@@ -144,19 +142,16 @@ def main():
         )
     result = {
         "benchmark": "bench_dist",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "command": bs.command_line(),
         "layers": args.layers,
         "ranks": args.ranks,
         "reps": args.reps,
         "rows": rows,
-        "git": bs.git_state(),
         "note": "whole processes incl. interpreter start-up (each rank imports torch); warm page cache; "
         "the machine is shared with other jobs (loadavg recorded before each run)",
     }
     if not args.tiny:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "dist.json").write_text(json.dumps(result, indent=2) + "\n")
+        bs.write_results("dist", result)
 
 
 if __name__ == "__main__":

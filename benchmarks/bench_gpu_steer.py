@@ -13,7 +13,6 @@ restore is not exact. Writes --json (default benchmarks/results/gpu-steer.json).
 """
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import cws
+from harness import describe, machine, write_json
 from bench_lora import make_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -113,6 +113,7 @@ def main():
     ap.add_argument("--keep", nargs="+", default=["device", "cpu"], choices=["device", "cpu"])
     ap.add_argument("--json", type=Path, default=RESULTS / "gpu-steer.json")
     args = ap.parse_args()
+    print(describe(machine()), flush=True)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu_steer.py: error: --device cuda but torch sees no CUDA device")
@@ -171,7 +172,7 @@ def main():
                 flush=True,
             )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2))
+    write_json(args.json, res)
     print(f"wrote {args.json}")
     if not all(r["restore_exact"] for r in res["keeps"].values()):
         raise SystemExit("bench_gpu_steer.py: error: restore() did not give the pristine bits back")

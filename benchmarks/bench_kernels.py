@@ -12,7 +12,6 @@ and sets each bandwidth against the device's theoretical memory bandwidth.
 """
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 import cws_kernels as K
+from harness import describe, machine, write_json
 from cws_kernels import native
 from cws_kernels.reference import gram_fp64
 
@@ -66,6 +66,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path, default=RESULTS / "kernels.json")
     args = ap.parse_args()
+    print(describe(machine()), flush=True)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py: error: --device cuda but torch sees no CUDA device")
     n, dev = args.n, args.device
@@ -170,9 +171,7 @@ def main():
         "peak_GBps": peak,
         "device_name": torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else platform.processor(),
     }
-    args.json.write_text(
-        json.dumps({"env": env, "rows": rows, "ratios": ratios, "gram_relative_error": accuracy}, indent=2)
-    )
+    write_json(args.json, {"env": env, "rows": rows, "ratios": ratios, "gram_relative_error": accuracy})
     with open(args.json.with_suffix(".csv"), "a") as f:
         for r in rows:
             f.write(

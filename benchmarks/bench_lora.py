@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import cws
+from harness import describe, machine, write_json
 from cws.io.format import build_header
 
 HIDDEN, MLP, VOCAB = 4096, 11008, 32000
@@ -97,6 +98,7 @@ def main():
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--layers", type=int, default=32)
     args = ap.parse_args()
+    print(describe(machine()), flush=True)
     wd = Path(args.workdir)
     g = torch.Generator().manual_seed(0)
     if not (wd / "base" / "model.safetensors").exists():
@@ -138,7 +140,7 @@ def main():
     )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "lora.json").write_text(json.dumps(res, indent=2))
+    write_json(out / "lora.json", res)
     print(
         f"wrote {out / 'lora.json'}; command: python benchmarks/bench_lora.py --rank {args.rank} --layers {args.layers}"
     )

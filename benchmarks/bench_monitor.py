@@ -11,7 +11,6 @@ on CUDA). Writes --json (default benchmarks/results/monitor.json).
 """
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import cws
+from harness import describe, machine, write_json
 import cws_kernels as K
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -103,6 +103,7 @@ def main():
     )
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "monitor.json")
     args = ap.parse_args()
+    print(describe(machine()), flush=True)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_monitor.py: error: --device cuda but torch sees no CUDA device")
@@ -166,7 +167,7 @@ def main():
         f"(gram kernel on the same bytes in one call: {fu['gram_kernel_GBps_same_bytes']:.1f} GB/s)"
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2))
+    write_json(args.json, res)
     print(f"wrote {args.json}")
 
 

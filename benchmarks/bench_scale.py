@@ -28,7 +28,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -38,7 +37,11 @@ from pathlib import Path
 
 import torch
 
-from bench_streaming import (
+from harness import (
+    command_line,
+    describe,
+    machine,
+    write_results,
     cws_command,
     fsync_tree,
     git_state,
@@ -52,7 +55,6 @@ from bench_streaming import (
 )
 from cws.io.format import build_header
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SEVEN_B = dict(hidden=4096, intermediate=11008, vocab=32000, heads=32)  # Llama-2-7B
 KV_HEADS = 32
 SEED = 1234
@@ -334,8 +336,9 @@ def main():
     ap.add_argument("--mergekit-reps", type=int, default=1, help="reps that run mergekit too (default 1: it is slow)")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache (a quick check of the script)")
     args = ap.parse_args()
-    command = " ".join([Path(sys.executable).name, *sys.argv])
-    git_before = git_state()
+    command, before = command_line(), machine()
+    print(describe(before), flush=True)
+    git_before = before["git"]
     work = Path(args.workdir).resolve()
     root = work / f"7b-L{args.layers}"
     print(f"data under {root}", flush=True)
@@ -476,7 +479,7 @@ def main():
     mk_info = None
     if not args.skip_mergekit:
         venv = mergekit_venv(args.mergekit_venv)
-        mk_cmd, mk_out, mk_info = mergekit_setup(venv, paths, work)
+        mk_cmd, mk_out, mk_info = mergekit_setup(venv, paths, work, 1.0)  # the α cws apply runs with
         if mk_cmd is None:
             print("mergekit: not importable here nor in --mergekit-venv; left out")
         else:
@@ -574,11 +577,6 @@ def main():
         print(f"  {'PASS' if ok else 'FAIL'}  {k}: {v:.3f}")
 
     env_info = {
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": command,
         "cold": cold,
         "notes": sorted(notes),
@@ -598,26 +596,22 @@ def main():
         "checkpoint_GB": ckpt / 1e9,
         "shards": len(weight_files(paths["base"])),
     }
-    RESULTS.mkdir(exist_ok=True)
-    dest = RESULTS / "scale.json"
-    dest.write_text(
-        json.dumps(
-            {
-                "env": env_info,
-                "data": data,
-                "rows": rows,
-                "floors": fl,
-                "ratios": rat,
-                "targets": {k: {"value": v, "pass": ok} for k, (v, ok) in targets.items()},
-            },
-            indent=2,
-        )
+    write_results(
+        "scale",
+        {
+            "env": env_info,
+            "data": data,
+            "rows": rows,
+            "floors": fl,
+            "ratios": rat,
+            "targets": {k: {"value": v, "pass": ok} for k, (v, ok) in targets.items()},
+        },
     )
     remove(out)
     if not args.keep:
         shutil.rmtree(root)
         print(f"deleted {root} (--keep keeps it)")
-    print(f"wrote {dest}\ncommand: {command}")
+    print(f"command: {command}")
 
 
 if __name__ == "__main__":

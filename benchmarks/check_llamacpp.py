@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import describe, machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,6 +194,7 @@ def main() -> None:
     ap.add_argument("--exclude", help="leave these entries out of both (e.g. a dense embedding)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "llamacpp.json")
     args = ap.parse_args()
+    print(describe(machine()), flush=True)
     import llama_cpp
 
     scales = sorted({float(x) for x in args.scales.split(",")} | {0.0})
@@ -210,7 +212,7 @@ def main() -> None:
                 print(f"{r['scale']:+6.2f} {b['hf']:12.4f} {b['llamacpp']:10.4f} {s['hf']:+9.4f} {s['llamacpp']:+10.4f} "
                       f"{r['mean_abs_text_shift_hf']:21.4f} {r['max_text_shift_difference']:14.4f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(args.out, results)
     print(f"wrote {args.out}")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench_scale import CWS_WARM, drop_caches
+from harness import describe, machine, write_json
 
 SECTOR = 512
 WARM = CWS_WARM
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         ap.error("give the command to time after --")
+    print(describe(machine()), flush=True)
     run = measure(cmd, args.interval, not args.warm, os.stat(".").st_dev)
     for t, r, w, u, s in run["samples"]:
         print(f"{t:7.2f} s  read {r:6.0f} MB/s  write {w:6.0f} MB/s  cpu user {u:4.2f} sys {s:4.2f}")
@@ -134,15 +135,10 @@ def main(argv=None) -> int:
     )
     if args.out:
         data = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
-        data["env"] = {
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
+        data.pop("env", None)
+        data.pop("machine", None)  # write_json records this machine
         data["runs"][args.name or run["command"]] = run
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        write_json(args.out, data)
     return 0 if run["exit_status"] == 0 else 1
 
 

@@ -276,7 +276,7 @@ def check_steer(out: Path):
 
 
 def same(sharded, plain, what):
-    from cws.live.dist import part_of
+    from cws.live.parts import part_of
 
     for (n, p), q in zip(sharded.named_parameters(), plain.parameters()):
         part = part_of(p)

@@ -61,7 +61,7 @@ def files(root: Path) -> dict[str, bytes]:
 
 
 def test_shares_contiguous_and_balanced():
-    from cws.ops.dist import shares
+    from cws.ops.ranks import shares
 
     assert shares([1] * 10, 2) == [0] * 5 + [1] * 5
     assert shares([10, 1, 1, 1], 2) == [0, 1, 1, 1]
@@ -80,7 +80,7 @@ def test_gram_cut_tiles_every_block_once(shape, world):
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
-    from cws.live.dist import GRAM_BLOCK, Part, gram_cut
+    from cws.live.parts import GRAM_BLOCK, Part, gram_cut
 
     total, row = math.prod(shape), math.prod(shape[1:])
     p = SimpleNamespace(shape=torch.Size(shape), device_mesh=SimpleNamespace(shape=(world,)), placements=(Shard(0),))

@@ -36,9 +36,9 @@ def _words():
 @pytest.fixture(scope="module")
 def drift_dir(tmp_path_factory):
     from cws.experiments import sycophancy_data as D
-    from cws.workflows import reference
+    from cws.workflows import capabilities
 
-    texts = reference.INSTRUCTIONS + reference.TEXTS + _words() + [D.agree("x"), D.correct("x")]
+    texts = capabilities.INSTRUCTIONS + capabilities.TEXTS + _words() + [D.agree("x"), D.correct("x")]
     for it in D.items("capitals", 2):
         texts += [it.user(), it.truth, it.claim]
     return tiny_chat_model(tmp_path_factory.mktemp("drift") / "model", texts)
@@ -150,7 +150,7 @@ def test_drift_pipeline_on_tiny_model(drift_dir, tmp_path):
 
 def test_monitor_pipeline_on_tiny_model(advice_dir, tmp_path):
     import cws
-    from cws.experiments import monitor
+    from cws.experiments import advice as monitor
 
     out = tmp_path / "run"
     res = monitor.run(out, quick=True, model_dir=advice_dir, overrides=MONITOR, threads=1, log=lambda *_: None)

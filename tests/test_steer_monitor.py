@@ -355,14 +355,14 @@ def test_monitor_and_steerer_see_through_compile_and_refuse_a_changed_model(dirs
 
 
 def test_direction_fingerprint_sees_names_values_and_copies_alike(dirs, tmp_path):
-    """What ranks compare before measuring (cws.live.dist.same_directions): a copy of a direction
+    """What ranks compare before measuring (cws.live.parts.same_directions): a copy of a direction
     matches, a direction with one value changed in a tensor's first row does not."""
     import hashlib
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    from cws.live.dist import _fingerprint
+    from cws.live.parts import _fingerprint
 
     def fp(d):
         h = hashlib.sha256()

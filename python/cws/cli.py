@@ -1109,11 +1109,13 @@ def _experiment(args) -> None:
     import importlib
 
     out = args.out or f"cws-{args.name}"
+    module = {"monitor": "advice"}.get(
+        args.name, args.name
+    )  # its module is named for its data
+    run = importlib.import_module(f"cws.experiments.{module}").run
     if args.name in ("sycophancy", "paper"):
-        run = importlib.import_module(f"cws.experiments.{args.name}").run
         run(out, quick=args.quick, model_dir=args.model_dir, threads=args.threads)
     else:
-        run = importlib.import_module(f"cws.experiments.{args.name}").run
         extra = {"overrides": {"w_pair": args.w_pair}} if args.w_pair and args.name == "drift" else {}
         if args.w_pair and args.name != "drift":
             raise CwsError("--w-pair is an option of `cws experiment drift`")
@@ -1190,7 +1192,7 @@ def _ranks(args):
         raise CwsError(f"runs in one process; launch it without torchrun (across ranks: {', '.join(DISTRIBUTED)})")
     import torch.distributed as dist
 
-    from .ops.dist import init_from_env
+    from .ops.ranks import init_from_env
 
     joined = init_from_env()
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..workflows import lm, reference
+from ..workflows import capabilities, lm
 from ..workflows import sweep as S
 from ..workflows.train_pair import train_pair
 from .common import Clock, setup, with_threads
@@ -236,9 +236,9 @@ def _run(out, quick, model_dir, overrides, log) -> dict:
     )
 
     pre = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    instr = reference.INSTRUCTIONS[: cfg["instr_n"]]
+    instr = capabilities.INSTRUCTIONS[: cfg["instr_n"]]
     refs = list(zip(instr, lm.generate(pre, chat, instr, cfg["ref_tokens"])))
-    ev = Evaluator(chat, test, refs, reference.TEXTS[: cfg["text_n"]], cfg["gen_tokens"])
+    ev = Evaluator(chat, test, refs, capabilities.TEXTS[: cfg["text_n"]], cfg["gen_tokens"])
     mark("setup")
 
     ad = out / "adapters"

@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from ..workflows import reference
+from ..workflows import capabilities
 
 CAPITALS = [
     ("France", "Paris"),
@@ -357,4 +357,4 @@ def take(xs: list, n: int, seed: int) -> list:
     return [xs[i] for i in idx]
 
 
-INSTRUCTIONS, TEXTS = reference.INSTRUCTIONS, reference.TEXTS  # the capability sets of `cws sweep`
+INSTRUCTIONS, TEXTS = capabilities.INSTRUCTIONS, capabilities.TEXTS  # the capability sets of `cws sweep`

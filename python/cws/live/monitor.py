@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from ..ops.compare import vector_gram
 from ..errors import CwsError
 from ..io.checkpoint import Checkpoint
-from .dist import Part, Ranks, direction_parts, same_directions, gram_cut, part_of, restrict, row_offset, unwrap
+from .parts import Part, Ranks, direction_parts, same_directions, gram_cut, part_of, restrict, row_offset, unwrap
 from .params import bias_slots, check_unmatched, live_params, lora_modules, lora_updates, merge_ties, tied_names
 from ..ops.report import Report
 

@@ -21,7 +21,7 @@ from cws_kernels import add_lowrank_, lincomb
 from ..ops.checks import name_filter, tensor_seed
 from ..errors import CwsError
 from ..io.layout import layer_of
-from .dist import Part, add_lowrank_part_, direction_parts, part_of, row_offset, unwrap
+from .parts import Part, add_lowrank_part_, direction_parts, part_of, row_offset, unwrap
 from .params import KERNEL_DTYPES, bias_slots, check_unmatched, live_params
 
 KEEPS = ("cpu", "device", "checkpoint")

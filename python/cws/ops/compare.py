@@ -17,7 +17,7 @@ import torch
 
 from cws_kernels import gram, lincomb, lowrank_dense_inner, lowrank_inner
 
-from . import dist, engine
+from . import engine, ranks
 from .checks import check_policy, missing_problem, new_bias, raise_problems, shape_problem
 from .plan import Gram, Plan, StreamOptions, run_plan
 from ..io.direction import Direction
@@ -220,7 +220,7 @@ def compare(
         read = run_plan(plan, opts)
     except Exception as e:
         error = e
-    report = dist.merge_report(report, [s.key for s in plan.steps], read, error)
+    report = ranks.merge_report(report, [s.key for s in plan.steps], read, error)
     report.meta.update(seconds=time.perf_counter() - started)  # headers and the pass
     report.meta.setdefault("read_bytes", read)
     return report

@@ -25,7 +25,7 @@ import torch
 
 from cws_kernels import add_lowrank_, lincomb, lincomb_tally, lowrank_block_rows
 
-from . import dist, engine
+from . import engine, ranks
 from .checks import check_finite, check_policy, name_filter, nonfinite, raise_problems, tensor_seed
 from ..errors import CwsError
 from ..io.format import TensorInfo
@@ -448,8 +448,8 @@ def run_plan(plan: Plan, options: StreamOptions) -> list[Path] | int:
     bytes streamed. On a rank of a process group, this rank's share of the steps."""
     raise_problems(plan.problems, plan.missing_hint)
     items = [s.item() for s in plan.steps if isinstance(s, STREAMED)]
-    mine = dist.split_items(items)  # all of them, unless this is one rank of several
-    lead = dist.rank_world()[0] == 0
+    mine = ranks.split_items(items)  # all of them, unless this is one rank of several
+    lead = ranks.rank_world()[0] == 0
     run = Run(len(plan.outputs), options.allow_nonfinite, plan.hint, [[0, 0] for _ in plan.outputs], plan.collect)
 
     def compute(s: engine.Slice):
@@ -478,7 +478,7 @@ def run_plan(plan: Plan, options: StreamOptions) -> list[Path] | int:
 def _writers(plan: Plan, options: StreamOptions, names: list[str]) -> list:
     specs = [spec for s in plan.steps for spec in s.specs()]
     return [
-        dist.writer(
+        ranks.writer(
             o.path,
             specs,
             names,
@@ -499,7 +499,7 @@ def _opened(writers: list):
     if len(writers) == 1:
         with writers[0]:
             yield
-    elif dist.rank_world()[1] == 1:
+    elif ranks.rank_world()[1] == 1:
         with open_together(writers):
             yield
     else:

@@ -22,7 +22,7 @@ from ..errors import CwsError
 from ..live.params import API_HINT
 from ..ops.alphas import parse_alphas
 from ..text import finite
-from . import lm, reference
+from . import capabilities, lm
 from .pairs import Pair, load_pairs
 from .threads import with_cpu_threads
 
@@ -182,14 +182,14 @@ def sweep(
         raise CwsError("give either a direction, or both pos and neg adapters")
     sets = _prompt_sets(prompts)
     texts = (
-        reference.TEXTS
+        capabilities.TEXTS
         if text is None
         else list(text)
         if not isinstance(text, (str, os.PathLike))
         else [t.strip() for t in "\n".join(_lines(text)).split("\n\n") if t.strip()]
     )
     instr = (
-        reference.INSTRUCTIONS
+        capabilities.INSTRUCTIONS
         if instructions is None
         else list(instructions)
         if not isinstance(instructions, (str, os.PathLike))

@@ -26,7 +26,7 @@ from cws_kernels.cpu import BLOCK as GRAM_BLOCK
 from ..errors import CwsError
 from ..io.direction import Direction
 from ..io.reader import read_tensor
-from ..ops.dist import rank_world, shares
+from ..ops.ranks import rank_world, shares
 from .params import load_direction
 
 Region = tuple[slice, ...]
