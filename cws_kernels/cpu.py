@@ -1,8 +1,8 @@
 """The PyTorch CPU path: chunked eager ops on reused fp32 buffers, or `torch.compile`d loops.
 
 Eager: each chunk of CHUNK elements is upcast into thread-local fp32 buffers that stay in L2
-across the few passes over it (~9 GB/s here). Compiled: one fused loop per call, reading each
-input once (~25-30 GB/s here) after a one-off compile (~20 s cold, ~4 s from inductor's cache).
+across the few passes over it. Compiled: one fused loop per call, reading each input once, after a
+one-off compile (seconds; less from inductor's cache). docs/performance.md has the figures.
 Both compute the same fp32 formula (reference.lincomb_fp32) and round with rounding.py. The
 native C loops (native.py) do the same in one pass and are preferred where they were built.
 """

@@ -1,7 +1,7 @@
 """The native CPU path: native.c's loops over flat contiguous tensors, through ctypes.
 
-One pass over each input per call (~10 GB/s of bf16 per core here, against ~3 GB/s for the eager
-chunked ops), no compile step, and the GIL released while the loop runs. Large calls are split
+One pass over each input per call (several times the eager chunked ops' speed: benchmarks/
+bench_kernels.py), no compile step, and the GIL released while the loop runs. Large calls are split
 over `torch.get_num_threads()` threads at CHUNK boundaries; the bits never depend on the split.
 `available()` is False when the optional C build did not happen; callers then use cpu.py.
 """

@@ -1109,9 +1109,7 @@ def _experiment(args) -> None:
     import importlib
 
     out = args.out or f"cws-{args.name}"
-    module = {"monitor": "advice"}.get(
-        args.name, args.name
-    )  # its module is named for its data
+    module = {"monitor": "advice"}.get(args.name, args.name)  # its module is named for its data
     run = importlib.import_module(f"cws.experiments.{module}").run
     if args.name in ("sycophancy", "paper"):
         run(out, quick=args.quick, model_dir=args.model_dir, threads=args.threads)

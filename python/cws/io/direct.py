@@ -15,9 +15,7 @@ Buffers: every direct read and write goes to or from memory laid out in 2 MB tra
 the kernel gives them (`huge_buffer`). The block layer cuts a direct request into pieces of at most
 `max_segments` physically contiguous runs; in scattered 4 KB pages that is 254 x 4 KB = 1 MB on a virtio
 disk, so an 8 MB read became eight 1 MB requests, where the page cache's readahead (large folios) sends
-4 MB ones. On the VM the figures come from, 16 threads x 8 MB of O_DIRECT reads of a cold 6.4 GB file:
-7.8-8.3 s in 4 KB pages (1.0-1.2 MB per request), 5.1 s in huge pages (4.0 MB per request), one `cat`
-6.4-6.6 s (3.9 MB per request).
+4 MB ones; in huge pages a piece goes in 4 MB requests too (benchmarks/disk_floor.py measures both).
 """
 
 from __future__ import annotations
@@ -193,12 +191,11 @@ class DirectReads:
     """Tensor row ranges read with O_DIRECT into page-aligned buffers the caller reuses.
 
     The disk's DMA fills pages that are already this process's, so a cold read makes no page-cache
-    copy and touches no page for the first time (on the VM the figures come from, the first touch
-    of a freshly read page cache page costs ~2 µs: 0.5-1.5 s of CPU per GB, more than the compute).
+    copy and touches no page for the first time (on a VM the first touch of a freshly read page cache
+    page can cost more CPU than the compute).
     Every range is cut into READ_CHUNK pieces that READ_THREADS threads read at once, so the disk
     has several requests in flight; the slots are in huge pages (`huge_buffer`), so each piece goes in
-    4 MB requests (7B cold, 30.7 GB of base+pos+neg, 16 x 8 MB with no compute: 1.35-1.44 GB/s on the
-    VM's disk, as fast as one `cat` per file in the same hour; `cws compare`, computing too, 1.0-1.2). After
+    4 MB requests (docs/performance.md: how close that comes to the disk's own floor). After
     a read, the file must still be the one whose header was parsed (`TensorInfo.stamp`), as for every
     other read.
     """
@@ -321,7 +318,7 @@ class _Cachestat(ctypes.Structure):
 
 def _cached_pages(fd: int, size: int) -> int | None:
     """Pages of the open file in the page cache: cachestat(2) (one call, ~20 µs), else mincore over a
-    read-only map (one byte per page: 0.16 s for 30 GB of cold files on the VM the figures come from);
+    read-only map (one byte per page);
     None where neither can be asked."""
     if _syscall is not None and sys.platform.startswith("linux"):
         whole, stat = _CachestatRange(0, 0), _Cachestat()  # len 0: to the end of the file

@@ -224,7 +224,7 @@ class MappedFiles:
         head = offset % mmap.PAGESIZE
         pages = (mm, t.data_ptr() - head, nbytes + head)  # the map is kept alive while its pages are listed
         # WILLNEED first: the kernel reads what is not cached in large requests (page faults alone
-        # read 128 KiB at a time: 1.6x slower than preadv on cold files here); then POPULATE_READ maps it.
+        # read 128 KiB at a time, slower than preadv on cold files); then POPULATE_READ maps it.
         _madvise(pages[1], pages[2], mmap.MADV_WILLNEED)
         if self._populate and _madvise(pages[1], pages[2], _MADV_POPULATE_READ) != 0:
             self._populate = False  # a kernel without it (< 5.14): the compute faults the pages in

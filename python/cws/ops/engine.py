@@ -12,14 +12,11 @@ Inputs are read one of two ways, chosen per run (`_reads_direct`, CWS_DIRECT_REA
   With CWS_MMAP=0, or where a view cannot be made, the bytes are read into reused arenas instead.
 - cold: O_DIRECT reads (`io.direct.DirectReads`) into the reused arenas, two slices ahead, each cut
   into pieces several threads read at once. Arenas of 2 MB and more are in huge pages
-  (`io.direct.huge_buffer`), so each piece reaches the disk in 4 MB requests rather than 1 MB ones
-  (cold 7B, interleaved A/B: apply 44.9 -> 34.5 s, extract 32.2 -> 26.3 s, compare 28.2 -> 25.2 s).
-  The page cache is bypassed, so the disk's DMA fills pages that are already this process's: on the
-  2-core VM these figures come from, the first touch of a page the disk has just filled into the page
-  cache costs ~2 µs (0.5-1.5 s of CPU per GB, paid by the compute). On 7B-shaped cold checkpoints (30.7
-  GB read) this halved the CPU of `cws compare` (20 -> 11 s) and took bench_scale's wall / floor from
-  3.1x to 2.3x (apply), 2.6x to 2.1x (extract) and 2.1x to 1.5x (compare), before the huge pages (the
-  docs/performance.md has today's figures).
+  (`io.direct.huge_buffer`), so each piece reaches the disk in 4 MB requests rather than 1 MB ones.
+  The page cache is bypassed, so the disk's DMA fills pages that are already this process's: on a VM
+  the first touch of a page the disk has just filled into the page cache costs CPU the compute would
+  pay. What each choice gains on cold 7B-shaped checkpoints is measured by benchmarks/bench_scale.py
+  (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -142,9 +139,8 @@ class _Arena:
 def _compute_threads(writes: bool) -> Iterator[None]:
     """Threads for the compute while streaming. With the native loops (Python threads that block, no
     spinning) the compute gets every core: on a VM its first read of freshly read pages costs CPU (see
-    above), and the reader and writer mostly wait on the disk (7B cold, 2 cores: apply 83 -> 54 s,
-    compare 51 -> 38 s). Without them, torch's idle intra-op threads spin, so one core is left to the
-    reader and one to the writer when there are writes (that spinning cost apply ~2 s of CPU per GB)."""
+    above), and the reader and writer mostly wait on the disk. Without them, torch's idle intra-op
+    threads spin, so one core is left to the reader and one to the writer when there are writes."""
     from cws_kernels import native
 
     before = torch.get_num_threads()
@@ -259,7 +255,7 @@ def run(
         futures.clear()
 
     bar = progress(total, desc, disable=quiet or not plan)
-    # A one-off torch.compile (~20 s cold) does not pay back in a stream, so the CPU kernels run
+    # A one-off torch.compile (seconds, cold) does not pay back in a stream, so the CPU kernels run
     # native (eager where that was not built) unless CWS_CPU_IMPL says otherwise.
     impl = contextlib.nullcontext() if os.environ.get("CWS_CPU_IMPL") else use_cpu_impl("native")
     with (

@@ -118,8 +118,22 @@ class Copy:
         return [(k, self.key, s.ins[0]) for k in range(run.outputs)]
 
 
+class _PerAlpha:
+    """A model tensor θ written once per output's α (Steer, SteerLowRank)."""
+
+    def specs(self):
+        return [(self.key, self.theta.dtype, self.theta.shape)]
+
+    def outs(self):
+        return [(self.theta.dtype, self.theta.shape)] * len(self.alphas)
+
+    def where(self, s: engine.Slice) -> tuple[int, int]:
+        """The slice's first element in the tensor, and the tensor's stochastic-rounding seed."""
+        return s.start * (s.ins[0].numel() // max(s.stop - s.start, 1)), tensor_seed(self.seed, self.key)
+
+
 @dataclass
-class Steer:
+class Steer(_PerAlpha):
     """θ + α·Σ cᵢ·xᵢ for each output's α: a dense direction entry (x = w) or, fused, θ_pos − θ_neg."""
 
     key: str
@@ -129,17 +143,13 @@ class Steer:
     rounding: str = "nearest"
     seed: int = 0
 
-    def specs(self):
-        return [(self.key, self.theta.dtype, self.theta.shape)]
-
     def item(self) -> engine.Item:
-        outs = [(self.theta.dtype, self.theta.shape)] * len(self.alphas)
-        return engine.Item(self.key, self.theta.rows, [self.theta, *(i for i, _ in self.terms)], outs=outs, data=self)
+        ins = [self.theta, *(i for i, _ in self.terms)]
+        return engine.Item(self.key, self.theta.rows, ins, outs=self.outs(), data=self)
 
     def compute(self, s: engine.Slice, run: Run):
-        theta = s.ins[0]
-        offset, seed = s.start * (theta.numel() // max(s.stop - s.start, 1)), tensor_seed(self.seed, self.key)
-        counted = self.rounding == "nearest" and theta.dtype.itemsize <= 2
+        offset, seed = self.where(s)
+        counted = self.rounding == "nearest" and s.ins[0].dtype.itemsize <= 2
         for a, o, tally in zip(self.alphas, s.outs, run.tallies):
             cs = [1.0] + [a * c for _, c in self.terms]
             t = lincomb_tally(s.ins, cs, out=o, rounding=self.rounding, seed=seed, offset=offset)
@@ -152,7 +162,7 @@ class Steer:
 
 
 @dataclass
-class SteerLowRank:
+class SteerLowRank(_PerAlpha):
     """θ + α·scale·B·A for each output's α, B·A formed per block of rows (never whole)."""
 
     key: str
@@ -164,18 +174,14 @@ class SteerLowRank:
     rounding: str = "nearest"
     seed: int = 0
 
-    def specs(self):
-        return [(self.key, self.theta.dtype, self.theta.shape)]
-
     def item(self) -> engine.Item:
-        outs = [(self.theta.dtype, self.theta.shape)] * len(self.alphas)
-        rows = self.theta.rows
         align = lowrank_block_rows(self.theta.shape)
-        return engine.Item(self.key, rows, [self.theta, self.B], whole=[self.A], outs=outs, align=align, data=self)
+        ins = [self.theta, self.B]
+        return engine.Item(self.key, self.theta.rows, ins, whole=[self.A], outs=self.outs(), align=align, data=self)
 
     def compute(self, s: engine.Slice, run: Run):
         theta, B, A = s.ins
-        offset, seed = s.start * (theta.numel() // max(s.stop - s.start, 1)), tensor_seed(self.seed, self.key)
+        offset, seed = self.where(s)
         for a, o in zip(self.alphas, s.outs):
             o.copy_(theta)
             add_lowrank_(o, B, A, a * self.scale, rounding=self.rounding, seed=seed, offset=offset)
