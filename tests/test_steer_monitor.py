@@ -381,10 +381,11 @@ def test_direction_fingerprint_sees_names_values_and_copies_alike(dirs, tmp_path
     assert fp(w) == fp({k: w[k] for k in ("b", "a")}) != fp({**w, "b": (w["b"][0], w["b"][1], 0.25)})
 
 
-def test_per_expert_direction_on_fused_moe_experts_is_refused(tmp_path):
+def test_per_expert_direction_on_fused_moe_experts(tmp_path):
     """transformers 5 holds Qwen3-MoE experts fused (mlp.experts.gate_up_proj, 3-D) and saves them per
     expert (mlp.experts.0.gate_proj.weight): a direction made from checkpoints names single experts,
-    which cws does not map onto the fused tensors; that is an error naming them, never a silent skip."""
+    which map onto views of the fused tensors (tests/test_moe.py checks the bits); an expert index the
+    model lacks is an error naming it, never a silent skip."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     torch.manual_seed(0)
@@ -402,23 +403,21 @@ def test_per_expert_direction_on_fused_moe_experts_is_refused(tmp_path):
         decoder_sparse_step=1,
     )
     model = AutoModelForCausalLM.from_config(cfg)
-    assert tuple(live_params(model)["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 16, 16)
+    assert tuple(live_params(model, fused=True)["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 16, 16)
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in live_params(model)  # each element once: as views
     model.save_pretrained(tmp_path / "moe")
     saved = state(tmp_path / "moe")
     assert "model.layers.0.mlp.experts.3.up_proj.weight" in saved and not any(n.endswith("gate_up_proj") for n in saved)
     direction = {n: torch.ones_like(t) for n, t in saved.items() if ".mlp." in n or "q_proj" in n}
-    experts = sum(".experts." in n for n in direction)
     before = snapshot(model)
-    for make in (lambda: cws.Steerer(model, direction), lambda: cws.WeightMonitor(direction).start(model)):
-        with pytest.raises(
-            cws.CwsError,
-            match=rf"{experts} direction entries .*{experts} of them name single "
-            rf"experts .*model\.layers\.0\.mlp\.experts\.gate_up_proj",
-        ):
-            make()
-    with pytest.warns(UserWarning, match=f"{experts} direction entries"):
-        s = cws.Steerer(model, direction, on_missing="skip")
-    assert not any(".experts." in n for n in s.result.touched) and s.result.touched
+    s = cws.Steerer(model, direction)
+    assert sorted(s.result.touched) == sorted(direction)
     s.set_alpha(1.0)
+    fused = model.model.layers[0].mlp.experts.gate_up_proj
+    assert not torch.equal(fused[3, 8:], before["model.layers.0.mlp.experts.3.up_proj.weight"])
     s.restore()
     assert all(torch.equal(p, before[n]) for n, p in snapshot(model).items())
+    direction["model.layers.0.mlp.experts.4.up_proj.weight"] = torch.ones(8, 16)  # 4 experts: 0-3
+    for make in (lambda: cws.Steerer(model, direction), lambda: cws.WeightMonitor(direction).start(model)):
+        with pytest.raises(cws.CwsError, match=r"1 direction entries .*experts\.4\.up_proj.*1 of them name single"):
+            make()

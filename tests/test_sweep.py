@@ -301,3 +301,19 @@ def test_model_not_found(pair):
         sweep("no-such-org/no-such-model", paths["direction"], "1")  # offline in the tests
     with pytest.raises(CwsError, match="no such file or directory"):
         sweep("./no/such/dir", paths["direction"], "1")
+
+
+def test_schedule_reaches_the_steerer(pair):
+    """A schedule of factors 1 gives the plain sweep's numbers; one of factors 0 gives α = 0's at every α."""
+    from cws.ops.schedule import Schedule
+
+    model_dir, paths = pair
+    kw = dict(prompts=EVAL, text=TEXTS, instructions=INSTR, ref_tokens=5, gen_tokens=2, n_generate=1, **QUIET)
+    plain = sweep(model_dir, paths["direction"], "-2,2", **kw)
+    ones = sweep(model_dir, paths["direction"], "-2,2", schedule=Schedule.parse("list:1,1"), **kw)
+    zeros = sweep(model_dir, paths["direction"], "-2,2", schedule=Schedule.parse(None, [".=0"]), **kw)
+    assert ones["schedule"] == "layers list:1.0,1.0" and zeros["schedule"] == "module .=0.0"
+    for p, q, z in zip(plain["points"], ones["points"], zeros["points"]):
+        assert p["behavior"] == q["behavior"] and p["capability"] == q["capability"]
+        assert z["behavior"] == zeros["points"][1]["behavior"] and z["cost"] == 0.0
+    assert plain["points"][0]["behavior"] != plain["points"][1]["behavior"]

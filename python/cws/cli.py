@@ -97,6 +97,27 @@ def _selection(p: argparse.ArgumentParser, on_missing: tuple[str, ...] = (), mis
     p.add_argument("--allow-nonfinite", action="store_true", help="proceed past NaN/Inf in the inputs")
 
 
+def _schedule(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--layer-alpha",
+        metavar="SPEC",
+        help="α per layer: linear:A,B (LiNeS: α·(A + B·layer/(L−1))) or list:F0,F1,… (one factor per layer); "
+        "tensors outside the layers keep α",
+    )
+    p.add_argument(
+        "--module-alpha",
+        action="append",
+        metavar="REGEX=COEF",
+        help="α times COEF for tensors whose name matches REGEX (the first match wins; over --layer-alpha); repeat",
+    )
+
+
+def _schedule_of(args):
+    from .ops.schedule import Schedule
+
+    return Schedule.parse(args.layer_alpha, args.module_alpha)
+
+
 def _budget(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-memory",
@@ -290,6 +311,7 @@ def _add_apply(sub) -> None:
     _budget(p)
     _output(p)
     _json(p, "a summary (each α and its output directory)")
+    _schedule(p)
     p.set_defaults(run=_apply)
 
 
@@ -305,6 +327,7 @@ def _apply(args) -> None:
         neg=args.neg,
         rounding=args.rounding,
         seed=args.seed,
+        schedule=_schedule_of(args),
         options=_options(args),
     )
     summary = {
@@ -444,6 +467,7 @@ def _add_export_peft(sub) -> None:
     _budget(p)
     _output(p, shards=False)
     _json(p, "a summary (each α, its adapter and what was left out)")
+    _schedule(p)
     p.set_defaults(run=_export_peft)
 
 
@@ -459,7 +483,9 @@ def _export_peft(args) -> None:
     for out in outs:  # every α's output refused before the first is written
         check_output(out, [x for x in (args.direction, args.base) if x], overwrite=args.overwrite, op="export-peft")
     for a, out in zip(alphas, outs):
-        left_out = export_peft(args.direction, out, alpha=a, base=args.base, options=_options(args))
+        left_out = export_peft(
+            args.direction, out, alpha=a, base=args.base, schedule=_schedule_of(args), options=_options(args)
+        )
         outputs.append({"alpha": a, "path": str(out.resolve()), "left_out": left_out})
         lines.append(f"adapter written to {out}" + (f" (alpha {a:g})" if len(alphas) > 1 else ""))
     left_out = outputs[0]["left_out"]  # the same for every α
@@ -523,6 +549,7 @@ def _add_export_gguf(sub) -> None:
     _filters(p)
     p.add_argument("--overwrite", action="store_true", help="replace an adapter cws wrote before")
     _json(p, "a summary (the adapter, its architecture and tensors, what was excluded)")
+    _schedule(p)
     p.set_defaults(run=_export_gguf)
 
 
@@ -538,6 +565,7 @@ def _export_gguf(args) -> None:
         include=args.include,
         exclude=args.exclude,
         overwrite=args.overwrite,
+        schedule=_schedule_of(args),
     )
     text = f"llama.cpp LoRA adapter ({res['architecture']}, {len(res['tensors'])} tensors, α={args.alpha:g}) written to {res['adapter']}"
     if res["excluded"]:
@@ -997,6 +1025,7 @@ def _add_sweep(sub) -> None:
         "the load average shows busy, at least 1; OMP_NUM_THREADS, when set)",
     )
     _json(p, "the sweep (every point, the α range, generations)")
+    _schedule(p)
     p.set_defaults(run=_sweep)
 
 
@@ -1040,6 +1069,7 @@ def _sweep(args) -> None:
         overwrite=args.overwrite,
         log=log,
         threads=args.threads,
+        schedule=_schedule_of(args),
     )
     _emit(args, None, json=_as_json(res))
 

@@ -12,6 +12,7 @@ import re
 import warnings
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from cws_kernels import FLOAT_DTYPES
 
@@ -39,18 +40,91 @@ def canonical(name: str) -> str | None:
         name = name[len(PEFT_PREFIX) :]
     if ".lora_" in name or ".original_module." in name:
         return None
-    name = name.replace(".base_layer.", ".")
+    name = re.sub(r"(\.base_layer)+\.", ".", name)  # nested wrappers (ParamWrapper on two expert tensors)
     return _SAVED.sub(".", name)
 
 
-def live_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Checkpoint name → live float parameter (tied weights appear under each of their names)."""
+def live_params(model: torch.nn.Module, fused: bool = False) -> dict[str, torch.nn.Parameter]:
+    """Checkpoint name → live float parameter (tied weights appear under each of their names). Experts
+    that transformers 5 holds fused as 3-D parameters appear under their checkpoint names, as views
+    (`expert_views`), in place of the fused name (each element once, as the monitor needs), or beside
+    it with fused=True (a direction may name either)."""
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         c = canonical(name)
         if c is not None and p.is_floating_point():
             out[c] = p
+    views, viewed = expert_views(model, out)
+    if not fused:
+        out = {n: p for n, p in out.items() if n not in viewed}
+    out.update(views)
+    _, renamings = _conversions(getattr(getattr(model, "config", None), "model_type", None))
+    for name, p in list(out.items()):  # the checkpoint's names where transformers renames on load
+        for original, renamed in renamings:
+            if renamed in name:
+                out.setdefault(name.replace(renamed, original), p)
     return out
+
+
+def expert_views(model: torch.nn.Module, params: dict) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Per-expert checkpoint names (`model.layers.0.mlp.experts.3.up_proj.weight`, Mixtral's
+    `block_sparse_moe.experts.3.w3.weight`) → views of the fused 3-D parameters transformers 5 loads them
+    into, read from transformers' own conversion table for the model type (the one its loader uses):
+    a converter that stacks experts (MergeModulelist, dim 0) and concatenates their matrices along the
+    rows (Concatenate, dim 1) is inverted here (live_params adds the checkpoint's names where a literal
+    renaming, ".block_sparse_moe." → ".mlp.", changed them). The same views are returned while the parameter keeps its storage, so
+    a Steerer can tell a moved model. FSDP2-sharded (DTensor) experts get no views. Returns the views
+    and the fused names they cover."""
+    converters, _ = _conversions(getattr(getattr(model, "config", None), "model_type", None))
+    out, viewed = {}, set()
+    for name, p in list(params.items()) if converters else ():
+        if p.ndim != 3 or isinstance(p, DTensor):
+            continue
+        for sources, target in converters:
+            if name.endswith(target) and p.shape[1] % len(sources) == 0:
+                out.update(_views_of(p, name[: len(name) - len(target)], sources))
+                viewed.add(name)
+    return out, viewed
+
+
+@functools.lru_cache(maxsize=64)
+def _conversions(model_type: str | None) -> tuple[list, list]:
+    """(sources, target) of each expert-fusing converter, and (checkpoint, live) literal renamings."""
+    if not model_type:
+        return [], []
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # an older transformers: experts are per-expert modules already
+        return [], []
+    converters, renamings = [], []
+    for c in get_checkpoint_conversion_mapping(model_type) or []:
+        sources, targets = list(c.source_patterns), list(getattr(c, "target_patterns", []))
+        ops = [(type(o).__name__, getattr(o, "dim", None)) for o in getattr(c, "operations", [])]
+        stacked = ops[:1] == [("MergeModulelist", 0)] and ops[1:] in ([], [("Concatenate", 1)])
+        if (
+            type(c).__name__ == "WeightConverter"
+            and stacked
+            and len(targets) == 1
+            and (len(sources) == 1) == (len(ops) == 1)
+        ):
+            if all(s.count("*") == 1 for s in sources):
+                converters.append((tuple(sources), targets[0]))
+        elif type(c).__name__ == "WeightRenaming" and len(sources) == len(targets) == 1:
+            if not re.search(r"[\\^$*+?()\[\]{}|]", sources[0] + targets[0]):  # literal text (dots aside)
+                renamings.append((sources[0], targets[0]))
+    return converters, renamings
+
+
+def _views_of(p: torch.Tensor, prefix: str, sources: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    cached = getattr(p, "_cws_expert_views", None)  # (data_ptr, {name: view}), kept on the parameter itself
+    if cached is None or cached[0] != p.data_ptr():
+        rows, data, views = p.shape[1] // len(sources), p.detach(), {}
+        for e in range(p.shape[0]):
+            for k, src in enumerate(sources):
+                views[prefix + src.replace("*", str(e))] = data[e, k * rows : (k + 1) * rows]
+        cached = (p.data_ptr(), views)
+        p._cws_expert_views = cached
+    return cached[1]
 
 
 API_HINT = "; exclude them (exclude=REGEX) or pass on_missing='skip' to leave them out"
@@ -71,13 +145,14 @@ def check_unmatched(names: list[str], params: dict, on_missing: str, who: str) -
         warnings.warn(msg + "; left out (on_missing='skip')", stacklevel=3)
         return
     fused = {n.rsplit(".", 1)[0] for n in params if n.rsplit(".", 1)[0].endswith(".experts")}
+    fused |= {m.group(1) for n in params if (m := _EXPERT.match(n)) and not isinstance(params[n], torch.nn.Parameter)}
     experts = [n for n in names if (m := _EXPERT.match(n)) and m.group(1) in fused]
     if experts:
         one = next(n for n in params if n.startswith(_EXPERT.match(experts[0]).group(1) + "."))
         msg += (
             f"; {len(experts)} of them name single experts ({printable(experts[0])}, …) of experts this model "
-            f"holds fused as 3-D parameters ({printable(one)}, transformers 5): cws does not map per-expert "
-            f"entries onto fused experts"
+            f"holds fused as 3-D parameters ({printable(one)}, transformers 5) where cws cannot map them: "
+            f"an expert index the model lacks, experts sharded by FSDP2, or a fusion other than stacking"
         )
     raise CwsError(msg + API_HINT)
 

@@ -27,9 +27,12 @@ from .params import KERNEL_DTYPES, bias_slots, check_unmatched, live_params
 KEEPS = ("cpu", "device", "checkpoint")
 
 
-def alpha_for(alpha, name: str) -> float:
+def alpha_for(alpha, name: str, schedule=None) -> float:
     """α for one tensor: a number; a per-layer sequence (0 for tensors outside the layers: embeddings,
-    final norm, lm_head); or a callable of the layer index (None outside the layers)."""
+    final norm, lm_head); or a callable of the layer index (None outside the layers). A bound
+    `Schedule` (cws.ops.schedule) then multiplies it by the tensor's factor."""
+    if schedule is not None:
+        return alpha_for(alpha, name) * schedule.factor(name)
     if callable(alpha):
         return float(alpha(layer_of(name)))
     if isinstance(alpha, Sequence):
@@ -72,7 +75,7 @@ class SteerResult:
 
 
 def _targets(model, direction, include, exclude, layers, on_missing="error") -> tuple[list[Target], SteerResult]:
-    params = live_params(unwrap(model))
+    params = live_params(unwrap(model), fused=True)
     keep = name_filter(include, exclude)
     layers = set(layers) if layers is not None else None
     device = next(iter(params.values())).device if params else None
@@ -157,19 +160,34 @@ def steer(
     rounding: str = "nearest",
     seed: int = 0,
     on_missing: str = "error",
+    schedule=None,
 ) -> SteerResult:
     """Add α·w to the model's weights in place (dense or low-rank entries; any device and float dtype).
 
     Direction entries the model lacks are an error, or with on_missing="skip" a warning (listed in
-    the result's `unmatched`). Not reversible bit for bit by itself: use `steered(...)` or `Steerer`.
+    the result's `unmatched`). `schedule` (cws.ops.schedule.Schedule) multiplies α per tensor, by layer
+    and by module. Not reversible bit for bit by itself: use `steered(...)` or `Steerer`.
     """
     targets, result = _targets(model, direction, include, exclude, layers, on_missing)
+    schedule = _bind(schedule, model, targets)
     for t in targets:
-        a = alpha_for(alpha, t.name)
+        a = alpha_for(alpha, t.name, schedule)
         if a != 0.0:
             _steer_one(t, t.data, a, rounding, seed)
             t.attach(True)
     return result
+
+
+def _bind(schedule, model, targets):
+    """`schedule` bound to the loaded model's layer count and the tensors it steers (None stays None)."""
+    if schedule is None:
+        return None
+    from ..ops.schedule import n_layers_of
+
+    config = getattr(unwrap(model), "config", None)
+    config = config.to_dict() if hasattr(config, "to_dict") else None
+    names = [n for n, _ in unwrap(model).named_parameters()]
+    return schedule.bind(n_layers_of(names, (config or {}).get("text_config") or config), [t.name for t in targets])
 
 
 class Steerer:
@@ -194,11 +212,13 @@ class Steerer:
         keep: str = "cpu",
         checkpoint=None,
         on_missing: str = "error",
+        schedule=None,
     ):
         if keep not in KEEPS:
             raise CwsError(f"keep={keep!r}: expected one of {', '.join(KEEPS)}")
         self.model = model
         self.targets, self.result = _targets(model, direction, include, exclude, layers, on_missing)
+        self.schedule = _bind(schedule, model, self.targets)
         self.rounding, self.seed, self.keep = rounding, seed, keep
         self.alpha = 0.0
         self._ckpt = None
@@ -229,7 +249,7 @@ class Steerer:
         """Weights ← pristine + α·w (α a number, per-layer sequence or callable of the layer)."""
         self._check_model()
         for t in self.targets:
-            a = alpha_for(alpha, t.name)
+            a = alpha_for(alpha, t.name, self.schedule)
             src = self._source(t)
             if a == 0.0:
                 t.data.copy_(src)
@@ -246,7 +266,7 @@ class Steerer:
         """Refuse a model whose steered tensors are no longer the ones this Steerer holds: moved or
         converted (`model.to(...)` gives a parameter new storage) or replaced since it was made. FSDP2's
         sharded parameters are left to FSDP (its root keeps unsharded copies between forwards)."""
-        params = live_params(unwrap(self.model))
+        params = live_params(unwrap(self.model), fused=True)
         for t in self.targets:
             if t.part.sharded:
                 continue

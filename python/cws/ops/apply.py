@@ -20,6 +20,7 @@ from pathlib import Path
 from .card import model_card, steered_config
 from .checks import check_policy, dtype_problem, missing_problem, new_bias, provenance, shape_problem
 from .extract import plan_extract
+from .schedule import Schedule, n_layers_of
 from .plan import Copy, NewBias, Output, Plan, Steer, SteerLowRank, StreamOptions, run_plan
 from ..errors import CwsError
 from ..io.atomic import check_output
@@ -81,6 +82,7 @@ def apply(
     neg: str | os.PathLike | None = None,
     rounding: str = "nearest",
     seed: int = 0,
+    schedule: Schedule | None = None,
     options: StreamOptions | None = None,
     **stream,
 ) -> list[Path]:
@@ -93,6 +95,7 @@ def apply(
     Options (`StreamOptions`, or its fields as keywords): on_missing="skip" leaves direction tensors the
     model lacks unapplied instead of failing; fsync=False does not wait for the disk before the commit
     (see cws.io.writer); include/exclude, allow_nonfinite, max_memory, max_shard_size, overwrite, quiet.
+    `schedule` (`cws.ops.schedule.Schedule`) multiplies α per tensor, by layer and by module.
     """
     opts = StreamOptions.of(options, **stream)
     alphas = _check_args(alpha, out, rounding, direction, pos, neg, opts.on_missing)
@@ -108,10 +111,20 @@ def apply(
                 made_from = {"pos": specs[0], "neg": specs[1], "formula": "w = pos - neg (LoRA-native, fused)"}
                 d = Direction.open(Path(tmp) / "direction")
                 plan = plan_apply(
-                    model, d, alphas, out, rounding=rounding, seed=seed, options=opts, made_from=made_from
+                    model,
+                    d,
+                    alphas,
+                    out,
+                    rounding=rounding,
+                    seed=seed,
+                    schedule=schedule,
+                    options=opts,
+                    made_from=made_from,
                 )
                 return run_plan(plan, opts)
-    plan = plan_apply(model, direction, alphas, out, pos=pos, neg=neg, rounding=rounding, seed=seed, options=opts)
+    plan = plan_apply(
+        model, direction, alphas, out, pos=pos, neg=neg, rounding=rounding, seed=seed, schedule=schedule, options=opts
+    )
     return run_plan(plan, opts)
 
 
@@ -172,6 +185,7 @@ def plan_apply(
     neg=None,
     rounding="nearest",
     seed=0,
+    schedule: Schedule | None = None,
     options=None,
     made_from=None,
 ) -> Plan:
@@ -181,11 +195,19 @@ def plan_apply(
     m = Checkpoint.open(resolve(model, "model"))
     w = _delta(m, direction, pos, neg, made_from)
     keep = opts.keep()
+    config = read_config(m.root)
+    if schedule is not None:
+        heads = {h for h, e in m.ties.items() if w.lookup(h) is not None or w.lookup(e) is not None}
+        schedule = schedule.bind(n_layers_of(m.tensors, config), sorted(filter(keep, w.names | heads)))
+    factor = schedule.factor if schedule is not None else lambda name: 1.0
 
     def delta_of(name):  # what steers tensor `name` (a direction entry or a (pos, neg) pair), or None
         return w.lookup(name) if keep(name) else None
 
-    kept, untied = split_ties(m.ties, delta_of)
+    def tie_key(name):  # a tie is kept where both names move by the same delta and factor
+        return None if delta_of(name) is None else (delta_of(name), factor(name))
+
+    kept, untied = split_ties(m.ties, tie_key)
     tied_to = {embed: head for head, embed in kept.items()}
     plan = Plan("apply", missing_hint="pass --on-missing skip to leave unmatched direction tensors out")
     biases = _new_biases(m, w.names, delta_of, opts.on_missing)  # a bias-only direction's biases the model lacks
@@ -198,21 +220,21 @@ def plan_apply(
     targets = list(m.tensors.items())
     for head, embed in untied.items():  # written as its own tensor, from the embedding's bits
         targets.insert(next(i for i, (n, _) in enumerate(targets) if n == embed) + 1, (head, m.tensors[embed]))
-    steer = dict(alphas=alphas, rounding=rounding, seed=seed)
     for name, info in targets:
-        e = delta_of(name) or (delta_of(tied_to[name]) if name in tied_to else None)
-        plan.steps.append(_steer_step(name, info, e, plan.problems, steer) if e is not None else Copy(name, info))
-    plan.steps = [s for s in plan.steps if s is not None]
+        src = name if delta_of(name) is not None else tied_to.get(name)  # a kept tie: the head's delta
+        e = delta_of(src) if src is not None else None
+        steer = dict(alphas=[a * factor(src) for a in alphas], rounding=rounding, seed=seed) if e else {}
+        step = _steer_step(name, info, e, plan.problems, steer) if e is not None else Copy(name, info)
+        if step is not None:
+            plan.steps.append(Copy(name, info) if e is not None and factor(src) == 0.0 else step)
     for name, e in biases.items():  # new tensors: α·w (α·(pos − neg) fused), or zeros
         wt = m.lookup(name.removesuffix("bias") + "weight")
         terms = [] if e is None else [(e.dense, 1.0)] if isinstance(e, Entry) else [(e[0], 1.0), (e[1], -1.0)]
+        steer = dict(alphas=[a * factor(name) for a in alphas], rounding=rounding, seed=seed)
         plan.steps.append(NewBias(name, wt.dtype, wt.shape[0], terms, **steer))
-    if (
-        not plan.problems
-        and not any(isinstance(s, (Steer, SteerLowRank)) for s in plan.steps)
-        and not any(e is not None for e in biases.values())
-    ):
-        raise CwsError(f"no tensor of {m.path} matches the direction; nothing to steer")
+    if not plan.problems and not any(isinstance(s, (Steer, SteerLowRank)) for s in plan.steps):
+        if not any(e is not None for e in biases.values()):
+            raise CwsError(f"no tensor of {m.path} matches the direction; nothing to steer")
     if untied:
         plan.warnings.append(
             f"the direction changes {', '.join(untied)} differently from {', '.join(untied.values())}, which this "
@@ -223,7 +245,6 @@ def plan_apply(
         plan.warnings.append(
             f"{len(skipped)} direction tensor(s) the model lacks were not applied (--on-missing skip): {shown}"
         )
-    config = read_config(m.root)
     if config is not None:
         config = {**steered_config(config, bool(untied)), **({"mlp_bias": True} if biases else {})}
     for a, d_out in zip(alphas, out_dirs(out, alphas)):
@@ -238,9 +259,12 @@ def plan_apply(
             seed=seed if rounding == "stochastic" else None,
             skipped=",".join(skipped) or None,
             untied=",".join(untied) or None,
+            schedule=schedule.record() if schedule is not None else None,
         )
         files = {"config.json": config} if config is not None else {}
-        files["README.md"] = model_card(model_spec, a, w.provenance, rounding, list(untied))
+        files["README.md"] = model_card(
+            model_spec, a, w.provenance, rounding, list(untied), schedule.record() if schedule else ""
+        )
         model_files = m.path if m.path.is_dir() else None
         plan.outputs.append(Output(d_out, md, w.inputs, files=files, model_files=model_files, alpha=a))
     return plan

@@ -7,7 +7,7 @@ import json
 from .. import __version__
 
 
-def model_card(base: str, alpha: float, direction: dict, rounding: str, untied: list[str]) -> str:
+def model_card(base: str, alpha: float, direction: dict, rounding: str, untied: list[str], schedule: str = "") -> str:
     """README.md for θ' = θ + α·w: base_model (where `base` is or came from a Hub ID), tags, the formula,
     α and where w came from."""
     from ..io.hub import hub_id
@@ -34,6 +34,7 @@ def model_card(base: str, alpha: float, direction: dict, rounding: str, untied: 
         f"- base model θ: `{base}`",
         f"- α = {alpha!r}",
         f"- rounding: {rounding}",
+        *([f"- α per tensor: α × ({schedule})"] if schedule else []),
     ]
     lines += [f"- direction {k}: `{v}`" for k, v in direction.items()]
     if untied:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 
 from .checks import parse_dtype
+from .schedule import Schedule, n_layers_of
+from ..io.ties import read_config
 from .plan import Copy, DenseSum, FactorPair, LoraFactors, Output, Plan, Steer, SteerLowRank, StreamOptions, run_plan
 from ..io.direction import Direction
 from ..errors import CwsError
@@ -37,18 +39,20 @@ def export_peft(
     *,
     alpha: float = 1.0,
     base: str | os.PathLike | None = None,
+    schedule: Schedule | None = None,
     options: StreamOptions | None = None,
     **stream,
 ) -> dict[str, str]:
     """Write α·w as a PEFT adapter at `out`; returns {tensor: reason} for what could not be exported.
-    Options (`StreamOptions`): max_memory, overwrite, fsync, quiet."""
+    `schedule` multiplies α per tensor (by layer: the base's layer count, or without a base one past the
+    direction's highest layer; by module). Options (`StreamOptions`): max_memory, overwrite, fsync, quiet."""
     opts = StreamOptions.of(options, **stream)
-    plan, left_out = plan_export_peft(direction, out, alpha=alpha, base=base)
+    plan, left_out = plan_export_peft(direction, out, alpha=alpha, base=base, schedule=schedule)
     run_plan(plan, opts)
     return left_out
 
 
-def plan_export_peft(direction, out, *, alpha: float = 1.0, base=None) -> tuple[Plan, dict[str, str]]:
+def plan_export_peft(direction, out, *, alpha: float = 1.0, base=None, schedule=None) -> tuple[Plan, dict[str, str]]:
     """The plan of `export_peft` (headers only), and what it leaves out (tensor → why)."""
     from ..io.hub import resolve
 
@@ -57,20 +61,27 @@ def plan_export_peft(direction, out, *, alpha: float = 1.0, base=None) -> tuple[
     d = direction if isinstance(direction, Direction) else Direction.open(resolve(direction, "direction"))
     b = Checkpoint.open(resolve(base, "base")) if base is not None else None
     lora, saved, left_out, entries = _split(d, b)
+    if schedule is not None:
+        config = read_config(b.root) if b is not None else None
+        steered = sorted({m + ".weight" for m in lora} | {n for names in saved.values() for n in names})
+        schedule = schedule.bind(n_layers_of(b.tensors if b is not None else d.entries, config), steered)
+    factor = schedule.factor if schedule is not None else lambda name: 1.0
     plan = Plan("export", hint="")
     for module, e in lora.items():
         embedding = module_of(module + ".weight") == "embed"  # PEFT's embedding LoRA stores delta = (B·A)ᵀ
         names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-        plan.steps.append(LoraFactors(e, tuple(f"{PREFIX}{module}.{k}" for k in names), float(alpha), embedding))
+        keys, a = tuple(f"{PREFIX}{module}.{k}" for k in names), float(alpha) * factor(module + ".weight")
+        plan.steps.append(LoraFactors(e, keys, a, embedding))
     for module, names in saved.items():
         params = [
             n for n in list(b.tensors) + list(b.ties) if n.startswith(module + ".") and "." not in n[len(module) + 1 :]
         ]
         for n in params:
-            plan.steps.append(
-                _saved_step(PREFIX + n, b.lookup(n), entries.get(n) if n in names else None, float(alpha))
-            )
+            e = entries.get(n) if n in names else None
+            plan.steps.append(_saved_step(PREFIX + n, b.lookup(n), e, float(alpha) * factor(n)))
     md = {"cws_op": "export-peft", "cws_alpha": repr(float(alpha)), "cws_direction": str(d.path)}
+    if schedule is not None:
+        md["cws_schedule"] = schedule.record()
     files = {"adapter_config.json": _adapter_config(lora, saved, b)}
     if left_out:
         files["cws_left_out.json"] = left_out

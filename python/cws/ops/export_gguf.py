@@ -23,6 +23,7 @@ import torch
 
 from .checks import name_filter, nonfinite
 from ..errors import CwsError
+from .schedule import n_layers_of
 from ..io.direction import Direction, Entry
 from ..io.layout import module_of
 from ..io.reader import read_tensor
@@ -56,9 +57,12 @@ def export_gguf(
     include: str | None = None,
     exclude: str | None = None,
     overwrite: bool = False,
+    schedule=None,
 ) -> dict:
     """Write α·w as a llama.cpp LoRA adapter GGUF at `out` for `base` (its GGUF file, or its HF directory);
-    returns a summary: the architecture, each written tensor's GGUF name and rank, what was excluded."""
+    returns a summary: the architecture, each written tensor's GGUF name and rank, what was excluded.
+    `schedule` (`cws.ops.schedule.Schedule`) multiplies α per tensor, by layer (the base's block count)
+    and by module."""
     from ..io.hub import resolve
 
     gguf = _gguf()
@@ -74,18 +78,22 @@ def export_gguf(
     excluded = [n for n in everything if not keep(n)]
     entries = {n: e for n, e in everything.items() if keep(n)}
     names = _gguf_names(gguf, model, entries, d)
+    if schedule is not None:
+        schedule = schedule.bind(model["blocks"] or n_layers_of(entries), sorted(entries))
     tensors = {}
     for name, e in entries.items():
-        for key, t in _pair(e, names[name], model, alpha).items():
+        scaled = alpha * (schedule.factor(name) if schedule is not None else 1.0)
+        for key, t in _pair(e, names[name], model, scaled).items():
             t = t.to(DTYPES[dtype]).contiguous()
             if nonfinite(t):
                 raise CwsError(f"tensor {name!r}: α·w holds NaN/Inf as {DTYPES[dtype]} factors")
             tensors[key] = t
-    _write(gguf, final, model["arch"], tensors, alpha, d.path)
+    _write(gguf, final, model["arch"], tensors, alpha, d.path, schedule.record() if schedule else "")
     return {
         "adapter": str(final),
         "architecture": model["arch"],
         "alpha": alpha,
+        **({"schedule": schedule.record()} if schedule else {}),
         "tensors": {names[n]: {"from": n, "rank": e.rank} for n, e in entries.items()},
         "excluded": excluded,
     }
@@ -225,7 +233,7 @@ def _check_out(gguf, final: Path, overwrite: bool, inputs) -> Path:
     return final
 
 
-def _write(gguf, final: Path, arch: str, tensors: dict[str, torch.Tensor], alpha: float, source) -> None:
+def _write(gguf, final: Path, arch: str, tensors: dict[str, torch.Tensor], alpha: float, source, schedule="") -> None:
     """The adapter GGUF, written to a temporary beside `final`, fsynced and renamed into place."""
     from .. import __version__
     from ..io.atomic import remove_stale, temp_path
@@ -241,6 +249,8 @@ def _write(gguf, final: Path, arch: str, tensors: dict[str, torch.Tensor], alpha
         for key, value in (("op", "export-gguf"), ("version", __version__), ("direction", str(source))):
             w.add_string(f"cws.{key}", value)
         w.add_float32("cws.alpha", float(alpha))
+        if schedule:
+            w.add_string("cws.schedule", schedule)  # α per tensor: α × this schedule's factor
         for name, t in tensors.items():
             w.add_tensor(name, t.numpy())
         w.write_header_to_file()

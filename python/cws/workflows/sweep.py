@@ -165,12 +165,14 @@ def sweep(
     overwrite: bool = False,
     log=print,
     threads: int | None = None,
+    schedule=None,
 ) -> dict:
     """Sweep θ + α·w over `alpha` on `model` (a path or Hub ID); w is `direction`, or pos − neg from two
     PEFT adapters. prompts: a JSONL (or rows, or {name: either}) of {"prompt"|"messages", "pos", "neg"};
     text: reference passages (a file, blank-line separated, or a list); instructions: a file (one per line)
     or a list; both default to the built-in sets. threads: torch CPU threads while it runs (None: the
-    free cores, `threads.default_threads`).
+    free cores, `threads.default_threads`). schedule (cws.ops.schedule.Schedule): α per tensor is α times
+    its factor, by layer and by module.
     Returns the points, the α range within max_nll_increase and the files written to `out`."""
     alphas = sweep_alphas(alpha)
     for name, v in (("gen_tokens", gen_tokens), ("ref_tokens", ref_tokens), ("n_generate", n_generate)):
@@ -245,13 +247,14 @@ def sweep(
             import cws
 
             direction = cws.extract(pos, neg, Path(tmp) / "direction", quiet=True)
-        points = _run(net, ev, direction, sorted(set(alphas) | {0.0}), include, exclude, log)
+        points = _run(net, ev, direction, sorted(set(alphas) | {0.0}), include, exclude, log, schedule)
     rng = alpha_range(points, max_nll_increase)
     named = str(direction) if isinstance(direction, (str, os.PathLike)) else f"<{type(direction).__name__}>"
     result = {
         "model": str(model),
         "direction": named if pos is None else {"pos": str(pos), "neg": str(neg)},
         "alphas": alphas,
+        **({"schedule": schedule.record()} if schedule is not None else {}),
         "device": str(dev),
         "dtype": dtype,
         "n": {"instructions": len(instr), "texts": len(texts), **{n: len(ps) for n, ps in behavior.items()}},
@@ -281,11 +284,11 @@ def _check_inputs(direction, pos, neg) -> None:
             Adapter.open(resolve(p, "fine-tune", what))
 
 
-def _run(net, ev: Evaluator, direction, alphas, include, exclude, log) -> list[dict]:
+def _run(net, ev: Evaluator, direction, alphas, include, exclude, log, schedule=None) -> list[dict]:
     import cws
 
     try:
-        steerer = cws.Steerer(net, direction, include=include, exclude=exclude)
+        steerer = cws.Steerer(net, direction, include=include, exclude=exclude, schedule=schedule)
     except CwsError as e:  # the Steerer's advice names its keyword arguments; the sweep's user has options
         raise CwsError(str(e).replace(API_HINT, "; leave them out with exclude (--exclude REGEX)")) from None
     if not steerer.targets:
