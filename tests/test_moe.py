@@ -116,3 +116,30 @@ def test_an_expert_the_model_lacks_is_one_line(moe, tmp_path):
     w = {f"model.layers.0.{block}.experts.7.{'down_proj' if kind == 'qwen3_moe' else 'w2'}.weight": torch.ones(32, 16)}
     with pytest.raises(CwsError, match=r"1 direction entries match no parameter of the model \(model\.layers\.0\."):
         cws.Steerer(model, w)
+
+
+def test_peft_adapter_on_expert_parameters_is_refused_in_one_line(tmp_path, capsys):
+    """PEFT's target_parameters (LoRA on the fused 3-D expert tensors) is not read: one line says so and
+    what to do, for extract and apply alike; nothing is written."""
+    from peft import LoraConfig, get_peft_model
+
+    from cws.cli import main as cli
+
+    base = tiny_moe("qwen3_moe", dtype=torch.float32)
+    base.save_pretrained(tmp_path / "base")
+    cfg = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
+    get_peft_model(tiny_moe("qwen3_moe", dtype=torch.float32), cfg).save_pretrained(tmp_path / "ad")
+    capsys.readouterr()  # the progress bars of save_pretrained
+    for args in (
+        ["extract", "--pos", str(tmp_path / "ad"), "--neg", str(tmp_path / "ad"), "--out", str(tmp_path / "d")],
+        ["apply", "--model", str(tmp_path / "base"), "--pos", str(tmp_path / "ad"), "--neg", str(tmp_path / "ad")]
+        + ["--alpha", "1", "--out", str(tmp_path / "d")],
+    ):
+        assert cli(args) == 2
+        err = capsys.readouterr().err
+        assert (
+            "(target_parameters: mlp.experts.gate_up_proj)" in err
+            and "merge_and_unload" in err
+            and err.count("\n") == 1
+        )
+    assert not (tmp_path / "d").exists()

@@ -34,7 +34,7 @@ _UNSUPPORTED = {
     "lora_bias": "LoRA biases (lora_bias)",
     "trainable_token_indices": "trainable tokens",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on parameters",
+    "target_parameters": "LoRA on parameters, as PEFT puts it on fused MoE experts",
     "use_qalora": "QALoRA",
     "use_bdlora": "BD-LoRA",
 }
@@ -256,4 +256,9 @@ def _check_supported(cfg_file: Path, config: dict) -> None:
         raise CheckpointError(f"{cfg_file}: adapter type {peft_type} is not supported (cws reads LoRA adapters)")
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
-            raise CheckpointError(f"{cfg_file}: {what} ({key}) is not supported; cws would get it wrong")
+            value = config[key]
+            named = f": {', '.join(map(str, value[:3]))}" if isinstance(value, list) else ""
+            raise CheckpointError(
+                f"{cfg_file}: {what} ({key}{named}) is not supported; cws would get it wrong "
+                f"(merge the adapter into the model with PEFT's merge_and_unload and use the merged model)"
+            )
