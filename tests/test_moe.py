@@ -118,28 +118,123 @@ def test_an_expert_the_model_lacks_is_one_line(moe, tmp_path):
         cws.Steerer(model, w)
 
 
-def test_peft_adapter_on_expert_parameters_is_refused_in_one_line(tmp_path, capsys):
-    """PEFT's target_parameters (LoRA on the fused 3-D expert tensors) is not read: one line says so and
-    what to do, for extract and apply alike; nothing is written."""
+def expert_adapter(base_dir, out, seed: int):
+    """A PEFT adapter with LoRA on q_proj and on the fused expert tensors themselves (target_parameters),
+    B factors randomised so the update is not zero."""
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    peft = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    peft.save_pretrained(out)
+    merged = peft.merge_and_unload()  # PEFT's own merge: the reference
+    merged.save_pretrained(out.parent / f"{out.name}-merged")
+    return out, out.parent / f"{out.name}-merged"
+
+
+def test_peft_lora_on_expert_parameters_is_read_as_peft_merges_it(tmp_path):
+    """extract, compare and apply read an adapter with LoRA on the fused experts (target_parameters) as
+    per-expert low-rank deltas under the checkpoint's names: what PEFT's merge_and_unload gives."""
+    base = tiny_moe("qwen3_moe", dtype=torch.float32)
+    base.save_pretrained(tmp_path / "base")
+    b = tmp_path / "base"
+    pos, pos_m = expert_adapter(b, tmp_path / "pos", 1)
+    neg, neg_m = expert_adapter(b, tmp_path / "neg", 2)
+    d = cws.extract(pos, neg, tmp_path / "d", quiet=True)
+    dense = state(cws.densify(d, tmp_path / "dd", quiet=True))
+    P, N, B = state(pos_m), state(neg_m), state(b)
+    moved = [n for n in P if not torch.equal(P[n], N[n])]
+    assert set(dense) == set(moved) and any(".experts.3.up_proj." in n for n in moved)
+    for n in moved:
+        want = P[n].double() - N[n].double()
+        assert (dense[n].double() - want).abs().max() <= 1e-6 * want.abs().max(), n
+    for model in (pos, pos_m):  # the adapter (factors) and PEFT's merge (full weights) measure alike
+        r = cws.compare(b, model, {"w": d}, quiet=True)
+        if model == pos:
+            g = r
+    assert g.cosine("w") == pytest.approx(r.cosine("w"), abs=1e-5) and g.cosine("w") > 0.3
+    out = cws.apply(b, pos=pos, neg=neg, alpha=2.0, out=tmp_path / "s", quiet=True)[0]
+    got = state(out)
+    for n, t in B.items():
+        want = t.double() + 2.0 * (P[n].double() - N[n].double())
+        assert (got[n].double() - want).abs().max() <= 1e-6 * want.abs().max() + 1e-7, n
+
+
+def test_expert_lora_needs_its_base_named(tmp_path, capsys):
+    """Which checkpoint tensors a fused expert tensor holds depends on the model type: an adapter whose
+    base_model_name_or_path is not a local model directory is refused in one line."""
+    import json
 
     from cws.cli import main as cli
 
     base = tiny_moe("qwen3_moe", dtype=torch.float32)
     base.save_pretrained(tmp_path / "base")
-    cfg = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
-    get_peft_model(tiny_moe("qwen3_moe", dtype=torch.float32), cfg).save_pretrained(tmp_path / "ad")
-    capsys.readouterr()  # the progress bars of save_pretrained
-    for args in (
-        ["extract", "--pos", str(tmp_path / "ad"), "--neg", str(tmp_path / "ad"), "--out", str(tmp_path / "d")],
-        ["apply", "--model", str(tmp_path / "base"), "--pos", str(tmp_path / "ad"), "--neg", str(tmp_path / "ad")]
-        + ["--alpha", "1", "--out", str(tmp_path / "d")],
-    ):
-        assert cli(args) == 2
-        err = capsys.readouterr().err
-        assert (
-            "(target_parameters: mlp.experts.gate_up_proj)" in err
-            and "merge_and_unload" in err
-            and err.count("\n") == 1
+    pos, _ = expert_adapter(tmp_path / "base", tmp_path / "pos", 1)
+    cfg = json.loads((pos / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "org/somewhere"
+    (pos / "adapter_config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert (
+        cli(
+            [
+                "extract",
+                "--pos",
+                str(pos),
+                "--neg",
+                str(pos),
+                "--base",
+                str(tmp_path / "base"),
+                "--out",
+                str(tmp_path / "d"),
+            ]
         )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "base_model_name_or_path ('org/somewhere') is not a local model directory" in err and err.count("\n") == 1
     assert not (tmp_path / "d").exists()
+
+
+def test_a_direction_naming_the_fused_tensors_steers_them(moe):
+    """The reverse naming: a direction made on the loaded model (fused 3-D names) steers it too, bit for
+    bit as the per-expert direction with the same values, and restores it."""
+    kind, paths = moe
+    model = load(paths["base"])
+    views = live_params(model)
+    per_expert = {
+        n: torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(v.dtype)
+        for n, v in views.items()
+        if ".experts." in n
+    }
+    fused = {}
+    for name, p in live_params(model, fused=True).items():
+        if p.ndim == 3:  # the same values, stacked as transformers stacks them
+            fused[name] = torch.zeros_like(p)
+    for name, w in per_expert.items():
+        for f, t in fused.items():
+            v = views[name]
+            p = live_params(model, fused=True)[f]
+            if v.data_ptr() >= p.data_ptr() and v.data_ptr() < p.data_ptr() + p.numel() * p.element_size():
+                offset = (v.data_ptr() - p.data_ptr()) // p.element_size()
+                t.view(-1)[offset : offset + v.numel()] = w.reshape(-1)
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    a = cws.Steerer(model, per_expert)
+    a.set_alpha(1.5)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    a.restore()
+    b = cws.Steerer(model, fused)
+    b.set_alpha(1.5)
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    b.restore()
+    assert all(torch.equal(v, pristine[k]) for k, v in model.state_dict().items())

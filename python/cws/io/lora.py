@@ -34,7 +34,6 @@ _UNSUPPORTED = {
     "lora_bias": "LoRA biases (lora_bias)",
     "trainable_token_indices": "trainable tokens",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on parameters, as PEFT puts it on fused MoE experts",
     "use_qalora": "QALoRA",
     "use_bdlora": "BD-LoRA",
 }
@@ -149,6 +148,8 @@ class Adapter:
             if module not in factors:
                 raise CheckpointError(f"{self.path}: {key!r} is a base layer's copy with no LoRA factors beside it")
             self.ignored[key] = "PEFT's copy of the frozen layer under a LoRA (save_embedding_layers)"
+        if self.config.get("target_parameters"):
+            self._param_lora(factors)
         for module, ab in factors.items():
             if set(ab) != {"A", "B"}:
                 raise CheckpointError(f"{self.path}: LoRA module {module!r} has lora_{set('AB') - set(ab)} missing")
@@ -171,6 +172,112 @@ class Adapter:
         both = set(self.lora) & set(self.full)
         if both:
             raise CheckpointError(f"{self.path}: {sorted(both)[0]!r} has both LoRA factors and a full saved copy")
+
+    def _param_lora(self, factors: dict) -> None:
+        """LoRA on parameters (PEFT's `target_parameters`, a ParamWrapper per parameter, nested in the
+        listed order, so the outermost key holds the last): on a fused 3-D expert tensor (experts, out,
+        in), A (r·E, in) and B (out, r·E) give expert e the delta scale·B[:, e::E]·A[e·r:(e+1)·r]. Each
+        expert's row blocks (gate and up of gate_up_proj) become LoRA deltas under the checkpoint's
+        names, from transformers' table for the base's model type; their factors are cut once into an
+        in-memory safetensors file (`_cut`). Taken out of `factors`."""
+        from .experts import expert_names
+
+        targets = [str(t) for t in self.config["target_parameters"]]
+        owners: dict[str, list[tuple[int, str]]] = {}
+        for module in list(factors):
+            owner, depth = module, 0
+            while owner.endswith(".base_layer"):
+                owner, depth = owner[: -len(".base_layer")], depth + 1
+            if any(("." + owner).endswith("." + t.rsplit(".", 1)[0]) for t in targets if "." in t):
+                owners.setdefault(owner, []).append((depth, module))
+        base = self._base() if owners else None
+        model_type = base.config_model_type if base is not None else None
+        cut = {}
+        for owner, wrappers in owners.items():
+            params = [t.rsplit(".", 1)[1] for t in targets if ("." + owner).endswith("." + t.rsplit(".", 1)[0])]
+            for _, module in wrappers:
+                ab = factors.pop(module)
+                A, B = ab["A"], ab["B"]
+                fits = [p for p in params if self._fits(f"{owner}.{p}", A, B, base.checkpoint, model_type)]
+                if len(fits) != 1:
+                    raise CheckpointError(
+                        f"{self.path}: LoRA factors {list(B.shape)}, {list(A.shape)} of {owner} fit "
+                        f"{'none' if not fits else ' and '.join(fits)} of its target parameters on the base {base.path}"
+                    )
+                fused = f"{owner}.{fits[0]}"
+                r, alpha = self._rank_alpha(fused)
+                if A.shape[0] % r or B.shape[1] != A.shape[0]:
+                    raise CheckpointError(
+                        f"{self.path}: {fused}: LoRA factors {list(B.shape)}, {list(A.shape)} are not r={r} per expert"
+                    )
+                names = expert_names(fused, A.shape[0] // r, model_type)
+                cut[fused] = (A, B, names, alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r)
+        if cut:
+            self._cut(cut)
+
+    def _cut(self, cut: dict) -> None:
+        """Per-expert factors into an in-memory safetensors file (a memfd, gone with the process; a
+        temporary file where there is none), read as any other input."""
+        import tempfile
+
+        from safetensors.torch import save
+
+        from .format import read_header
+        from .reader import read_tensor
+
+        tensors, deltas = {}, {}
+        for A_info, B_info, names, scale in cut.values():
+            A, B = read_tensor(A_info), read_tensor(B_info)
+            experts, rows = len(names), B.shape[0] // len(names[0])
+            r = A.shape[0] // experts
+            for e, blocks in enumerate(names):
+                a_key = f"{blocks[0]}.lora_A"  # one A per expert, shared by its row blocks
+                tensors[a_key] = A[e * r : (e + 1) * r].clone()
+                for k, name in enumerate(blocks):
+                    tensors[f"{name}.lora_B"] = B[k * rows : (k + 1) * rows, e::experts].clone()
+                    deltas[name] = (scale, a_key)
+        data = save(tensors)
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("cws-expert-lora")
+            os.write(fd, data)
+            self._keep = fd
+            path = Path(f"/proc/self/fd/{fd}")
+        else:
+            self._keep = tempfile.NamedTemporaryFile(suffix=".safetensors")
+            self._keep.write(data)
+            self._keep.flush()
+            path = Path(self._keep.name)
+        infos, _ = read_header(path)
+        for name, (scale, a_key) in deltas.items():
+            self.lora[name] = LoraDelta(name, infos[f"{name}.lora_B"], infos[a_key], scale)
+
+    def _base(self):
+        """The base the adapter names (base_model_name_or_path), where it is a local model directory: its
+        model type names a fused tensor's experts in checkpoints, its headers tell which fused tensor a
+        LoRA wrapper targets (PEFT records target_parameters as an unordered set)."""
+        from types import SimpleNamespace
+
+        spec = self.config.get("base_model_name_or_path")
+        cfg = Path(str(spec)) / "config.json" if spec else None
+        if cfg is None or not cfg.is_file():
+            raise CheckpointError(
+                f"{self.path}: LoRA on expert parameters (target_parameters) is named after the base's model "
+                f"type, but base_model_name_or_path ({spec!r}) is not a local model directory; set it to the base"
+            )
+        model_type = load_json(cfg, "model config", dict).get("model_type")
+        return SimpleNamespace(path=cfg.parent, checkpoint=Checkpoint.open(cfg.parent), config_model_type=model_type)
+
+    @staticmethod
+    def _fits(fused: str, A: TensorInfo, B: TensorInfo, base: Checkpoint, model_type) -> bool:
+        """Whether LoRA factors A (r·E, in), B (out, r·E) fit fused tensor `fused` as the base stores it
+        per expert (the row blocks' shapes)."""
+        from .experts import expert_names
+
+        names = expert_names(fused, 1, model_type)
+        infos = [base.lookup(n) for n in names[0]] if names else [None]
+        if None in infos or any(len(i.shape) != 2 for i in infos):
+            return False
+        return B.shape[0] == sum(i.shape[0] for i in infos) and A.shape[1] == infos[0].shape[1]
 
     def _rank_alpha(self, module: str) -> tuple[int, float]:
         r = _pattern(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))

@@ -18,6 +18,7 @@ from cws_kernels import FLOAT_DTYPES
 
 from ..io.direction import Direction
 from ..errors import CwsError
+from ..io.experts import conversions
 from ..io.reader import read_tensor
 
 PEFT_PREFIX = "base_model.model."
@@ -58,7 +59,7 @@ def live_params(model: torch.nn.Module, fused: bool = False) -> dict[str, torch.
     if not fused:
         out = {n: p for n, p in out.items() if n not in viewed}
     out.update(views)
-    _, renamings = _conversions(getattr(getattr(model, "config", None), "model_type", None))
+    _, renamings = conversions(getattr(getattr(model, "config", None), "model_type", None))
     for name, p in list(out.items()):  # the checkpoint's names where transformers renames on load
         for original, renamed in renamings:
             if renamed in name:
@@ -75,7 +76,7 @@ def expert_views(model: torch.nn.Module, params: dict) -> tuple[dict[str, torch.
     renaming, ".block_sparse_moe." → ".mlp.", changed them). The same views are returned while the parameter keeps its storage, so
     a Steerer can tell a moved model. FSDP2-sharded (DTensor) experts get no views. Returns the views
     and the fused names they cover."""
-    converters, _ = _conversions(getattr(getattr(model, "config", None), "model_type", None))
+    converters, _ = conversions(getattr(getattr(model, "config", None), "model_type", None))
     out, viewed = {}, set()
     for name, p in list(params.items()) if converters else ():
         if p.ndim != 3 or isinstance(p, DTensor):
@@ -85,34 +86,6 @@ def expert_views(model: torch.nn.Module, params: dict) -> tuple[dict[str, torch.
                 out.update(_views_of(p, name[: len(name) - len(target)], sources))
                 viewed.add(name)
     return out, viewed
-
-
-@functools.lru_cache(maxsize=64)
-def _conversions(model_type: str | None) -> tuple[list, list]:
-    """(sources, target) of each expert-fusing converter, and (checkpoint, live) literal renamings."""
-    if not model_type:
-        return [], []
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError:  # an older transformers: experts are per-expert modules already
-        return [], []
-    converters, renamings = [], []
-    for c in get_checkpoint_conversion_mapping(model_type) or []:
-        sources, targets = list(c.source_patterns), list(getattr(c, "target_patterns", []))
-        ops = [(type(o).__name__, getattr(o, "dim", None)) for o in getattr(c, "operations", [])]
-        stacked = ops[:1] == [("MergeModulelist", 0)] and ops[1:] in ([], [("Concatenate", 1)])
-        if (
-            type(c).__name__ == "WeightConverter"
-            and stacked
-            and len(targets) == 1
-            and (len(sources) == 1) == (len(ops) == 1)
-        ):
-            if all(s.count("*") == 1 for s in sources):
-                converters.append((tuple(sources), targets[0]))
-        elif type(c).__name__ == "WeightRenaming" and len(sources) == len(targets) == 1:
-            if not re.search(r"[\\^$*+?()\[\]{}|]", sources[0] + targets[0]):  # literal text (dots aside)
-                renamings.append((sources[0], targets[0]))
-    return converters, renamings
 
 
 def _views_of(p: torch.Tensor, prefix: str, sources: tuple[str, ...]) -> dict[str, torch.Tensor]:
