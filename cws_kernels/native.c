@@ -63,30 +63,27 @@ INLINE f32x16 load_bf16(const uint16_t *p) {
     return v;
 }
 
-/* acc[i] (=, or += when !first) x[start + i] * c, for i < n; x in its storage dtype. */
+/* acc[i] (=, or += when !first) x[start + i] * c, for i < n; x in its storage dtype. Plain loops
+ * the compiler vectorizes for each clone's ISA (each element's arithmetic is the same in any lane). */
 INLINE void axpy_tile(float *restrict acc, const void *x, int code, float c, int first, int64_t start, int n) {
-    int i = 0;
     if (code == F32) {
         const float *s = (const float *)x + start;
-        for (; i + LANES <= n; i += LANES) {
-            f32x16 t = load_f32(s + i) * c, a = first ? t : load_f32(acc + i) + t;
-            memcpy(acc + i, &a, sizeof a);
-        }
-        for (; i < n; i++) acc[i] = first ? s[i] * c : acc[i] + s[i] * c;
+        if (first)
+            for (int i = 0; i < n; i++) acc[i] = s[i] * c;
+        else
+            for (int i = 0; i < n; i++) acc[i] = acc[i] + s[i] * c;
     } else if (code == BF16) {
         const uint16_t *s = (const uint16_t *)x + start;
-        for (; i + LANES <= n; i += LANES) {
-            f32x16 t = load_bf16(s + i) * c, a = first ? t : load_f32(acc + i) + t;
-            memcpy(acc + i, &a, sizeof a);
-        }
-        for (; i < n; i++) {
-            float t = bits_to_float((uint32_t)s[i] << 16) * c;
-            acc[i] = first ? t : acc[i] + t;
-        }
+        if (first)
+            for (int i = 0; i < n; i++) acc[i] = bits_to_float((uint32_t)s[i] << 16) * c;
+        else
+            for (int i = 0; i < n; i++) acc[i] = acc[i] + bits_to_float((uint32_t)s[i] << 16) * c;
     } else {
         const _Float16 *s = (const _Float16 *)x + start;
-        if (first) for (; i < n; i++) acc[i] = (float)s[i] * c;
-        else for (; i < n; i++) acc[i] = acc[i] + (float)s[i] * c;
+        if (first)
+            for (int i = 0; i < n; i++) acc[i] = (float)s[i] * c;
+        else
+            for (int i = 0; i < n; i++) acc[i] = acc[i] + (float)s[i] * c;
     }
 }
 
@@ -108,20 +105,10 @@ INLINE void store_nearest(void *out, int code, int64_t start, const float *restr
         memcpy((float *)out + start, acc, (size_t)n * 4);
     } else if (code == BF16) {
         uint16_t *o = (uint16_t *)out + start;
-        int i = 0;
-        for (; i + LANES <= n; i += LANES) {
-            f32x16 f = load_f32(acc + i);
-            u32x16 u;
-            memcpy(&u, &f, sizeof u);
-            u32x16 r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-            r = (u32x16)((i32x16)(f != f) & 0xFFFF) | (r & (u32x16)(f == f));
-            u16x16 h = __builtin_convertvector(r, u16x16);
-            memcpy(o + i, &h, sizeof h);
-        }
-        for (; i < n; i++) {
+        for (int i = 0; i < n; i++) {
             uint32_t u = float_to_bits(acc[i]);
-            uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-            o[i] = acc[i] != acc[i] ? 0xFFFFu : r;
+            uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+            o[i] = acc[i] != acc[i] ? (uint16_t)0xFFFFu : (uint16_t)r;
         }
     } else {
         _Float16 *o = (_Float16 *)out + start;

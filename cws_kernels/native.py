@@ -9,6 +9,7 @@ over `torch.get_num_threads()` threads at CHUNK boundaries; the bits never depen
 import ctypes
 import functools
 import importlib.util
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -24,6 +25,11 @@ _ptrs = ctypes.c_void_p * 8
 
 @functools.lru_cache(maxsize=1)
 def _lib():
+    """The built loops: the package's own build, or the one CWS_NATIVE_LIB names (a build for another ISA,
+    e.g. `-march=x86-64-v3 -DCWS_NO_CLONES`, to measure or test it on one machine)."""
+    forced = os.environ.get("CWS_NATIVE_LIB")
+    if forced:
+        return load(forced)  # asked for by name: a missing or broken file is an error, not a fallback
     spec = importlib.util.find_spec("cws_kernels._native")
     if spec is None or not spec.origin:
         return None
@@ -82,13 +88,24 @@ def _parts(n: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    """One pool for every call, made once (threads started per call cost more than small calls take)."""
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="cws-native")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: it makes its own pool
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def _run(parts, fn) -> None:
     if len(parts) == 1:
         fn(*parts[0])
         return
-    with ThreadPoolExecutor(len(parts)) as pool:
-        for f in [pool.submit(fn, a, b) for a, b in parts]:
-            f.result()
+    futures = [_pool().submit(fn, a, b) for a, b in parts[1:]]
+    fn(*parts[0])  # the calling thread takes the first part
+    for f in futures:
+        f.result()
 
 
 def _inputs(tensors):

@@ -403,9 +403,21 @@ def test_without_the_native_build_the_torch_path_runs(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None or platform.machine() != "x86_64", reason="needs gcc on x86-64")
-@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(
+            flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        )
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v4"])
 def test_native_isa_variants_give_the_same_bits(march, tmp_path, monkeypatch):
-    # The installed library runs the clone this CPU picks; build the others alone and compare bits.
+    # The installed library runs the clone this CPU picks; build each ISA level alone and compare bits
+    # with the reference (and the clone). x86-64-v4 runs only where the CPU has AVX-512.
+    if march == "x86-64-v4" and not _cpu_has("avx512f"):
+        pytest.skip("this CPU has no AVX-512")
     src = Path(native.__file__).with_name("native.c")
     lib = tmp_path / f"native-{march}.so"
     subprocess.run(
@@ -435,6 +447,11 @@ def test_native_isa_variants_give_the_same_bits(march, tmp_path, monkeypatch):
         monkeypatch.setattr(native, "_lib", lambda: native.load(lib))
         for o, w in zip(("bf16", "fp16", "fp32"), want):
             assert_bits_equal(K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=DT[o]), w, f"{march} -> {o}")
+            assert_bits_equal(w, lincomb_ref(xs, [1.0, 0.3, -0.7], DT[o]), f"clone -> {o}")
+        out = torch.empty_like(xs[0])
+        tally = K.lincomb_tally(xs, [1.0, 0.3, -0.7], out=out)
+        assert_bits_equal(out, want[0], f"{march} tally's output")
+        assert (tally.changed, tally.nonfinite) == (int((out.float() != xs[0].float()).sum()), 0)
         sr = K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=torch.bfloat16, rounding="stochastic", seed=2)
         assert_bits_equal(sr, want_sr, f"{march} stochastic")
         assert torch.equal(K.gram(xs, C), want_g)
