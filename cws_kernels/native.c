@@ -14,6 +14,8 @@
  *               rounding.round_stochastic.
  *   gram        v_k and products in fp32; each 1024-element block sums its products in 16 fixed
  *               lanes, reduced as a fixed tree, then added in fp64 to its CHUNK's partial.
+ * Loops are plain C that the compiler vectorizes for each clone's ISA (16-lane vector types, written
+ * by hand, compiled to slow code where the ISA has no 512-bit registers: AVX2 ran at a fifth of a copy).
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,28 +41,6 @@ INLINE uint32_t float_to_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
     return u;
-}
-
-/* 16 fp32 lanes as one value (GCC/Clang vector extensions): one zmm under AVX-512, two ymm under
- * AVX2, four xmm on baseline; each lane is an ordinary IEEE fp32 operation, so every clone agrees. */
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-
-INLINE f32x16 load_f32(const float *p) {
-    f32x16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-INLINE f32x16 load_bf16(const uint16_t *p) {
-    u16x16 h;
-    memcpy(&h, p, sizeof h);
-    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
-    f32x16 v;
-    memcpy(&v, &u, sizeof v);
-    return v;
 }
 
 /* acc[i] (=, or += when !first) x[start + i] * c, for i < n; x in its storage dtype. Plain loops
@@ -166,50 +146,47 @@ CLONES void cws_lincomb_tally(int64_t start, int64_t stop, int n_in, const void 
         else store_nearest(out, out_code, s, acc, n);
         axpy_tile(a, out, out_code, 1.0f, 1, s, n); /* x * 1 is x exactly, NaN and -0 included */
         axpy_tile(b, xs[0], codes[0], 1.0f, 1, s, n);
+        int bad = 0, moved = 0, touched = 0; /* per tile (n <= TILE): int counts vectorize */
         for (int i = 0; i < n; i++) {
-            nonfinite += (a[i] - a[i]) != 0.0f; /* NaN for NaN and +-Inf, 0 otherwise */
-            changed += a[i] != b[i];
+            bad += (a[i] - a[i]) != 0.0f; /* NaN for NaN and +-Inf, 0 otherwise */
+            moved += a[i] != b[i];
         }
         if (n_in >= 2) {
             axpy_tile(a, xs[1], codes[1], 1.0f, 1, s, n);
             if (n_in >= 3) {
                 axpy_tile(b, xs[2], codes[2], 1.0f, 1, s, n);
-                for (int i = 0; i < n; i++) support += a[i] != b[i];
+                for (int i = 0; i < n; i++) touched += a[i] != b[i];
             } else {
-                for (int i = 0; i < n; i++) support += a[i] != 0.0f;
+                for (int i = 0; i < n; i++) touched += a[i] != 0.0f;
             }
         }
+        nonfinite += bad, changed += moved, support += touched;
     }
     tally[0] += nonfinite, tally[1] += changed, tally[2] += support;
 }
 
-/* Lane l of a block's sum holds its elements l, l + 16, ... in order; the lanes meet in a fixed tree. */
-INLINE float reduce_lanes(f32x16 s) {
-    float lane[LANES];
-    memcpy(lane, &s, sizeof lane);
+/* A block's LANES lane sums meet in a fixed tree. */
+INLINE float reduce_lanes(float *lane) {
     for (int w = LANES / 2; w > 0; w /= 2)
         for (int l = 0; l < w; l++) lane[l] = lane[l] + lane[l + w];
     return lane[0];
 }
 
-/* g[i][j] += sum over one TILE-element block of v_i * v_j (fp32 products), for i <= j. K = 2 (one
- * update against one direction, the common case) reads both tiles once for its three sums. */
+/* The fp32 sums of a[t] * b[t] over one TILE-element block in LANES lanes: lane l sums elements
+ * l, l + LANES, ... in order (a plain loop the compiler vectorizes; the order is fixed). */
+INLINE void lane_sums(const float *restrict a, const float *restrict b, float *restrict lane) {
+    for (int l = 0; l < LANES; l++) lane[l] = 0.0f;
+    for (int t = 0; t < TILE; t += LANES)
+        for (int l = 0; l < LANES; l++) lane[l] = lane[l] + a[t + l] * b[t + l];
+}
+
+/* g[i][j] += sum over one TILE-element block of v_i * v_j (fp32 products), for i <= j. */
 INLINE void block_gram(const float *restrict v, int k, double *g) {
-    if (k == 2) {
-        f32x16 s00 = {0}, s01 = {0}, s11 = {0};
-        for (int t = 0; t < TILE; t += LANES) {
-            f32x16 a = load_f32(v + t), b = load_f32(v + TILE + t);
-            s00 += a * a, s01 += a * b, s11 += b * b;
-        }
-        g[0] += (double)reduce_lanes(s00), g[1] += (double)reduce_lanes(s01), g[3] += (double)reduce_lanes(s11);
-        return;
-    }
+    float lane[LANES] __attribute__((aligned(64)));
     for (int i = 0; i < k; i++)
         for (int j = i; j < k; j++) {
-            const float *a = v + (int64_t)i * TILE, *b = v + (int64_t)j * TILE;
-            f32x16 s = {0};
-            for (int t = 0; t < TILE; t += LANES) s += load_f32(a + t) * load_f32(b + t);
-            g[i * k + j] += (double)reduce_lanes(s);
+            lane_sums(v + (int64_t)i * TILE, v + (int64_t)j * TILE, lane);
+            g[i * k + j] += (double)reduce_lanes(lane);
         }
 }
 
