@@ -62,7 +62,7 @@ def peak_GBps(dev):
 MARCHES = ("x86-64", "x86-64-v3", "x86-64-v4")  # baseline, AVX2, AVX-512
 
 
-def isa_builds(n: int, reps: int) -> list[dict]:
+def isa_builds(n: int, reps: int, src: Path | None = None) -> list[dict]:
     """native.c built alone for each x86-64 ISA level this CPU runs (gcc, -DCWS_NO_CLONES), loaded through
     CWS_NATIVE_LIB: lincomb (3 bf16 -> bf16), lincomb_tally and gram, one thread and all, against a
     bf16 copy of the same bytes at the same thread count."""
@@ -78,7 +78,7 @@ def isa_builds(n: int, reps: int) -> list[dict]:
         if line.startswith("flags"):
             flags |= set(line.split())
     runs = {"x86-64": True, "x86-64-v3": "avx2" in flags, "x86-64-v4": "avx512f" in flags}
-    src = Path(native.__file__).with_name("native.c")
+    src = src or Path(native.__file__).with_name("native.c")
     g = torch.Generator().manual_seed(0)
     a, b, c = (torch.randn(n, generator=g).to(torch.bfloat16) for _ in range(3))
     out = torch.empty_like(a)
@@ -131,6 +131,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path, default=RESULTS / "kernels.json")
     ap.add_argument("--isa-n", type=int, default=1 << 25, help="elements for the per-ISA builds (0: skip them)")
+    ap.add_argument("--native-src", type=Path, help="build the per-ISA variants from this native.c (e.g. an older one)")
     args = ap.parse_args()
     print(describe(machine()), flush=True)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -237,7 +238,7 @@ def main():
         "peak_GBps": peak,
         "device_name": torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else platform.processor(),
     }
-    builds = isa_builds(args.isa_n, args.reps) if dev == "cpu" and args.isa_n else []
+    builds = isa_builds(args.isa_n, args.reps, args.native_src) if dev == "cpu" and args.isa_n else []
     write_json(
         args.json, {"env": env, "rows": rows, "ratios": ratios, "gram_relative_error": accuracy, "isa_builds": builds}
     )

@@ -183,6 +183,19 @@ INLINE void lane_sums(const float *restrict a, const float *restrict b, float *r
 /* g[i][j] += sum over one TILE-element block of v_i * v_j (fp32 products), for i <= j. */
 INLINE void block_gram(const float *restrict v, int k, double *g) {
     float lane[LANES] __attribute__((aligned(64)));
+    if (k == 2) { /* one update against one direction, the common case: both tiles read once for three sums */
+        float s00[LANES] __attribute__((aligned(64))), s01[LANES] __attribute__((aligned(64)));
+        float s11[LANES] __attribute__((aligned(64)));
+        const float *a = v, *b = v + TILE;
+        for (int l = 0; l < LANES; l++) s00[l] = s01[l] = s11[l] = 0.0f;
+        for (int t = 0; t < TILE; t += LANES)
+            for (int l = 0; l < LANES; l++) {
+                float x = a[t + l], y = b[t + l];
+                s00[l] = s00[l] + x * x, s01[l] = s01[l] + x * y, s11[l] = s11[l] + y * y;
+            }
+        g[0] += (double)reduce_lanes(s00), g[1] += (double)reduce_lanes(s01), g[3] += (double)reduce_lanes(s11);
+        return;
+    }
     for (int i = 0; i < k; i++)
         for (int j = i; j < k; j++) {
             lane_sums(v + (int64_t)i * TILE, v + (int64_t)j * TILE, lane);
