@@ -62,10 +62,11 @@ def peak_GBps(dev):
 MARCHES = ("x86-64", "x86-64-v3", "x86-64-v4")  # baseline, AVX2, AVX-512
 
 
-def isa_builds(n: int, reps: int, src: Path | None = None) -> list[dict]:
+def isa_builds(n: int, reps: int, other: Path | None = None) -> list[dict]:
     """native.c built alone for each x86-64 ISA level this CPU runs (gcc, -DCWS_NO_CLONES), loaded through
-    CWS_NATIVE_LIB: lincomb (3 bf16 -> bf16), lincomb_tally and gram, one thread and all, against a
-    bf16 copy of the same bytes at the same thread count."""
+    CWS_NATIVE_LIB: lincomb (3 bf16 -> bf16), lincomb_tally and gram, one thread and all, against a bf16
+    copy of the same bytes measured in the same rounds. With `other` (another native.c, e.g. the previous
+    version), both are built and measured in alternating rounds, so a noisy machine moves both alike."""
     import os
     import shutil
     import subprocess
@@ -78,48 +79,55 @@ def isa_builds(n: int, reps: int, src: Path | None = None) -> list[dict]:
         if line.startswith("flags"):
             flags |= set(line.split())
     runs = {"x86-64": True, "x86-64-v3": "avx2" in flags, "x86-64-v4": "avx512f" in flags}
-    src = src or Path(native.__file__).with_name("native.c")
+    sources = {"this": Path(native.__file__).with_name("native.c"), **({"other": other} if other else {})}
     g = torch.Generator().manual_seed(0)
     a, b, c = (torch.randn(n, generator=g).to(torch.bfloat16) for _ in range(3))
     out = torch.empty_like(a)
+    ops = {
+        "copy": (lambda: out.copy_(a), 4 * n),
+        "lincomb": (lambda: K.lincomb([a, b, c], [1.0, 0.5, -0.5], out=out), 8 * n),
+        "lincomb_tally": (lambda: K.lincomb_tally([a, b, c], [1.0, 0.5, -0.5], out=out), 8 * n),
+        "gram": (lambda: K.gram([a, b], [[1.0, 0.0], [0.0, 1.0]]), 4 * n),
+    }
     rows, all_threads = [], torch.get_num_threads()
+    cmd = ["gcc", "-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-Wno-psabi"]
     with tempfile.TemporaryDirectory() as tmp:
         for march in (m for m in MARCHES if runs[m]):
-            lib = Path(tmp) / f"native-{march}.so"
-            cmd = ["gcc", "-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-Wno-psabi"]
-            subprocess.run(
-                [*cmd, "-fPIC", "-shared", f"-march={march}", "-DCWS_NO_CLONES", "-o", str(lib), str(src)], check=True
-            )
-            os.environ["CWS_NATIVE_LIB"] = str(lib)
-            native._lib.cache_clear()
-            try:
-                for threads in sorted({1, all_threads}):
-                    torch.set_num_threads(threads)
-                    copy = timeit(lambda: out.copy_(a), reps)[0]
-                    with K.use_cpu_impl("native"):
-                        lin = timeit(lambda: K.lincomb([a, b, c], [1.0, 0.5, -0.5], out=out), reps)[0]
-                        tal = timeit(lambda: K.lincomb_tally([a, b, c], [1.0, 0.5, -0.5], out=out), reps)[0]
-                        gra = timeit(lambda: K.gram([a, b], [[1.0, 0.0], [0.0, 1.0]]), reps)[0]
-                    copy_bw = 4 * n / copy / 1e9
-                    row = {"march": march, "threads": threads, "copy_GBps": copy_bw}
-                    for op, sec, nbytes in (
-                        ("lincomb", lin, 8 * n),
-                        ("lincomb_tally", tal, 8 * n),
-                        ("gram", gra, 4 * n),
-                    ):
-                        row[f"{op}_GBps"] = nbytes / sec / 1e9
-                        row[f"{op}_vs_copy"] = nbytes / sec / 1e9 / copy_bw
+            libs = {}
+            for label, src in sources.items():
+                libs[label] = Path(tmp) / f"{label}-{march}.so"
+                subprocess.run(
+                    [*cmd, "-fPIC", "-shared", f"-march={march}", "-DCWS_NO_CLONES", "-o", str(libs[label]), str(src)],
+                    check=True,
+                )
+            for threads in sorted({1, all_threads}):
+                torch.set_num_threads(threads)
+                times = {(label, op): [] for label in libs for op in ops}
+                try:
+                    for _ in range(reps):
+                        for label, lib in libs.items():
+                            os.environ["CWS_NATIVE_LIB"] = str(lib)
+                            native._lib.cache_clear()
+                            with K.use_cpu_impl("native"):
+                                for op, (fn, _) in ops.items():
+                                    times[(label, op)].append(timeit(fn, 1)[0])
+                finally:
+                    os.environ.pop("CWS_NATIVE_LIB", None)
+                    native._lib.cache_clear()
+                    torch.set_num_threads(all_threads)
+                for label in libs:
+                    row = {"source": label, "march": march, "threads": threads}
+                    copy = ops["copy"][1] / statistics.median(times[(label, "copy")]) / 1e9
+                    for op, (_, nbytes) in ops.items():
+                        row[f"{op}_GBps"] = nbytes / statistics.median(times[(label, op)]) / 1e9
+                        row[f"{op}_vs_copy"] = row[f"{op}_GBps"] / copy
                     rows.append(row)
-            finally:
-                del os.environ["CWS_NATIVE_LIB"]
-                native._lib.cache_clear()
-                torch.set_num_threads(all_threads)
-    print("native.c built for each ISA level (GB/s; x = of a bf16 copy at the same thread count):")
+    print(f"native.c built for each ISA level, median of {reps} alternating rounds (GB/s; x = of a bf16 copy):")
     for r in rows:
         print(
-            f"  {r['march']:10s} {r['threads']} thread(s): copy {r['copy_GBps']:5.1f}  lincomb {r['lincomb_GBps']:5.1f} "
-            f"({r['lincomb_vs_copy']:.2f}x)  tally {r['lincomb_tally_GBps']:5.1f} ({r['lincomb_tally_vs_copy']:.2f}x)  "
-            f"gram {r['gram_GBps']:5.1f} ({r['gram_vs_copy']:.2f}x)"
+            f"  {r['source']:5s} {r['march']:10s} {r['threads']} thread(s): copy {r['copy_GBps']:5.1f}  lincomb "
+            f"{r['lincomb_GBps']:5.1f} ({r['lincomb_vs_copy']:.2f}x)  tally {r['lincomb_tally_GBps']:5.1f} "
+            f"({r['lincomb_tally_vs_copy']:.2f}x)  gram {r['gram_GBps']:5.1f} ({r['gram_vs_copy']:.2f}x)"
         )
     return rows
 
@@ -131,7 +139,9 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path, default=RESULTS / "kernels.json")
     ap.add_argument("--isa-n", type=int, default=1 << 25, help="elements for the per-ISA builds (0: skip them)")
-    ap.add_argument("--native-src", type=Path, help="build the per-ISA variants from this native.c (e.g. an older one)")
+    ap.add_argument(
+        "--native-src", type=Path, help="another native.c (e.g. the previous one) to measure beside this one"
+    )
     args = ap.parse_args()
     print(describe(machine()), flush=True)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -238,7 +248,7 @@ def main():
         "peak_GBps": peak,
         "device_name": torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else platform.processor(),
     }
-    builds = isa_builds(args.isa_n, args.reps, args.native_src) if dev == "cpu" and args.isa_n else []
+    builds = isa_builds(args.isa_n, max(args.reps, 9), args.native_src) if dev == "cpu" and args.isa_n else []
     write_json(
         args.json, {"env": env, "rows": rows, "ratios": ratios, "gram_relative_error": accuracy, "isa_builds": builds}
     )
