@@ -83,6 +83,7 @@ class Adapter:
     full: dict[str, TensorInfo] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)
     ties: dict[str, str] = field(default_factory=dict)  # {lm_head: embed}: saved once-trained tied copies
+    _keep: object = field(default=None, repr=False)  # the in-memory file of cut expert factors, while in use
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Adapter:
@@ -174,31 +175,32 @@ class Adapter:
             raise CheckpointError(f"{self.path}: {sorted(both)[0]!r} has both LoRA factors and a full saved copy")
 
     def _param_lora(self, factors: dict) -> None:
-        """LoRA on parameters (PEFT's `target_parameters`, a ParamWrapper per parameter, nested in the
-        listed order, so the outermost key holds the last): on a fused 3-D expert tensor (experts, out,
-        in), A (r·E, in) and B (out, r·E) give expert e the delta scale·B[:, e::E]·A[e·r:(e+1)·r]. Each
-        expert's row blocks (gate and up of gate_up_proj) become LoRA deltas under the checkpoint's
-        names, from transformers' table for the base's model type; their factors are cut once into an
-        in-memory safetensors file (`_cut`). Taken out of `factors`."""
+        """LoRA on parameters (PEFT's `target_parameters`: a ParamWrapper per parameter, nested, keyed
+        `<module>[.base_layer…].lora_A/B`): on a fused 3-D expert tensor (experts, out, in), A (r·E, in)
+        and B (out, r·E) give expert e the delta scale·B[:, e::E]·A[e·r:(e+1)·r]. Which fused tensor a
+        wrapper holds is told by the base's per-expert shapes (PEFT saves target_parameters as an
+        unordered set). Each expert's row blocks (gate and up of gate_up_proj) become LoRA deltas under
+        the checkpoint's names, from transformers' table for the base's model type; their factors are
+        cut once into an in-memory safetensors file (`_cut`). Taken out of `factors`."""
         from .experts import expert_names
 
         targets = [str(t) for t in self.config["target_parameters"]]
-        owners: dict[str, list[tuple[int, str]]] = {}
+        owners: dict[str, list[str]] = {}
         for module in list(factors):
-            owner, depth = module, 0
+            owner = module
             while owner.endswith(".base_layer"):
-                owner, depth = owner[: -len(".base_layer")], depth + 1
+                owner = owner[: -len(".base_layer")]
             if any(("." + owner).endswith("." + t.rsplit(".", 1)[0]) for t in targets if "." in t):
-                owners.setdefault(owner, []).append((depth, module))
+                owners.setdefault(owner, []).append(module)
         base = self._base() if owners else None
         model_type = base.config_model_type if base is not None else None
         cut = {}
         for owner, wrappers in owners.items():
             params = [t.rsplit(".", 1)[1] for t in targets if ("." + owner).endswith("." + t.rsplit(".", 1)[0])]
-            for _, module in wrappers:
+            for module in wrappers:
                 ab = factors.pop(module)
                 A, B = ab["A"], ab["B"]
-                fits = [p for p in params if self._fits(f"{owner}.{p}", A, B, base.checkpoint, model_type)]
+                fits = [p for p in params if self._block_rows(f"{owner}.{p}", A, B, base.checkpoint, model_type)]
                 if len(fits) != 1:
                     raise CheckpointError(
                         f"{self.path}: LoRA factors {list(B.shape)}, {list(A.shape)} of {owner} fit "
@@ -211,7 +213,8 @@ class Adapter:
                         f"{self.path}: {fused}: LoRA factors {list(B.shape)}, {list(A.shape)} are not r={r} per expert"
                     )
                 names = expert_names(fused, A.shape[0] // r, model_type)
-                cut[fused] = (A, B, names, alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r)
+                rows = self._block_rows(fused, A, B, base.checkpoint, model_type)
+                cut[fused] = (A, B, names, rows, alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r)
         if cut:
             self._cut(cut)
 
@@ -226,15 +229,16 @@ class Adapter:
         from .reader import read_tensor
 
         tensors, deltas = {}, {}
-        for A_info, B_info, names, scale in cut.values():
+        for A_info, B_info, names, rows, scale in cut.values():
             A, B = read_tensor(A_info), read_tensor(B_info)
-            experts, rows = len(names), B.shape[0] // len(names[0])
+            experts = len(names)
             r = A.shape[0] // experts
+            starts = [sum(rows[:k]) for k in range(len(rows) + 1)]
             for e, blocks in enumerate(names):
                 a_key = f"{blocks[0]}.lora_A"  # one A per expert, shared by its row blocks
                 tensors[a_key] = A[e * r : (e + 1) * r].clone()
                 for k, name in enumerate(blocks):
-                    tensors[f"{name}.lora_B"] = B[k * rows : (k + 1) * rows, e::experts].clone()
+                    tensors[f"{name}.lora_B"] = B[starts[k] : starts[k + 1], e::experts].clone()
                     deltas[name] = (scale, a_key)
         data = save(tensors)
         if hasattr(os, "memfd_create"):
@@ -268,16 +272,17 @@ class Adapter:
         return SimpleNamespace(path=cfg.parent, checkpoint=Checkpoint.open(cfg.parent), config_model_type=model_type)
 
     @staticmethod
-    def _fits(fused: str, A: TensorInfo, B: TensorInfo, base: Checkpoint, model_type) -> bool:
-        """Whether LoRA factors A (r·E, in), B (out, r·E) fit fused tensor `fused` as the base stores it
-        per expert (the row blocks' shapes)."""
+    def _block_rows(fused: str, A: TensorInfo, B: TensorInfo, base: Checkpoint, model_type) -> list[int] | None:
+        """The rows of each block the fused tensor stacks (gate, up), as the base stores them per expert,
+        where LoRA factors A (r·E, in), B (out, r·E) fit it; else None."""
         from .experts import expert_names
 
         names = expert_names(fused, 1, model_type)
         infos = [base.lookup(n) for n in names[0]] if names else [None]
-        if None in infos or any(len(i.shape) != 2 for i in infos):
-            return False
-        return B.shape[0] == sum(i.shape[0] for i in infos) and A.shape[1] == infos[0].shape[1]
+        if None in infos or any(len(i.shape) != 2 or i.shape[1] != A.shape[1] for i in infos):
+            return None
+        rows = [i.shape[0] for i in infos]
+        return rows if B.shape[0] == sum(rows) else None
 
     def _rank_alpha(self, module: str) -> tuple[int, float]:
         r = _pattern(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
