@@ -110,6 +110,9 @@ def test_cli_apply_and_a_schedule_that_names_no_tensor(dense, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--module-alpha 'experts' matches no tensor" in err and err.count("\n") == 1
     assert not (tmp_path / "b").exists()
+    assert cli([*args, "--out", str(tmp_path / "c"), "--module-alpha", ".=0"]) == 2
+    err = capsys.readouterr().err
+    assert "gives a factor of 0 to every tensor the direction steers" in err and err.count("\n") == 1
 
 
 def test_tied_model_untied_where_head_and_embedding_get_other_factors(tmp_path):

@@ -220,9 +220,11 @@ def plan_apply(
     targets = list(m.tensors.items())
     for head, embed in untied.items():  # written as its own tensor, from the embedding's bits
         targets.insert(next(i for i, (n, _) in enumerate(targets) if n == embed) + 1, (head, m.tensors[embed]))
+    matched = 0
     for name, info in targets:
         src = name if delta_of(name) is not None else tied_to.get(name)  # a kept tie: the head's delta
         e = delta_of(src) if src is not None else None
+        matched += e is not None
         steer = dict(alphas=[a * factor(src) for a in alphas], rounding=rounding, seed=seed) if e else {}
         step = _steer_step(name, info, e, plan.problems, steer) if e is not None else Copy(name, info)
         if step is not None:
@@ -233,6 +235,10 @@ def plan_apply(
         steer = dict(alphas=[a * factor(name) for a in alphas], rounding=rounding, seed=seed)
         plan.steps.append(NewBias(name, wt.dtype, wt.shape[0], terms, **steer))
     if not plan.problems and not any(isinstance(s, (Steer, SteerLowRank)) for s in plan.steps):
+        if matched and schedule is not None:
+            raise CwsError(
+                f"the schedule ({schedule.record()}) gives a factor of 0 to every tensor the direction steers"
+            )
         if not any(e is not None for e in biases.values()):
             raise CwsError(f"no tensor of {m.path} matches the direction; nothing to steer")
     if untied:
