@@ -137,10 +137,11 @@ def vector_gram(vectors: list, scratch: list[torch.Tensor] | None = None) -> tor
             terms = vectors[k][1]
             out = scratch[n] if scratch else None
             mats[k] = lincomb([t for t, _ in terms], [c for _, c in terms], out=out, out_dtype=torch.float32)
+        factors = {k: (vectors[k][1].double(), vectors[k][2].double(), vectors[k][3]) for k in lowrank}  # once each
         for pos, i in enumerate(lowrank):
-            _, Bi, Ai, si = vectors[i]
+            Bi, Ai, si = factors[i]
             for j in lowrank[pos:]:
-                _, Bj, Aj, sj = vectors[j]
+                Bj, Aj, sj = factors[j]
                 G[i, j] = G[j, i] = lowrank_inner(Bi, Ai, Bj, Aj, si, sj)
             for k in dense:
                 G[i, k] = G[k, i] = lowrank_dense_inner(Bi, Ai, mats[k].reshape(Bi.shape[0], -1), si)
