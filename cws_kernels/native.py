@@ -28,8 +28,11 @@ def _lib():
     """The built loops: the package's own build, or the one CWS_NATIVE_LIB names (a build for another ISA,
     e.g. `-march=x86-64-v3 -DCWS_NO_CLONES`, to measure or test it on one machine)."""
     forced = os.environ.get("CWS_NATIVE_LIB")
-    if forced:
-        return load(forced)  # asked for by name: a missing or broken file is an error, not a fallback
+    if forced:  # asked for by name: a missing or broken file is an error, not a fallback
+        try:
+            return load(forced)
+        except OSError as e:
+            raise OSError(f"CWS_NATIVE_LIB={forced}: cannot load it ({e})") from e
     spec = importlib.util.find_spec("cws_kernels._native")
     if spec is None or not spec.origin:
         return None
