@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
-from harness import cws_command, describe, machine, run_once, write_json
+from harness import cws_command, describe, machine, run_once, warm, write_json
 from safetensors.torch import save_file
 
 from cws.io.format import build_header
@@ -114,7 +114,7 @@ def main() -> int:
     rows = {}
     for rep in range(args.reps):
         for job, cmd in jobs.items():
-            subprocess_warm(work)
+            warm([f for f in work.rglob("*.safetensors") if f.parent.name != "base"])  # not the sparse base
             wall, rss = run_once(cmd, env, work / f"{job.split()[0]}.log")
             rows.setdefault(job, []).append((wall, rss))
             print(f"  rep {rep + 1} {job:20s} {wall:6.1f} s {rss / 1e6:6.0f} MB", flush=True)
@@ -135,15 +135,6 @@ def main() -> int:
     write_json(args.out, results)
     shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def subprocess_warm(work: Path) -> None:
-    """Every adapter and direction file read once, so each run starts from a warm page cache."""
-    for f in work.rglob("*.safetensors"):
-        if f.parent.name != "base":
-            with open(f, "rb") as h:
-                while h.read(1 << 24):
-                    pass
 
 
 if __name__ == "__main__":

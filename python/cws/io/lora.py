@@ -225,6 +225,7 @@ class Adapter:
 
         from safetensors.torch import save
 
+        from .direct import pwrite_all
         from .format import read_header
         from .reader import read_tensor
 
@@ -243,7 +244,7 @@ class Adapter:
         data = save(tensors)
         if hasattr(os, "memfd_create"):
             fd = os.memfd_create("cws-expert-lora")
-            os.write(fd, data)
+            pwrite_all(fd, memoryview(data), 0)  # one os.write may take only part of a large buffer
             self._keep = fd
             path = Path(f"/proc/self/fd/{fd}")
         else:
