@@ -1,10 +1,12 @@
 """Cold 7B-class runs: `cws apply/extract/compare` against the disk's own limits (and mergekit).
 
     python benchmarks/bench_scale.py [--layers 24] [--workdir /tmp/cws-scale] [--reps 1] [--keep]
+    python benchmarks/bench_scale.py --shape 70b --layers 2 --skip-mergekit   # Llama-3-70B layers
 
 Data: Llama-2-7B-shaped bf16 checkpoints (hidden 4096, MLP 11008, 32 heads, vocab 32000, untied
 lm_head; --layers of them, 24 -> 10.2 GB each) base, pos and neg, written straight as safetensors
-shards of <= --shard-gb (header first, then each tensor in 16M-element chunks cut from one 128 MB
+shards of <= --shard-gb; --shape 70b: Llama-3-70B-shaped (hidden 8192, MLP 28672, 8 KV heads, vocab
+128256: 2.1 GB embedding and lm_head; 2 layers -> 8.2 GB each) (header first, then each tensor in 16M-element chunks cut from one 128 MB
 pool of seeded Gaussians; pos/neg = bf16(base + 1e-3·noise)), so no model is ever in RAM.
 Deleted at the end unless --keep (a kept set is reused).
 
@@ -20,7 +22,7 @@ is max(its input bytes at the best read floor's GB/s, the best durable write of 
 the disk read and wrote at once at full speed each; its read+write floor is the best run that read and
 wrote at once, scaled to its bytes read + written (never below the floor), for a disk that shares its
 bandwidth between reads and writes. Each provider's peak RSS is its ru_maxrss
-(GNU time, else a fork/wait4 launcher). Prints a table; writes benchmarks/results/scale.json.
+(GNU time, else a fork/wait4 launcher). Prints a table; writes benchmarks/results/scale.json (scale-70b.json).
 """
 
 import argparse
@@ -55,8 +57,11 @@ from harness import (
 )
 from cws.io.format import build_header
 
-SEVEN_B = dict(hidden=4096, intermediate=11008, vocab=32000, heads=32)  # Llama-2-7B
-KV_HEADS = 32
+SHAPES = {  # --shape: (dims, kv heads)
+    "7b": (dict(hidden=4096, intermediate=11008, vocab=32000, heads=32), 32),  # Llama-2-7B
+    "70b": (dict(hidden=8192, intermediate=28672, vocab=128256, heads=64), 8),  # Llama-3-70B: a 2.1 GB embedding
+}
+DIMS, KV_HEADS = SHAPES["7b"]  # the shape being run (main sets it from --shape)
 SEED = 1234
 NOISE = 1e-3  # pos/neg deviation from base (weights ~0.02): a few bf16 ulps
 POOL = 1 << 25  # fp32 Gaussians every tensor is cut from (128 MB)
@@ -97,7 +102,7 @@ def shard_groups(tensors, shard_bytes):
 
 def make_checkpoint(path, kind, layers, shard_bytes, pool):
     """An HF directory (shards + index + config.json) written tensor by tensor; renamed into place when whole."""
-    tensors = [(i, name, shape) for i, (name, shape) in enumerate(layout(SEVEN_B, layers, KV_HEADS))]
+    tensors = [(i, name, shape) for i, (name, shape) in enumerate(layout(DIMS, layers, KV_HEADS))]
     groups = shard_groups(tensors, shard_bytes)
     tmp = path.parent / f".{path.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -116,7 +121,7 @@ def make_checkpoint(path, kind, layers, shard_bytes, pool):
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
-    (tmp / "config.json").write_text(json.dumps(llama_config(SEVEN_B, layers, KV_HEADS), indent=2))
+    (tmp / "config.json").write_text(json.dumps(llama_config(DIMS, layers, KV_HEADS), indent=2))
     tmp.rename(path)
 
 
@@ -326,6 +331,7 @@ def mergekit_venv(arg):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="7b", help="the model's shape (default 7b)")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--workdir", default="/tmp/cws-scale")
     ap.add_argument("--reps", type=int, default=1)
@@ -336,11 +342,13 @@ def main():
     ap.add_argument("--mergekit-reps", type=int, default=1, help="reps that run mergekit too (default 1: it is slow)")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache (a quick check of the script)")
     args = ap.parse_args()
+    global DIMS, KV_HEADS
+    DIMS, KV_HEADS = SHAPES[args.shape]
     command, before = command_line(), machine()
     print(describe(before), flush=True)
     git_before = before["git"]
     work = Path(args.workdir).resolve()
-    root = work / f"7b-L{args.layers}"
+    root = work / f"{args.shape}-L{args.layers}"
     print(f"data under {root}", flush=True)
     paths = ensure_data(root, args.layers, int(args.shard_gb * 1e9))
     out, logdir = work / "out", work / "logs"
@@ -588,16 +596,17 @@ def main():
         "git_at_end": git_state(),
     }
     data = {
+        "shape": args.shape,
         "layers": args.layers,
-        "dims": SEVEN_B,
+        "dims": DIMS,
         "kv_heads": KV_HEADS,
         "reps": args.reps,
-        "params": sum(math.prod(s) for _, s in layout(SEVEN_B, args.layers, KV_HEADS)),
+        "params": sum(math.prod(s) for _, s in layout(DIMS, args.layers, KV_HEADS)),
         "checkpoint_GB": ckpt / 1e9,
         "shards": len(weight_files(paths["base"])),
     }
     write_results(
-        "scale",
+        "scale" if args.shape == "7b" else f"scale-{args.shape}",
         {
             "env": env_info,
             "data": data,

@@ -10,7 +10,14 @@ a PyTorch path (eager or compiled) where they were not built.
 from ._dispatch import use_cpu_impl
 from .gram import cosine, cosine_from_gram, dot, gram, sqnorm
 from .lincomb import FLOAT_DTYPES, Tally, lincomb, lincomb_tally
-from .lowrank import add_lowrank_, lowrank_block_rows, lowrank_dense_inner, lowrank_inner, lowrank_inner_stacked
+from .lowrank import (
+    add_lowrank_,
+    lowrank_block_rows,
+    lowrank_dense_inner,
+    lowrank_gram,
+    lowrank_inner,
+    lowrank_inner_stacked,
+)
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -24,6 +31,7 @@ __all__ = [
     "cosine_from_gram",
     "lowrank_inner",
     "lowrank_inner_stacked",
+    "lowrank_gram",
     "lowrank_dense_inner",
     "add_lowrank_",
     "lowrank_block_rows",

@@ -39,6 +39,51 @@ def lowrank_inner(B1, A1, B2, A2, scale1: float = 1.0, scale2: float = 1.0) -> f
     return float((bb * aa).sum()) * scale1 * scale2
 
 
+def lowrank_gram(factors, block_elems: int = ROWS_CHUNK_ELEMS) -> torch.Tensor:
+    """(K, K) fp64 Gram matrix ⟨sᵢ·BᵢAᵢ, sⱼ·BⱼAⱼ⟩ of K low-rank deltas of one shape, from the factors.
+
+    factors: [(B (out, rᵢ), A (rᵢ, in), sᵢ), ...] of any float dtypes. All factors side by side make
+    B̂ (out, R) and Â (R, in), R = Σ rᵢ; then ⟨BᵢAᵢ, BⱼAⱼ⟩ is the (i, j) block sum of (B̂ᵀB̂) ⊙ (ÂÂᵀ)
+    (the trace identity of `lowrank_inner`). B̂ᵀB̂ and ÂÂᵀ are summed in fp64 over blocks of about
+    `block_elems` fp64 elements (rows of B̂, columns of Â), each converted once into one reused buffer,
+    so the fp64 copies stay in cache: two matmuls per block for all K² pairs.
+    """
+    for i, (B, A, _) in enumerate(factors):
+        _check_factors(B, A, f"lowrank_gram factor {i}")
+    (B0, A0, _) = factors[0]
+    out, inn = B0.shape[0], A0.shape[1]
+    if any((B.shape[0], A.shape[1]) != (out, inn) for B, A, _ in factors):
+        raise ValueError(f"lowrank_gram: deltas of shapes {[(B.shape[0], A.shape[1]) for B, A, _ in factors]} differ")
+    ranks = [B.shape[1] for B, _, _ in factors]
+    R, dev = sum(ranks), B0.device
+    BB = torch.zeros(R, R, dtype=torch.float64, device=dev)
+    AA = torch.zeros(R, R, dtype=torch.float64, device=dev)
+    step = max(1, block_elems // max(R, 1))
+    buf = torch.empty(R * min(step, max(out, inn)), dtype=torch.float64, device=dev)
+    for s in range(0, out, step):  # B̂ᵀB̂ over row blocks of B̂
+        n = min(step, out - s)
+        blk = buf[: n * R].view(n, R)
+        _fill(blk, [B[s : s + n] for B, _, _ in factors], 1)
+        BB.addmm_(blk.T, blk)
+    for s in range(0, inn, step):  # ÂÂᵀ over column blocks of Â
+        n = min(step, inn - s)
+        blk = buf[: n * R].view(R, n)
+        _fill(blk, [A[:, s : s + n] for _, A, _ in factors], 0)
+        AA.addmm_(blk, blk.T)
+    owner = torch.repeat_interleave(torch.arange(len(factors)), torch.tensor(ranks)).to(dev)
+    seg = torch.nn.functional.one_hot(owner, len(factors)).to(torch.float64)  # (R, K): factor k's ranks
+    scale = torch.tensor([float(s) for _, _, s in factors], dtype=torch.float64, device=dev)
+    return seg.T @ (BB * AA) @ seg * torch.outer(scale, scale)
+
+
+def _fill(blk: torch.Tensor, parts: list[torch.Tensor], dim: int) -> None:
+    """Copy `parts` side by side along `dim` into `blk`, converting each to blk's dtype."""
+    at = 0
+    for p in parts:
+        blk.narrow(dim, at, p.shape[dim]).copy_(p)
+        at += p.shape[dim]
+
+
 def lowrank_inner_stacked(B1, A1, B2, A2, scale) -> torch.Tensor:
     """(M,) ⟨B₁A₁, B₂A₂⟩·scale over M stacked pairs by the trace identity, in the factors' dtype
     (pass fp64): B (M, out, r), A (M, r, in); scale a scalar or (M,). For callers that keep factors

@@ -19,7 +19,7 @@ def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import bench_scale
 
-    monkeypatch.setattr(bench_scale, "SEVEN_B", dict(hidden=64, intermediate=176, vocab=100, heads=4))
+    monkeypatch.setattr(bench_scale, "DIMS", dict(hidden=64, intermediate=176, vocab=100, heads=4))
     monkeypatch.setattr(bench_scale, "KV_HEADS", 4)
     monkeypatch.setattr(bench_scale, "CHUNK", 1000)
     monkeypatch.setattr(bench_scale, "POOL", 1 << 14)
@@ -34,7 +34,7 @@ def test_checkpoints_are_sharded_complete_and_close(bench, tmp_path):
     pool = torch.randn(bench.POOL, generator=torch.Generator().manual_seed(0))
     for kind in ("base", "pos", "neg"):
         bench.make_checkpoint(tmp_path / kind, kind, 2, 30_000, pool)
-    tensors = bench.layout(bench.SEVEN_B, 2, bench.KV_HEADS)
+    tensors = bench.layout(bench.DIMS, 2, bench.KV_HEADS)
     index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
     assert sorted(index["weight_map"]) == sorted(n for n, _ in tensors)
     shards = sorted((tmp_path / "base").glob("*.safetensors"))

@@ -454,6 +454,29 @@ def test_released_pages_leave_resident_memory(tmp_path):
     assert view[-1].item() == 1.0
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
+def test_many_small_views_released_leave_resident_memory(tmp_path):
+    """A fault maps the pages around a small view too (fault-around, large folios): releasing views of
+    thousands of small tensors, one by one, must not leave the file mapped piece by piece."""
+
+    def rss_file():
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile:"))
+        return int(line.split()[1]) * 1024
+
+    path = tmp_path / "small.safetensors"
+    save_file({f"t{i:04d}": torch.full((3000,), float(i)) for i in range(4096)}, str(path))  # 48 MiB of 12 KB
+    infos = read_header(path)[0]
+    path.read_bytes()  # in the page cache: faults map what is around them
+    maps = MappedFiles()
+    before = rss_file()
+    for name in sorted(infos, key=lambda n: infos[n].start):
+        view, pages = maps.view(infos[name])
+        assert view[0].item() == float(name[1:])
+        MappedFiles.release(pages)
+    assert rss_file() - before < 8 * 2**20
+    maps.close()
+
+
 def test_offsets_beyond_2gib(tmp_path):
     big = 2**31 + 24
     header, offsets = build_header([("big", torch.uint8, (big,)), ("tail", torch.float32, (2, 3))])

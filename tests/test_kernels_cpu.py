@@ -353,6 +353,25 @@ def test_lowrank_forms_against_dense_fp64():
         K.lowrank_inner(B1, A1, B2[:50], A2)
 
 
+@pytest.mark.parametrize("block_elems", [1 << 20, 100, 1])
+def test_lowrank_gram_against_dense_fp64(block_elems):
+    """Every pair of K low-rank deltas at once, in any float dtypes and ranks, blocked or not."""
+    g = torch.Generator().manual_seed(4)
+    out, inn = 70, 45
+    factors = [
+        (torch.randn(out, r, generator=g).to(dt), torch.randn(r, inn, generator=g).to(dt), s)
+        for r, dt, s in ((8, torch.float32, 0.5), (3, torch.bfloat16, -2.0), (16, torch.float16, 1.25))
+    ]
+    dense = torch.stack([lowrank_dense_fp64(B, A, s).flatten() for B, A, s in factors])
+    want = dense @ dense.T
+    got = K.lowrank_gram(factors, block_elems=block_elems)
+    assert got.dtype == torch.float64 and got.shape == (3, 3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * want.abs().max().item())
+    assert got[0, 1].item() == pytest.approx(K.lowrank_inner(*factors[0][:2], *factors[1][:2], 0.5, -2.0), rel=1e-12)
+    with pytest.raises(ValueError, match="differ"):
+        K.lowrank_gram([factors[0], (factors[1][0][:50], factors[1][1], 1.0)])
+
+
 def test_lowrank_inner_stacked_against_dense_fp64():
     g = torch.Generator().manual_seed(5)
     M, out, inn = 4, 33, 70

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cws_kernels import gram, lincomb, lowrank_dense_inner, lowrank_inner
+from cws_kernels import gram, lincomb, lowrank_dense_inner, lowrank_gram
 
 from . import engine, ranks
 from .checks import check_policy, missing_problem, new_bias, raise_problems, shape_problem
@@ -137,12 +137,10 @@ def vector_gram(vectors: list, scratch: list[torch.Tensor] | None = None) -> tor
             terms = vectors[k][1]
             out = scratch[n] if scratch else None
             mats[k] = lincomb([t for t, _ in terms], [c for _, c in terms], out=out, out_dtype=torch.float32)
-        factors = {k: (vectors[k][1].double(), vectors[k][2].double(), vectors[k][3]) for k in lowrank}  # once each
-        for pos, i in enumerate(lowrank):
-            Bi, Ai, si = factors[i]
-            for j in lowrank[pos:]:
-                Bj, Aj, sj = factors[j]
-                G[i, j] = G[j, i] = lowrank_inner(Bi, Ai, Bj, Aj, si, sj)
+        idx = torch.tensor(lowrank)
+        G[idx[:, None], idx[None, :]] = lowrank_gram([vectors[k][1:] for k in lowrank])  # every pair at once
+        for i in lowrank:
+            _, Bi, Ai, si = vectors[i]
             for k in dense:
                 G[i, k] = G[k, i] = lowrank_dense_inner(Bi, Ai, mats[k].reshape(Bi.shape[0], -1), si)
     return G
