@@ -58,9 +58,10 @@ from harness import (
 from cws.io.format import build_header
 
 SHAPES = {  # --shape: (dims, kv heads)
-    "7b": (dict(hidden=4096, intermediate=11008, vocab=32000, heads=32), 32),  # Llama-2-7B
-    "70b": (dict(hidden=8192, intermediate=28672, vocab=128256, heads=64), 8),  # Llama-3-70B: a 2.1 GB embedding
+    "7b": (dict(hidden=4096, intermediate=11008, vocab=32000, heads=32), 32),
+    "70b": (dict(hidden=8192, intermediate=28672, vocab=128256, heads=64), 8),  # a 2.1 GB bf16 embedding
 }
+MODEL_OF = {"7b": "Llama-2-7B", "70b": "Llama-3-70B"}
 DIMS, KV_HEADS = SHAPES["7b"]  # the shape being run (main sets it from --shape)
 SEED = 1234
 NOISE = 1e-3  # pos/neg deviation from base (weights ~0.02): a few bf16 ulps
@@ -544,7 +545,7 @@ def main():
 
     cold = not notes
     print(
-        f"\n{args.layers} layers of Llama-2-7B, {ckpt / 1e9:.2f} GB per bf16 checkpoint, "
+        f"\n{args.layers} layers of {MODEL_OF[args.shape]}, {ckpt / 1e9:.2f} GB per bf16 checkpoint, "
         f"{len(weight_files(paths['base']))} shards; {'cold (page cache dropped before each run)' if cold else 'NOT cold'}; "
         f"median of {args.reps}; {os.cpu_count()} cores"
     )

@@ -15,6 +15,7 @@ from .lowrank import (
     lowrank_block_rows,
     lowrank_dense_inner,
     lowrank_gram,
+    lowrank_gram_scratch,
     lowrank_inner,
     lowrank_inner_stacked,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "lowrank_inner",
     "lowrank_inner_stacked",
     "lowrank_gram",
+    "lowrank_gram_scratch",
     "lowrank_dense_inner",
     "add_lowrank_",
     "lowrank_block_rows",

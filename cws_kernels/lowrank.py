@@ -5,6 +5,8 @@ A LoRA delta is scale·B·A with B (out, r) and A (r, in). Inner products use th
 The rank-r matmuls run on the factors' device (cuBLAS on GPUs); the update reuses `lincomb`.
 """
 
+import functools
+
 import torch
 
 from .lincomb import FLOAT_DTYPES, lincomb
@@ -39,14 +41,21 @@ def lowrank_inner(B1, A1, B2, A2, scale1: float = 1.0, scale2: float = 1.0) -> f
     return float((bb * aa).sum()) * scale1 * scale2
 
 
-def lowrank_gram(factors, block_elems: int = ROWS_CHUNK_ELEMS) -> torch.Tensor:
+def lowrank_gram_scratch(ranks, out: int, inn: int, block_elems: int = ROWS_CHUNK_ELEMS) -> int:
+    """fp64 elements of the buffer `lowrank_gram` converts blocks into, for deltas (out, inn) of these ranks."""
+    R = sum(ranks)
+    return R * min(max(1, block_elems // max(R, 1)), max(out, inn))
+
+
+def lowrank_gram(factors, block_elems: int = ROWS_CHUNK_ELEMS, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """(K, K) fp64 Gram matrix ⟨sᵢ·BᵢAᵢ, sⱼ·BⱼAⱼ⟩ of K low-rank deltas of one shape, from the factors.
 
     factors: [(B (out, rᵢ), A (rᵢ, in), sᵢ), ...] of any float dtypes. All factors side by side make
     B̂ (out, R) and Â (R, in), R = Σ rᵢ; then ⟨BᵢAᵢ, BⱼAⱼ⟩ is the (i, j) block sum of (B̂ᵀB̂) ⊙ (ÂÂᵀ)
     (the trace identity of `lowrank_inner`). B̂ᵀB̂ and ÂÂᵀ are summed in fp64 over blocks of about
     `block_elems` fp64 elements (rows of B̂, columns of Â), each converted once into one reused buffer,
-    so the fp64 copies stay in cache: two matmuls per block for all K² pairs.
+    so the fp64 copies stay in cache: two matmuls per block for all K² pairs. `scratch`: that buffer
+    (flat fp64 of at least `lowrank_gram_scratch` elements; a streaming caller reuses one), else allocated.
     """
     for i, (B, A, _) in enumerate(factors):
         _check_factors(B, A, f"lowrank_gram factor {i}")
@@ -54,34 +63,43 @@ def lowrank_gram(factors, block_elems: int = ROWS_CHUNK_ELEMS) -> torch.Tensor:
     out, inn = B0.shape[0], A0.shape[1]
     if any((B.shape[0], A.shape[1]) != (out, inn) for B, A, _ in factors):
         raise ValueError(f"lowrank_gram: deltas of shapes {[(B.shape[0], A.shape[1]) for B, A, _ in factors]} differ")
-    ranks = [B.shape[1] for B, _, _ in factors]
+    ranks = tuple(B.shape[1] for B, _, _ in factors)
     R, dev = sum(ranks), B0.device
-    BB = torch.zeros(R, R, dtype=torch.float64, device=dev)
-    AA = torch.zeros(R, R, dtype=torch.float64, device=dev)
-    step = max(1, block_elems // max(R, 1))
-    buf = torch.empty(R * min(step, max(out, inn)), dtype=torch.float64, device=dev)
+    step, need = max(1, block_elems // max(R, 1)), lowrank_gram_scratch(ranks, out, inn, block_elems)
+    if scratch is not None and (scratch.dtype != torch.float64 or scratch.numel() < need):
+        raise ValueError(
+            f"lowrank_gram: scratch must be fp64 of >= {need} elements, got {scratch.dtype} {scratch.numel()}"
+        )
+    buf = scratch.reshape(-1) if scratch is not None else torch.empty(need, dtype=torch.float64, device=dev)
+    BB = AA = None
     for s in range(0, out, step):  # B̂ᵀB̂ over row blocks of B̂
-        n = min(step, out - s)
-        blk = buf[: n * R].view(n, R)
-        _fill(blk, [B[s : s + n] for B, _, _ in factors], 1)
-        BB.addmm_(blk.T, blk)
+        blk = _fill(buf, [B[s : s + step] for B, _, _ in factors], 1)
+        BB = blk.T @ blk if BB is None else BB.addmm_(blk.T, blk)
     for s in range(0, inn, step):  # ÂÂᵀ over column blocks of Â
-        n = min(step, inn - s)
-        blk = buf[: n * R].view(R, n)
-        _fill(blk, [A[:, s : s + n] for _, A, _ in factors], 0)
-        AA.addmm_(blk, blk.T)
-    owner = torch.repeat_interleave(torch.arange(len(factors)), torch.tensor(ranks)).to(dev)
-    seg = torch.nn.functional.one_hot(owner, len(factors)).to(torch.float64)  # (R, K): factor k's ranks
+        blk = _fill(buf, [A[:, s : s + step] for _, A, _ in factors], 0)
+        AA = blk @ blk.T if AA is None else AA.addmm_(blk, blk.T)
+    seg = _segments(ranks, dev)
     scale = torch.tensor([float(s) for _, _, s in factors], dtype=torch.float64, device=dev)
     return seg.T @ (BB * AA) @ seg * torch.outer(scale, scale)
 
 
-def _fill(blk: torch.Tensor, parts: list[torch.Tensor], dim: int) -> None:
-    """Copy `parts` side by side along `dim` into `blk`, converting each to blk's dtype."""
+@functools.lru_cache(maxsize=64)
+def _segments(ranks: tuple[int, ...], device) -> torch.Tensor:
+    """(R, K) fp64: column k is 1 on factor k's ranks (block sums as one matmul)."""
+    owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
+    return torch.nn.functional.one_hot(owner, len(ranks)).to(device=device, dtype=torch.float64)
+
+
+def _fill(buf: torch.Tensor, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """`parts` side by side along `dim`, converted to buf's dtype, in the head of the flat `buf`."""
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    blk = buf[: shape[0] * shape[1]].view(shape)
     at = 0
     for p in parts:
         blk.narrow(dim, at, p.shape[dim]).copy_(p)
         at += p.shape[dim]
+    return blk
 
 
 def lowrank_inner_stacked(B1, A1, B2, A2, scale) -> torch.Tensor:

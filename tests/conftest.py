@@ -21,6 +21,15 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _tiny_reads_are_mapped(monkeypatch):
+    """Tiny models stand in for real ones: their reads take the mapped path a real model's take (a run
+    whose reads are all under reader.MIN_VIEW maps nothing; test_streaming checks that run)."""
+    from cws.io import reader
+
+    monkeypatch.setattr(reader, "MIN_VIEW", 1)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory):
     """base, pos, neg and ft bf16 checkpoints of one tiny Llama, sharded differently."""

@@ -210,6 +210,28 @@ def test_direct_reads_are_chosen_for_cold_inputs(tiny_ckpts, direction, monkeypa
     assert not list(tmp_path.iterdir())  # nothing left, not even a temporary
 
 
+def test_a_run_of_small_reads_maps_nothing_and_writes_the_same(tiny_ckpts, direction, monkeypatch, tmp_path):
+    """Reads all under reader.MIN_VIEW (an adapter's small factors): copies into the arenas, no maps,
+    and the same bytes out as the mapped run; one large read maps again."""
+    from cws.io import reader
+    from cws.io.checkpoint import Checkpoint
+
+    monkeypatch.setenv("CWS_DIRECT_READ", "0")
+    made = []
+    real = reader.MappedFiles.__init__
+    monkeypatch.setattr(reader.MappedFiles, "__init__", lambda self, *a: (made.append(1), real(self, *a))[1])
+    outs = {}
+    for min_view in (1, 1 << 40, None):
+        largest = max(i.nbytes for i in Checkpoint.open(tiny_ckpts["base"]).tensors.values())
+        monkeypatch.setattr(reader, "MIN_VIEW", largest if min_view is None else min_view)
+        made.clear()
+        out = tmp_path / f"v{min_view}"
+        cws.apply(tiny_ckpts["base"], direction, 1.0, out, quiet=True)
+        outs[min_view] = digest(out)
+        assert bool(made) == (min_view != 1 << 40)
+    assert outs[1] == outs[1 << 40] == outs[None]
+
+
 def test_readahead_changes_no_output_and_advises_every_slice_once(tiny_ckpts, direction, monkeypatch, tmp_path):
     from cws.io import reader
     from cws.ops import engine

@@ -163,6 +163,10 @@ def libc_function(name: str, *argtypes):
 
 _madvise = libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _AROUND = 2 * 2**20  # `release` drops whole aligned runs of this many bytes: see there
+# A run whose reads are all smaller maps nothing (the engine copies them into its reused buffers):
+# mapping, prefaulting and releasing a few pages costs more than the copy, and reused memory is
+# already in the cache (18,624 LoRA modules of 50-260 KB factors: compare 21 s mapped, 16 s copied).
+MIN_VIEW = 1 << 20
 
 
 _F_SETSIG = 10  # Linux fcntl commands (not all in the fcntl module)

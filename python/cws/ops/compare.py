@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cws_kernels import gram, lincomb, lowrank_dense_inner, lowrank_gram
+from cws_kernels import gram, lincomb, lowrank_dense_inner, lowrank_gram, lowrank_gram_scratch
 
 from . import engine, ranks
 from .checks import check_policy, missing_problem, new_bias, raise_problems, shape_problem
@@ -106,18 +106,23 @@ def _rows(B, A, transposed: bool, start: int, stop: int):
     return B[start:stop], A
 
 
-def vector_gram(vectors: list, scratch: list[torch.Tensor] | None = None) -> torch.Tensor:
+def vector_gram(
+    vectors: list, scratch: list[torch.Tensor] | None = None, factor_scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """(K, K) fp64 Gram matrix of K vectors over one tensor (or one row slice of it).
 
     vectors[k]: None (zero here), ("dense", [(tensor, coef), ...]) or ("lowrank", B, A, scale) with
     B (rows, r) and A (r, cols) for v = scale·B·A. Dense pairs go through one fused `gram` over the
     distinct tensors; low-rank pairs use the factors; mixed pairs ⟨s·B·A, D⟩ need D in fp32, formed
-    in `scratch` (one fp32 buffer per dense vector, allocated when not given).
+    in `scratch` (one fp32 buffer per dense vector, allocated when not given); `factor_scratch`:
+    `lowrank_gram`'s fp64 buffer.
     """
     K = len(vectors)
-    G = torch.zeros(K, K, dtype=torch.float64)
     dense = [k for k, v in enumerate(vectors) if v is not None and v[0] == "dense"]
     lowrank = [k for k, v in enumerate(vectors) if v is not None and v[0] == "lowrank"]
+    if len(lowrank) == K:  # an adapter against LoRA directions: the factors alone
+        return lowrank_gram([v[1:] for v in vectors], scratch=factor_scratch)
+    G = torch.zeros(K, K, dtype=torch.float64)
     if dense:
         inputs, slot = [], {}
         for k in dense:
@@ -138,7 +143,7 @@ def vector_gram(vectors: list, scratch: list[torch.Tensor] | None = None) -> tor
             out = scratch[n] if scratch else None
             mats[k] = lincomb([t for t, _ in terms], [c for _, c in terms], out=out, out_dtype=torch.float32)
         idx = torch.tensor(lowrank)
-        G[idx[:, None], idx[None, :]] = lowrank_gram([vectors[k][1:] for k in lowrank])  # every pair at once
+        G[idx[:, None], idx[None, :]] = lowrank_gram([vectors[k][1:] for k in lowrank], scratch=factor_scratch)
         for i in lowrank:
             _, Bi, Ai, si = vectors[i]
             for k in dense:
@@ -146,8 +151,9 @@ def vector_gram(vectors: list, scratch: list[torch.Tensor] | None = None) -> tor
     return G
 
 
-def slice_gram(s: engine.Slice, layout: list) -> torch.Tensor:
-    """The Gram matrix of an item's vectors over one streamed slice (`layout`: build_item's)."""
+def slice_gram(s: engine.Slice, layout: list, buffer=None) -> torch.Tensor:
+    """The Gram matrix of an item's vectors over one streamed slice (`layout`: build_item's);
+    `buffer(numel, dtype)`: a flat tensor the run reuses (for the factors' fp64 blocks)."""
     n_sliced = len(s.item.sliced)
 
     def get(ref):
@@ -163,6 +169,11 @@ def slice_gram(s: engine.Slice, layout: list) -> torch.Tensor:
         else:
             _, b, a, scale, transposed = spec
             vectors.append(("lowrank", *_rows(get(b), get(a), transposed, s.start, s.stop), scale))
+    factors = [v for v in vectors if v is not None and v[0] == "lowrank"]
+    if factors and buffer is not None:
+        ranks = [B.shape[1] for _, B, _, _ in factors]
+        need = lowrank_gram_scratch(ranks, factors[0][1].shape[0], factors[0][2].shape[1])
+        return vector_gram(vectors, s.outs, buffer(need, torch.float64))
     return vector_gram(vectors, s.outs)
 
 

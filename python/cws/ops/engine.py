@@ -191,12 +191,18 @@ def run(
     out_arenas = [_Arena() for _ in range(NBUF)]
     pending: list[list[Future]] = [[] for _ in range(NBUF)]
     direct_reads = direct.DirectReads() if _reads_direct(items) else None
-    maps = reader.MappedFiles() if reader.USE_MMAP and direct_reads is None else None
 
     def reads_of(s: Slice) -> list[tuple[TensorInfo, int, int]]:
         return [(i, s.start, s.stop) if i.shape else (i, 0, i.rows) for i in s.item.sliced] + [
             (i, 0, i.rows) for i in s.item.whole
         ]
+
+    # Mapped views where a read is large enough for one (`reader.MIN_VIEW`); where none is (an adapter's
+    # thousands of small factors), every read is a copy into the arenas, with no maps, leases or advice.
+    viewable = any(
+        ((b - a) * i.row_bytes if i.shape else i.nbytes) >= reader.MIN_VIEW for s in plan for i, a, b in reads_of(s)
+    )
+    maps = reader.MappedFiles() if reader.USE_MMAP and direct_reads is None and viewable else None
 
     advised = [0, 0]  # slices advised so far, their input bytes
     env = os.environ.get("CWS_READAHEAD")

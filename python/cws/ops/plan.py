@@ -92,6 +92,15 @@ class Run:
     hint: str
     tallies: list[list[int]]  # per output: [elements changed, elements of non-zero update]
     collect: Callable[[str, torch.Tensor], None] | None = None  # read-only plans: (tensor, Gram matrix)
+    scratch: dict = field(default_factory=dict)  # dtype -> a flat buffer the compute reuses
+
+    def buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat `dtype` tensor of `numel` elements, the same memory every call (grown when too small):
+        scratch that is allocated once per run, not once per tensor."""
+        buf = self.scratch.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = self.scratch[dtype] = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
 
     def check(self, name: str, outs, s: engine.Slice) -> None:
         if not self.allow_nonfinite:
@@ -314,7 +323,7 @@ class Gram:
     def compute(self, s: engine.Slice, run: Run):
         from .compare import slice_gram
 
-        run.collect(self.key, slice_gram(s, self.layout))
+        run.collect(self.key, slice_gram(s, self.layout, run.buffer))
         return []
 
 
