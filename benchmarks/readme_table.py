@@ -1,6 +1,6 @@
 """docs/performance.md's tables, rendered from the benchmark results (never typed by hand).
 
-    python benchmarks/readme_table.py  # reads benchmarks/results/{scale,timeline,kernels,streaming,lora,monitor}.json
+    python benchmarks/readme_table.py  # reads benchmarks/results/{scale,scale-70b,timeline,kernels,streaming,lora,monitor}.json
 
 Prints Markdown; a missing results file is named and skipped (scale.json and timeline.json, from the cold
 7B runs of bench_scale.py and timeline_7b.sh, silently: they need a quiet machine and tens of GB of disk).
@@ -17,17 +17,27 @@ def load(name):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _cpu(d):
+    """The machine a results file names (older files: the core count only)."""
+    m = d.get("machine")
+    if not m:
+        return f"{d['env']['cpus']} CPU cores"
+    c = m["cpu"]
+    return f"{c['model']} ({'+'.join(c['isa'])}), {c['cores']} cores, {m['date'][:10]}"
+
+
 def scale(d):
-    """The cold 7B-class runs against the disk's floors (bench_scale.py)."""
+    """The cold 7B-class (or 70B-layer) runs against the disk's floors (bench_scale.py)."""
     data, fl, env = d["data"], d["floors"], d["env"]
+    model = {"7b": "Llama-2-7B", "70b": "Llama-3-70B"}[data.get("shape", "7b")]
     cold = (
         "page cache dropped before each run (the tools' libraries then re-imported, untimed)"
         if env["cold"]
         else "NOT cold (the page cache could not be dropped)"
     )
     out = [
-        f"Cold runs, Llama-2-7B-shaped bf16 checkpoints of {data['checkpoint_GB']:.1f} GB each ({data['layers']} "
-        f"layers, {data['shards']} shards), {cold}, median of {data['reps']}, {env['cpus']} CPU cores "
+        f"Cold runs, {model}-shaped bf16 checkpoints of {data['checkpoint_GB']:.1f} GB each ({data['layers']} "
+        f"layers, {data['shards']} shards), {cold}, median of {data['reps']}, {_cpu(d)} "
         f"(`{env['command']}`):",
         "",
         "| run | wall s | GB/s | peak RSS MB | wall / floor (each rep) | wall / read+write floor (each rep) |",
@@ -257,7 +267,8 @@ def monitor(d):
 
 
 def main():
-    parts = [fn(load(name)) for name, fn in (("scale", scale), ("timeline", timeline)) if load(name)]
+    cold = (("scale", scale), ("scale-70b", scale), ("timeline", timeline))
+    parts = [fn(load(name)) for name, fn in cold if load(name)]
     for name, fn in (("kernels", kernels), ("streaming", streaming), ("lora", lora), ("monitor", monitor)):
         d = load(name)
         parts.append(fn(d) if d else [f"({RESULTS / (name + '.json')} missing: run benchmarks/bench_{name}.py)"])

@@ -211,8 +211,8 @@ def test_direct_reads_are_chosen_for_cold_inputs(tiny_ckpts, direction, monkeypa
 
 
 def test_a_run_of_small_reads_maps_nothing_and_writes_the_same(tiny_ckpts, direction, monkeypatch, tmp_path):
-    """Reads all under reader.MIN_VIEW (an adapter's small factors): copies into the arenas, no maps,
-    and the same bytes out as the mapped run; one large read maps again."""
+    """Reads all under reader.MIN_VIEW (an adapter's small factors): copies into the arenas in the
+    compute's thread, no maps, and the same bytes and Grams out as the mapped run; one large read maps again."""
     from cws.io import reader
     from cws.io.checkpoint import Checkpoint
 
@@ -227,7 +227,8 @@ def test_a_run_of_small_reads_maps_nothing_and_writes_the_same(tiny_ckpts, direc
         made.clear()
         out = tmp_path / f"v{min_view}"
         cws.apply(tiny_ckpts["base"], direction, 1.0, out, quiet=True)
-        outs[min_view] = digest(out)
+        report = cws.compare(tiny_ckpts["base"], tiny_ckpts["pos"], direction, quiet=True)  # read-only: all inline
+        outs[min_view] = digest(out), report.rows("tensor")
         assert bool(made) == (min_view != 1 << 40)
     assert outs[1] == outs[1 << 40] == outs[None]
 

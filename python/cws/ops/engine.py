@@ -203,6 +203,9 @@ def run(
         ((b - a) * i.row_bytes if i.shape else i.nbytes) >= reader.MIN_VIEW for s in plan for i, a, b in reads_of(s)
     )
     maps = reader.MappedFiles() if reader.USE_MMAP and direct_reads is None and viewable else None
+    # Warm small copies are read in the compute's own thread: a reader thread would gain less overlap than
+    # it costs in handing the GIL back and forth around each of the compute's many small torch calls.
+    small = direct_reads is None and not viewable
 
     advised = [0, 0]  # slices advised so far, their input bytes
     env = os.environ.get("CWS_READAHEAD")
@@ -267,8 +270,8 @@ def run(
     with (
         impl,
         _compute_threads(writes),
-        ThreadPoolExecutor(1, "cws-read") as reading,
-        ThreadPoolExecutor(1, "cws-write") as writing,
+        _Inline() if small else ThreadPoolExecutor(1, "cws-read") as reading,
+        _Inline() if small and not writes else ThreadPoolExecutor(1, "cws-write") as writing,
     ):
         try:
             # Direct reads go two slices ahead (one slice's pieces alone leave the disk idle between
@@ -308,6 +311,21 @@ def run(
             if direct_reads is not None:
                 direct_reads.close()
     return total
+
+
+class _Inline(contextlib.AbstractContextManager):
+    """An executor that runs each job when it is submitted, in the caller's thread."""
+
+    def submit(self, fn, *args) -> Future:
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args))
+        except BaseException as e:
+            f.set_exception(e)
+        return f
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def _check_dtypes(items: Sequence[Item]) -> None:
