@@ -8,7 +8,7 @@ LoRA on every expert's gate/up/down and on q/k/v/o — 48 × (128 × 3 + 4) = 18
 pos and neg (the direction: rank 2r) and for a third adapter, the "update" compared against it. The
 base is one safetensors file whose tensors are a sparse hole (only its header is read by these
 commands), so the run needs the adapters' disk, not 57 GB. Each command runs as a whole process (start-up
-included), warm page cache; wall time and peak RSS; the per-module cost is wall / modules. `cws apply`
+included), its inputs warm in the page cache (all the folders together outgrow 24 GB of RAM); wall time and peak RSS; the per-module cost is wall / modules. `cws apply`
 is left out: it would write the whole 57 GB model. Writes benchmarks/results/moe.json.
 """
 
@@ -111,10 +111,12 @@ def main() -> int:
         + ["--by", "layer", "-q", "--json", str(work / "report.json")],
         "export-peft": [*cws, "export-peft", w["dir"], "--alpha", "-2", "--out", w["exported"], "-q", "--overwrite"],
     }
+    inputs = {"extract": ("pos", "neg"), "compare --by layer": ("update", "dir"), "export-peft": ("dir",)}
     rows = {}
     for rep in range(args.reps):
         for job, cmd in jobs.items():
-            warm([f for f in work.rglob("*.safetensors") if f.parent.name != "base"])  # not the sparse base
+            shutil.rmtree(work / "exported", ignore_errors=True)  # its pages would crowd the inputs out of the cache
+            warm([f for d in inputs[job] for f in (work / d).glob("*.safetensors")])  # this job's inputs only
             wall, rss = run_once(cmd, env, work / f"{job.split()[0]}.log")
             rows.setdefault(job, []).append((wall, rss))
             print(f"  rep {rep + 1} {job:20s} {wall:6.1f} s {rss / 1e6:6.0f} MB", flush=True)
