@@ -267,7 +267,7 @@ def monitor(d):
 
 
 def main():
-    cold = (("scale", scale), ("scale-70b", scale), ("timeline", timeline))
+    cold = (("scale", scale), ("scale-70b", scale), ("scale-2026-12-03", scale), ("timeline", timeline))
     parts = [fn(load(name)) for name, fn in cold if load(name)]
     for name, fn in (("kernels", kernels), ("streaming", streaming), ("lora", lora), ("monitor", monitor)):
         d = load(name)
