@@ -8,8 +8,9 @@ LoRA on every expert's gate/up/down and on q/k/v/o — 48 × (128 × 3 + 4) = 18
 pos and neg (the direction: rank 2r) and for a third adapter, the "update" compared against it. The
 base is one safetensors file whose tensors are a sparse hole (only its header is read by these
 commands), so the run needs the adapters' disk, not 57 GB. Each command runs as a whole process (start-up
-included), its inputs warm in the page cache (all the folders together outgrow 24 GB of RAM); wall time and peak RSS; the per-module cost is wall / modules. `cws apply`
-is left out: it would write the whole 57 GB model. Writes benchmarks/results/moe.json.
+included) with its inputs warm in the page cache (all the folders together outgrow 24 GB of RAM); wall
+time and peak RSS; the per-module cost is wall / modules. `cws apply` is left out: it would write the
+whole 57 GB model. Writes benchmarks/results/moe.json.
 """
 
 from __future__ import annotations

@@ -171,32 +171,40 @@ def _pread_all(fd: int, n: int, offset: int):
 
 
 def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int, st: tuple) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # valid JSON (a lone surrogate escape), but no file or header can hold it
-        raise CheckpointError(f"{where}: the tensor's name is not valid UTF-8") from None
+    if not name.isascii() and not _valid_name(name):  # valid JSON (a lone surrogate escape), but no file can hold it
+        raise CheckpointError(f"{path}: tensor {name!r}: the tensor's name is not valid UTF-8")
     if not isinstance(entry, dict):
-        raise CheckpointError(f"{where}: header entry is not an object")
-    dtype = _DTYPE_ATTRS.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+        raise CheckpointError(f"{path}: tensor {name!r}: header entry is not an object")
+    dtype = entry.get("dtype")
+    dtype = _DTYPE_ATTRS.get(dtype) if isinstance(dtype, str) else None
     if dtype is None:
-        raise CheckpointError(f"{where}: unknown dtype {entry.get('dtype')!r}")
+        raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {entry.get('dtype')!r}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
-        raise CheckpointError(f"{where}: bad shape {shape!r}")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
-        raise CheckpointError(f"{where}: bad data_offsets {offsets!r}")
+    if type(shape) is not list or not all([type(d) is int and 0 <= d < 2**63 for d in shape]):
+        raise CheckpointError(f"{path}: tensor {name!r}: bad shape {shape!r}")
+    if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
+        raise CheckpointError(f"{path}: tensor {name!r}: bad data_offsets {offsets!r}")
     begin, end = offsets
     expected = math.prod(shape) * ITEMSIZE[dtype]
     if begin < 0 or end - begin != expected:
         raise CheckpointError(
-            f"{where}: data_offsets {offsets} do not match shape {shape} x {ITEMSIZE[dtype]} bytes = {expected}"
+            f"{path}: tensor {name!r}: data_offsets {offsets} do not match shape {shape} x "
+            f"{ITEMSIZE[dtype]} bytes = {expected}"
         )
     if data_start + end > size:
         raise CheckpointError(
-            f"{where}: file truncated (tensor ends at byte {data_start + end}, file has {size} bytes)"
+            f"{path}: tensor {name!r}: file truncated (tensor ends at byte {data_start + end}, file has {size} bytes)"
         )
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end, st)
+
+
+def _valid_name(name: str) -> bool:
+    """Whether the name encodes as UTF-8 (a lone surrogate does not)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _check_overlaps(path: str, infos: list[TensorInfo]) -> None:
