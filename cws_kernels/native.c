@@ -9,7 +9,8 @@
  *
  * Numerics, matching cws_kernels.rounding:
  *   nearest     fp32 -> bf16 round-to-nearest-even, NaN -> 0xFFFF (ATen's vectorized cast);
- *               fp32 -> fp16 by the C cast (IEEE nearest-even, F16C where the clone has it).
+ *               fp32 -> fp16 by the C cast (IEEE nearest-even, F16C where the clone has it), or
+ *               on the bits where the compiler has no _Float16 (the same results).
  *   stochastic  the counter-based hash of (key, global index) and the integer steps of
  *               rounding.round_stochastic.
  *   gram        v_k and products in fp32; each 1024-element block sums its products in 16 fixed
@@ -43,6 +44,36 @@ INLINE uint32_t float_to_bits(float f) {
     return u;
 }
 
+#if defined(__FLT16_MAX__) && !defined(CWS_NO_FLOAT16)
+typedef _Float16 half;
+INLINE float half_to_float(half h) { return (float)h; }
+INLINE half float_to_half(float f) { return (half)f; } /* IEEE nearest-even (F16C where the clone has it) */
+#else
+/* Compilers without _Float16 (clang < 15 on x86-64; -DCWS_NO_FLOAT16 builds this path with any compiler,
+ * as a test does): the IEEE conversions on the bits. fp32 -> fp16 rounds to nearest-even; NaN becomes
+ * the quiet NaN 0x7E00 with its sign, as torch's conversion gives. */
+typedef uint16_t half;
+INLINE float half_to_float(half h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7FFFu;
+    if (em >= 0x7C00u) /* inf, NaN */
+        return bits_to_float(sign | 0x7F800000u | ((em & 0x3FFu) << 13));
+    if (em >= 0x0400u) /* normal: rebias the exponent */
+        return bits_to_float(sign | ((em << 13) + ((uint32_t)(127 - 15) << 23)));
+    float f = (float)em * 5.9604644775390625e-08f; /* subnormal or zero: em * 2^-24, exact */
+    return sign ? -f : f;
+}
+INLINE half float_to_half(float f) {
+    uint32_t x = float_to_bits(f), sign = (x >> 16) & 0x8000u;
+    x &= 0x7FFFFFFFu;
+    if (x >= 0x47800000u) /* >= 2^16: inf, or NaN */
+        return (half)(sign | (x > 0x7F800000u ? 0x7E00u : 0x7C00u));
+    if (x < 0x38800000u) /* below 2^-14: a subnormal half; adding 0.5 rounds it at 2^-24, nearest-even */
+        return (half)(sign | (float_to_bits(bits_to_float(x) + 0.5f) - 0x3F000000u));
+    x += 0xC8000FFFu + ((x >> 13) & 1u); /* rebias (15 - 127), then round the 13 dropped bits to even */
+    return (half)(sign | (x >> 13));     /* a carry out of 65504 gives 0x7C00, inf */
+}
+#endif
+
 /* acc[i] (=, or += when !first) x[start + i] * c, for i < n; x in its storage dtype. Plain loops
  * the compiler vectorizes for each clone's ISA (each element's arithmetic is the same in any lane). */
 INLINE void axpy_tile(float *restrict acc, const void *x, int code, float c, int first, int64_t start, int n) {
@@ -59,11 +90,11 @@ INLINE void axpy_tile(float *restrict acc, const void *x, int code, float c, int
         else
             for (int i = 0; i < n; i++) acc[i] = acc[i] + bits_to_float((uint32_t)s[i] << 16) * c;
     } else {
-        const _Float16 *s = (const _Float16 *)x + start;
+        const half *s = (const half *)x + start;
         if (first)
-            for (int i = 0; i < n; i++) acc[i] = (float)s[i] * c;
+            for (int i = 0; i < n; i++) acc[i] = half_to_float(s[i]) * c;
         else
-            for (int i = 0; i < n; i++) acc[i] = acc[i] + (float)s[i] * c;
+            for (int i = 0; i < n; i++) acc[i] = acc[i] + half_to_float(s[i]) * c;
     }
 }
 
@@ -91,8 +122,8 @@ INLINE void store_nearest(void *out, int code, int64_t start, const float *restr
             o[i] = acc[i] != acc[i] ? (uint16_t)0xFFFFu : (uint16_t)r;
         }
     } else {
-        _Float16 *o = (_Float16 *)out + start;
-        for (int i = 0; i < n; i++) o[i] = (_Float16)acc[i];
+        half *o = (half *)out + start;
+        for (int i = 0; i < n; i++) o[i] = float_to_half(acc[i]);
     }
 }
 
@@ -109,7 +140,7 @@ INLINE void store_stochastic(void *out, int code, int64_t start, const float *re
             int32_t e = (int32_t)((u >> 23) & 0xFFu) - 127;
             float spacing = bits_to_float((uint32_t)((e < -14 ? -14 : e) - 10 + 127) << 23);
             float unif = (float)(r & 0x1FFFu) * (1.0f / 8192.0f);
-            ((_Float16 *)out)[start + i] = (_Float16)(floorf(acc[i] / spacing + unif) * spacing);
+            ((half *)out)[start + i] = float_to_half(floorf(acc[i] / spacing + unif) * spacing);
         }
     }
 }

@@ -421,7 +421,6 @@ def test_without_the_native_build_the_torch_path_runs(monkeypatch):
     assert_bits_equal(got, want, "eager fallback")
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None or platform.machine() != "x86_64", reason="needs gcc on x86-64")
 def _cpu_has(flag: str) -> bool:
     try:
         return any(
@@ -431,46 +430,71 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v4"])
-def test_native_isa_variants_give_the_same_bits(march, tmp_path, monkeypatch):
-    # The installed library runs the clone this CPU picks; build each ISA level alone and compare bits
-    # with the reference (and the clone). x86-64-v4 runs only where the CPU has AVX-512.
+BUILDS = [  # (compiler, -march, extra flags): each ISA level alone; the fp16 conversions without _Float16; clang
+    ("gcc", "x86-64", ()),
+    ("gcc", "x86-64-v3", ()),
+    ("gcc", "x86-64-v4", ()),
+    ("gcc", "x86-64-v3", ("-DCWS_NO_FLOAT16",)),
+    ("clang", "x86-64-v3", ()),
+]
+
+
+def build_native(cc: str, march: str, extra, tmp_path) -> Path:
+    """native.c built alone by `cc` for one ISA level (skips where the compiler or the CPU is missing)."""
+    if shutil.which(cc) is None or platform.machine() != "x86_64":
+        pytest.skip(f"needs {cc} on x86-64")
     if march == "x86-64-v4" and not _cpu_has("avx512f"):
         pytest.skip("this CPU has no AVX-512")
     src = Path(native.__file__).with_name("native.c")
-    lib = tmp_path / f"native-{march}.so"
-    subprocess.run(
-        [
-            "gcc",
-            "-O3",
-            "-std=gnu11",
-            "-ffp-contract=off",
-            "-fno-fast-math",
-            "-fno-math-errno",
-            "-fPIC",
-            "-shared",
-            f"-march={march}",
-            "-DCWS_NO_CLONES",
-            "-o",
-            str(lib),
-            str(src),
-        ],
-        check=True,
-    )
+    lib = tmp_path / f"native-{cc}-{march}{''.join(extra)}.so"
+    flags = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC", "-shared"]
+    subprocess.run([cc, *flags, f"-march={march}", "-DCWS_NO_CLONES", *extra, "-o", str(lib), str(src)], check=True)
+    return lib
+
+
+@pytest.mark.parametrize("cc, march, extra", BUILDS, ids=["-".join((c, m, *e)) for c, m, e in BUILDS])
+def test_native_builds_give_the_same_bits(cc, march, extra, tmp_path, monkeypatch):
+    # The installed library runs the clone this CPU picks; build each ISA level (and compiler, and the
+    # fp16 path without _Float16) alone and compare bits with the reference and the clone.
+    lib = build_native(cc, march, extra, tmp_path)
     xs = make(3 * 2**18 + 77, ("bf16", "fp32", "fp16"), seed=12)
     C = [[1.0, -1.0, 0.0], [0.0, 0.3, 2.0], [0.3, 0.7, -1.1]]
     with K.use_cpu_impl("native"):
         want = [K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=DT[o]) for o in ("bf16", "fp16", "fp32")]
         want_sr = K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=torch.bfloat16, rounding="stochastic", seed=2)
         want_g = K.gram(xs, C)
+        want_sr16 = K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=torch.float16, rounding="stochastic", seed=3)
         monkeypatch.setattr(native, "_lib", lambda: native.load(lib))
         for o, w in zip(("bf16", "fp16", "fp32"), want):
-            assert_bits_equal(K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=DT[o]), w, f"{march} -> {o}")
+            assert_bits_equal(K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=DT[o]), w, f"{lib.name} -> {o}")
             assert_bits_equal(w, lincomb_ref(xs, [1.0, 0.3, -0.7], DT[o]), f"clone -> {o}")
         out = torch.empty_like(xs[0])
         tally = K.lincomb_tally(xs, [1.0, 0.3, -0.7], out=out)
-        assert_bits_equal(out, want[0], f"{march} tally's output")
+        assert_bits_equal(out, want[0], f"{lib.name} tally's output")
         assert (tally.changed, tally.nonfinite) == (int((out.float() != xs[0].float()).sum()), 0)
         sr = K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=torch.bfloat16, rounding="stochastic", seed=2)
-        assert_bits_equal(sr, want_sr, f"{march} stochastic")
+        assert_bits_equal(sr, want_sr, f"{lib.name} stochastic")
         assert torch.equal(K.gram(xs, C), want_g)
+        sr16 = K.lincomb(xs, [1.0, 0.3, -0.7], out_dtype=torch.float16, rounding="stochastic", seed=3)
+        assert_bits_equal(sr16, want_sr16, f"{lib.name} stochastic fp16")
+
+
+@pytest.mark.parametrize("cc, march, extra", BUILDS, ids=["-".join((c, m, *e)) for c, m, e in BUILDS])
+def test_native_fp16_conversions_at_the_edges(cc, march, extra, tmp_path, monkeypatch):
+    """fp32 -> fp16 at every edge (subnormals, ties to even, the overflow threshold, inf, NaN) as torch
+    converts, and fp16 -> fp32 exactly, for every build (the bit conversions without _Float16 included)."""
+    lib = build_native(cc, march, extra, tmp_path)
+    edges = [0.0, -0.0, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25, 2.0**-25 * 1.0000001, 3 * 2.0**-25, 2.0**-14,
+             2.0**-14 * (1 - 2.0**-11), 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 65504.0, 65519.99, 65520.0, 1e6,
+             float("inf"), float("nan"), 1 / 3, 2.0**-20]  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    x = torch.tensor(edges + [-e for e in edges], dtype=torch.float32)
+    x = torch.cat([x, torch.randn(4096, generator=g) * torch.logspace(-9, 5, 4096)])
+    bits = torch.randint(0, 2**16, (8192,), dtype=torch.int32, generator=g).to(torch.int16).view(torch.float16)
+    monkeypatch.setattr(native, "_lib", lambda: native.load(lib))
+    with K.use_cpu_impl("native"):
+        assert_bits_equal(K.lincomb([x], [1.0], out_dtype=torch.float16), x.half(), f"{lib.name} fp32 -> fp16")
+        got = K.lincomb([bits], [1.0], out_dtype=torch.float32)
+    finite = bits.isfinite()
+    assert torch.equal(got[finite], bits.float()[finite]), f"{lib.name} fp16 -> fp32"
+    assert torch.equal(got.isnan(), bits.isnan()) and torch.equal(got[bits.isinf()], bits.float()[bits.isinf()])
