@@ -41,10 +41,15 @@ def lowrank_inner(B1, A1, B2, A2, scale1: float = 1.0, scale2: float = 1.0) -> f
     return float((bb * aa).sum()) * scale1 * scale2
 
 
+def _block(R: int, block_elems: int) -> int:
+    """Rows of B̂ (columns of Â) per block of `lowrank_gram`, for R ranks side by side."""
+    return max(1, block_elems // max(R, 1))
+
+
 def lowrank_gram_scratch(ranks, out: int, inn: int, block_elems: int = ROWS_CHUNK_ELEMS) -> int:
     """fp64 elements of the buffer `lowrank_gram` converts blocks into, for deltas (out, inn) of these ranks."""
     R = sum(ranks)
-    return R * min(max(1, block_elems // max(R, 1)), max(out, inn))
+    return R * min(_block(R, block_elems), max(out, inn))
 
 
 def lowrank_gram(factors, block_elems: int = ROWS_CHUNK_ELEMS, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,7 +70,7 @@ def lowrank_gram(factors, block_elems: int = ROWS_CHUNK_ELEMS, scratch: torch.Te
         raise ValueError(f"lowrank_gram: deltas of shapes {[(B.shape[0], A.shape[1]) for B, A, _ in factors]} differ")
     ranks = tuple(B.shape[1] for B, _, _ in factors)
     R, dev = sum(ranks), B0.device
-    step, need = max(1, block_elems // max(R, 1)), lowrank_gram_scratch(ranks, out, inn, block_elems)
+    step, need = _block(R, block_elems), lowrank_gram_scratch(ranks, out, inn, block_elems)
     if scratch is not None and (scratch.dtype != torch.float64 or scratch.numel() < need):
         raise ValueError(
             f"lowrank_gram: scratch must be fp64 of >= {need} elements, got {scratch.dtype} {scratch.numel()}"

@@ -199,10 +199,10 @@ def run(
 
     # Mapped views where a read is large enough for one (`reader.MIN_VIEW`); where none is (an adapter's
     # thousands of small factors), every read is a copy into the arenas, with no maps, leases or advice.
-    viewable = any(
+    viewable = direct_reads is None and any(
         ((b - a) * i.row_bytes if i.shape else i.nbytes) >= reader.MIN_VIEW for s in plan for i, a, b in reads_of(s)
     )
-    maps = reader.MappedFiles() if reader.USE_MMAP and direct_reads is None and viewable else None
+    maps = reader.MappedFiles() if reader.USE_MMAP and viewable else None
     # Warm small copies are read in the compute's own thread: a reader thread would gain less overlap than
     # it costs in handing the GIL back and forth around each of the compute's many small torch calls.
     small = direct_reads is None and not viewable
