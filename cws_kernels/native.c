@@ -158,6 +158,29 @@ CLONES void cws_lincomb(int64_t start, int64_t stop, int n_in, const void *const
     }
 }
 
+/* Whether two 16-bit floats of one dtype differ as values, from their bits (inf: the dtype's +Inf
+ * magnitude, above it NaN): they do where the bits do unless both are zeros, and wherever one is NaN. */
+INLINE uint16_t differ16(uint16_t p, uint16_t q, uint16_t inf) {
+    uint16_t mp = p & 0x7FFFu, mq = q & 0x7FFFu;
+    return (uint16_t)(((p != q) & ((mp | mq) != 0)) | (mp > inf) | (mq > inf));
+}
+
+/* One tile's tally when the output and every input share one 16-bit dtype: on the bits, in 16-bit
+ * lanes (n <= TILE, so the counts fit), one pass. The same counts as the float comparisons. */
+INLINE void tally_tile16(const uint16_t *o, const uint16_t *x0, const uint16_t *x1, const uint16_t *x2, int n_in,
+                         uint16_t inf, int n, int64_t *count) {
+    uint16_t bad = 0, moved = 0, touched = 0;
+    for (int i = 0; i < n; i++) {
+        bad += (uint16_t)((o[i] & 0x7FFFu) >= inf);
+        moved += differ16(o[i], x0[i], inf);
+    }
+    if (n_in >= 3)
+        for (int i = 0; i < n; i++) touched += differ16(x1[i], x2[i], inf);
+    else if (n_in == 2)
+        for (int i = 0; i < n; i++) touched += (uint16_t)((x1[i] & 0x7FFFu) != 0);
+    count[0] += bad, count[1] += moved, count[2] += touched;
+}
+
 /* cws_lincomb, plus a tally of what it stored, counted while each tile is in L1 (no second pass):
  * tally[0] += outputs that are NaN or +-Inf; tally[1] += outputs whose value differs from xs[0]'s;
  * tally[2] += elements where xs[1] != xs[2] (n_in >= 3) or xs[1] != 0 (n_in == 2): the support of
@@ -169,12 +192,21 @@ CLONES void cws_lincomb_tally(int64_t start, int64_t stop, int n_in, const void 
     float acc[TILE] __attribute__((aligned(64)));
     float a[TILE] __attribute__((aligned(64)));
     float b[TILE] __attribute__((aligned(64)));
-    int64_t nonfinite = 0, changed = 0, support = 0;
+    int64_t count[3] = {0, 0, 0};
+    int same16 = out_code != F32 && n_in <= 3;
+    for (int j = 0; j < n_in; j++) same16 &= codes[j] == out_code;
+    uint16_t inf = out_code == BF16 ? 0x7F80u : 0x7C00u; /* the +Inf magnitude; above it NaN */
     for (int64_t s = start; s < stop; s += TILE) {
         int n = stop - s < TILE ? (int)(stop - s) : TILE;
         for (int j = 0; j < n_in; j++) axpy_tile(acc, xs[j], codes[j], coefs[j], j == 0, s, n);
         if (rounding == 1 && out_code != F32) store_stochastic(out, out_code, s, acc, n, key, offset);
         else store_nearest(out, out_code, s, acc, n);
+        if (same16) {
+            const uint16_t *const *x = (const uint16_t *const *)xs;
+            tally_tile16((const uint16_t *)out + s, x[0] + s, x[n_in > 1 ? 1 : 0] + s, x[n_in > 2 ? 2 : 0] + s, n_in, inf,
+                         n, count);
+            continue;
+        }
         axpy_tile(a, out, out_code, 1.0f, 1, s, n); /* x * 1 is x exactly, NaN and -0 included */
         axpy_tile(b, xs[0], codes[0], 1.0f, 1, s, n);
         int bad = 0, moved = 0, touched = 0; /* per tile (n <= TILE): int counts vectorize */
@@ -191,9 +223,9 @@ CLONES void cws_lincomb_tally(int64_t start, int64_t stop, int n_in, const void 
                 for (int i = 0; i < n; i++) touched += a[i] != 0.0f;
             }
         }
-        nonfinite += bad, changed += moved, support += touched;
+        count[0] += bad, count[1] += moved, count[2] += touched;
     }
-    tally[0] += nonfinite, tally[1] += changed, tally[2] += support;
+    tally[0] += count[0], tally[1] += count[1], tally[2] += count[2];
 }
 
 /* A block's LANES lane sums meet in a fixed tree. */
