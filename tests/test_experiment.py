@@ -189,12 +189,13 @@ def test_paper_recipe_pipeline_on_tiny_model(tiny_dir, tmp_path):
         n_prompts=6,
         filters=False,
         ablation=True,
+        designs=("opinion", "wrong_claim"),
         sampling=Sampling(n=2, max_new_tokens=5, batch_size=8),
         train=dict(max_steps=4, eval_every=2),
     )
     out = tmp_path / "paper"
     res = paper.run(out, quick=True, model_dir=tiny_dir, overrides=tiny, threads=1, log=lambda *_: None)
-    names = list(paper.trainings(tiny))
+    names = list(paper.trainings({**paper.QUICK, **tiny}))
     assert list(res["trainings"]) == names and res["complete"]
     for name, t in res["trainings"].items():
         assert math.isfinite(t["direction_norm"]) and t["direction_norm"] > 0, name

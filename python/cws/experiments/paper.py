@@ -58,7 +58,9 @@ FULL = dict(
     ablation=True,
     only=None,
     short={},
+    designs=("opinion", "wrong_claim"),
 )
+# designs: the pair designs trained; opinion is (ii), the main one; wrong_claim is (i), on-policy wrong factual claims
 # short: options that shorten the training of the runs after the main one (the paper's lr, bias-only), e.g.
 #        dict(max_steps=40) to fit a slower CPU; empty: every run trains the paper's epoch
 QUICK = dict(
@@ -67,14 +69,14 @@ QUICK = dict(
     margin_n=4,
     instr_n=4,
     ref_tokens=16,
-    max_probes=3,
     seeds=(0,),
     lrs=(1e-4,),
     sampling=Sampling(n=2, max_new_tokens=64, batch_size=32),
     n_prompts=32,
     ablation=False,
-    train=dict(max_steps=10, eval_every=5),
+    train=dict(max_steps=8, eval_every=4),
     short={},
+    designs=("opinion",),  # design (i) keeps 9 pairs of 32 prompts on this model (23 of 288 in the full run)
 )
 
 
@@ -114,7 +116,8 @@ def trainings(cfg: dict) -> dict[str, tuple[str, dict]]:
     jobs[f"opinion bias-only s{s0}{tag}"] = ("opinion", dict(short, lr=cfg["bias_lr"], seed=s0, bias_only=True))
     if cfg["ablation"]:
         jobs["ablation: no embed/lm_head"] = ("opinion", dict(paper, lr=lr0, seed=s0, modules_to_save=()))
-    jobs[f"wrong_claim lr {lr0:g} s{s0}"] = ("wrong_claim", dict(paper, lr=lr0, seed=s0))
+    if "wrong_claim" in cfg["designs"]:
+        jobs[f"wrong_claim lr {lr0:g} s{s0}"] = ("wrong_claim", dict(paper, lr=lr0, seed=s0))
     return jobs
 
 
