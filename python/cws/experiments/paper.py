@@ -95,8 +95,9 @@ def run(
 
 
 def trainings(cfg: dict) -> dict[str, tuple[str, dict]]:
-    """name → (training rows, train_pair options), in the order they run: the paper's recipe first, then the
-    other seeds, the ablation's cheap rows, the paper's own lr, bias-only, the costly ablation row, design (i)."""
+    """name → (training rows, train_pair options), in the order they run: the paper's recipe first, then its
+    other seeds, the ablation's cheap rows, the paper's own lr, bias-only, the costly ablation row, design (i),
+    and the other seeds of the paper's lr and bias-only."""
     paper = {**PAPER, **cfg.get("train", {})}
     s0, lr0 = cfg["seeds"][0], cfg["lrs"][0]
     jobs = {f"opinion lr {lr0:g} s{s}": ("opinion", dict(paper, lr=lr0, seed=s)) for s in cfg["seeds"]}
@@ -118,6 +119,9 @@ def trainings(cfg: dict) -> dict[str, tuple[str, dict]]:
         jobs["ablation: no embed/lm_head"] = ("opinion", dict(paper, lr=lr0, seed=s0, modules_to_save=()))
     if "wrong_claim" in cfg["designs"]:
         jobs[f"wrong_claim lr {lr0:g} s{s0}"] = ("wrong_claim", dict(paper, lr=lr0, seed=s0))
+    for s in cfg["seeds"][1:]:  # the variants' other seeds last: a stopped run has every variant once
+        jobs.update({f"opinion lr {lr:g} s{s}{tag}": ("opinion", dict(short, lr=lr, seed=s)) for lr in cfg["lrs"][1:]})
+        jobs[f"opinion bias-only s{s}{tag}"] = ("opinion", dict(short, lr=cfg["bias_lr"], seed=s, bias_only=True))
     return jobs
 
 
