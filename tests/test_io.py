@@ -1064,3 +1064,30 @@ def test_fsynced_writer_output_is_direct_and_identical(tmp_path, monkeypatch):
     for f in (tmp_path / "o1").glob("*.safetensors"):
         loaded.update(load_file(f))
     assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_header_parse_and_streaming_leave_the_collector_as_they_found_it(tmp_path):
+    """read_header pauses Python's cyclic collector and the engine freezes the objects alive at its
+    start; both give the process back its collector state, also when the parse fails."""
+    import gc
+
+    from cws.ops import engine
+
+    f = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(3, 2)}, str(f))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", 3) + b"{x}")
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            assert read_header(f)[0]["a"].shape == (3, 2)
+            with pytest.raises(CheckpointError, match="corrupt"):
+                read_header(bad)
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+    infos, _ = read_header(f)
+    item = engine.Item("a", 3, [infos["a"]], [])
+    seen = []
+    engine.run([item], lambda s: seen.append(gc.get_freeze_count() > 0) or [], quiet=True, writes=False)
+    assert seen == [True] and gc.get_freeze_count() == 0

@@ -6,7 +6,9 @@ offsets are relative to the data start (8 + N); `TensorInfo` holds absolute offs
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -145,7 +147,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     finally:
         os.close(fd)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        with collector_paused():
+            header = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; absurd nesting
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
         raise CheckpointError(f"{path}: corrupt safetensors header JSON: {why}") from e
@@ -154,10 +157,24 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
-    infos = [_parse_entry(path, name, entry, 8 + n, size, stamp(st)) for name, entry in header.items()]
+    with collector_paused():
+        infos = [_parse_entry(path, name, entry, 8 + n, size, stamp(st)) for name, entry in header.items()]
     infos.sort(key=lambda i: (i.start, i.end))
     _check_overlaps(path, infos)
     return {i.name: i for i in infos}, metadata
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cyclic collector off while a block builds many acyclic objects (a 40k-entry header's
+    JSON and entries): otherwise it rescans them all as they pile up (7% of an 18k-module compare)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _pread_all(fd: int, n: int, offset: int):

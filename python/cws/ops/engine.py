@@ -22,6 +22,7 @@ Inputs are read one of two ways, chosen per run (`_reads_direct`, CWS_DIRECT_REA
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import re
@@ -136,17 +137,20 @@ class _Arena:
 
 
 @contextlib.contextmanager
-def _compute_threads(writes: bool) -> Iterator[None]:
+def _compute_threads(writes: bool, small: bool) -> Iterator[None]:
     """Threads for the compute while streaming. With the native loops (Python threads that block, no
     spinning) the compute gets every core: on a VM its first read of freshly read pages costs CPU (see
     above), and the reader and writer mostly wait on the disk. Without them, torch's idle intra-op
-    threads spin, so one core is left to the reader and one to the writer when there are writes."""
+    threads spin, so one core is left to the reader and one to the writer when there are writes.
+    `small` (every tensor under reader.MIN_VIEW, an adapter's factors): one thread, as torch's threaded
+    BLAS spends more joining its threads than it gains on products of a few MFLOP (18,624 MoE modules
+    compared: 22-24 s on 2 threads, 18 s on one, the same bits)."""
     from cws_kernels import native
 
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     spare = 0 if native.available() else 1 + writes
-    torch.set_num_threads(max(1, min(before, cores - spare)))
+    torch.set_num_threads(1 if small else max(1, min(before, cores - spare)))
     try:
         yield
     finally:
@@ -185,6 +189,25 @@ def run(
     writes=False: compute returns none (read-only work gets the writer's core for compute).
     Returns the number of input bytes streamed."""
     _check_dtypes(items)
+    with _frozen():
+        return _run(items, compute, max_memory, desc, quiet, writes)
+
+
+@contextlib.contextmanager
+def _frozen() -> Iterator[None]:
+    """The objects alive at the start (the items: tens of thousands for an MoE adapter) kept out of the
+    cyclic collector's scans while the run makes its many small ones."""
+    frozen = gc.get_freeze_count() == 0
+    if frozen:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if frozen:
+            gc.unfreeze()
+
+
+def _run(items, compute, max_memory, desc, quiet, writes) -> int:
     plan = list(_slices(items, max_memory))
     total = sum(i.rows * sum(t.row_bytes for t in i.sliced) + i.whole_bytes() for i in items)
     in_arenas = [_Arena() for _ in range(NBUF)]
@@ -269,7 +292,7 @@ def run(
     impl = contextlib.nullcontext() if os.environ.get("CWS_CPU_IMPL") else use_cpu_impl("native")
     with (
         impl,
-        _compute_threads(writes),
+        _compute_threads(writes, small),
         _Inline() if small else ThreadPoolExecutor(1, "cws-read") as reading,
         _Inline() if small and not writes else ThreadPoolExecutor(1, "cws-write") as writing,
     ):
