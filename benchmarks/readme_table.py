@@ -26,6 +26,10 @@ def _cpu(d):
     return f"{c['model']} ({'+'.join(c['isa'])}), {c['cores']} cores, {m['date'][:10]}"
 
 
+def _cores(d):
+    return d["machine"]["cpu"]["cores"] if d.get("machine") else d["env"]["cpus"]
+
+
 def scale(d):
     """The cold 7B-class (or 70B-layer) runs against the disk's floors (bench_scale.py)."""
     data, fl, env = d["data"], d["floors"], d["env"]
@@ -132,7 +136,7 @@ def streaming(d):
     out = [
         f"Streaming, synthetic Llama-shaped bf16 checkpoints of {data['checkpoint_GB']:.2f} GB each "
         f"({data['layers']} layers, hidden {data['dims']['hidden']}), warm page cache, median of {data['reps']} "
-        f"whole-process runs (`{d['env']['command']}`):",
+        f"whole-process runs on {_cpu(d)} (`{d['env']['command']}`):",
         "",
         "| provider | wall s | after-import s | flush s | peak RSS MB | input GB/s (wall) |",
         "|---|---|---|---|---|---|",
@@ -199,7 +203,7 @@ def _for_users(d, rows):
         out.append(
             f"- **Time grows with the bytes, not the model's structure.** Doubling the layers added "
             f"{fused16['wall_s'] - fused['wall_s']:.1f} s for {fused16['in_GB'] - fused['in_GB']:.1f} GB more input "
-            f"({1 / per_gb:.1f} GB/s on {d['env']['cpus']} CPU cores, page cache warm). At that rate a 7B bf16 "
+            f"({1 / per_gb:.1f} GB/s on {_cores(d)} CPU cores, page cache warm). At that rate a 7B bf16 "
             f"model (~15 GB, so ~45 GB read by `--pos --neg`) takes about {start + 45 * per_gb:.0f} s, a 70B "
             f"(~140 GB, ~420 GB read) about {(start + 420 * per_gb) / 60:.0f} min; a disk slower than "
             f"{1 / per_gb:.1f} GB/s sets the pace instead, so expect the time your disk needs to read the "
@@ -223,8 +227,15 @@ def _for_users(d, rows):
     if nofsync:
         out.append(
             f"- **`--no-fsync`** returns before the output reaches the disk ({nofsync['wall_s']:.1f} s + "
-            f"{nofsync['flush_s']:.1f} s still owed to it, against {direct['wall_s']:.1f} s fsynced here): "
-            f"use it for scratch outputs on fast disks; the default leaves nothing for a power cut to lose."
+            f"{nofsync['flush_s']:.1f} s still owed to it, against {direct['wall_s']:.1f} s fsynced here). "
+            + (
+                "It is not faster here: fsynced outputs are written with O_DIRECT, past the page cache, while "
+                "`--no-fsync` copies the output into the page cache, which on a fast disk costs more than the "
+                "disk does. It pays on a disk slower than that copy; the default leaves nothing for a power "
+                "cut to lose."
+                if nofsync["wall_s"] >= direct["wall_s"]
+                else "Use it for scratch outputs; the default leaves nothing for a power cut to lose."
+            )
         )
     return out
 
