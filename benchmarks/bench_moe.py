@@ -9,8 +9,10 @@ pos and neg (the direction: rank 2r) and for a third adapter, the "update" compa
 base is one safetensors file whose tensors are a sparse hole (only its header is read by these
 commands), so the run needs the adapters' disk, not 57 GB. Each command runs as a whole process (start-up
 included) with its inputs warm in the page cache (all the folders together outgrow 24 GB of RAM); wall
-time and peak RSS; the per-module cost is wall / modules. `cws apply` is left out: it would write the
-whole 57 GB model. Writes benchmarks/results/moe.json.
+time and peak RSS; the per-module cost is wall / modules. `--apply` adds `cws apply` of the LoRA direction
+onto the base: it writes the whole model (57 GB at 48 layers; about 1.2 GB a layer plus 1.2 GB of
+embeddings), so take a few layers for it (`--layers 4 --apply`: 6 GB). Writes benchmarks/results/moe.json
+(moe-apply.json with --apply).
 """
 
 from __future__ import annotations
@@ -90,8 +92,12 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/cws-bench-moe")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "moe.json")
+    ap.add_argument("--apply", action="store_true", help="also time cws apply (writes the whole model)")
+    ap.add_argument("--out", type=Path, help="default: benchmarks/results/moe.json (moe-apply.json with --apply)")
     args = ap.parse_args()
+    args.out = args.out or Path(__file__).resolve().parent / "results" / (
+        "moe-apply.json" if args.apply else "moe.json"
+    )
     print(describe(machine()), flush=True)
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -105,7 +111,7 @@ def main() -> int:
         flush=True,
     )
     cws, env = cws_command(), dict(os.environ, HF_HUB_OFFLINE="1")
-    w = {k: str(work / k) for k in ("pos", "neg", "update", "base", "dir", "exported")}
+    w = {k: str(work / k) for k in ("pos", "neg", "update", "base", "dir", "exported", "applied")}
     jobs = {
         "extract": [*cws, "extract", "--pos", w["pos"], "--neg", w["neg"], "--out", w["dir"], "-q", "--overwrite"],
         "compare --by layer": [*cws, "compare", "--base", w["base"], "--model", w["update"], "--direction", w["dir"]]
@@ -113,10 +119,15 @@ def main() -> int:
         "export-peft": [*cws, "export-peft", w["dir"], "--alpha", "-2", "--out", w["exported"], "-q", "--overwrite"],
     }
     inputs = {"extract": ("pos", "neg"), "compare --by layer": ("update", "dir"), "export-peft": ("dir",)}
+    if args.apply:  # the base is a sparse hole: its reads cost nothing, its output is written in full
+        jobs["apply"] = [*cws, "apply", "--model", w["base"], "--direction", w["dir"], "--alpha", "0.5"]
+        jobs["apply"] += ["--out", w["applied"], "-q", "--overwrite"]
+        inputs["apply"] = ("dir",)
     rows = {}
     for rep in range(args.reps):
         for job, cmd in jobs.items():
-            shutil.rmtree(work / "exported", ignore_errors=True)  # its pages would crowd the inputs out of the cache
+            for old in ("exported", "applied"):  # their pages would crowd the inputs out of the cache
+                shutil.rmtree(work / old, ignore_errors=True)
             warm([f for d in inputs[job] for f in (work / d).glob("*.safetensors")])  # this job's inputs only
             wall, rss = run_once(cmd, env, work / f"{job.split()[0]}.log")
             rows.setdefault(job, []).append((wall, rss))
@@ -135,6 +146,10 @@ def main() -> int:
         print(
             f"{job:20s} {med:6.1f} s (median of {len(runs)})  {x['peak_rss_MB']:5.0f} MB  {x['us_per_module']:6.0f} µs a module"
         )
+    if args.apply:
+        out_gb = sum(f.stat().st_size for f in (work / "applied").rglob("*.safetensors")) / 1e9
+        results["apply_output_GB"] = out_gb
+        print(f"apply wrote {out_gb:.2f} GB: {out_gb / results['jobs']['apply']['wall_s']:.2f} GB/s, start-up included")
     write_json(args.out, results)
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -12,6 +12,7 @@ from .gram import cosine, cosine_from_gram, dot, gram, sqnorm
 from .lincomb import FLOAT_DTYPES, Tally, lincomb, lincomb_tally
 from .lowrank import (
     add_lowrank_,
+    add_lowrank_tally,
     lowrank_block_rows,
     lowrank_dense_inner,
     lowrank_gram,
@@ -36,6 +37,7 @@ __all__ = [
     "lowrank_gram_scratch",
     "lowrank_dense_inner",
     "add_lowrank_",
+    "add_lowrank_tally",
     "lowrank_block_rows",
     "use_cpu_impl",
 ]

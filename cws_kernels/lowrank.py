@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from .lincomb import FLOAT_DTYPES, lincomb
+from .lincomb import FLOAT_DTYPES, Tally, lincomb, lincomb_tally
 
 ROWS_CHUNK_ELEMS = 1 << 20  # W += α·B·A works on row blocks of ~1M elements (4 MiB of fp32)
 
@@ -148,10 +148,55 @@ def add_lowrank_(
         raise ValueError(f"add_lowrank_: W is {tuple(W.shape)}, B·A is {(B.shape[0], A.shape[1])}")
     if W.dtype not in FLOAT_DTYPES:
         raise TypeError(f"add_lowrank_: W is {W.dtype}; expected one of fp32, bf16, fp16")
-    rows = lowrank_block_rows(W.shape)
-    Af = A.float()
-    for s in range(0, W.shape[0], rows):
-        block = W[s : s + rows]
-        delta = B[s : s + rows].float() @ Af  # (rows, in) fp32
+    for s, delta in _deltas(B, A, W.shape):
+        block = W[s : s + len(delta)]
         lincomb([block, delta], [1.0, alpha], out=block, rounding=rounding, seed=seed, offset=offset + s * W.shape[1])
     return W
+
+
+def add_lowrank_tally(
+    W: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    alpha: float,
+    *,
+    out: torch.Tensor,
+    rounding: str = "nearest",
+    seed: int | None = None,
+    offset: int = 0,
+    scratch: torch.Tensor | None = None,
+) -> Tally:
+    """out = W + α·B·A (the bits of `add_lowrank_` on a copy of W; W is not changed), and the `Tally` of
+    `lincomb_tally` counted in the same pass: outputs that are NaN/Inf, outputs ≠ W, and elements of B·A
+    that are not zero. `scratch`: at least `lowrank_block_rows(W.shape) · in` fp32 elements for the blocks
+    of B·A (allocated per block when not given)."""
+    _check_factors(B, A, "add_lowrank_tally")
+    if W.shape != (B.shape[0], A.shape[1]) or out.shape != W.shape or out.dtype != W.dtype:
+        raise ValueError(
+            f"add_lowrank_tally: W {tuple(W.shape)}, out {tuple(out.shape)} {out.dtype}, B·A "
+            f"{(B.shape[0], A.shape[1])}: need one shape and W's dtype"
+        )
+    counts = [0, 0, 0]
+    for s, delta in _deltas(B, A, W.shape, scratch):
+        n = len(delta)
+        t = lincomb_tally(
+            [W[s : s + n], delta],
+            [1.0, alpha],
+            out=out[s : s + n],
+            rounding=rounding,
+            seed=seed,
+            offset=offset + s * W.shape[1],
+        )
+        counts = [c + v for c, v in zip(counts, t)]
+    return Tally(*counts)
+
+
+def _deltas(B: torch.Tensor, A: torch.Tensor, shape, scratch: torch.Tensor | None = None):
+    """(first row, B·A of a block of rows in fp32) over W's row blocks (`lowrank_block_rows`)."""
+    rows, Af = lowrank_block_rows(shape), A.float()
+    for s in range(0, shape[0], rows):
+        Bs = B[s : s + rows].float()
+        if scratch is None:
+            yield s, Bs @ Af
+        else:
+            yield s, torch.matmul(Bs, Af, out=scratch[: len(Bs) * shape[1]].view(len(Bs), shape[1]))

@@ -411,6 +411,31 @@ def test_add_lowrank_in_place(dtype):
     assert ((W2.double() - ref).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("scratch", [False, True])
+def test_add_lowrank_tally_is_add_lowrank_on_a_copy_with_its_counts(dtype, rounding, scratch):
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(3000, 700, generator=g).to(DT[dtype])
+    B, A = torch.randn(3000, 8, generator=g), torch.randn(8, 700, generator=g)
+    B[5], A[:, 7] = 0.0, 0.0  # a row and a column of B·A that are zero: not in the support
+    W[0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    before = W.clone()
+    want = W.clone()
+    K.add_lowrank_(want, B, A, -0.7, rounding=rounding, seed=9, offset=123)
+    out = torch.empty_like(W)
+    buf = torch.empty(K.lowrank_block_rows(W.shape) * 700) if scratch else None
+    t = K.add_lowrank_tally(W, B, A, -0.7, out=out, rounding=rounding, seed=9, offset=123, scratch=buf)
+    assert_bits_equal(out, want, "out = W + α·B·A")
+    assert_bits_equal(W, before, "W is not changed")
+    o, w = out.float(), W.float()
+    nonzero = sum(int((B[s : s + 200] @ A != 0).sum()) for s in range(0, 3000, 200))  # exact: blocks of rows
+    assert tuple(t) == (int((~torch.isfinite(o)).sum()), int((o != w).sum()), nonzero)
+    assert t.nonfinite == 2 and t.support == 2999 * 699
+    with pytest.raises(ValueError, match="need one shape"):
+        K.add_lowrank_tally(W, B, A, 1.0, out=out[:10])
+
+
 def test_without_the_native_build_the_torch_path_runs(monkeypatch):
     # An install without a C compiler has no _native library: auto picks the PyTorch path and a
     # forced "native" warns once and runs eager, with the same bits.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cws_kernels import add_lowrank_, lincomb, lincomb_tally, lowrank_block_rows
+from cws_kernels import add_lowrank_, add_lowrank_tally, lincomb, lincomb_tally, lowrank_block_rows
 
 from . import engine, ranks
 from .checks import check_finite, check_policy, name_filter, nonfinite, raise_problems, tensor_seed
@@ -191,22 +191,18 @@ class SteerLowRank(_PerAlpha):
     def compute(self, s: engine.Slice, run: Run):
         theta, B, A = s.ins
         offset, seed = self.where(s)
-        for a, o in zip(self.alphas, s.outs):
-            o.copy_(theta)
-            add_lowrank_(o, B, A, a * self.scale, rounding=self.rounding, seed=seed, offset=offset)
-        if self.rounding == "nearest" and theta.dtype.itemsize <= 2:
-            support = lowrank_support(B, A)
-            for a, o, tally in zip(self.alphas, s.outs, run.tallies):
-                tally[0] += int(torch.count_nonzero(o != theta)) if a != 0.0 else 0
-                tally[1] += support if a != 0.0 else 0
-        run.check(self.key, s.outs, s)
+        counted = self.rounding == "nearest" and theta.dtype.itemsize <= 2
+        scratch = run.buffer(lowrank_block_rows(self.theta.shape) * theta.shape[1], torch.float32)
+        for a, o, tally in zip(self.alphas, s.outs, run.tallies):
+            t = add_lowrank_tally(
+                theta, B, A, a * self.scale, out=o, rounding=self.rounding, seed=seed, offset=offset, scratch=scratch
+            )
+            if counted and a != 0.0:
+                tally[0] += t.changed
+                tally[1] += t.support  # the elements of B·A that are not zero
+            if t.nonfinite:
+                run.check(self.key, [o], s)  # raises, naming the input
         return [(k, self.key, o) for k, o in enumerate(s.outs)]
-
-
-def lowrank_support(B: torch.Tensor, A: torch.Tensor) -> int:
-    """Elements of a low-rank slice the update can change: the rows of B times the columns of A that
-    are not all zero (dense and fused updates count theirs in lincomb_tally)."""
-    return int((B != 0).any(1).sum()) * int((A != 0).any(0).sum())
 
 
 @dataclass
