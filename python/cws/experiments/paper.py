@@ -113,15 +113,19 @@ def trainings(cfg: dict) -> dict[str, tuple[str, dict]]:
     jobs.update(ablation)
     later = cfg.get("short") or {}
     short, tag = {**paper, **later}, f" ({later['max_steps']} steps)" if later else ""
-    jobs.update({f"opinion lr {lr:g} s{s0}{tag}": ("opinion", dict(short, lr=lr, seed=s0)) for lr in cfg["lrs"][1:]})
-    jobs[f"opinion bias-only s{s0}{tag}"] = ("opinion", dict(short, lr=cfg["bias_lr"], seed=s0, bias_only=True))
+
+    def variants(s: int) -> dict:  # the paper's other lrs and bias-only, seed s
+        out = {f"opinion lr {lr:g} s{s}{tag}": ("opinion", dict(short, lr=lr, seed=s)) for lr in cfg["lrs"][1:]}
+        out[f"opinion bias-only s{s}{tag}"] = ("opinion", dict(short, lr=cfg["bias_lr"], seed=s, bias_only=True))
+        return out
+
+    jobs.update(variants(s0))
     if cfg["ablation"]:
         jobs["ablation: no embed/lm_head"] = ("opinion", dict(paper, lr=lr0, seed=s0, modules_to_save=()))
     if "wrong_claim" in cfg["designs"]:
         jobs[f"wrong_claim lr {lr0:g} s{s0}"] = ("wrong_claim", dict(paper, lr=lr0, seed=s0))
     for s in cfg["seeds"][1:]:  # the variants' other seeds last: a stopped run has every variant once
-        jobs.update({f"opinion lr {lr:g} s{s}{tag}": ("opinion", dict(short, lr=lr, seed=s)) for lr in cfg["lrs"][1:]})
-        jobs[f"opinion bias-only s{s}{tag}"] = ("opinion", dict(short, lr=cfg["bias_lr"], seed=s, bias_only=True))
+        jobs.update(variants(s))
     return jobs
 
 
